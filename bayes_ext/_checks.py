@@ -1,0 +1,90 @@
+"""Argument checks for the Python entry points and the pure-PyTorch kernels.
+
+They mirror csrc/include/bayes_ext/op_checks.h so both backends reject the same inputs with the
+same kind of error: TypeError for wrong types / dtypes, ValueError for wrong shapes, devices or
+values. Messages name the argument and say what was expected.
+"""
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_floating(t, name: str, dtypes=FLOAT_DTYPES) -> None:
+    check_tensor(t, name)
+    if t.dtype not in dtypes:
+        allowed = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must be a {allowed} tensor, got {t.dtype}")
+
+
+def check_posterior_params(mu, rho) -> None:
+    check_floating(mu, "mu")
+    check_tensor(rho, "rho")
+    if rho.dtype != mu.dtype:
+        raise TypeError(f"rho must have the dtype of mu ({mu.dtype}), got {rho.dtype}")
+    if rho.device != mu.device:
+        raise ValueError(f"rho must be on the device of mu ({mu.device}), got {rho.device}")
+    if rho.shape != mu.shape:
+        raise ValueError(f"rho must have the shape of mu {tuple(mu.shape)}, got {tuple(rho.shape)}")
+
+
+def check_seed(seed, like) -> None:
+    check_tensor(seed, "seed")
+    if seed.dtype != torch.int64:
+        raise TypeError(f"seed must be an int64 tensor, got {seed.dtype}")
+    if seed.numel() != 1:
+        raise ValueError(f"seed must hold exactly one value, got {seed.numel()}")
+    if seed.device.type != "cpu" and seed.device != like.device:
+        raise ValueError(f"seed must be on the CPU or on the device of mu ({like.device}), got {seed.device}")
+
+
+def check_offset(offset) -> None:
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    if offset < 0 or offset >= 2 ** 63:
+        raise ValueError(f"offset must be in [0, 2**63), got {offset}")
+
+
+def check_prior(pi: float, sigma1: float, sigma2: float) -> None:
+    for name, value in (("prior_pi", pi), ("prior_sigma1", sigma1), ("prior_sigma2", sigma2)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not 0.0 <= pi <= 1.0:
+        raise ValueError(f"prior_pi must be in [0, 1], got {pi}")
+    if not (sigma1 > 0 and math.isfinite(sigma1)):
+        raise ValueError(f"prior_sigma1 must be positive and finite, got {sigma1}")
+    if not (sigma2 > 0 and math.isfinite(sigma2)):
+        raise ValueError(f"prior_sigma2 must be positive and finite, got {sigma2}")
+
+
+def check_scalar_grad(g, like, name: str) -> None:
+    check_tensor(g, name)
+    if g.numel() != 1:
+        raise ValueError(f"{name} must hold exactly one value, got shape {tuple(g.shape)}")
+    if g.device.type != "cpu" and g.device != like.device:
+        raise ValueError(f"{name} must be on the CPU or on the device of mu ({like.device}), got {g.device}")
+
+
+def check_grad_w(grad_w, mu) -> None:
+    if grad_w is None:
+        return
+    check_tensor(grad_w, "grad_w")
+    if grad_w.shape != mu.shape:
+        raise ValueError(f"grad_w must have the shape of mu {tuple(mu.shape)}, got {tuple(grad_w.shape)}")
+    if grad_w.dtype != mu.dtype:
+        raise TypeError(f"grad_w must have the dtype of mu ({mu.dtype}), got {grad_w.dtype}")
+    if grad_w.device != mu.device:
+        raise ValueError(f"grad_w must be on the device of mu ({mu.device}), got {grad_w.device}")
+
+
+def check_sample_args(mu, rho, seed, offset, pi, sigma1, sigma2) -> None:
+    check_posterior_params(mu, rho)
+    check_seed(seed, mu)
+    check_offset(offset)
+    check_prior(pi, sigma1, sigma2)

@@ -1,0 +1,91 @@
+"""Pure-PyTorch implementations of the sampling ops (the fallback backend).
+
+Same signatures, same noise and same formulas as the compiled kernels (docs/design.md), so a seed
+gives the same model with or without a compiler. Registered as the kernels of the
+``bayes_ext_py::`` ops by bayes_ext/_ops.py.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _philox
+
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+SOFTPLUS_TINY_RHO = -20.0  # below it, log softplus(rho) = rho and sigmoid/softplus = 1 (see posterior_math.h)
+
+
+def prior_constants(pi: float, sigma1: float, sigma2: float):
+    """(a1, b1, a2, b2, mode): log p(w) = logsumexp(a1 - b1 w^2, a2 - b2 w^2); mode 1 / 2 = one component."""
+    mode = 1 if pi >= 1.0 else (2 if pi <= 0.0 else 0)
+    a1 = (math.log(pi) if mode == 0 else 0.0) - math.log(sigma1) - HALF_LOG_2PI
+    a2 = (math.log1p(-pi) if mode == 0 else 0.0) - math.log(sigma2) - HALF_LOG_2PI
+    return a1, 0.5 / sigma1 ** 2, a2, 0.5 / sigma2 ** 2, mode
+
+
+def log_prior_terms(w: torch.Tensor, pi: float, sigma1: float, sigma2: float) -> torch.Tensor:
+    """Elementwise log(pi N(w; 0, s1) + (1 - pi) N(w; 0, s2)), finite for every finite w."""
+    a1, b1, a2, b2, mode = prior_constants(pi, sigma1, sigma2)
+    w2 = w * w
+    if mode == 1:
+        return a1 - b1 * w2
+    if mode == 2:
+        return a2 - b2 * w2
+    return torch.logaddexp(a1 - b1 * w2, a2 - b2 * w2)
+
+
+def dlog_prior(w: torch.Tensor, pi: float, sigma1: float, sigma2: float) -> torch.Tensor:
+    a1, b1, a2, b2, mode = prior_constants(pi, sigma1, sigma2)
+    if mode == 1:
+        return -2.0 * b1 * w
+    if mode == 2:
+        return -2.0 * b2 * w
+    w2 = w * w
+    r1 = torch.sigmoid((a1 - b1 * w2) - (a2 - b2 * w2))
+    return -2.0 * w * (r1 * b1 + (1.0 - r1) * b2)
+
+
+def softplus_terms(rho: torch.Tensor):
+    """(sigma, log sigma, sigmoid(rho), sigmoid(rho) / sigma) with exact limits for very negative rho."""
+    sigma = F.softplus(rho)
+    tiny = rho < SOFTPLUS_TINY_RHO
+    log_sigma = torch.where(tiny, rho, torch.log(sigma))
+    sig = torch.sigmoid(rho)
+    dlog_sigma = torch.where(tiny, 1.0 - 0.5 * torch.exp(rho), sig / torch.where(tiny, torch.ones_like(sigma), sigma))
+    return sigma, log_sigma, sig, dlog_sigma
+
+
+def eps_like(t: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
+    return _philox.normal(t.numel(), int(seed.item()), offset, dtype=t.dtype, device=t.device).reshape(t.shape)
+
+
+def sample_weight(mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offset: int, prior_pi: float,
+                  prior_sigma1: float, prior_sigma2: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    eps = eps_like(mu, seed, offset)
+    sigma, log_sigma, _, _ = softplus_terms(rho)
+    w = mu + sigma * eps
+    acc = torch.float64  # sum in double like the kernels
+    log_q = (-log_sigma - 0.5 * eps * eps).sum(dtype=acc) - HALF_LOG_2PI * mu.numel()
+    log_p = log_prior_terms(w, prior_pi, prior_sigma1, prior_sigma2).sum(dtype=acc)
+    return w.contiguous(), log_q.to(mu.dtype), log_p.to(mu.dtype)
+
+
+def sample_weight_backward(grad_w: Optional[torch.Tensor], grad_log_q: torch.Tensor, grad_log_p: torch.Tensor,
+                           mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offset: int, prior_pi: float,
+                           prior_sigma1: float, prior_sigma2: float, return_weight: bool):
+    eps = eps_like(mu, seed, offset)
+    sigma, _, sig, dlog_sigma = softplus_terms(rho)
+    w = mu + sigma * eps
+    glq = grad_log_q.reshape(()).to(device=mu.device, dtype=mu.dtype)
+    glp = grad_log_p.reshape(()).to(device=mu.device, dtype=mu.dtype)
+    g = glp * dlog_prior(w, prior_pi, prior_sigma1, prior_sigma2)
+    if grad_w is not None:
+        g = g + grad_w
+    grad_rho = g * eps * sig - glq * dlog_sigma
+    w_out = w.contiguous() if return_weight else mu.new_empty(0)
+    return g.contiguous(), grad_rho.contiguous(), w_out
+
+
+def philox_normal(like: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
+    return eps_like(like, seed, offset).contiguous()

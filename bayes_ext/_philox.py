@@ -1,0 +1,76 @@
+"""Philox4x32-10 and the Box-Muller mapping in integer torch ops.
+
+The same stream as csrc/include/bayes_ext/philox.h (layout in docs/design.md), so the pure-PyTorch
+backend draws the same noise as the compiled kernels. 32-bit words live in int64 tensors; the
+32x32->64-bit products are split into 16-bit halves so no intermediate exceeds 2^49.
+"""
+import math
+
+import torch
+
+M0 = 0xD2511F53
+M1 = 0xCD9E8D57
+W0 = 0x9E3779B9
+W1 = 0xBB67AE85
+MASK32 = 0xFFFFFFFF
+TWO_POW_M24 = 2.0 ** -24
+
+
+def as_uint64(value: int) -> int:
+    """An int64 (possibly negative) read as the unsigned 64-bit value with the same bits."""
+    return int(value) & 0xFFFFFFFFFFFFFFFF
+
+
+def _mulhilo(a: torch.Tensor, m: int):
+    """(hi, lo) 32-bit halves of a * m for 32-bit words a (int64 tensor) and constant m."""
+    p_lo = (a & 0xFFFF) * m  # < 2^48
+    p_hi = (a >> 16) * m  # < 2^48
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & MASK32
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    return hi, lo
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """Ten Philox rounds on counter words c0..c3 (int64 tensors of 32-bit values), key (k0, k1)."""
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(c0, M0)
+        hi1, lo1 = _mulhilo(c2, M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + W0) & MASK32
+        k1 = (k1 + W1) & MASK32
+    return c0, c1, c2, c3
+
+
+def philox_blocks(seed: int, offset: int, first_block: int, num_blocks: int, device=None):
+    """The four words of blocks [first_block, first_block + num_blocks) of stream (seed, offset)."""
+    seed, offset, first_block = as_uint64(seed), as_uint64(offset), as_uint64(first_block)
+    block = torch.arange(num_blocks, dtype=torch.int64, device=device)
+    # block index = first_block + arange, carried into the high word by hand (first_block may be
+    # >= 2^63, which int64 cannot hold).
+    lo_sum = block + (first_block & MASK32)
+    c0 = lo_sum & MASK32
+    c1 = ((lo_sum >> 32) + (first_block >> 32)) & MASK32
+    c2 = torch.full_like(block, offset & MASK32)
+    c3 = torch.full_like(block, offset >> 32)
+    return philox4x32_10(c0, c1, c2, c3, seed & MASK32, seed >> 32)
+
+
+def normal_from_words(x0, x1, x2, x3, dtype: torch.dtype) -> torch.Tensor:
+    """Box-Muller on the words of each block; returns the normals in element order, flattened."""
+    radius = lambda x: torch.sqrt(-2.0 * torch.log((((x >> 9) << 1) | 1).to(torch.float64) * TWO_POW_M24))
+    angle = lambda x: (x >> 8).to(torch.float64) * (TWO_POW_M24 * 2.0 * math.pi)
+    r01, r23 = radius(x0), radius(x2)
+    a01, a23 = angle(x1), angle(x3)
+    eps = torch.stack([r01 * torch.cos(a01), r01 * torch.sin(a01), r23 * torch.cos(a23), r23 * torch.sin(a23)], dim=-1)
+    return eps.reshape(-1).to(dtype)
+
+
+def normal(numel: int, seed: int, offset: int, dtype=torch.float32, device=None, start: int = 0) -> torch.Tensor:
+    """Standard normals for elements [start, start + numel) of stream (seed, offset), flattened."""
+    if numel == 0:
+        return torch.empty(0, dtype=dtype, device=device)
+    first_block = start // 4
+    last_block = (start + numel - 1) // 4
+    words = philox_blocks(seed, offset, first_block, last_block - first_block + 1, device=device)
+    skip = start - 4 * first_block
+    return normal_from_words(*words, dtype=dtype)[skip:skip + numel]

@@ -1,0 +1,135 @@
+"""Functional forms of the Bayesian ops, in the style of torch.nn.functional.
+
+- ``draw_seed()``: the per-forward seed, from torch's default CPU generator.
+- ``sample_weight``: w = mu + softplus(rho) * eps with log q(w) and log p(w), differentiable.
+- ``bayesian_linear``: sample + matmul as one op whose backward rebuilds W from the seed, so a
+  training forward keeps only the input alive (like nn.Linear), whatever ``sample_nbr`` is.
+- ``mean_weight_kl_terms``: log q and log p evaluated at w = mu (what frozen layers report).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _backend, _checks, _fallback
+from . import _ops  # noqa: F401  (registers fake kernels and autograd)
+
+ScaleMixture = Tuple[float, float, float]  # (pi, sigma1, sigma2)
+SEED_HIGH = 2 ** 63 - 1
+
+
+def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
+    """A 63-bit seed from `generator` (default: torch's default CPU generator).
+
+    Drawing from the CPU generator means ``torch.manual_seed(s)`` fixes every sample on every
+    device and backend.
+    """
+    return torch.randint(0, SEED_HIGH, (), dtype=torch.int64, generator=generator)
+
+
+def sample_weight(mu: Tensor, rho: Tensor, seed: Tensor, offset: int = 0,
+                  prior: ScaleMixture = (1.0, 0.1, 0.4)) -> Tuple[Tensor, Tensor, Tensor]:
+    """(w, log_q, log_p) for w = mu + softplus(rho) * eps, eps from Philox stream (seed, offset)."""
+    pi, sigma1, sigma2 = (float(v) for v in prior)
+    return _backend.ops().sample_weight(mu, rho, seed, offset, pi, sigma1, sigma2)
+
+
+def log_prior_sum(w: Tensor, prior: ScaleMixture) -> Tensor:
+    """sum log(pi N(w; 0, s1) + (1 - pi) N(w; 0, s2)) in log space (finite for every w)."""
+    return _fallback.log_prior_terms(w, *prior).sum()
+
+
+def mean_weight_kl_terms(mu: Tensor, rho: Tensor, prior: ScaleMixture) -> Tuple[Tensor, Tensor]:
+    """(log q(mu), log p(mu)): the KL terms of the weights a frozen layer actually uses (eps = 0)."""
+    _, log_sigma, _, _ = _fallback.softplus_terms(rho)
+    log_q = -log_sigma.sum() - _fallback.HALF_LOG_2PI * mu.numel()
+    return log_q, log_prior_sum(mu, prior)
+
+
+def check_input(x: Tensor, weight: Tensor, feature_dim: int, name: str = "input") -> None:
+    """Clear errors for a layer input: type, dtype, device, feature size."""
+    _checks.check_tensor(x, name)
+    if not (x.is_floating_point() and x.dtype == weight.dtype) and not torch.is_autocast_enabled():
+        raise TypeError(f"{name} must have the dtype of the layer's parameters ({weight.dtype}), got {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"{name} must be on the device of the layer's parameters ({weight.device}), got {x.device}")
+    if x.dim() == 0 or x.shape[-1] != feature_dim:
+        raise ValueError(f"{name} must have {feature_dim} features in its last dimension, got shape {tuple(x.shape)}")
+
+
+# ---- fused reparameterised linear layer ---------------------------------------------------------
+
+@torch.library.custom_op("bayes_ext::linear_reparam", mutates_args=())
+def _linear_reparam(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+                    bias_rho: Optional[Tensor], seed: Tensor, prior_pi: float, prior_sigma1: float,
+                    prior_sigma2: float) -> Tuple[Tensor, Tensor, Tensor]:
+    ops = _backend.ops()
+    w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, prior_pi, prior_sigma1, prior_sigma2)
+    if bias_mu is None:
+        return F.linear(x, w), log_q, log_p
+    b, log_q_b, log_p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, prior_pi, prior_sigma1, prior_sigma2)
+    return F.linear(x, w, b), log_q + log_q_b, log_p + log_p_b
+
+
+@_linear_reparam.register_fake
+def _(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_pi, prior_sigma1, prior_sigma2):
+    out = x.new_empty(x.shape[:-1] + (weight_mu.shape[0],))
+    return out, weight_mu.new_empty(()), weight_mu.new_empty(())
+
+
+def _linear_reparam_setup_context(ctx, inputs, output):
+    x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_pi, prior_sigma1, prior_sigma2 = inputs
+    # Only the input is new memory; W is rebuilt from (seed, offset 0) in backward.
+    ctx.save_for_backward(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
+    ctx.prior = (prior_pi, prior_sigma1, prior_sigma2)
+    ctx.ops = _backend.ops()
+
+
+def _linear_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
+    x, weight_mu, weight_rho, bias_mu, bias_rho, seed = ctx.saved_tensors
+    ops, prior = ctx.ops, ctx.prior
+    zero = weight_mu.new_zeros(())
+    grad_log_q = zero if grad_log_q is None else grad_log_q
+    grad_log_p = zero if grad_log_p is None else grad_log_p
+    out_features, in_features = weight_mu.shape
+    grad_out_2d = grad_out.reshape(-1, out_features)
+    grad_w = grad_out_2d.t().mm(x.reshape(-1, in_features))
+    need_x = ctx.needs_input_grad[0]
+    grad_mu, grad_rho, w = ops.sample_weight_backward(grad_w, grad_log_q, grad_log_p, weight_mu, weight_rho, seed, 0,
+                                                      *prior, need_x)
+    grad_x = grad_out.matmul(w) if need_x else None
+    grad_bias_mu = grad_bias_rho = None
+    if bias_mu is not None:
+        grad_bias_mu, grad_bias_rho, _ = ops.sample_weight_backward(grad_out_2d.sum(0), grad_log_q, grad_log_p,
+                                                                    bias_mu, bias_rho, seed, 1, *prior, False)
+    return grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho, None, None, None, None
+
+
+_linear_reparam.register_autograd(_linear_reparam_backward, setup_context=_linear_reparam_setup_context)
+
+
+def bayesian_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,
+                    bias_rho: Optional[Tensor] = None, seed: Optional[Tensor] = None,
+                    prior: ScaleMixture = (1.0, 0.1, 0.4)) -> Tuple[Tensor, Tensor, Tensor]:
+    """y = x W^T + b with W ~ N(weight_mu, softplus(weight_rho)^2), b likewise; returns (y, log_q, log_p).
+
+    The weight uses Philox stream (seed, 0) and the bias (seed, 1). A fresh seed is drawn when
+    ``seed`` is None.
+    """
+    _checks.check_posterior_params(weight_mu, weight_rho)
+    if weight_mu.dim() != 2:
+        raise ValueError(f"weight_mu must be 2-D (out_features, in_features), got shape {tuple(weight_mu.shape)}")
+    if (bias_mu is None) != (bias_rho is None):
+        raise ValueError("bias_mu and bias_rho must both be given or both be None")
+    if bias_mu is not None:
+        _checks.check_posterior_params(bias_mu, bias_rho)
+        if bias_mu.shape != (weight_mu.shape[0],):
+            raise ValueError(f"bias_mu must have shape ({weight_mu.shape[0]},), got {tuple(bias_mu.shape)}")
+    check_input(x, weight_mu, weight_mu.shape[1])
+    seed = draw_seed() if seed is None else seed
+    _checks.check_seed(seed, weight_mu)
+    pi, sigma1, sigma2 = (float(v) for v in prior)
+    _checks.check_prior(pi, sigma1, sigma2)
+    return _linear_reparam(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1, sigma2)
+

@@ -1,0 +1,110 @@
+"""What every Bayesian layer with a factorised Gaussian posterior shares: its (mu, rho) parameters,
+its scale-mixture prior, the freeze switch and the KL terms of its last forward."""
+import torch
+from torch import nn
+
+from .. import functional as BF
+from .weight_sampler import PriorWeightDistribution
+
+
+def posterior_parameter(shape, mean: float, factory_kwargs) -> nn.Parameter:
+    """BLiTZ's initialisation: N(mean, 0.1^2)."""
+    return nn.Parameter(torch.empty(shape, **factory_kwargs).normal_(mean, 0.1))
+
+
+def inverse_softplus(sigma: torch.Tensor) -> torch.Tensor:
+    """rho with softplus(rho) = sigma, stable for tiny and large sigma."""
+    return sigma + torch.log(-torch.expm1(-sigma))
+
+
+class GaussianPosteriorMixin:
+    """Prior configuration, freeze state and KL bookkeeping for a layer that owns
+    ``<name>_mu`` / ``<name>_rho`` parameter pairs listed in ``self._posterior_names``."""
+
+    _posterior_names = ("weight", "bias")
+
+    def _init_prior(self, prior_sigma_1, prior_sigma_2, prior_pi, prior_dist, freeze) -> None:
+        if not (prior_sigma_1 > 0 and prior_sigma_2 > 0):
+            raise ValueError(f"prior_sigma_1 and prior_sigma_2 must be positive, got {prior_sigma_1}, {prior_sigma_2}")
+        if not 0 <= prior_pi <= 1:
+            raise ValueError(f"prior_pi must be in [0, 1], got {prior_pi}")
+        if prior_dist is not None and not hasattr(prior_dist, "log_prob"):
+            raise TypeError(f"prior_dist must be a torch.distributions object with log_prob, got {type(prior_dist).__name__}")
+        self.prior_sigma_1 = prior_sigma_1
+        self.prior_sigma_2 = prior_sigma_2
+        self.prior_pi = prior_pi
+        self.prior_dist = prior_dist
+        self.freeze = freeze
+        self.weight_prior_dist = PriorWeightDistribution(prior_pi, prior_sigma_1, prior_sigma_2, dist=prior_dist)
+        self.bias_prior_dist = PriorWeightDistribution(prior_pi, prior_sigma_1, prior_sigma_2, dist=prior_dist)
+        self._kl_terms = (0, 0)  # BLiTZ reports 0 before the first forward
+        self._kl_at_mean = False
+
+    @property
+    def prior(self):
+        """(pi, sigma1, sigma2) of the scale-mixture prior, as the fused ops take it."""
+        return (float(self.prior_pi), float(self.prior_sigma_1), float(self.prior_sigma_2))
+
+    def _posterior_pairs(self):
+        for name in self._posterior_names:
+            mu = getattr(self, f"{name}_mu", None)
+            if isinstance(mu, torch.Tensor):
+                yield name, mu, getattr(self, f"{name}_rho")
+
+    # KL terms: set by every forward. A frozen forward uses w = mu, so its terms are those of mu,
+    # computed when read rather than on every inference forward.
+    def _set_kl_terms(self, log_q, log_p) -> None:
+        self._kl_terms = (log_q, log_p)
+        self._kl_at_mean = False
+
+    def _set_kl_at_mean(self) -> None:
+        self._kl_at_mean = True
+
+    def _mean_kl_terms(self):
+        log_q = log_p = 0
+        for name, mu, rho in self._posterior_pairs():
+            q, p = BF.mean_weight_kl_terms(mu, rho, self.prior)
+            if self.prior_dist is not None:
+                p = self.prior_dist.log_prob(mu).sum()
+            log_q, log_p = log_q + q, log_p + p
+        return log_q, log_p
+
+    @property
+    def log_variational_posterior(self):
+        return self._mean_kl_terms()[0] if self._kl_at_mean else self._kl_terms[0]
+
+    @log_variational_posterior.setter
+    def log_variational_posterior(self, value):
+        self._kl_terms = (value, self._kl_terms[1])
+        self._kl_at_mean = False
+
+    @property
+    def log_prior(self):
+        return self._mean_kl_terms()[1] if self._kl_at_mean else self._kl_terms[1]
+
+    @log_prior.setter
+    def log_prior(self, value):
+        self._kl_terms = (self._kl_terms[0], value)
+        self._kl_at_mean = False
+
+    def kl_divergence(self):
+        """log q(w) - log p(w) of the last forward (a one-sample Monte Carlo KL estimate)."""
+        return self.log_variational_posterior - self.log_prior
+
+    def moped_(self, delta: float = 0.1) -> None:
+        """MOPED: sigma = delta * |mu| for every posterior of this layer (empirical-Bayes init)."""
+        with torch.no_grad():
+            for _, mu, rho in self._posterior_pairs():
+                sigma = (delta * mu.abs()).clamp_min(1e-10)
+                rho.copy_(inverse_softplus(sigma.to(torch.float64)).to(rho.dtype))
+
+    def _sample_with_prior_dist(self, seed):
+        """Sample every posterior through the op, with log p from the user's prior_dist (not fused)."""
+        samples, log_q, log_p = {}, 0, 0
+        for offset, (name, mu, rho) in enumerate(self._posterior_pairs()):
+            w, q, _ = BF.sample_weight(mu, rho, seed, offset, self.prior)
+            dist = self.weight_prior_dist if name.startswith("weight") else self.bias_prior_dist
+            samples[name] = w
+            log_q, log_p = log_q + q, log_p + dist.log_prior(w)
+        return samples, log_q, log_p
+

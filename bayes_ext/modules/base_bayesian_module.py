@@ -1,0 +1,7 @@
+"""Marker base classes, as in blitz.modules.base_bayesian_module."""
+from torch import nn
+
+
+class BayesianModule(nn.Module):
+    """Base class of every Bayesian layer: ``kl_divergence_from_nn`` and ``@variational_estimator``
+    find layers by this type and read their ``log_variational_posterior`` and ``log_prior``."""

@@ -1,0 +1,95 @@
+"""The @variational_estimator class decorator (BLiTZ's API, same signatures and meaning)."""
+import numpy as np
+import torch
+
+from ..losses import kl_divergence_from_nn
+from ..modules.base_bayesian_module import BayesianModule
+
+
+def _check_sample_nbr(sample_nbr) -> int:
+    if isinstance(sample_nbr, bool) or not isinstance(sample_nbr, int) or sample_nbr < 1:
+        raise ValueError(f"sample_nbr must be a positive int, got {sample_nbr!r}")
+    return sample_nbr
+
+
+def nn_kl_divergence(self):
+    """Sum of log q - log p over the model's Bayesian layers (from their last forward)."""
+    return kl_divergence_from_nn(self)
+
+
+def sample_elbo(self, inputs, labels, criterion, sample_nbr, complexity_cost_weight=1):
+    """Mean over ``sample_nbr`` weight samples of criterion(self(inputs), labels) + KL * weight."""
+    sample_nbr = _check_sample_nbr(sample_nbr)
+    loss = 0
+    for _ in range(sample_nbr):
+        outputs = self(inputs)
+        loss = loss + criterion(outputs, labels) + self.nn_kl_divergence() * complexity_cost_weight
+    return loss / sample_nbr
+
+
+def sample_elbo_detailed_loss(self, inputs, labels, criterion, sample_nbr, complexity_cost_weight=1):
+    """(predictions as a numpy array (sample_nbr, ...), ELBO, likelihood part, complexity part)."""
+    sample_nbr = _check_sample_nbr(sample_nbr)
+    likelihood_cost = complexity_cost = 0
+    predictions = []
+    for _ in range(sample_nbr):
+        outputs = self(inputs)
+        predictions.append(outputs.detach().cpu().numpy())
+        likelihood_cost = likelihood_cost + criterion(outputs, labels)
+        complexity_cost = complexity_cost + self.nn_kl_divergence() * complexity_cost_weight
+    return (np.array(predictions), (likelihood_cost + complexity_cost) / sample_nbr,
+            likelihood_cost / sample_nbr, complexity_cost / sample_nbr)
+
+
+def _bayesian_layers(model):
+    return [m for m in model.modules() if isinstance(m, BayesianModule)]
+
+
+def freeze_(self):
+    """Every Bayesian layer predicts with its mean weights."""
+    for module in _bayesian_layers(self):
+        module.freeze = True
+
+
+def unfreeze_(self):
+    """Every Bayesian layer samples its weights again."""
+    for module in _bayesian_layers(self):
+        module.freeze = False
+
+
+def MOPED_(self, delta=0.1):
+    """Set sigma = delta * |mu| in every Bayesian layer (Krishnan et al. 2019), then unfreeze."""
+    if not delta > 0:
+        raise ValueError(f"delta must be positive, got {delta}")
+    for module in _bayesian_layers(self):
+        if hasattr(module, "moped_"):
+            module.moped_(delta)
+    self.unfreeze_()
+
+
+def mfvi_forward(self, inputs, sample_nbr=10):
+    """(mean, std) over ``sample_nbr`` sampled forwards, along the sample axis."""
+    sample_nbr = _check_sample_nbr(sample_nbr)
+    result = torch.stack([self(inputs) for _ in range(sample_nbr)])
+    return result.mean(dim=0), result.std(dim=0)
+
+
+_METHODS = {
+    "nn_kl_divergence": nn_kl_divergence,
+    "sample_elbo": sample_elbo,
+    "sample_elbo_detailed_loss": sample_elbo_detailed_loss,
+    "freeze_": freeze_,
+    "unfreeze_": unfreeze_,
+    "MOPED_": MOPED_,
+    "mfvi_forward": mfvi_forward,
+}
+
+
+def variational_estimator(nn_class):
+    """Adds nn_kl_divergence, sample_elbo, sample_elbo_detailed_loss, freeze_, unfreeze_, MOPED_
+    and mfvi_forward to an nn.Module subclass."""
+    if not (isinstance(nn_class, type) and issubclass(nn_class, torch.nn.Module)):
+        raise TypeError(f"variational_estimator decorates nn.Module subclasses, got {nn_class!r}")
+    for name, method in _METHODS.items():
+        setattr(nn_class, name, method)
+    return nn_class

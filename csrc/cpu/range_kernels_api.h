@@ -1,0 +1,55 @@
+// Entry points of the CPU range kernels, one set per instruction-set variant. The variants are
+// separate translation units (range_kernels_*.cpp) compiled for their ISA; sample_weight_cpu.cpp
+// picks one at run time from the CPU's features.
+#pragma once
+
+#include <cstdint>
+
+#include "bayes_ext/posterior_math.h"
+
+namespace bayes_ext {
+namespace cpu_kernel {
+
+// Sample w for elements [begin, end) and write the partial sums of the log q and log p terms
+// (without log q's constant -n log sqrt(2 pi), which the caller adds once).
+template <typename T>
+struct ForwardRange {
+  const T* mu;
+  const T* rho;
+  T* w;
+  int64_t begin, end;
+  uint64_t seed, offset;
+  ScaleMixturePrior<T> prior;
+  double* log_q_partial;
+  double* log_p_partial;
+};
+
+// Gradients for elements [begin, end); grad_w may be null (treated as zero); w, if not null,
+// receives the regenerated sample.
+template <typename T>
+struct BackwardRange {
+  const T* grad_w;
+  T grad_log_q, grad_log_p;
+  const T* mu;
+  const T* rho;
+  T* grad_mu;
+  T* grad_rho;
+  T* w;
+  int64_t begin, end;
+  uint64_t seed, offset;
+  ScaleMixturePrior<T> prior;
+};
+
+#define BAYES_EXT_DECLARE_RANGE_KERNELS(ISA, T)                                                \
+  void forward_range_##ISA(const ForwardRange<T>& a);                                          \
+  void backward_range_##ISA(const BackwardRange<T>& a);                                        \
+  void normals_range_##ISA(uint64_t seed, uint64_t offset, int64_t begin, int64_t end, T* out);
+
+// Portable builds exist for float and double (overloaded); AVX2 / AVX-512 builds for float only.
+BAYES_EXT_DECLARE_RANGE_KERNELS(portable, float)
+BAYES_EXT_DECLARE_RANGE_KERNELS(portable, double)
+BAYES_EXT_DECLARE_RANGE_KERNELS(avx2, float)
+BAYES_EXT_DECLARE_RANGE_KERNELS(avx512, float)
+
+}  // namespace cpu_kernel
+}  // namespace bayes_ext

@@ -1,0 +1,17 @@
+// Range kernels compiled for AVX2 + FMA; only called when the CPU reports both.
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("avx2,fma")
+#define BAYES_EXT_ISA_AVAILABLE 1
+#endif
+#include "range_kernels.h"
+
+#if defined(BAYES_EXT_ISA_AVAILABLE)
+BAYES_EXT_DEFINE_RANGE_KERNELS(avx2, float)
+#else
+// Not an x86-64 GCC/Clang build: alias the portable kernels so the dispatcher links.
+namespace bayes_ext { namespace cpu_kernel {
+void forward_range_avx2(const ForwardRange<float>& a) { forward_range_portable(a); }
+void backward_range_avx2(const BackwardRange<float>& a) { backward_range_portable(a); }
+void normals_range_avx2(uint64_t s, uint64_t o, int64_t b, int64_t e, float* out) { normals_range_portable(s, o, b, e, out); }
+}}
+#endif

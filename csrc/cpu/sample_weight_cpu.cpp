@@ -1,0 +1,204 @@
+// CPU implementation of the sampling ops: argument checks, splitting the weight into fixed chunks
+// run with at::parallel_for, and choosing the range kernels for this CPU's instruction set.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "bayes_ext/op_checks.h"
+#include "bayes_ext/posterior_math.h"
+#include "range_kernels_api.h"
+
+namespace bayes_ext {
+namespace {
+
+using namespace cpu_kernel;
+
+// Fixed chunk size: partial sums are per chunk and added in chunk order, so log q and log p do
+// not depend on the number of threads.
+constexpr int64_t kChunk = 16384;
+
+struct FloatKernels {
+  void (*forward)(const ForwardRange<float>&);
+  void (*backward)(const BackwardRange<float>&);
+  void (*normals)(uint64_t, uint64_t, int64_t, int64_t, float*);
+  const char* name;
+};
+
+bool cpu_has(const char* feature) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (std::strcmp(feature, "avx2") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (std::strcmp(feature, "avx512") == 0)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+#else
+  (void)feature;
+#endif
+  return false;
+}
+
+// BAYES_EXT_CPU_ISA=portable|avx2|avx512 caps the choice (for tests and benchmarks).
+FloatKernels choose_float_kernels() {
+  const FloatKernels portable{forward_range_portable, backward_range_portable, normals_range_portable, "portable"};
+  const FloatKernels avx2{forward_range_avx2, backward_range_avx2, normals_range_avx2, "avx2"};
+  const FloatKernels avx512{forward_range_avx512, backward_range_avx512, normals_range_avx512, "avx512"};
+  const char* env = std::getenv("BAYES_EXT_CPU_ISA");
+  const std::string cap = env == nullptr ? "avx512" : env;
+  TORCH_CHECK_VALUE(cap == "portable" || cap == "avx2" || cap == "avx512",
+                    "BAYES_EXT_CPU_ISA must be portable, avx2 or avx512, got ", cap);
+  if (cap == "avx512" && cpu_has("avx512")) return avx512;
+  if ((cap == "avx512" || cap == "avx2") && cpu_has("avx2")) return avx2;
+  return portable;
+}
+
+const FloatKernels& float_kernels() {
+  static const FloatKernels kernels = choose_float_kernels();
+  return kernels;
+}
+
+void run_forward(const ForwardRange<float>& a) { float_kernels().forward(a); }
+void run_forward(const ForwardRange<double>& a) { forward_range_portable(a); }
+void run_backward(const BackwardRange<float>& a) { float_kernels().backward(a); }
+void run_backward(const BackwardRange<double>& a) { backward_range_portable(a); }
+void run_normals(uint64_t s, uint64_t o, int64_t b, int64_t e, float* out) { float_kernels().normals(s, o, b, e, out); }
+void run_normals(uint64_t s, uint64_t o, int64_t b, int64_t e, double* out) { normals_range_portable(s, o, b, e, out); }
+
+int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+template <typename scalar_t>
+void forward_cpu(const at::Tensor& mu, const at::Tensor& rho, at::Tensor& w, uint64_t seed, uint64_t offset,
+                 const ScaleMixturePrior<scalar_t>& prior, double* log_q, double* log_p) {
+  const int64_t n = mu.numel();
+  const int64_t chunks = num_chunks(n);
+  std::vector<double> lq(chunks, 0.0), lp(chunks, 0.0);
+  const scalar_t* mu_p = mu.data_ptr<scalar_t>();
+  const scalar_t* rho_p = rho.data_ptr<scalar_t>();
+  scalar_t* w_p = w.data_ptr<scalar_t>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      ForwardRange<scalar_t> a{mu_p, rho_p, w_p, c * kChunk, std::min(n, (c + 1) * kChunk), seed, offset,
+                               prior, &lq[c], &lp[c]};
+      run_forward(a);
+    }
+  });
+  double sum_q = 0.0, sum_p = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    sum_q += lq[c];
+    sum_p += lp[c];
+  }
+  *log_q = sum_q - 0.91893853320467274178 * static_cast<double>(n);
+  *log_p = sum_p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cpu(const at::Tensor& mu_in, const at::Tensor& rho_in,
+                                                                 const at::Tensor& seed, int64_t offset, double prior_pi,
+                                                                 double prior_sigma1, double prior_sigma2) {
+  check_posterior_params(mu_in, rho_in);
+  check_seed(seed, mu_in);
+  check_offset(offset);
+  check_prior(prior_pi, prior_sigma1, prior_sigma2);
+  TORCH_CHECK_VALUE(mu_in.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu_in.device());
+  const at::Tensor mu = mu_in.contiguous();
+  const at::Tensor rho = rho_in.contiguous();
+  at::Tensor w = at::empty(mu.sizes(), mu.options());
+  double log_q = 0.0, log_p = 0.0;
+  const uint64_t s = seed_value(seed);
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_cpu", [&] {
+    const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
+    forward_cpu<scalar_t>(mu, rho, w, s, static_cast<uint64_t>(offset), prior, &log_q, &log_p);
+  });
+  return {w, at::scalar_tensor(log_q, mu.options()), at::scalar_tensor(log_p, mu.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cpu(
+    const c10::optional<at::Tensor>& grad_w_in, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
+    const at::Tensor& mu_in, const at::Tensor& rho_in, const at::Tensor& seed, int64_t offset, double prior_pi,
+    double prior_sigma1, double prior_sigma2, bool return_weight) {
+  check_posterior_params(mu_in, rho_in);
+  check_seed(seed, mu_in);
+  check_offset(offset);
+  check_prior(prior_pi, prior_sigma1, prior_sigma2);
+  check_grad_w(grad_w_in, mu_in);
+  check_scalar_grad(grad_log_q, mu_in, "grad_log_q");
+  check_scalar_grad(grad_log_p, mu_in, "grad_log_p");
+  const at::Tensor mu = mu_in.contiguous();
+  const at::Tensor rho = rho_in.contiguous();
+  const bool has_grad_w = grad_w_in.has_value() && grad_w_in->defined();
+  const at::Tensor grad_w = has_grad_w ? grad_w_in->contiguous() : at::Tensor();
+  at::Tensor grad_mu = at::empty(mu.sizes(), mu.options());
+  at::Tensor grad_rho = at::empty(mu.sizes(), mu.options());
+  at::Tensor w = return_weight ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
+  const uint64_t s = seed_value(seed);
+  const int64_t n = mu.numel();
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_backward_cpu", [&] {
+    const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
+    const scalar_t glq = grad_log_q.item<scalar_t>();
+    const scalar_t glp = grad_log_p.item<scalar_t>();
+    const scalar_t* gw_p = has_grad_w ? grad_w.data_ptr<scalar_t>() : nullptr;
+    scalar_t* w_p = return_weight ? w.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, num_chunks(n), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        BackwardRange<scalar_t> a{gw_p,   glq,      glp, mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(),
+                                  grad_mu.data_ptr<scalar_t>(), grad_rho.data_ptr<scalar_t>(), w_p,
+                                  c * kChunk, std::min(n, (c + 1) * kChunk), s, static_cast<uint64_t>(offset), prior};
+        run_backward(a);
+      }
+    });
+  });
+  return {grad_mu, grad_rho, w};
+}
+
+at::Tensor philox_normal_cpu(const at::Tensor& like, const at::Tensor& seed, int64_t offset) {
+  check_floating(like, "like");
+  check_seed(seed, like);
+  check_offset(offset);
+  at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  const uint64_t s = seed_value(seed);
+  const int64_t n = out.numel();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "philox_normal_cpu", [&] {
+    scalar_t* p = out.data_ptr<scalar_t>();
+    at::parallel_for(0, num_chunks(n), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c)
+        run_normals(s, static_cast<uint64_t>(offset), c * kChunk, std::min(n, (c + 1) * kChunk), p);
+    });
+  });
+  return out;
+}
+
+// Raw Philox words for blocks [first_block, first_block + num_blocks): int64 tensor (num_blocks, 4).
+at::Tensor philox4x32_cpu(const at::Tensor& seed, int64_t offset, int64_t first_block, int64_t num_blocks) {
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong && seed.numel() == 1, "seed must be a one-element int64 tensor");
+  TORCH_CHECK_VALUE(num_blocks >= 0, "num_blocks must be non-negative, got ", num_blocks);
+  at::Tensor out = at::empty({num_blocks, 4}, at::TensorOptions().dtype(at::kLong));
+  int64_t* p = out.data_ptr<int64_t>();
+  const uint64_t s = seed_value(seed);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const PhiloxOut x = philox_block(s, static_cast<uint64_t>(offset), static_cast<uint64_t>(first_block + b));
+    for (int k = 0; k < 4; ++k) p[4 * b + k] = static_cast<int64_t>(x.x[k]);
+  }
+  return out;
+}
+
+std::string cpu_kernel_isa() { return float_kernels().name; }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bayes_ext, CPU, m) {
+  m.impl("sample_weight", &sample_weight_cpu);
+  m.impl("sample_weight_backward", &sample_weight_backward_cpu);
+  m.impl("philox_normal", &philox_normal_cpu);
+}
+
+// Ops without tensor inputs to dispatch on.
+TORCH_LIBRARY_FRAGMENT(bayes_ext, m) {
+  m.def("philox4x32(Tensor seed, int offset, int first_block, int num_blocks) -> Tensor", &philox4x32_cpu);
+  m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa);
+}
+
+}  // namespace bayes_ext

@@ -1,0 +1,230 @@
+// CUDA implementation of the sampling ops. Each thread owns whole Philox blocks (4 elements), so
+// the noise is the same as on the CPU whatever the launch geometry. The seed may live on the
+// device (read in the kernel, so CUDA graph replays pick up a freshly drawn seed) or on the host.
+// log q / log p are reduced per CUDA block into a partials buffer and summed by ATen: a fixed grid
+// for a given size keeps the result deterministic.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "bayes_ext/op_checks.h"
+#include "bayes_ext/posterior_math.h"
+
+namespace bayes_ext {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 4096;
+
+struct SeedArg {
+  const int64_t* device_ptr;  // non-null: read on the device
+  uint64_t host_value;
+};
+
+__device__ __forceinline__ uint64_t load_seed(const SeedArg& s) {
+  return s.device_ptr != nullptr ? static_cast<uint64_t>(*s.device_ptr) : s.host_value;
+}
+
+SeedArg make_seed_arg(const at::Tensor& seed) {
+  if (seed.device().is_cuda()) return {seed.data_ptr<int64_t>(), 0};
+  return {nullptr, seed_value(seed)};
+}
+
+int64_t grid_for(int64_t num_philox_blocks) {
+  const int64_t g = (num_philox_blocks + kThreads - 1) / kThreads;
+  return g < 1 ? 1 : (g > kMaxBlocks ? kMaxBlocks : g);
+}
+
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? shared[threadIdx.x] : T(0);
+  if (warp == 0)
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  __syncthreads();
+  return v;
+}
+
+template <typename T>
+__global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ w, int64_t n,
+                               SeedArg seed_arg, uint64_t offset, ScaleMixturePrior<T> prior,
+                               double* __restrict__ partials) {
+  __shared__ T shared[32];
+  const uint64_t seed = load_seed(seed_arg);
+  const int64_t num_blocks = (n + 3) / 4;
+  T lq = T(0), lp = T(0);
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < num_blocks;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    T eps[4];
+    block_normals<T>(seed, offset, static_cast<uint64_t>(b), eps);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t i = 4 * b + k;
+      if (i < n) {
+        const Softplus<T> sp = softplus_terms(rho[i]);
+        const T wi = mu[i] + sp.sigma * eps[k];
+        w[i] = wi;
+        lq += -sp.log_sigma - T(0.5) * eps[k] * eps[k];
+        lp += log_prior(wi, prior);
+      }
+    }
+  }
+  lq = block_sum(lq, shared);
+  lp = block_sum(lp, shared);
+  if (threadIdx.x == 0) {
+    partials[2 * blockIdx.x] = static_cast<double>(lq);
+    partials[2 * blockIdx.x + 1] = static_cast<double>(lp);
+  }
+}
+
+template <typename T>
+__global__ void backward_kernel(const T* __restrict__ grad_w, const T* __restrict__ grad_log_q,
+                                const T* __restrict__ grad_log_p, const T* __restrict__ mu,
+                                const T* __restrict__ rho, T* __restrict__ grad_mu, T* __restrict__ grad_rho,
+                                T* __restrict__ w_out, int64_t n, SeedArg seed_arg, uint64_t offset,
+                                ScaleMixturePrior<T> prior) {
+  const uint64_t seed = load_seed(seed_arg);
+  const T glq = *grad_log_q, glp = *grad_log_p;
+  const int64_t num_blocks = (n + 3) / 4;
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < num_blocks;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    T eps[4];
+    block_normals<T>(seed, offset, static_cast<uint64_t>(b), eps);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t i = 4 * b + k;
+      if (i < n) {
+        const Softplus<T> sp = softplus_terms(rho[i]);
+        const T wi = mu[i] + sp.sigma * eps[k];
+        const T g = (grad_w == nullptr ? T(0) : grad_w[i]) + glp * dlog_prior(wi, prior);
+        grad_mu[i] = g;
+        grad_rho[i] = g * eps[k] * sp.sigmoid - glq * sp.dlog_sigma;
+        if (w_out != nullptr) w_out[i] = wi;
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void normal_kernel(T* __restrict__ out, int64_t n, SeedArg seed_arg, uint64_t offset) {
+  const uint64_t seed = load_seed(seed_arg);
+  const int64_t num_blocks = (n + 3) / 4;
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < num_blocks;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    T eps[4];
+    block_normals<T>(seed, offset, static_cast<uint64_t>(b), eps);
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (4 * b + k < n) out[4 * b + k] = eps[k];
+  }
+}
+
+void check_cuda_inputs(const at::Tensor& mu) {
+  TORCH_CHECK_VALUE(mu.device().is_cuda(), "mu must be a CUDA tensor for the CUDA kernel, got ", mu.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in,
+                                                                  const at::Tensor& seed, int64_t offset, double prior_pi,
+                                                                  double prior_sigma1, double prior_sigma2) {
+  check_posterior_params(mu_in, rho_in);
+  check_cuda_inputs(mu_in);
+  check_seed(seed, mu_in);
+  check_offset(offset);
+  check_prior(prior_pi, prior_sigma1, prior_sigma2);
+  const c10::cuda::CUDAGuard guard(mu_in.device());
+  const at::Tensor mu = mu_in.contiguous();
+  const at::Tensor rho = rho_in.contiguous();
+  const int64_t n = mu.numel();
+  at::Tensor w = at::empty(mu.sizes(), mu.options());
+  const int64_t grid = grid_for((n + 3) / 4);
+  at::Tensor partials = at::zeros({grid, 2}, mu.options().dtype(at::kDouble));
+  const SeedArg seed_arg = make_seed_arg(seed);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (n > 0) {
+    AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_cuda", [&] {
+      const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
+      forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(),
+                                                              w.data_ptr<scalar_t>(), n, seed_arg,
+                                                              static_cast<uint64_t>(offset), prior,
+                                                              partials.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  const at::Tensor sums = partials.sum(0);
+  const at::Tensor log_q = (sums[0] - 0.91893853320467274178 * static_cast<double>(n)).to(mu.scalar_type());
+  const at::Tensor log_p = sums[1].to(mu.scalar_type());
+  return {w, log_q, log_p};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cuda(
+    const c10::optional<at::Tensor>& grad_w_in, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
+    const at::Tensor& mu_in, const at::Tensor& rho_in, const at::Tensor& seed, int64_t offset, double prior_pi,
+    double prior_sigma1, double prior_sigma2, bool return_weight) {
+  check_posterior_params(mu_in, rho_in);
+  check_cuda_inputs(mu_in);
+  check_seed(seed, mu_in);
+  check_offset(offset);
+  check_prior(prior_pi, prior_sigma1, prior_sigma2);
+  check_grad_w(grad_w_in, mu_in);
+  check_scalar_grad(grad_log_q, mu_in, "grad_log_q");
+  check_scalar_grad(grad_log_p, mu_in, "grad_log_p");
+  const c10::cuda::CUDAGuard guard(mu_in.device());
+  const at::Tensor mu = mu_in.contiguous();
+  const at::Tensor rho = rho_in.contiguous();
+  const bool has_grad_w = grad_w_in.has_value() && grad_w_in->defined();
+  const at::Tensor grad_w = has_grad_w ? grad_w_in->contiguous() : at::Tensor();
+  const at::Tensor glq = grad_log_q.reshape({}).to(mu.device(), mu.scalar_type());
+  const at::Tensor glp = grad_log_p.reshape({}).to(mu.device(), mu.scalar_type());
+  const int64_t n = mu.numel();
+  at::Tensor grad_mu = at::empty(mu.sizes(), mu.options());
+  at::Tensor grad_rho = at::empty(mu.sizes(), mu.options());
+  at::Tensor w = return_weight ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
+  const SeedArg seed_arg = make_seed_arg(seed);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (n > 0) {
+    AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_backward_cuda", [&] {
+      const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
+      backward_kernel<scalar_t><<<grid_for((n + 3) / 4), kThreads, 0, stream>>>(
+          has_grad_w ? grad_w.data_ptr<scalar_t>() : nullptr, glq.data_ptr<scalar_t>(), glp.data_ptr<scalar_t>(),
+          mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(),
+          grad_rho.data_ptr<scalar_t>(), return_weight ? w.data_ptr<scalar_t>() : nullptr, n, seed_arg,
+          static_cast<uint64_t>(offset), prior);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {grad_mu, grad_rho, w};
+}
+
+at::Tensor philox_normal_cuda(const at::Tensor& like, const at::Tensor& seed, int64_t offset) {
+  check_floating(like, "like");
+  check_cuda_inputs(like);
+  check_seed(seed, like);
+  check_offset(offset);
+  const c10::cuda::CUDAGuard guard(like.device());
+  at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t n = out.numel();
+  if (n > 0) {
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "philox_normal_cuda", [&] {
+      normal_kernel<scalar_t><<<grid_for((n + 3) / 4), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          out.data_ptr<scalar_t>(), n, make_seed_arg(seed), static_cast<uint64_t>(offset));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bayes_ext, CUDA, m) {
+  m.impl("sample_weight", &sample_weight_cuda);
+  m.impl("sample_weight_backward", &sample_weight_backward_cuda);
+  m.impl("philox_normal", &philox_normal_cuda);
+}
+
+}  // namespace bayes_ext

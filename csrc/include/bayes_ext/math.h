@@ -1,0 +1,148 @@
+// Scalar math used by the kernels, one definition per platform:
+// - CUDA device code: the CUDA math library (accurate to a few ulp, sincospi for exact turns);
+// - host float: branch-free Cephes-style polynomials accurate to ~2 ulp on the ranges the kernels
+//   use, written so that GCC vectorises loops that call them (no libm calls, selects not branches);
+// - host double: libm (double is for gradcheck and reference runs, not speed).
+#pragma once
+
+#include <cstdint>
+#include <cmath>
+
+#include "bayes_ext/philox.h"
+
+namespace bayes_ext {
+
+#if !defined(__CUDA_ARCH__)
+static inline float bits_as_float(uint32_t b) {
+  float f;
+  __builtin_memcpy(&f, &b, sizeof f);
+  return f;
+}
+static inline uint32_t float_as_bits(float f) {
+  uint32_t b;
+  __builtin_memcpy(&b, &f, sizeof b);
+  return b;
+}
+
+// log for positive normal x (Cephes logf). Zero, denormals and inf are not handled: callers pass
+// uniforms in [2^-24, 1) or values >= 1.
+static inline float host_logf(float x) {
+  const uint32_t bits = float_as_bits(x);
+  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);
+  float m = bits_as_float((bits & 0x007FFFFFu) | 0x3F000000u);  // in [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+
+// exp for x <= 88; returns exactly 0 below -87.3 instead of producing denormals.
+static inline float host_expf(float x) {
+  const float xc = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
+  // floor(xc * log2(e) + 0.5) via truncation of a positive number (vectorises without SSE4.1).
+  const int32_t n = static_cast<int32_t>(xc * 1.44269504088896341f + 128.5f) - 128;
+  const float fn = static_cast<float>(n);
+  const float r = xc - fn * 0.693359375f + fn * 2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const float scaled = y * bits_as_float(static_cast<uint32_t>(n + 127) << 23);
+  return x < -87.3f ? 0.0f : scaled;
+}
+
+// log(1 + t) for t >= 0, accurate for tiny t (Kahan's correction of log(1 + t)).
+static inline float host_log1pf(float t) {
+  const float u = 1.0f + t;
+  const float d = u - 1.0f;
+  const float l = host_logf(u) * (t / (d == 0.0f ? 1.0f : d));
+  return d == 0.0f ? t : l;
+}
+
+// sin(2 pi v) and cos(2 pi v) for v in [0, 1): the reduction to quarter turns is exact in fp32.
+static inline void host_sincos_2pi(float v, float* s, float* c) {
+  const int32_t q = static_cast<int32_t>(4.0f * v + 0.5f);  // nearest quarter turn, 0..4
+  const float x = (4.0f * v - static_cast<float>(q)) * 1.57079632679489662f;  // [-pi/4, pi/4]
+  const float z = x * x;
+  const float sin_x = x + x * z * ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f);
+  const float cos_x = 1.0f - 0.5f * z +
+                      z * z * ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f);
+  const int32_t quadrant = q & 3;
+  const bool swap = (quadrant & 1) != 0;
+  const float s0 = swap ? cos_x : sin_x;
+  const float c0 = swap ? sin_x : cos_x;
+  *s = (quadrant >= 2) ? -s0 : s0;
+  *c = (quadrant == 1 || quadrant == 2) ? -c0 : c0;
+}
+#endif  // !__CUDA_ARCH__
+
+BAYES_HOST_DEVICE float bx_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return host_expf(x);
+#endif
+}
+BAYES_HOST_DEVICE double bx_exp(double x) { return ::exp(x); }
+
+BAYES_HOST_DEVICE float bx_log(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  return host_logf(x);
+#endif
+}
+BAYES_HOST_DEVICE double bx_log(double x) { return ::log(x); }
+
+BAYES_HOST_DEVICE float bx_log1p(float x) {
+#if defined(__CUDA_ARCH__)
+  return log1pf(x);
+#else
+  return host_log1pf(x);
+#endif
+}
+BAYES_HOST_DEVICE double bx_log1p(double x) { return ::log1p(x); }
+
+BAYES_HOST_DEVICE float bx_sqrt(float x) {
+#if defined(__CUDA_ARCH__)
+  return sqrtf(x);
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
+BAYES_HOST_DEVICE double bx_sqrt(double x) { return ::sqrt(x); }
+
+BAYES_HOST_DEVICE void bx_sincos_2pi(float v, float* s, float* c) {
+#if defined(__CUDA_ARCH__)
+  sincospif(2.0f * v, s, c);
+#else
+  host_sincos_2pi(v, s, c);
+#endif
+}
+BAYES_HOST_DEVICE void bx_sincos_2pi(double v, double* s, double* c) {
+#if defined(__CUDA_ARCH__)
+  sincospi(2.0 * v, s, c);
+#else
+  *s = ::sin(6.283185307179586477 * v);
+  *c = ::cos(6.283185307179586477 * v);
+#endif
+}
+
+}  // namespace bayes_ext

@@ -1,0 +1,98 @@
+// Per-element formulas of the Gaussian variational posterior and the scale-mixture prior, shared
+// by the CPU and CUDA kernels. See docs/design.md for the derivation of the gradients.
+#pragma once
+
+#include "bayes_ext/math.h"
+#include "bayes_ext/philox.h"
+
+namespace bayes_ext {
+
+// Below this rho, softplus(rho) = exp(rho) to within exp(2 rho): log sigma is rho itself and
+// sigmoid / softplus is 1. Using these limits keeps log q and its gradient exact where sigma
+// underflows.
+constexpr double kSoftplusTinyRho = -20.0;
+
+// log(pi N(w; 0, s1) + (1 - pi) N(w; 0, s2)) written as a logsumexp of two quadratics
+// l_k = a_k - b_k w^2, so it is finite for every w. mode 1: pi = 1 (only s1); mode 2: pi = 0.
+template <typename T>
+struct ScaleMixturePrior {
+  T a1, b1, a2, b2;
+  int mode;  // 0 mixture, 1 first component only, 2 second component only
+};
+
+// Host only: the kernels receive the finished constants.
+template <typename T>
+static inline ScaleMixturePrior<T> make_prior(double pi, double sigma1, double sigma2) {
+  const double half_log_2pi = 0.91893853320467274178;
+  ScaleMixturePrior<T> p;
+  p.mode = pi >= 1.0 ? 1 : (pi <= 0.0 ? 2 : 0);
+  const double log_pi1 = p.mode == 2 ? 0.0 : std::log(pi >= 1.0 ? 1.0 : pi);
+  const double log_pi2 = p.mode == 1 ? 0.0 : std::log(pi <= 0.0 ? 1.0 : 1.0 - pi);
+  p.a1 = static_cast<T>(log_pi1 - std::log(sigma1) - half_log_2pi);
+  p.b1 = static_cast<T>(0.5 / (sigma1 * sigma1));
+  p.a2 = static_cast<T>(log_pi2 - std::log(sigma2) - half_log_2pi);
+  p.b2 = static_cast<T>(0.5 / (sigma2 * sigma2));
+  return p;
+}
+
+template <typename T>
+BAYES_HOST_DEVICE T log_prior(T w, const ScaleMixturePrior<T>& p) {
+  const T w2 = w * w;
+  const T l1 = p.a1 - p.b1 * w2;
+  const T l2 = p.a2 - p.b2 * w2;
+  const T d = l1 - l2;
+  const T m = d > T(0) ? l1 : l2;
+  const T mixed = m + bx_log1p(bx_exp(d > T(0) ? -d : d));
+  return p.mode == 1 ? l1 : (p.mode == 2 ? l2 : mixed);
+}
+
+// d log p / d w.
+template <typename T>
+BAYES_HOST_DEVICE T dlog_prior(T w, const ScaleMixturePrior<T>& p) {
+  const T w2 = w * w;
+  const T d = (p.a1 - p.b1 * w2) - (p.a2 - p.b2 * w2);
+  // responsibility of component 1 = sigmoid(d), computed without overflow
+  const T t = bx_exp(d > T(0) ? -d : d);
+  const T r1 = d > T(0) ? T(1) / (T(1) + t) : t / (T(1) + t);
+  const T mixed = T(-2) * w * (r1 * p.b1 + (T(1) - r1) * p.b2);
+  return p.mode == 1 ? T(-2) * w * p.b1 : (p.mode == 2 ? T(-2) * w * p.b2 : mixed);
+}
+
+// sigma = softplus(rho) = max(rho, 0) + log1p(exp(-|rho|)) and log sigma.
+template <typename T>
+struct Softplus {
+  T sigma, log_sigma, sigmoid, dlog_sigma;  // dlog_sigma = sigmoid(rho) / softplus(rho)
+};
+
+template <typename T>
+BAYES_HOST_DEVICE Softplus<T> softplus_terms(T rho) {
+  const T t = bx_exp(rho > T(0) ? -rho : rho);  // exp(-|rho|), in (0, 1]
+  Softplus<T> s;
+  s.sigma = (rho > T(0) ? rho : T(0)) + bx_log1p(t);
+  const bool tiny = rho < T(kSoftplusTinyRho);
+  s.log_sigma = tiny ? rho : bx_log(s.sigma);
+  s.sigmoid = rho > T(0) ? T(1) / (T(1) + t) : t / (T(1) + t);
+  // sigma can be 0 when rho < -87 in fp32; the tiny branch then supplies the exact limit.
+  s.dlog_sigma = tiny ? T(1) - T(0.5) * t : s.sigmoid / (tiny ? T(1) : s.sigma);
+  return s;
+}
+
+// Standard normals for the four elements of one Philox block (docs/design.md).
+template <typename T>
+BAYES_HOST_DEVICE void block_normals(uint64_t seed, uint64_t offset, uint64_t block, T eps[4]) {
+  const PhiloxOut x = philox_block(seed, offset, block);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int pair = 0; pair < 2; ++pair) {
+    const T u = radius_uniform<T>(x.x[2 * pair]);
+    const T v = angle_uniform<T>(x.x[2 * pair + 1]);
+    const T r = bx_sqrt(T(-2) * bx_log(u));
+    T s, c;
+    bx_sincos_2pi(v, &s, &c);
+    eps[2 * pair] = r * c;
+    eps[2 * pair + 1] = r * s;
+  }
+}
+
+}  // namespace bayes_ext

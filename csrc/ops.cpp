@@ -1,0 +1,25 @@
+// Schemas of the bayes_ext ops. Implementations: cpu/sample_weight_cpu.cpp (CPU) and
+// cuda/sample_weight_cuda.cu (CUDA); fake kernels and autograd are registered in Python
+// (bayes_ext/_ops.py), following pytorch/extension-cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+// Lets `import bayes_ext._C` load this library (and run the registrations below) like a module.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(bayes_ext, m) {
+  // w = mu + softplus(rho) * eps with eps from Philox (seed, offset); also log q(w) and log p(w)
+  // under the scale-mixture prior. Returns (w, log_q, log_p).
+  m.def("sample_weight(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, "
+        "float prior_sigma1, float prior_sigma2) -> (Tensor, Tensor, Tensor)");
+  // Gradients of sample_weight w.r.t. mu and rho, regenerating eps; optionally also w.
+  // Returns (grad_mu, grad_rho, w) with w empty unless return_weight.
+  m.def("sample_weight_backward(Tensor? grad_w, Tensor grad_log_q, Tensor grad_log_p, Tensor mu, "
+        "Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, float prior_sigma2, "
+        "bool return_weight) -> (Tensor, Tensor, Tensor)");
+  // The standard normals of stream (seed, offset) in the shape, dtype and device of `like`.
+  m.def("philox_normal(Tensor like, Tensor seed, int offset) -> Tensor");
+}
