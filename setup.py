@@ -48,7 +48,7 @@ def extension_modules():
 
     with_cuda = (env_flag("FORCE_CUDA") or torch.cuda.is_available()) and CUDA_HOME is not None
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fno-math-errno", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden"]
     nvcc_flags = ["-O3", "-lineinfo"]
     link_flags = []
     if env_flag("BAYES_EXT_SANITIZE"):

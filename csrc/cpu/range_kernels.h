@@ -54,31 +54,39 @@ static inline void tile_normals(uint64_t seed, uint64_t offset, int64_t base, T*
   }
 }
 
-template <typename T>
-static inline void forward_range_impl(const ForwardRange<T>& a) {
+// The elementwise loops are templated on everything that would otherwise be a loop-invariant
+// branch (prior mode, optional grad_w / w), because GCC does not vectorise loops that keep them.
+// Each tile is a function of its own because GCC honours __restrict__ on parameters (kept through
+// inlining) but not on local pointers; without it the loops need more run-time alias checks than
+// GCC will emit.
+template <typename T, int Mode>
+static inline __attribute__((always_inline)) void forward_tile(
+    int64_t n, const T* __restrict__ e, const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ w,
+    T* __restrict__ lq_acc, T* __restrict__ lp_acc, const ScaleMixturePrior<T>& prior_in) {
+  const ScaleMixturePrior<T> prior = prior_in;
+  for (int64_t i = 0; i < n; ++i) {
+    const Softplus<T> sp = softplus_terms(rho[i]);
+    const T wi = mu[i] + sp.sigma * e[i];
+    w[i] = wi;
+    lq_acc[i] += -sp.log_sigma - T(0.5) * e[i] * e[i];
+    lp_acc[i] += log_prior_mode<Mode>(wi, prior);
+  }
+}
+
+template <typename T, int Mode>
+static inline void forward_range_loop(const ForwardRange<T>& a) {
   T lq_acc[kTile], lp_acc[kTile], eps[kTile];
   for (int64_t i = 0; i < kTile; ++i) {
     lq_acc[i] = T(0);
     lp_acc[i] = T(0);
   }
-  const ScaleMixturePrior<T> prior = a.prior;
   for (int64_t start = a.begin; start < a.end;) {
     const int64_t aligned = start & ~int64_t(3);
     tile_normals<T>(a.seed, a.offset, aligned, eps);
     const int64_t stop = aligned + kTile < a.end ? aligned + kTile : a.end;
-    const int64_t n = stop - start;
-    const T* e = eps + (start - aligned);
-    const T* mu = a.mu + start;
-    const T* rho = a.rho + start;
-    T* w = a.w + start;
+    forward_tile<T, Mode>(stop - start, eps + (start - aligned), a.mu + start, a.rho + start, a.w + start, lq_acc,
+                          lp_acc, a.prior);
     start = stop;
-    for (int64_t i = 0; i < n; ++i) {
-      const Softplus<T> sp = softplus_terms(rho[i]);
-      const T wi = mu[i] + sp.sigma * e[i];
-      w[i] = wi;
-      lq_acc[i] += -sp.log_sigma - T(0.5) * e[i] * e[i];
-      lp_acc[i] += log_prior(wi, prior);
-    }
   }
   double lq = 0.0, lp = 0.0;
   for (int64_t i = 0; i < kTile; ++i) {
@@ -90,31 +98,61 @@ static inline void forward_range_impl(const ForwardRange<T>& a) {
 }
 
 template <typename T>
-static inline void backward_range_impl(const BackwardRange<T>& a) {
+static inline void forward_range_impl(const ForwardRange<T>& a) {
+  switch (a.prior.mode) {
+    case 1: return forward_range_loop<T, 1>(a);
+    case 2: return forward_range_loop<T, 2>(a);
+    default: return forward_range_loop<T, 0>(a);
+  }
+}
+
+template <typename T, int Mode, bool HasGradW, bool WriteW>
+static inline __attribute__((always_inline)) void backward_tile(
+    int64_t n, const T* __restrict__ e, const T* __restrict__ mu, const T* __restrict__ rho,
+    const T* __restrict__ gw, T* __restrict__ gmu, T* __restrict__ grho, T* __restrict__ w_out, T glq, T glp,
+    const ScaleMixturePrior<T>& prior_in) {
+  const ScaleMixturePrior<T> prior = prior_in;
+  for (int64_t i = 0; i < n; ++i) {
+    const Softplus<T> sp = softplus_terms(rho[i]);
+    const T wi = mu[i] + sp.sigma * e[i];
+    T g = glp * dlog_prior_mode<Mode>(wi, prior);
+    if (HasGradW) g += gw[i];
+    gmu[i] = g;
+    grho[i] = g * e[i] * sp.sigmoid - glq * sp.dlog_sigma;
+    if (WriteW) w_out[i] = wi;
+  }
+}
+
+template <typename T, int Mode, bool HasGradW, bool WriteW>
+static inline void backward_range_loop(const BackwardRange<T>& a) {
   T eps[kTile];
-  const ScaleMixturePrior<T> prior = a.prior;
-  const T glq = a.grad_log_q, glp = a.grad_log_p;
   for (int64_t start = a.begin; start < a.end;) {
     const int64_t aligned = start & ~int64_t(3);
     tile_normals<T>(a.seed, a.offset, aligned, eps);
     const int64_t stop = aligned + kTile < a.end ? aligned + kTile : a.end;
-    const int64_t n = stop - start;
-    const T* e = eps + (start - aligned);
-    const T* mu = a.mu + start;
-    const T* rho = a.rho + start;
-    T* gmu = a.grad_mu + start;
-    T* grho = a.grad_rho + start;
-    const T* gw = a.grad_w == nullptr ? nullptr : a.grad_w + start;
-    T* w_out = a.w == nullptr ? nullptr : a.w + start;
+    backward_tile<T, Mode, HasGradW, WriteW>(stop - start, eps + (start - aligned), a.mu + start, a.rho + start,
+                                             HasGradW ? a.grad_w + start : nullptr, a.grad_mu + start,
+                                             a.grad_rho + start, WriteW ? a.w + start : nullptr, a.grad_log_q,
+                                             a.grad_log_p, a.prior);
     start = stop;
-    for (int64_t i = 0; i < n; ++i) {
-      const Softplus<T> sp = softplus_terms(rho[i]);
-      const T wi = mu[i] + sp.sigma * e[i];
-      const T g = (gw == nullptr ? T(0) : gw[i]) + glp * dlog_prior(wi, prior);
-      gmu[i] = g;
-      grho[i] = g * e[i] * sp.sigmoid - glq * sp.dlog_sigma;
-      if (w_out != nullptr) w_out[i] = wi;
-    }
+  }
+}
+
+template <typename T, int Mode>
+static inline void backward_range_mode(const BackwardRange<T>& a) {
+  const bool has_gw = a.grad_w != nullptr, write_w = a.w != nullptr;
+  if (has_gw && write_w) return backward_range_loop<T, Mode, true, true>(a);
+  if (has_gw) return backward_range_loop<T, Mode, true, false>(a);
+  if (write_w) return backward_range_loop<T, Mode, false, true>(a);
+  return backward_range_loop<T, Mode, false, false>(a);
+}
+
+template <typename T>
+static inline void backward_range_impl(const BackwardRange<T>& a) {
+  switch (a.prior.mode) {
+    case 1: return backward_range_mode<T, 1>(a);
+    case 2: return backward_range_mode<T, 2>(a);
+    default: return backward_range_mode<T, 0>(a);
   }
 }
 

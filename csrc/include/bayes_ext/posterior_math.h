@@ -35,27 +35,41 @@ static inline ScaleMixturePrior<T> make_prior(double pi, double sigma1, double s
   return p;
 }
 
-template <typename T>
-BAYES_HOST_DEVICE T log_prior(T w, const ScaleMixturePrior<T>& p) {
+// Mode is ScaleMixturePrior::mode as a compile-time constant, so vectorised CPU loops carry no
+// branch on it (GCC will not vectorise the run-time select).
+template <int Mode, typename T>
+BAYES_HOST_DEVICE T log_prior_mode(T w, const ScaleMixturePrior<T>& p) {
   const T w2 = w * w;
   const T l1 = p.a1 - p.b1 * w2;
   const T l2 = p.a2 - p.b2 * w2;
+  if (Mode == 1) return l1;
+  if (Mode == 2) return l2;
   const T d = l1 - l2;
   const T m = d > T(0) ? l1 : l2;
-  const T mixed = m + bx_log1p(bx_exp(d > T(0) ? -d : d));
-  return p.mode == 1 ? l1 : (p.mode == 2 ? l2 : mixed);
+  return m + bx_log1p(bx_exp(d > T(0) ? -d : d));
 }
 
 // d log p / d w.
-template <typename T>
-BAYES_HOST_DEVICE T dlog_prior(T w, const ScaleMixturePrior<T>& p) {
+template <int Mode, typename T>
+BAYES_HOST_DEVICE T dlog_prior_mode(T w, const ScaleMixturePrior<T>& p) {
+  if (Mode == 1) return T(-2) * w * p.b1;
+  if (Mode == 2) return T(-2) * w * p.b2;
   const T w2 = w * w;
   const T d = (p.a1 - p.b1 * w2) - (p.a2 - p.b2 * w2);
   // responsibility of component 1 = sigmoid(d), computed without overflow
   const T t = bx_exp(d > T(0) ? -d : d);
   const T r1 = d > T(0) ? T(1) / (T(1) + t) : t / (T(1) + t);
-  const T mixed = T(-2) * w * (r1 * p.b1 + (T(1) - r1) * p.b2);
-  return p.mode == 1 ? T(-2) * w * p.b1 : (p.mode == 2 ? T(-2) * w * p.b2 : mixed);
+  return T(-2) * w * (r1 * p.b1 + (T(1) - r1) * p.b2);
+}
+
+template <typename T>
+BAYES_HOST_DEVICE T log_prior(T w, const ScaleMixturePrior<T>& p) {
+  return p.mode == 1 ? log_prior_mode<1>(w, p) : (p.mode == 2 ? log_prior_mode<2>(w, p) : log_prior_mode<0>(w, p));
+}
+
+template <typename T>
+BAYES_HOST_DEVICE T dlog_prior(T w, const ScaleMixturePrior<T>& p) {
+  return p.mode == 1 ? dlog_prior_mode<1>(w, p) : (p.mode == 2 ? dlog_prior_mode<2>(w, p) : dlog_prior_mode<0>(w, p));
 }
 
 // sigma = softplus(rho) = max(rho, 0) + log1p(exp(-|rho|)) and log sigma.
