@@ -1,0 +1,80 @@
+"""The BLiTZ README's regression example, unchanged apart from two things: `blitz` -> `bayes_ext` in
+the imports, and scikit-learn's bundled diabetes data (load_boston was removed in scikit-learn 1.2).
+
+    python examples/bayesian_regression.py [--epochs 100]
+"""
+import argparse
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.optim as optim
+from sklearn.datasets import load_diabetes
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+
+from bayes_ext.modules import BayesianLinear
+from bayes_ext.utils import variational_estimator
+
+
+@variational_estimator
+class BayesianRegressor(nn.Module):
+    def __init__(self, input_dim, output_dim):
+        super().__init__()
+        self.blinear1 = BayesianLinear(input_dim, 512)
+        self.blinear2 = BayesianLinear(512, output_dim)
+
+    def forward(self, x):
+        x_ = self.blinear1(x)
+        return self.blinear2(x_)
+
+
+def evaluate_regression(regressor, X, y, samples=100, std_multiplier=2):
+    preds = [regressor(X) for i in range(samples)]
+    preds = torch.stack(preds)
+    means = preds.mean(axis=0)
+    stds = preds.std(axis=0)
+    ci_upper = means + (std_multiplier * stds)
+    ci_lower = means - (std_multiplier * stds)
+    ic_acc = (ci_lower <= y) * (ci_upper >= y)
+    ic_acc = ic_acc.float().mean()
+    return ic_acc, (ci_upper >= y).float().mean(), (ci_lower <= y).float().mean()
+
+
+def main(epochs=100, lr=0.001, seed=0, verbose=True):
+    torch.manual_seed(seed)
+    X, y = load_diabetes(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    y = StandardScaler().fit_transform(np.expand_dims(y, 1))
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=.25, random_state=42)
+    X_train, y_train = torch.tensor(X_train).float(), torch.tensor(y_train).float()
+    X_test, y_test = torch.tensor(X_test).float(), torch.tensor(y_test).float()
+
+    regressor = BayesianRegressor(X.shape[1], 1)  # 10 features here (13 in the Boston data)
+    optimizer = optim.SGD(regressor.parameters(), lr=lr)
+    criterion = torch.nn.MSELoss()
+    ds_train = torch.utils.data.TensorDataset(X_train, y_train)
+    dataloader_train = torch.utils.data.DataLoader(ds_train, batch_size=16, shuffle=True)
+
+    iteration = 0
+    for epoch in range(epochs):
+        for i, (datapoints, labels) in enumerate(dataloader_train):
+            optimizer.zero_grad()
+            loss = regressor.sample_elbo(inputs=datapoints, labels=labels, criterion=criterion, sample_nbr=3)
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+            if iteration % 100 == 0 and verbose:
+                ic_acc, under_ci_upper, over_ci_lower = evaluate_regression(regressor, X_test, y_test, samples=25,
+                                                                            std_multiplier=3)
+                print("CI acc: {:.2f}, CI upper acc: {:.2f}, CI lower acc: {:.2f}".format(ic_acc, under_ci_upper,
+                                                                                          over_ci_lower))
+                print("Loss: {:.4f}".format(loss))
+    return regressor, evaluate_regression(regressor, X_test, y_test, samples=25, std_multiplier=3)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=100)
+    args = parser.parse_args()
+    main(epochs=args.epochs)
