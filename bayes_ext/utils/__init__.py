@@ -1,4 +1,5 @@
 """Helpers for models built from Bayesian layers (mirrors blitz.utils)."""
+from .blitz_checkpoint import load_blitz_state_dict
 from .variational_estimator import variational_estimator
 
-__all__ = ["variational_estimator"]
+__all__ = ["load_blitz_state_dict", "variational_estimator"]
