@@ -80,6 +80,14 @@ def _make_sample_weight_backward(namespace):
     return backward
 
 
+def _philox_normal_setup_context(ctx, inputs, output):
+    pass
+
+
+def _philox_normal_backward(ctx, grad):
+    return None, None, None  # eps depends on (seed, offset) only, not on the values of `like`
+
+
 def _register(namespace_name: str) -> None:
     namespace = getattr(torch.ops, namespace_name)
     torch.library.register_fake(f"{namespace_name}::sample_weight")(_fake_sample_weight)
@@ -87,6 +95,8 @@ def _register(namespace_name: str) -> None:
     torch.library.register_fake(f"{namespace_name}::philox_normal")(_fake_philox_normal)
     torch.library.register_autograd(f"{namespace_name}::sample_weight", _make_sample_weight_backward(namespace),
                                     setup_context=_sample_weight_setup_context)
+    torch.library.register_autograd(f"{namespace_name}::philox_normal", _philox_normal_backward,
+                                    setup_context=_philox_normal_setup_context)
 
 
 _register("bayes_ext_py")

@@ -47,10 +47,18 @@ def mean_weight_kl_terms(mu: Tensor, rho: Tensor, prior: ScaleMixture) -> Tuple[
     return log_q, log_prior_sum(mu, prior)
 
 
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype active for x's device type, or None."""
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def check_input(x: Tensor, weight: Tensor, feature_dim: int, name: str = "input") -> None:
     """Clear errors for a layer input: type, dtype, device, feature size."""
     _checks.check_tensor(x, name)
-    if not (x.is_floating_point() and x.dtype == weight.dtype) and not torch.is_autocast_enabled():
+    if not x.is_floating_point() or (x.dtype != weight.dtype and autocast_dtype(x) is None):
         raise TypeError(f"{name} must have the dtype of the layer's parameters ({weight.dtype}), got {x.dtype}")
     if x.device != weight.device:
         raise ValueError(f"{name} must be on the device of the layer's parameters ({weight.device}), got {x.device}")
@@ -60,16 +68,19 @@ def check_input(x: Tensor, weight: Tensor, feature_dim: int, name: str = "input"
 
 # ---- fused reparameterised linear layer ---------------------------------------------------------
 
+# Mixed precision: x may be in a lower precision than the fp32 parameters (autocast). The weight
+# is sampled in the parameters' dtype, cast to x's for the matmul, and the KL stays in fp32.
 @torch.library.custom_op("bayes_ext::linear_reparam", mutates_args=())
 def _linear_reparam(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                     bias_rho: Optional[Tensor], seed: Tensor, prior_pi: float, prior_sigma1: float,
                     prior_sigma2: float) -> Tuple[Tensor, Tensor, Tensor]:
     ops = _backend.ops()
-    w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, prior_pi, prior_sigma1, prior_sigma2)
-    if bias_mu is None:
-        return F.linear(x, w), log_q, log_p
-    b, log_q_b, log_p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, prior_pi, prior_sigma1, prior_sigma2)
-    return F.linear(x, w, b), log_q + log_q_b, log_p + log_p_b
+    with torch.autocast(x.device.type, enabled=False):
+        w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, prior_pi, prior_sigma1, prior_sigma2)
+        if bias_mu is None:
+            return F.linear(x, w.to(x.dtype)), log_q, log_p
+        b, log_q_b, log_p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, prior_pi, prior_sigma1, prior_sigma2)
+        return F.linear(x, w.to(x.dtype), b.to(x.dtype)), log_q + log_q_b, log_p + log_p_b
 
 
 @_linear_reparam.register_fake
@@ -93,16 +104,18 @@ def _linear_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
     grad_log_q = zero if grad_log_q is None else grad_log_q
     grad_log_p = zero if grad_log_p is None else grad_log_p
     out_features, in_features = weight_mu.shape
-    grad_out_2d = grad_out.reshape(-1, out_features)
-    grad_w = grad_out_2d.t().mm(x.reshape(-1, in_features))
-    need_x = ctx.needs_input_grad[0]
-    grad_mu, grad_rho, w = ops.sample_weight_backward(grad_w, grad_log_q, grad_log_p, weight_mu, weight_rho, seed, 0,
-                                                      *prior, need_x)
-    grad_x = grad_out.matmul(w) if need_x else None
-    grad_bias_mu = grad_bias_rho = None
-    if bias_mu is not None:
-        grad_bias_mu, grad_bias_rho, _ = ops.sample_weight_backward(grad_out_2d.sum(0), grad_log_q, grad_log_p,
-                                                                    bias_mu, bias_rho, seed, 1, *prior, False)
+    with torch.autocast(x.device.type, enabled=False):
+        grad_out_2d = grad_out.reshape(-1, out_features).to(x.dtype)
+        grad_w = grad_out_2d.t().mm(x.reshape(-1, in_features)).to(weight_mu.dtype)
+        need_x = ctx.needs_input_grad[0]
+        grad_mu, grad_rho, w = ops.sample_weight_backward(grad_w, grad_log_q, grad_log_p, weight_mu, weight_rho,
+                                                          seed, 0, *prior, need_x)
+        grad_x = grad_out.to(x.dtype).matmul(w.to(x.dtype)) if need_x else None
+        grad_bias_mu = grad_bias_rho = None
+        if bias_mu is not None:
+            grad_b = grad_out_2d.sum(0, dtype=bias_mu.dtype)
+            grad_bias_mu, grad_bias_rho, _ = ops.sample_weight_backward(grad_b, grad_log_q, grad_log_p, bias_mu,
+                                                                        bias_rho, seed, 1, *prior, False)
     return grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho, None, None, None, None
 
 
@@ -127,6 +140,9 @@ def bayesian_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
         if bias_mu.shape != (weight_mu.shape[0],):
             raise ValueError(f"bias_mu must have shape ({weight_mu.shape[0]},), got {tuple(bias_mu.shape)}")
     check_input(x, weight_mu, weight_mu.shape[1])
+    low_precision = autocast_dtype(x)
+    if low_precision is not None:
+        x = x.to(low_precision)
     seed = draw_seed() if seed is None else seed
     _checks.check_seed(seed, weight_mu)
     pi, sigma1, sigma2 = (float(v) for v in prior)
