@@ -81,11 +81,11 @@ def _make_sample_weight_backward(namespace):
 
 
 def _philox_normal_setup_context(ctx, inputs, output):
-    pass
+    ctx.mark_non_differentiable(output)  # eps depends on (seed, offset) only, not on `like`'s values
 
 
 def _philox_normal_backward(ctx, grad):
-    return None, None, None  # eps depends on (seed, offset) only, not on the values of `like`
+    return None, None, None
 
 
 def _register(namespace_name: str) -> None:
