@@ -474,3 +474,21 @@ def test_autocast_cpu_low_precision_input(backend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(x)
     assert y.shape == (3, 4)
+
+
+def test_deepcopy_and_pickle_after_forward(backend):
+    import copy
+    import io
+    layer = make_layer()
+    layer(torch.randn(2, 6)).sum().backward()
+    clone = copy.deepcopy(layer)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    for other in (clone, torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+        assert torch.equal(other.weight_mu, layer.weight_mu) and other.weight_mu is not layer.weight_mu
+        assert other.log_prior == 0 and other.log_variational_posterior == 0
+        other.freeze = True
+        x = torch.randn(2, 6)
+        layer.freeze = True
+        torch.testing.assert_close(other(x), layer(x))
+        layer.freeze = False

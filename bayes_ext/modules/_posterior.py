@@ -87,6 +87,14 @@ class GaussianPosteriorMixin:
         self._kl_terms = (self._kl_terms[0], value)
         self._kl_at_mean = False
 
+    def __getstate__(self):
+        # The KL terms of the last forward are non-leaf tensors, which deepcopy and pickle refuse
+        # (BLiTZ layers cannot be deep-copied after a forward); a copy starts as before a forward.
+        state = self.__dict__.copy()
+        state["_kl_terms"] = (0, 0)
+        state["_kl_at_mean"] = False
+        return state
+
     def kl_divergence(self):
         """log q(w) - log p(w) of the last forward (a one-sample Monte Carlo KL estimate)."""
         return self.log_variational_posterior - self.log_prior

@@ -1,0 +1,122 @@
+"""Independent reference implementations used by the tests.
+
+Nothing here calls bayes_ext: the Philox rounds are re-implemented with numpy uint64 arithmetic,
+the Box-Muller mapping follows docs/design.md literally, and the posterior / prior terms use
+torch.distributions so that autograd supplies the reference gradients.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MASK32 = np.uint64(0xFFFFFFFF)
+PHILOX_M0 = np.uint64(0xD2511F53)
+PHILOX_M1 = np.uint64(0xCD9E8D57)
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+
+# Random123 known-answer vectors for Philox4x32-10: (counter, key, expected output).
+PHILOX_KAT = [
+    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
+     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
+     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def as_int64(value: int) -> int:
+    """An unsigned 64-bit value as the int64 with the same bits (values >= 2^63 become negative)."""
+    value &= 0xFFFFFFFFFFFFFFFF
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def seed_tensor(value: int, device="cpu") -> torch.Tensor:
+    return torch.tensor([as_int64(value)], dtype=torch.int64, device=device)
+
+
+def np_philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """Philox4x32-10 on numpy uint64 arrays holding 32-bit words (independent of bayes_ext)."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & MASK32 for c in (c0, c1, c2, c3))
+    for _ in range(10):
+        p0 = PHILOX_M0 * c0
+        p1 = PHILOX_M1 * c2
+        hi0, lo0 = p0 >> np.uint64(32), p0 & MASK32
+        hi1, lo1 = p1 >> np.uint64(32), p1 & MASK32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ np.uint64(k0), lo1, hi0 ^ c3 ^ np.uint64(k1), lo0
+        k0 = (k0 + PHILOX_W0) & 0xFFFFFFFF
+        k1 = (k1 + PHILOX_W1) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def np_stream_words(seed: int, offset: int, first_block: int, num_blocks: int):
+    """Philox words of blocks [first_block, first_block + num_blocks) as laid out in docs/design.md."""
+    seed &= 0xFFFFFFFFFFFFFFFF
+    offset &= 0xFFFFFFFFFFFFFFFF
+    blocks = [(first_block + j) & 0xFFFFFFFFFFFFFFFF for j in range(num_blocks)]
+    c0 = np.array([b & 0xFFFFFFFF for b in blocks], dtype=np.uint64)
+    c1 = np.array([b >> 32 for b in blocks], dtype=np.uint64)
+    c2 = np.full(num_blocks, offset & 0xFFFFFFFF, dtype=np.uint64)
+    c3 = np.full(num_blocks, offset >> 32, dtype=np.uint64)
+    return np_philox4x32_10(c0, c1, c2, c3, seed & 0xFFFFFFFF, seed >> 32)
+
+
+def np_design_normals(numel: int, seed: int, offset: int, start: int = 0) -> np.ndarray:
+    """The normals of elements [start, start + numel) of stream (seed, offset), in float64, from the
+    formulas of docs/design.md (radius / angle uniforms and Box-Muller)."""
+    first_block = start // 4
+    last_block = (start + numel - 1) // 4
+    x0, x1, x2, x3 = np_stream_words(seed, offset, first_block, last_block - first_block + 1)
+
+    def radius(x):
+        u = (2.0 * (x >> np.uint64(9)).astype(np.float64) + 1.0) * 2.0 ** -24
+        return np.sqrt(-2.0 * np.log(u))
+
+    def angle(x):
+        return (x >> np.uint64(8)).astype(np.float64) * 2.0 ** -24 * 2.0 * math.pi
+
+    r01, r23, a01, a23 = radius(x0), radius(x2), angle(x1), angle(x3)
+    eps = np.stack([r01 * np.cos(a01), r01 * np.sin(a01), r23 * np.cos(a23), r23 * np.sin(a23)], axis=-1).reshape(-1)
+    skip = start - 4 * first_block
+    return eps[skip:skip + numel]
+
+
+# ---- posterior / prior reference --------------------------------------------------------------
+
+def ref_log_prior_terms(w: torch.Tensor, pi: float, s1: float, s2: float) -> torch.Tensor:
+    """Elementwise log(pi N(w; 0, s1) + (1 - pi) N(w; 0, s2)) via torch.distributions and logsumexp."""
+    n1 = torch.distributions.Normal(torch.zeros((), dtype=w.dtype, device=w.device), s1).log_prob(w)
+    n2 = torch.distributions.Normal(torch.zeros((), dtype=w.dtype, device=w.device), s2).log_prob(w)
+    if pi >= 1.0:
+        return n1
+    if pi <= 0.0:
+        return n2
+    return torch.logsumexp(torch.stack([n1 + math.log(pi), n2 + math.log(1.0 - pi)]), dim=0)
+
+
+def ref_sample(mu: torch.Tensor, rho: torch.Tensor, eps: torch.Tensor, prior):
+    """(w, log_q, log_p) from torch ops on a given eps; differentiable w.r.t. mu and rho."""
+    pi, s1, s2 = prior
+    sigma = F.softplus(rho)
+    w = mu + sigma * eps
+    log_q = torch.distributions.Normal(mu, sigma).log_prob(w).sum()
+    log_p = ref_log_prior_terms(w, pi, s1, s2).sum()
+    return w, log_q, log_p
+
+
+def ref_grads(mu, rho, eps, prior, grad_w, a, b):
+    """d/d(mu, rho) of (w * grad_w).sum() + a * log_q + b * log_p, eps held fixed, by autograd."""
+    mu = mu.detach().clone().requires_grad_(True)
+    rho = rho.detach().clone().requires_grad_(True)
+    w, log_q, log_p = ref_sample(mu, rho, eps.detach(), prior)
+    loss = a * log_q + b * log_p
+    if grad_w is not None:
+        loss = loss + (w * grad_w).sum()
+    g_mu, g_rho = torch.autograd.grad(loss, (mu, rho))
+    return g_mu, g_rho
+
+
+def to64(*tensors):
+    return tuple(t.detach().to(torch.float64) for t in tensors)

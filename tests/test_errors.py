@@ -1,0 +1,234 @@
+"""Bad arguments raise ValueError / TypeError whose message names the argument, on both backends."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import bayes_ext
+from bayes_ext import functional as BF
+from bayes_ext.modules import BayesianLinear, PriorWeightDistribution
+from bayes_ext.utils import variational_estimator
+from helpers import seed_tensor
+
+PRIOR = (0.5, 0.1, 0.4)
+
+
+def _mu_rho(shape=(3, 4), dtype=torch.float32):
+    return torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype) - 3
+
+
+# ---- the ops ------------------------------------------------------------------------------------------
+
+def test_rho_shape_mismatch(ops):
+    mu, _ = _mu_rho()
+    with pytest.raises(ValueError, match="rho.*shape"):
+        ops.sample_weight(mu, torch.zeros(4, 3), seed_tensor(1), 0, *PRIOR)
+    with pytest.raises(ValueError, match="rho.*shape"):
+        ops.sample_weight(mu, torch.zeros(12), seed_tensor(1), 0, *PRIOR)
+
+
+def test_dtype_mismatch(ops):
+    mu, rho = _mu_rho()
+    with pytest.raises(TypeError, match="rho.*dtype"):
+        ops.sample_weight(mu, rho.double(), seed_tensor(1), 0, *PRIOR)
+    with pytest.raises(TypeError, match="rho.*dtype"):
+        ops.sample_weight(mu.double(), rho, seed_tensor(1), 0, *PRIOR)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64, torch.float16,
+                                   torch.bfloat16])
+def test_unsupported_parameter_dtypes(ops, dtype):
+    mu = torch.zeros(3, 4, dtype=dtype)
+    with pytest.raises(TypeError, match="mu"):
+        ops.sample_weight(mu, mu.clone(), seed_tensor(1), 0, *PRIOR)
+    with pytest.raises(TypeError, match="like"):
+        ops.philox_normal(mu, seed_tensor(1), 0)
+
+
+@pytest.mark.parametrize("seed,exc", [
+    (torch.tensor([1.0]), TypeError),
+    (torch.tensor([1], dtype=torch.int32), TypeError),
+    (torch.tensor([1, 2]), ValueError),
+    (torch.tensor([], dtype=torch.int64), ValueError),
+], ids=["float", "int32", "two-values", "empty"])
+def test_bad_seed(ops, seed, exc):
+    mu, rho = _mu_rho()
+    with pytest.raises(exc, match="seed"):
+        ops.sample_weight(mu, rho, seed, 0, *PRIOR)
+    with pytest.raises(exc, match="seed"):
+        ops.philox_normal(mu, seed, 0)
+    one = torch.ones(())
+    with pytest.raises(exc, match="seed"):
+        ops.sample_weight_backward(None, one, one, mu, rho, seed, 0, *PRIOR, False)
+
+
+@pytest.mark.parametrize("offset", [-1, -2 ** 63])
+def test_negative_offset(ops, offset):
+    mu, rho = _mu_rho()
+    with pytest.raises(ValueError, match="offset"):
+        ops.sample_weight(mu, rho, seed_tensor(1), offset, *PRIOR)
+    with pytest.raises(ValueError, match="offset"):
+        ops.philox_normal(mu, seed_tensor(1), offset)
+    one = torch.ones(())
+    with pytest.raises(ValueError, match="offset"):
+        ops.sample_weight_backward(None, one, one, mu, rho, seed_tensor(1), offset, *PRIOR, False)
+
+
+@pytest.mark.parametrize("prior,name", [
+    ((-0.1, 0.1, 0.4), "prior_pi"),
+    ((1.5, 0.1, 0.4), "prior_pi"),
+    ((math.nan, 0.1, 0.4), "prior_pi"),
+    ((0.5, 0.0, 0.4), "prior_sigma1"),
+    ((0.5, -1.0, 0.4), "prior_sigma1"),
+    ((0.5, math.inf, 0.4), "prior_sigma1"),
+    ((0.5, math.nan, 0.4), "prior_sigma1"),
+    ((0.5, 0.1, 0.0), "prior_sigma2"),
+    ((0.5, 0.1, -2.0), "prior_sigma2"),
+])
+def test_bad_prior(ops, prior, name):
+    mu, rho = _mu_rho()
+    with pytest.raises(ValueError, match=name):
+        ops.sample_weight(mu, rho, seed_tensor(1), 0, *prior)
+    one = torch.ones(())
+    with pytest.raises(ValueError, match=name):
+        ops.sample_weight_backward(None, one, one, mu, rho, seed_tensor(1), 0, *prior, False)
+
+
+def test_bad_backward_gradients(ops):
+    mu, rho = _mu_rho()
+    one = torch.ones(())
+    seed = seed_tensor(1)
+    with pytest.raises(ValueError, match="grad_w.*shape"):
+        ops.sample_weight_backward(torch.ones(4, 3), one, one, mu, rho, seed, 0, *PRIOR, False)
+    with pytest.raises(TypeError, match="grad_w.*dtype"):
+        ops.sample_weight_backward(torch.ones(3, 4, dtype=torch.float64), one, one, mu, rho, seed, 0, *PRIOR, False)
+    with pytest.raises(ValueError, match="grad_log_q"):
+        ops.sample_weight_backward(None, torch.ones(2), one, mu, rho, seed, 0, *PRIOR, False)
+    with pytest.raises(ValueError, match="grad_log_p"):
+        ops.sample_weight_backward(None, one, torch.ones(3), mu, rho, seed, 0, *PRIOR, False)
+
+
+def test_compiled_only_ops_errors(compiled):
+    with pytest.raises(TypeError, match="seed"):
+        compiled.philox4x32(torch.tensor([1.0]), 0, 0, 1)
+    with pytest.raises(ValueError, match="num_blocks"):
+        compiled.philox4x32(seed_tensor(1), 0, 0, -1)
+
+
+def test_set_backend_rejects_unknown_name():
+    with pytest.raises(ValueError, match="backend"):
+        bayes_ext.set_backend("fortran")
+    with pytest.raises(ValueError, match="backend"):
+        with bayes_ext.use_backend("cuda"):
+            pass
+    assert bayes_ext.get_backend() in ("compiled", "python")
+
+
+# ---- functional ---------------------------------------------------------------------------------------
+
+def test_functional_bayesian_linear_errors(backend):
+    mu, rho = _mu_rho((5, 4))
+    b_mu, b_rho = torch.zeros(5), torch.zeros(5)
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="weight_mu"):
+        BF.bayesian_linear(x, mu.reshape(-1), rho.reshape(-1))
+    with pytest.raises(ValueError, match="bias_mu and bias_rho"):
+        BF.bayesian_linear(x, mu, rho, b_mu, None)
+    with pytest.raises(ValueError, match="bias_mu"):
+        BF.bayesian_linear(x, mu, rho, torch.zeros(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="rho.*shape"):
+        BF.bayesian_linear(x, mu, rho, b_mu, torch.zeros(3))
+    with pytest.raises(ValueError, match="input"):
+        BF.bayesian_linear(torch.randn(2, 5), mu, rho, b_mu, b_rho)
+    with pytest.raises(TypeError, match="input"):
+        BF.bayesian_linear(x.double(), mu, rho, b_mu, b_rho)
+    with pytest.raises(TypeError, match="seed"):
+        BF.bayesian_linear(x, mu, rho, b_mu, b_rho, seed=torch.tensor([1.5]))
+    with pytest.raises(ValueError, match="seed"):
+        BF.bayesian_linear(x, mu, rho, b_mu, b_rho, seed=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="prior_pi"):
+        BF.bayesian_linear(x, mu, rho, b_mu, b_rho, prior=(2.0, 0.1, 0.4))
+    with pytest.raises(ValueError, match="prior_sigma2"):
+        BF.bayesian_linear(x, mu, rho, b_mu, b_rho, prior=(0.5, 0.1, 0.0))
+
+
+# ---- the layer ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,name", [((0, 3), "in_features"), ((3, 0), "out_features"), ((-2, 3), "in_features")])
+def test_constructor_bad_sizes(args, name):
+    with pytest.raises(ValueError, match=name):
+        BayesianLinear(*args)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(prior_sigma_1=0.0), "prior_sigma_1"),
+    (dict(prior_sigma_1=-0.1), "prior_sigma_1"),
+    (dict(prior_sigma_2=0.0), "prior_sigma_2"),
+    (dict(prior_pi=1.5), "prior_pi"),
+    (dict(prior_pi=-0.5), "prior_pi"),
+])
+def test_constructor_bad_prior(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        BayesianLinear(3, 2, **kwargs)
+
+
+def test_constructor_bad_prior_dist():
+    with pytest.raises(TypeError, match="prior_dist"):
+        BayesianLinear(3, 2, prior_dist="normal")
+    with pytest.raises(TypeError, match="dist"):
+        PriorWeightDistribution(dist=3.0)
+
+
+@pytest.mark.parametrize("mode", ["sampled", "frozen", "prior_dist"])
+def test_layer_input_errors(backend, mode):
+    layer = BayesianLinear(4, 3, prior_dist=torch.distributions.Normal(0, 1) if mode == "prior_dist" else None)
+    layer.freeze = mode == "frozen"
+    with pytest.raises(ValueError, match="input.*4 features"):
+        layer(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="input"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="input.*dtype"):
+        layer(torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="input"):
+        layer(torch.ones(2, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="input"):
+        layer([[1.0, 2.0, 3.0, 4.0]])
+    # and the layer still works afterwards
+    assert layer(torch.randn(2, 4)).shape == (2, 3)
+
+
+def test_float32_input_into_float64_layer(backend):
+    layer = BayesianLinear(4, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="input.*dtype"):
+        layer(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("mode", ["sampled", "frozen", "prior_dist"])
+def test_zero_size_batch(backend, mode):
+    layer = BayesianLinear(4, 3, prior_dist=torch.distributions.Normal(0, 1) if mode == "prior_dist" else None)
+    layer.freeze = mode == "frozen"
+    y = layer(torch.randn(0, 4))
+    assert y.shape == (0, 3)
+    assert layer(torch.randn(2, 0, 4)).shape == (2, 0, 3)
+
+
+def test_estimator_argument_errors(backend):
+    @variational_estimator
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = BayesianLinear(2, 1)
+
+        def forward(self, x):
+            return self.l(x)
+
+    net = Net()
+    x, y = torch.randn(3, 2), torch.randn(3, 1)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="sample_nbr"):
+            net.sample_elbo(x, y, nn.MSELoss(), sample_nbr=bad)
+    with pytest.raises(ValueError, match="sample_nbr"):
+        net.mfvi_forward(x, sample_nbr=0)
+    with pytest.raises(ValueError, match="delta"):
+        net.MOPED_(delta=0.0)
