@@ -11,6 +11,9 @@
 #pragma once
 
 #include <cstdint>
+#if defined(BAYES_EXT_CPU_AVX512) || defined(BAYES_EXT_CPU_AVX2)
+#include <immintrin.h>
+#endif
 
 #include "bayes_ext/posterior_math.h"
 #include "range_kernels_api.h"
@@ -21,12 +24,80 @@ namespace cpu_kernel {
 constexpr int64_t kTile = 64;
 constexpr int64_t kBlocksPerTile = kTile / 4;
 
-// eps for elements [base, base + 64) of stream (seed, offset); base is a multiple of 4. Ranges
-// may start anywhere (embedding rows): the loops below align each tile down to its Philox block.
-template <typename T>
-static inline void tile_normals(uint64_t seed, uint64_t offset, int64_t base, T* eps) {
-  uint32_t x0[kBlocksPerTile], x1[kBlocksPerTile], x2[kBlocksPerTile], x3[kBlocksPerTile];
-  const uint64_t first_block = static_cast<uint64_t>(base) / 4;
+#if defined(BAYES_EXT_CPU_AVX512)
+using PhiloxVec = __m512i;
+constexpr int kPhiloxLanes = 16;
+static inline PhiloxVec vset1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+static inline PhiloxVec vload(const uint32_t* p) { return _mm512_load_si512(p); }
+static inline void vstore(uint32_t* p, PhiloxVec v) { _mm512_storeu_si512(p, v); }
+static inline PhiloxVec vxor(PhiloxVec a, PhiloxVec b) { return _mm512_xor_si512(a, b); }
+// 32x32->64-bit products of every lane: vpmuludq on the even lanes and on the odd lanes shifted
+// down, recombined with blends.
+static inline void vmulhilo(PhiloxVec a, PhiloxVec m, PhiloxVec* hi, PhiloxVec* lo) {
+  const PhiloxVec even = _mm512_mul_epu32(a, m);
+  const PhiloxVec odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+#elif defined(BAYES_EXT_CPU_AVX2)
+using PhiloxVec = __m256i;
+constexpr int kPhiloxLanes = 8;
+static inline PhiloxVec vset1(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
+static inline PhiloxVec vload(const uint32_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+static inline void vstore(uint32_t* p, PhiloxVec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+static inline PhiloxVec vxor(PhiloxVec a, PhiloxVec b) { return _mm256_xor_si256(a, b); }
+static inline void vmulhilo(PhiloxVec a, PhiloxVec m, PhiloxVec* hi, PhiloxVec* lo) {
+  const PhiloxVec even = _mm256_mul_epu32(a, m);
+  const PhiloxVec odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+#endif
+
+// Philox words of blocks [first_block, first_block + 16), one lane per block: with AVX2 / AVX-512
+// in 32-bit lanes (compilers widen the scalar code to 64-bit lanes, twice the work), otherwise the
+// scalar header function.
+static inline void philox_tile(uint64_t seed, uint64_t offset, uint64_t first_block, uint32_t* x0, uint32_t* x1,
+                               uint32_t* x2, uint32_t* x3) {
+#if defined(BAYES_EXT_CPU_AVX512) || defined(BAYES_EXT_CPU_AVX2)
+  alignas(64) uint32_t lo_words[kBlocksPerTile], hi_words[kBlocksPerTile];
+  for (int64_t j = 0; j < kBlocksPerTile; ++j) {
+    const uint64_t block = first_block + static_cast<uint64_t>(j);
+    lo_words[j] = static_cast<uint32_t>(block);
+    hi_words[j] = static_cast<uint32_t>(block >> 32);
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  constexpr int kVecs = kBlocksPerTile / kPhiloxLanes;
+  constexpr int kLanes = kPhiloxLanes;
+  PhiloxVec c0[kVecs], c1[kVecs], c2[kVecs], c3[kVecs];
+  for (int v = 0; v < kVecs; ++v) {
+    c0[v] = vload(lo_words + v * kLanes);
+    c1[v] = vload(hi_words + v * kLanes);
+    c2[v] = vset1(static_cast<uint32_t>(offset));
+    c3[v] = vset1(static_cast<uint32_t>(offset >> 32));
+  }
+  const PhiloxVec m0 = vset1(kPhiloxM0), m1 = vset1(kPhiloxM1);
+  for (int round = 0; round < 10; ++round) {
+    const PhiloxVec key0 = vset1(k0), key1 = vset1(k1);
+    for (int v = 0; v < kVecs; ++v) {
+      PhiloxVec hi0, lo0, hi1, lo1;
+      vmulhilo(c0[v], m0, &hi0, &lo0);
+      vmulhilo(c2[v], m1, &hi1, &lo1);
+      c0[v] = vxor(vxor(hi1, c1[v]), key0);
+      c1[v] = lo1;
+      c2[v] = vxor(vxor(hi0, c3[v]), key1);
+      c3[v] = lo0;
+    }
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  for (int v = 0; v < kVecs; ++v) {
+    vstore(x0 + v * kLanes, c0[v]);
+    vstore(x1 + v * kLanes, c1[v]);
+    vstore(x2 + v * kLanes, c2[v]);
+    vstore(x3 + v * kLanes, c3[v]);
+  }
+#else
   for (int64_t j = 0; j < kBlocksPerTile; ++j) {
     const PhiloxOut x = philox_block(seed, offset, first_block + static_cast<uint64_t>(j));
     x0[j] = x.x[0];
@@ -34,6 +105,15 @@ static inline void tile_normals(uint64_t seed, uint64_t offset, int64_t base, T*
     x2[j] = x.x[2];
     x3[j] = x.x[3];
   }
+#endif
+}
+
+// eps for elements [base, base + 64) of stream (seed, offset); base is a multiple of 4. Ranges
+// may start anywhere (embedding rows): the loops below align each tile down to its Philox block.
+template <typename T>
+static inline void tile_normals(uint64_t seed, uint64_t offset, int64_t base, T* eps) {
+  alignas(64) uint32_t x0[kBlocksPerTile], x1[kBlocksPerTile], x2[kBlocksPerTile], x3[kBlocksPerTile];
+  philox_tile(seed, offset, static_cast<uint64_t>(base) / 4, x0, x1, x2, x3);
   T e0[kBlocksPerTile], e1[kBlocksPerTile], e2[kBlocksPerTile], e3[kBlocksPerTile];
   for (int64_t j = 0; j < kBlocksPerTile; ++j) {
     const T r01 = bx_sqrt(T(-2) * bx_log(radius_uniform<T>(x0[j])));

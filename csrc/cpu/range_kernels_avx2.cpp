@@ -2,6 +2,8 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx2,fma")
 #define BAYES_EXT_ISA_AVAILABLE 1
+// GCC does not define __AVX2__ / __AVX512F__ for a target pragma; this tells range_kernels.h.
+#define BAYES_EXT_CPU_AVX2 1
 #endif
 #include "range_kernels.h"
 
