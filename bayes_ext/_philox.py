@@ -1,8 +1,11 @@
 """Philox4x32-10 and the Box-Muller mapping in integer torch ops.
 
 The same stream as csrc/include/bayes_ext/philox.h (layout in docs/design.md), so the pure-PyTorch
-backend draws the same noise as the compiled kernels. 32-bit words live in int64 tensors; the
-32x32->64-bit products are split into 16-bit halves so no intermediate exceeds 2^49.
+backend draws the same noise as the compiled kernels. 32-bit words live in int64 tensors. A 32x32-bit
+product can exceed 2^63: int64 multiplication wraps modulo 2^64 in torch's kernels, which keeps all
+64 bits of the product (the known-answer tests in tests/test_philox.py check this on every backend).
+Large requests are generated in cache-sized chunks with in-place ops: eager torch ops are memory
+bound, and ~130 passes over an L2-resident chunk cost far less than over a 100 MB tensor.
 """
 import math
 
@@ -23,10 +26,9 @@ def as_uint64(value: int) -> int:
 
 def _mulhilo(a: torch.Tensor, m: int):
     """(hi, lo) 32-bit halves of a * m for 32-bit words a (int64 tensor) and constant m."""
-    p_lo = (a & 0xFFFF) * m  # < 2^48
-    p_hi = (a >> 16) * m  # < 2^48
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & MASK32
-    hi = (p_hi + (p_lo >> 16)) >> 16
+    p = a * m  # wraps modulo 2^64: still the exact 64-bit product's bits
+    lo = p & MASK32
+    hi = p.bitwise_right_shift_(32).bitwise_and_(MASK32)  # & undoes the arithmetic shift's sign fill
     return hi, lo
 
 
@@ -35,7 +37,7 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
     for _ in range(10):
         hi0, lo0 = _mulhilo(c0, M0)
         hi1, lo1 = _mulhilo(c2, M1)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        c0, c1, c2, c3 = hi1.bitwise_xor_(c1).bitwise_xor_(k0), lo1, hi0.bitwise_xor_(c3).bitwise_xor_(k1), lo0
         k0 = (k0 + W0) & MASK32
         k1 = (k1 + W1) & MASK32
     return c0, c1, c2, c3
@@ -65,12 +67,22 @@ def normal_from_words(x0, x1, x2, x3, dtype: torch.dtype) -> torch.Tensor:
     return eps.reshape(-1).to(dtype)
 
 
+CHUNK_BLOCKS = 1 << 16  # Philox blocks per chunk: the int64 word arrays (512 KB each) stay in cache
+
+
 def normal(numel: int, seed: int, offset: int, dtype=torch.float32, device=None, start: int = 0) -> torch.Tensor:
     """Standard normals for elements [start, start + numel) of stream (seed, offset), flattened."""
+    out = torch.empty(numel, dtype=dtype, device=device)
     if numel == 0:
-        return torch.empty(0, dtype=dtype, device=device)
+        return out
     first_block = start // 4
-    last_block = (start + numel - 1) // 4
-    words = philox_blocks(seed, offset, first_block, last_block - first_block + 1, device=device)
     skip = start - 4 * first_block
-    return normal_from_words(*words, dtype=dtype)[skip:skip + numel]
+    num_blocks = (skip + numel + 3) // 4
+    chunk = CHUNK_BLOCKS if out.device.type == "cpu" else num_blocks  # GPUs prefer one big launch
+    for begin in range(0, num_blocks, chunk):
+        blocks = min(chunk, num_blocks - begin)
+        eps = normal_from_words(*philox_blocks(seed, offset, first_block + begin, blocks, device=out.device),
+                                dtype=dtype)
+        lo = 4 * begin - skip  # position of this chunk's first element in `out`
+        out[max(lo, 0):lo + eps.numel()] = eps[max(-lo, 0):numel - lo]
+    return out

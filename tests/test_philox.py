@@ -239,3 +239,14 @@ def test_compiled_block_slice_equals_full(compiled):
         part = compiled.philox4x32(seed, 3, first, 40 - first)
         assert torch.equal(part, full[first:])
     assert compiled.philox4x32(seed, 3, 5, 0).shape == (0, 4)
+
+
+@pytest.mark.parametrize("start", [0, 3, 4, 17])
+def test_fallback_chunking_does_not_change_the_stream(monkeypatch, start):
+    """The pure-PyTorch generator works in chunks of CHUNK_BLOCKS blocks; the stream must not see them."""
+    numel = 4 * 37 + 3
+    whole = _philox.normal(numel, 77, 5, dtype=torch.float64, start=start)
+    monkeypatch.setattr(_philox, "CHUNK_BLOCKS", 4)
+    chunked = _philox.normal(numel, 77, 5, dtype=torch.float64, start=start)
+    assert torch.equal(whole, chunked)
+    assert torch.equal(chunked[5:9], _philox.normal(4, 77, 5, dtype=torch.float64, start=start + 5))
