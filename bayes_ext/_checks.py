@@ -51,6 +51,14 @@ def check_offset(offset) -> None:
         raise ValueError(f"offset must be in [0, 2**63), got {offset}")
 
 
+def check_start(start, numel: int) -> None:
+    """start: the stream index of a tensor's first element (a block of rows of a larger weight)."""
+    if not isinstance(start, int) or isinstance(start, bool):
+        raise TypeError(f"start must be an int, got {type(start).__name__}")
+    if start < 0 or start > 2 ** 62 - numel:
+        raise ValueError(f"start must be in [0, 2**62 - numel], got {start}")
+
+
 def check_prior(pi: float, sigma1: float, sigma2: float) -> None:
     for name, value in (("prior_pi", pi), ("prior_sigma1", sigma1), ("prior_sigma2", sigma2)):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -83,8 +91,9 @@ def check_grad_w(grad_w, mu) -> None:
         raise ValueError(f"grad_w must be on the device of mu ({mu.device}), got {grad_w.device}")
 
 
-def check_sample_args(mu, rho, seed, offset, pi, sigma1, sigma2) -> None:
+def check_sample_args(mu, rho, seed, offset, pi, sigma1, sigma2, start=0) -> None:
     check_posterior_params(mu, rho)
     check_seed(seed, mu)
     check_offset(offset)
+    check_start(start, mu.numel())
     check_prior(pi, sigma1, sigma2)

@@ -56,13 +56,15 @@ def softplus_terms(rho: torch.Tensor):
     return sigma, log_sigma, sig, dlog_sigma
 
 
-def eps_like(t: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
-    return _philox.normal(t.numel(), int(seed.item()), offset, dtype=t.dtype, device=t.device).reshape(t.shape)
+def eps_like(t: torch.Tensor, seed: torch.Tensor, offset: int, start: int = 0) -> torch.Tensor:
+    return _philox.normal(t.numel(), int(seed.item()), offset, dtype=t.dtype, device=t.device,
+                          start=start).reshape(t.shape)
 
 
 def sample_weight(mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offset: int, prior_pi: float,
-                  prior_sigma1: float, prior_sigma2: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    eps = eps_like(mu, seed, offset)
+                  prior_sigma1: float, prior_sigma2: float, start: int = 0
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    eps = eps_like(mu, seed, offset, start)
     sigma, log_sigma, _, _ = softplus_terms(rho)
     w = mu + sigma * eps
     acc = torch.float64  # sum in double like the kernels
@@ -73,8 +75,8 @@ def sample_weight(mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offse
 
 def sample_weight_backward(grad_w: Optional[torch.Tensor], grad_log_q: torch.Tensor, grad_log_p: torch.Tensor,
                            mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offset: int, prior_pi: float,
-                           prior_sigma1: float, prior_sigma2: float, return_weight: bool):
-    eps = eps_like(mu, seed, offset)
+                           prior_sigma1: float, prior_sigma2: float, return_weight: bool, start: int = 0):
+    eps = eps_like(mu, seed, offset, start)
     sigma, _, sig, dlog_sigma = softplus_terms(rho)
     w = mu + sigma * eps
     glq = grad_log_q.reshape(()).to(device=mu.device, dtype=mu.dtype)
@@ -87,5 +89,5 @@ def sample_weight_backward(grad_w: Optional[torch.Tensor], grad_log_q: torch.Ten
     return g.contiguous(), grad_rho.contiguous(), w_out
 
 
-def philox_normal(like: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
-    return eps_like(like, seed, offset).contiguous()
+def philox_normal(like: torch.Tensor, seed: torch.Tensor, offset: int, start: int = 0) -> torch.Tensor:
+    return eps_like(like, seed, offset, start).contiguous()

@@ -12,14 +12,15 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(bayes_ext, m) {
   // w = mu + softplus(rho) * eps with eps from Philox (seed, offset); also log q(w) and log p(w)
-  // under the scale-mixture prior. Returns (w, log_q, log_p).
+  // under the scale-mixture prior. Returns (w, log_q, log_p). Element i draws stream element
+  // start + i (start > 0 samples a block of rows of a larger weight with the noise it has there).
   m.def("sample_weight(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, "
-        "float prior_sigma1, float prior_sigma2) -> (Tensor, Tensor, Tensor)");
+        "float prior_sigma1, float prior_sigma2, int start=0) -> (Tensor, Tensor, Tensor)");
   // Gradients of sample_weight w.r.t. mu and rho, regenerating eps; optionally also w.
   // Returns (grad_mu, grad_rho, w) with w empty unless return_weight.
   m.def("sample_weight_backward(Tensor? grad_w, Tensor grad_log_q, Tensor grad_log_p, Tensor mu, "
         "Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, float prior_sigma2, "
-        "bool return_weight) -> (Tensor, Tensor, Tensor)");
+        "bool return_weight, int start=0) -> (Tensor, Tensor, Tensor)");
   // The standard normals of stream (seed, offset) in the shape, dtype and device of `like`.
-  m.def("philox_normal(Tensor like, Tensor seed, int offset) -> Tensor");
+  m.def("philox_normal(Tensor like, Tensor seed, int offset, int start=0) -> Tensor");
 }

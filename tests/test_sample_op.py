@@ -458,3 +458,35 @@ def test_cpu_isa_invalid_value_is_rejected(compiled, tmp_path):
     proc = _run_isa("sse9", tmp_path / "x.pt")
     assert proc.returncode != 0
     assert "BAYES_EXT_CPU_ISA" in proc.stderr
+
+
+# ---- start: sampling a block of rows with the noise it has in the whole weight --------------------
+
+@pytest.mark.parametrize("rows", [(0, 5), (3, 4), (5, 37), (10, 21)])
+def test_start_samples_rows_with_their_noise_in_the_whole_tensor(ops, rows):
+    r0, r1 = rows
+    cols, prior, seed = 11, (0.5, 0.1, 0.4), seed_tensor(99)
+    mu, rho = _params((37, cols), torch.float64, rho_shift=-1.0)
+    w, _, _ = ops.sample_weight(mu, rho, seed, 2, *prior)
+    block, log_q, log_p = ops.sample_weight(mu[r0:r1], rho[r0:r1], seed, 2, *prior, r0 * cols)
+    torch.testing.assert_close(block, w[r0:r1], rtol=0, atol=1e-12)
+    eps = ops.philox_normal(mu, seed, 2)[r0:r1]
+    assert torch.equal(ops.philox_normal(mu[r0:r1], seed, 2, r0 * cols), eps)
+    sigma = torch.nn.functional.softplus(rho[r0:r1])
+    torch.testing.assert_close(log_q, torch.distributions.Normal(mu[r0:r1], sigma).log_prob(block).sum())
+    grad_w = torch.randn(r1 - r0, cols, dtype=torch.float64)
+    full_grad_w = torch.zeros(37, cols, dtype=torch.float64)
+    full_grad_w[r0:r1] = grad_w
+    zero = torch.zeros((), dtype=torch.float64)
+    g_block = ops.sample_weight_backward(grad_w, zero, zero, mu[r0:r1], rho[r0:r1], seed, 2, *prior, True, r0 * cols)
+    g_full = ops.sample_weight_backward(full_grad_w, zero, zero, mu, rho, seed, 2, *prior, True)
+    for block_part, full_part in zip(g_block, g_full):
+        torch.testing.assert_close(block_part, full_part[r0:r1], rtol=0, atol=1e-12)
+
+
+def test_start_out_of_range_is_rejected(ops):
+    mu = torch.zeros(4)
+    with pytest.raises(ValueError, match="start"):
+        ops.sample_weight(mu, mu, seed_tensor(1), 0, 1.0, 0.1, 0.4, -1)
+    with pytest.raises(ValueError, match="start"):
+        ops.philox_normal(mu, seed_tensor(1), 0, 2 ** 62)

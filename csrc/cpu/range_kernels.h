@@ -108,8 +108,7 @@ static inline void philox_tile(uint64_t seed, uint64_t offset, uint64_t first_bl
 #endif
 }
 
-// eps for elements [base, base + 64) of stream (seed, offset); base is a multiple of 4. Ranges
-// may start anywhere (embedding rows): the loops below align each tile down to its Philox block.
+// eps for stream elements [base, base + 64) of stream (seed, offset); base is a multiple of 4.
 template <typename T>
 static inline void tile_normals(uint64_t seed, uint64_t offset, int64_t base, T* eps) {
   alignas(64) uint32_t x0[kBlocksPerTile], x1[kBlocksPerTile], x2[kBlocksPerTile], x3[kBlocksPerTile];
@@ -132,6 +131,20 @@ static inline void tile_normals(uint64_t seed, uint64_t offset, int64_t base, T*
     eps[4 * j + 2] = e2[j];
     eps[4 * j + 3] = e3[j];
   }
+}
+
+// Array element i uses stream element stream_start + i. A tile covers the 64 stream elements from
+// the Philox block holding element i's stream index: `aligned` is that tile's first stream index,
+// `skip` where element i sits in it, `stop` the array index after the tile (or `end`).
+struct TileSpan {
+  int64_t aligned, skip, stop;
+};
+
+static inline TileSpan tile_span(int64_t i, int64_t end, int64_t stream_start) {
+  const int64_t s = stream_start + i;
+  const int64_t aligned = s & ~int64_t(3);
+  const int64_t stop = i + (aligned + kTile - s);
+  return {aligned, s - aligned, stop < end ? stop : end};
 }
 
 // The elementwise loops are templated on everything that would otherwise be a loop-invariant
@@ -160,13 +173,11 @@ static inline void forward_range_loop(const ForwardRange<T>& a) {
     lq_acc[i] = T(0);
     lp_acc[i] = T(0);
   }
-  for (int64_t start = a.begin; start < a.end;) {
-    const int64_t aligned = start & ~int64_t(3);
-    tile_normals<T>(a.seed, a.offset, aligned, eps);
-    const int64_t stop = aligned + kTile < a.end ? aligned + kTile : a.end;
-    forward_tile<T, Mode>(stop - start, eps + (start - aligned), a.mu + start, a.rho + start, a.w + start, lq_acc,
-                          lp_acc, a.prior);
-    start = stop;
+  for (int64_t i = a.begin; i < a.end;) {
+    const TileSpan span = tile_span(i, a.end, a.stream_start);
+    tile_normals<T>(a.seed, a.offset, span.aligned, eps);
+    forward_tile<T, Mode>(span.stop - i, eps + span.skip, a.mu + i, a.rho + i, a.w + i, lq_acc, lp_acc, a.prior);
+    i = span.stop;
   }
   double lq = 0.0, lp = 0.0;
   for (int64_t i = 0; i < kTile; ++i) {
@@ -206,15 +217,13 @@ static inline __attribute__((always_inline)) void backward_tile(
 template <typename T, int Mode, bool HasGradW, bool WriteW>
 static inline void backward_range_loop(const BackwardRange<T>& a) {
   T eps[kTile];
-  for (int64_t start = a.begin; start < a.end;) {
-    const int64_t aligned = start & ~int64_t(3);
-    tile_normals<T>(a.seed, a.offset, aligned, eps);
-    const int64_t stop = aligned + kTile < a.end ? aligned + kTile : a.end;
-    backward_tile<T, Mode, HasGradW, WriteW>(stop - start, eps + (start - aligned), a.mu + start, a.rho + start,
-                                             HasGradW ? a.grad_w + start : nullptr, a.grad_mu + start,
-                                             a.grad_rho + start, WriteW ? a.w + start : nullptr, a.grad_log_q,
-                                             a.grad_log_p, a.prior);
-    start = stop;
+  for (int64_t i = a.begin; i < a.end;) {
+    const TileSpan span = tile_span(i, a.end, a.stream_start);
+    tile_normals<T>(a.seed, a.offset, span.aligned, eps);
+    backward_tile<T, Mode, HasGradW, WriteW>(span.stop - i, eps + span.skip, a.mu + i, a.rho + i,
+                                             HasGradW ? a.grad_w + i : nullptr, a.grad_mu + i, a.grad_rho + i,
+                                             WriteW ? a.w + i : nullptr, a.grad_log_q, a.grad_log_p, a.prior);
+    i = span.stop;
   }
 }
 
@@ -237,14 +246,14 @@ static inline void backward_range_impl(const BackwardRange<T>& a) {
 }
 
 template <typename T>
-static inline void normals_range_impl(uint64_t seed, uint64_t offset, int64_t begin, int64_t end, T* out) {
+static inline void normals_range_impl(uint64_t seed, uint64_t offset, int64_t stream_start, int64_t begin,
+                                      int64_t end, T* out) {
   T eps[kTile];
-  for (int64_t start = begin; start < end;) {
-    const int64_t aligned = start & ~int64_t(3);
-    tile_normals<T>(seed, offset, aligned, eps);
-    const int64_t stop = aligned + kTile < end ? aligned + kTile : end;
-    for (int64_t i = start; i < stop; ++i) out[i] = eps[i - aligned];
-    start = stop;
+  for (int64_t i = begin; i < end;) {
+    const TileSpan span = tile_span(i, end, stream_start);
+    tile_normals<T>(seed, offset, span.aligned, eps);
+    for (int64_t j = i; j < span.stop; ++j) out[j] = eps[span.skip + (j - i)];
+    i = span.stop;
   }
 }
 
@@ -257,8 +266,9 @@ static inline void normals_range_impl(uint64_t seed, uint64_t offset, int64_t be
   namespace cpu_kernel {                                                                          \
   void forward_range_##ISA(const ForwardRange<T>& a) { forward_range_impl<T>(a); }                \
   void backward_range_##ISA(const BackwardRange<T>& a) { backward_range_impl<T>(a); }             \
-  void normals_range_##ISA(uint64_t seed, uint64_t offset, int64_t begin, int64_t end, T* out) {  \
-    normals_range_impl<T>(seed, offset, begin, end, out);                                         \
+  void normals_range_##ISA(uint64_t seed, uint64_t offset, int64_t stream_start, int64_t begin,   \
+                           int64_t end, T* out) {                                                  \
+    normals_range_impl<T>(seed, offset, stream_start, begin, end, out);                            \
   }                                                                                               \
   }                                                                                               \
   }

@@ -10,6 +10,9 @@
 namespace bayes_ext {
 namespace cpu_kernel {
 
+// Array element i (pointer index) draws stream element stream_start + i, so a slice of a larger
+// tensor (a block of rows, looked-up embedding rows) gets the noise it has in the whole tensor.
+
 // Sample w for elements [begin, end) and write the partial sums of the log q and log p terms
 // (without log q's constant -n log sqrt(2 pi), which the caller adds once).
 template <typename T>
@@ -17,7 +20,7 @@ struct ForwardRange {
   const T* mu;
   const T* rho;
   T* w;
-  int64_t begin, end;
+  int64_t begin, end, stream_start;
   uint64_t seed, offset;
   ScaleMixturePrior<T> prior;
   double* log_q_partial;
@@ -35,7 +38,7 @@ struct BackwardRange {
   T* grad_mu;
   T* grad_rho;
   T* w;
-  int64_t begin, end;
+  int64_t begin, end, stream_start;
   uint64_t seed, offset;
   ScaleMixturePrior<T> prior;
 };
@@ -43,7 +46,8 @@ struct BackwardRange {
 #define BAYES_EXT_DECLARE_RANGE_KERNELS(ISA, T)                                                \
   void forward_range_##ISA(const ForwardRange<T>& a);                                          \
   void backward_range_##ISA(const BackwardRange<T>& a);                                        \
-  void normals_range_##ISA(uint64_t seed, uint64_t offset, int64_t begin, int64_t end, T* out);
+  void normals_range_##ISA(uint64_t seed, uint64_t offset, int64_t stream_start, int64_t begin, int64_t end,  \
+                           T* out);
 
 // Portable builds exist for float and double (overloaded); AVX2 / AVX-512 builds for float only.
 BAYES_EXT_DECLARE_RANGE_KERNELS(portable, float)

@@ -14,6 +14,8 @@ BAYES_EXT_DEFINE_RANGE_KERNELS(avx2, float)
 namespace bayes_ext { namespace cpu_kernel {
 void forward_range_avx2(const ForwardRange<float>& a) { forward_range_portable(a); }
 void backward_range_avx2(const BackwardRange<float>& a) { backward_range_portable(a); }
-void normals_range_avx2(uint64_t s, uint64_t o, int64_t b, int64_t e, float* out) { normals_range_portable(s, o, b, e, out); }
+void normals_range_avx2(uint64_t s, uint64_t o, int64_t st, int64_t b, int64_t e, float* out) {
+  normals_range_portable(s, o, st, b, e, out);
+}
 }}
 #endif

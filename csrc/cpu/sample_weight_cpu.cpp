@@ -26,7 +26,7 @@ constexpr int64_t kChunk = 16384;
 struct FloatKernels {
   void (*forward)(const ForwardRange<float>&);
   void (*backward)(const BackwardRange<float>&);
-  void (*normals)(uint64_t, uint64_t, int64_t, int64_t, float*);
+  void (*normals)(uint64_t, uint64_t, int64_t, int64_t, int64_t, float*);
   const char* name;
 };
 
@@ -66,14 +66,18 @@ void run_forward(const ForwardRange<float>& a) { float_kernels().forward(a); }
 void run_forward(const ForwardRange<double>& a) { forward_range_portable(a); }
 void run_backward(const BackwardRange<float>& a) { float_kernels().backward(a); }
 void run_backward(const BackwardRange<double>& a) { backward_range_portable(a); }
-void run_normals(uint64_t s, uint64_t o, int64_t b, int64_t e, float* out) { float_kernels().normals(s, o, b, e, out); }
-void run_normals(uint64_t s, uint64_t o, int64_t b, int64_t e, double* out) { normals_range_portable(s, o, b, e, out); }
+void run_normals(uint64_t s, uint64_t o, int64_t st, int64_t b, int64_t e, float* out) {
+  float_kernels().normals(s, o, st, b, e, out);
+}
+void run_normals(uint64_t s, uint64_t o, int64_t st, int64_t b, int64_t e, double* out) {
+  normals_range_portable(s, o, st, b, e, out);
+}
 
 int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
 template <typename scalar_t>
 void forward_cpu(const at::Tensor& mu, const at::Tensor& rho, at::Tensor& w, uint64_t seed, uint64_t offset,
-                 const ScaleMixturePrior<scalar_t>& prior, double* log_q, double* log_p) {
+                 int64_t start, const ScaleMixturePrior<scalar_t>& prior, double* log_q, double* log_p) {
   const int64_t n = mu.numel();
   const int64_t chunks = num_chunks(n);
   std::vector<double> lq(chunks, 0.0), lp(chunks, 0.0);
@@ -82,8 +86,8 @@ void forward_cpu(const at::Tensor& mu, const at::Tensor& rho, at::Tensor& w, uin
   scalar_t* w_p = w.data_ptr<scalar_t>();
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      ForwardRange<scalar_t> a{mu_p, rho_p, w_p, c * kChunk, std::min(n, (c + 1) * kChunk), seed, offset,
-                               prior, &lq[c], &lp[c]};
+      ForwardRange<scalar_t> a{mu_p,  rho_p,  w_p,   c * kChunk, std::min(n, (c + 1) * kChunk), start,
+                               seed,  offset, prior, &lq[c],     &lp[c]};
       run_forward(a);
     }
   });
@@ -98,10 +102,11 @@ void forward_cpu(const at::Tensor& mu, const at::Tensor& rho, at::Tensor& w, uin
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cpu(const at::Tensor& mu_in, const at::Tensor& rho_in,
                                                                  const at::Tensor& seed, int64_t offset, double prior_pi,
-                                                                 double prior_sigma1, double prior_sigma2) {
+                                                                 double prior_sigma1, double prior_sigma2, int64_t start) {
   check_posterior_params(mu_in, rho_in);
   check_seed(seed, mu_in);
   check_offset(offset);
+  check_start(start, mu_in.numel());
   check_prior(prior_pi, prior_sigma1, prior_sigma2);
   TORCH_CHECK_VALUE(mu_in.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu_in.device());
   const at::Tensor mu = mu_in.contiguous();
@@ -111,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cpu(const at::Tenso
   const uint64_t s = seed_value(seed);
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_cpu", [&] {
     const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
-    forward_cpu<scalar_t>(mu, rho, w, s, static_cast<uint64_t>(offset), prior, &log_q, &log_p);
+    forward_cpu<scalar_t>(mu, rho, w, s, static_cast<uint64_t>(offset), start, prior, &log_q, &log_p);
   });
   return {w, at::scalar_tensor(log_q, mu.options()), at::scalar_tensor(log_p, mu.options())};
 }
@@ -119,10 +124,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cpu(const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cpu(
     const c10::optional<at::Tensor>& grad_w_in, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
     const at::Tensor& mu_in, const at::Tensor& rho_in, const at::Tensor& seed, int64_t offset, double prior_pi,
-    double prior_sigma1, double prior_sigma2, bool return_weight) {
+    double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start) {
   check_posterior_params(mu_in, rho_in);
   check_seed(seed, mu_in);
   check_offset(offset);
+  check_start(start, mu_in.numel());
   check_prior(prior_pi, prior_sigma1, prior_sigma2);
   check_grad_w(grad_w_in, mu_in);
   check_scalar_grad(grad_log_q, mu_in, "grad_log_q");
@@ -146,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cpu(
       for (int64_t c = begin; c < end; ++c) {
         BackwardRange<scalar_t> a{gw_p,   glq,      glp, mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(),
                                   grad_mu.data_ptr<scalar_t>(), grad_rho.data_ptr<scalar_t>(), w_p,
-                                  c * kChunk, std::min(n, (c + 1) * kChunk), s, static_cast<uint64_t>(offset), prior};
+                                  c * kChunk, std::min(n, (c + 1) * kChunk), start, s, static_cast<uint64_t>(offset),
+                                  prior};
         run_backward(a);
       }
     });
@@ -154,10 +161,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cpu(
   return {grad_mu, grad_rho, w};
 }
 
-at::Tensor philox_normal_cpu(const at::Tensor& like, const at::Tensor& seed, int64_t offset) {
+at::Tensor philox_normal_cpu(const at::Tensor& like, const at::Tensor& seed, int64_t offset, int64_t start) {
   check_floating(like, "like");
   check_seed(seed, like);
   check_offset(offset);
+  check_start(start, like.numel());
   at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
   const uint64_t s = seed_value(seed);
   const int64_t n = out.numel();
@@ -165,7 +173,7 @@ at::Tensor philox_normal_cpu(const at::Tensor& like, const at::Tensor& seed, int
     scalar_t* p = out.data_ptr<scalar_t>();
     at::parallel_for(0, num_chunks(n), 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c)
-        run_normals(s, static_cast<uint64_t>(offset), c * kChunk, std::min(n, (c + 1) * kChunk), p);
+        run_normals(s, static_cast<uint64_t>(offset), start, c * kChunk, std::min(n, (c + 1) * kChunk), p);
     });
   });
   return out;

@@ -33,6 +33,11 @@ SeedArg make_seed_arg(const at::Tensor& seed) {
   return {nullptr, seed_value(seed)};
 }
 
+// Philox blocks covering stream elements [start, start + n).
+__host__ __device__ __forceinline__ int64_t philox_blocks_spanned(int64_t n, int64_t start) {
+  return n == 0 ? 0 : (start + n + 3) / 4 - start / 4;
+}
+
 int64_t grid_for(int64_t num_philox_blocks) {
   const int64_t g = (num_philox_blocks + kThreads - 1) / kThreads;
   return g < 1 ? 1 : (g > kMaxBlocks ? kMaxBlocks : g);
@@ -53,20 +58,22 @@ __device__ __forceinline__ T block_sum(T v, T* shared) {
 
 template <typename T>
 __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ w, int64_t n,
-                               SeedArg seed_arg, uint64_t offset, ScaleMixturePrior<T> prior,
+                               int64_t start, SeedArg seed_arg, uint64_t offset, ScaleMixturePrior<T> prior,
                                double* __restrict__ partials) {
   __shared__ T shared[32];
   const uint64_t seed = load_seed(seed_arg);
-  const int64_t num_blocks = (n + 3) / 4;
+  const int64_t first_block = start / 4;
+  const int64_t num_blocks = philox_blocks_spanned(n, start);
   T lq = T(0), lp = T(0);
-  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < num_blocks;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < num_blocks;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = first_block + j;
     T eps[4];
     block_normals<T>(seed, offset, static_cast<uint64_t>(b), eps);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int64_t i = 4 * b + k;
-      if (i < n) {
+      const int64_t i = 4 * b + k - start;  // array index of stream element 4b + k
+      if (i >= 0 && i < n) {
         const Softplus<T> sp = softplus_terms(rho[i]);
         const T wi = mu[i] + sp.sigma * eps[k];
         w[i] = wi;
@@ -87,19 +94,21 @@ template <typename T>
 __global__ void backward_kernel(const T* __restrict__ grad_w, const T* __restrict__ grad_log_q,
                                 const T* __restrict__ grad_log_p, const T* __restrict__ mu,
                                 const T* __restrict__ rho, T* __restrict__ grad_mu, T* __restrict__ grad_rho,
-                                T* __restrict__ w_out, int64_t n, SeedArg seed_arg, uint64_t offset,
+                                T* __restrict__ w_out, int64_t n, int64_t start, SeedArg seed_arg, uint64_t offset,
                                 ScaleMixturePrior<T> prior) {
   const uint64_t seed = load_seed(seed_arg);
   const T glq = *grad_log_q, glp = *grad_log_p;
-  const int64_t num_blocks = (n + 3) / 4;
-  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < num_blocks;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int64_t first_block = start / 4;
+  const int64_t num_blocks = philox_blocks_spanned(n, start);
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < num_blocks;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = first_block + j;
     T eps[4];
     block_normals<T>(seed, offset, static_cast<uint64_t>(b), eps);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int64_t i = 4 * b + k;
-      if (i < n) {
+      const int64_t i = 4 * b + k - start;  // array index of stream element 4b + k
+      if (i >= 0 && i < n) {
         const Softplus<T> sp = softplus_terms(rho[i]);
         const T wi = mu[i] + sp.sigma * eps[k];
         const T g = (grad_w == nullptr ? T(0) : grad_w[i]) + glp * dlog_prior(wi, prior);
@@ -112,16 +121,20 @@ __global__ void backward_kernel(const T* __restrict__ grad_w, const T* __restric
 }
 
 template <typename T>
-__global__ void normal_kernel(T* __restrict__ out, int64_t n, SeedArg seed_arg, uint64_t offset) {
+__global__ void normal_kernel(T* __restrict__ out, int64_t n, int64_t start, SeedArg seed_arg, uint64_t offset) {
   const uint64_t seed = load_seed(seed_arg);
-  const int64_t num_blocks = (n + 3) / 4;
-  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < num_blocks;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int64_t first_block = start / 4;
+  const int64_t num_blocks = philox_blocks_spanned(n, start);
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < num_blocks;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = first_block + j;
     T eps[4];
     block_normals<T>(seed, offset, static_cast<uint64_t>(b), eps);
 #pragma unroll
-    for (int k = 0; k < 4; ++k)
-      if (4 * b + k < n) out[4 * b + k] = eps[k];
+    for (int k = 0; k < 4; ++k) {
+      const int64_t i = 4 * b + k - start;
+      if (i >= 0 && i < n) out[i] = eps[k];
+    }
   }
 }
 
@@ -131,18 +144,19 @@ void check_cuda_inputs(const at::Tensor& mu) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in,
                                                                   const at::Tensor& seed, int64_t offset, double prior_pi,
-                                                                  double prior_sigma1, double prior_sigma2) {
+                                                                  double prior_sigma1, double prior_sigma2, int64_t start) {
   check_posterior_params(mu_in, rho_in);
   check_cuda_inputs(mu_in);
   check_seed(seed, mu_in);
   check_offset(offset);
+  check_start(start, mu_in.numel());
   check_prior(prior_pi, prior_sigma1, prior_sigma2);
   const c10::cuda::CUDAGuard guard(mu_in.device());
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   const int64_t n = mu.numel();
   at::Tensor w = at::empty(mu.sizes(), mu.options());
-  const int64_t grid = grid_for((n + 3) / 4);
+  const int64_t grid = grid_for(philox_blocks_spanned(n, start));
   at::Tensor partials = at::zeros({grid, 2}, mu.options().dtype(at::kDouble));
   const SeedArg seed_arg = make_seed_arg(seed);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -150,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cuda(const at::Tens
     AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_cuda", [&] {
       const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
       forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(),
-                                                              w.data_ptr<scalar_t>(), n, seed_arg,
+                                                              w.data_ptr<scalar_t>(), n, start, seed_arg,
                                                               static_cast<uint64_t>(offset), prior,
                                                               partials.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -165,11 +179,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cuda(const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cuda(
     const c10::optional<at::Tensor>& grad_w_in, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
     const at::Tensor& mu_in, const at::Tensor& rho_in, const at::Tensor& seed, int64_t offset, double prior_pi,
-    double prior_sigma1, double prior_sigma2, bool return_weight) {
+    double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start) {
   check_posterior_params(mu_in, rho_in);
   check_cuda_inputs(mu_in);
   check_seed(seed, mu_in);
   check_offset(offset);
+  check_start(start, mu_in.numel());
   check_prior(prior_pi, prior_sigma1, prior_sigma2);
   check_grad_w(grad_w_in, mu_in);
   check_scalar_grad(grad_log_q, mu_in, "grad_log_q");
@@ -190,10 +205,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cuda(
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_backward_cuda", [&] {
       const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
-      backward_kernel<scalar_t><<<grid_for((n + 3) / 4), kThreads, 0, stream>>>(
+      backward_kernel<scalar_t><<<grid_for(philox_blocks_spanned(n, start)), kThreads, 0, stream>>>(
           has_grad_w ? grad_w.data_ptr<scalar_t>() : nullptr, glq.data_ptr<scalar_t>(), glp.data_ptr<scalar_t>(),
           mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(),
-          grad_rho.data_ptr<scalar_t>(), return_weight ? w.data_ptr<scalar_t>() : nullptr, n, seed_arg,
+          grad_rho.data_ptr<scalar_t>(), return_weight ? w.data_ptr<scalar_t>() : nullptr, n, start, seed_arg,
           static_cast<uint64_t>(offset), prior);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -201,18 +216,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cuda(
   return {grad_mu, grad_rho, w};
 }
 
-at::Tensor philox_normal_cuda(const at::Tensor& like, const at::Tensor& seed, int64_t offset) {
+at::Tensor philox_normal_cuda(const at::Tensor& like, const at::Tensor& seed, int64_t offset, int64_t start) {
   check_floating(like, "like");
   check_cuda_inputs(like);
   check_seed(seed, like);
   check_offset(offset);
+  check_start(start, like.numel());
   const c10::cuda::CUDAGuard guard(like.device());
   at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t n = out.numel();
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "philox_normal_cuda", [&] {
-      normal_kernel<scalar_t><<<grid_for((n + 3) / 4), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          out.data_ptr<scalar_t>(), n, make_seed_arg(seed), static_cast<uint64_t>(offset));
+      normal_kernel<scalar_t><<<grid_for(philox_blocks_spanned(n, start)), kThreads, 0,
+                                at::cuda::getCurrentCUDAStream()>>>(out.data_ptr<scalar_t>(), n, start,
+                                                                    make_seed_arg(seed), static_cast<uint64_t>(offset));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -91,12 +91,12 @@ void test_philox4x32(const at::Tensor& seed, uint64_t s) {
 }
 
 void test_normals(const at::Tensor& seed, uint64_t s, at::ScalarType dtype, double tol) {
-  auto normal = op("bayes_ext::philox_normal").typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  auto normal = op("bayes_ext::philox_normal").typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
   const char* name = dtype == at::kDouble ? "float64" : "float32";
   for (int64_t n : {1, 7, 64, 131, 40000}) {
     for (int64_t offset : {0, 1}) {
       const at::Tensor like = at::empty({n}, at::TensorOptions().dtype(dtype));
-      const at::Tensor eps = normal.call(like, seed, offset);
+      const at::Tensor eps = normal.call(like, seed, offset, 0);
       std::vector<double> ref(n);
       for (int64_t i = 0; i < n; ++i) ref[i] = ref_eps(s, offset, i);
       const double err = max_abs_diff(eps, ref);
@@ -107,18 +107,18 @@ void test_normals(const at::Tensor& seed, uint64_t s, at::ScalarType dtype, doub
     }
   }
   // Element i depends only on (seed, offset, i): a 2-D shape gives the same stream as its flat view.
-  const at::Tensor flat = normal.call(at::empty({6 * 37}, at::TensorOptions().dtype(dtype)), seed, 0);
-  const at::Tensor shaped = normal.call(at::empty({6, 37}, at::TensorOptions().dtype(dtype)), seed, 0);
+  const at::Tensor flat = normal.call(at::empty({6 * 37}, at::TensorOptions().dtype(dtype)), seed, 0, 0);
+  const at::Tensor shaped = normal.call(at::empty({6, 37}, at::TensorOptions().dtype(dtype)), seed, 0, 0);
   check(at::equal(flat, shaped.reshape({-1})), std::string("philox_normal ") + name + " is shape-independent");
 }
 
 void test_sample_weight(const at::Tensor& seed, uint64_t s, at::ScalarType dtype, double tol) {
   auto sample = op("bayes_ext::sample_weight")
-                    .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double, double)>();
+                    .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double, double, int64_t)>();
   auto backward = op("bayes_ext::sample_weight_backward")
                       .typed<Triple(const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double,
-                                    double, bool)>();
+                                    double, bool, int64_t)>();
   const char* name = dtype == at::kDouble ? "float64" : "float32";
   const double pi = 0.25, s1 = 1.0, s2 = std::exp(-6.0);
   const int64_t rows = 37, cols = 41;  // 1517 elements: ends mid-block and mid-tile
@@ -127,7 +127,7 @@ void test_sample_weight(const at::Tensor& seed, uint64_t s, at::ScalarType dtype
   const at::Tensor mu = at::linspace(-0.5, 0.5, n, at::TensorOptions().dtype(at::kDouble)).reshape({rows, cols}).to(dtype);
   const at::Tensor rho = at::linspace(-8.0, 2.0, n, at::TensorOptions().dtype(at::kDouble)).reshape({rows, cols}).to(dtype);
   const int64_t offset = 1;
-  const Triple out = sample.call(mu, rho, seed, offset, pi, s1, s2);
+  const Triple out = sample.call(mu, rho, seed, offset, pi, s1, s2, 0);
   const at::Tensor& w = std::get<0>(out);
   const at::Tensor md = mu.to(at::kDouble).contiguous(), rd = rho.to(at::kDouble).contiguous();
   const double* mp = md.data_ptr<double>();
@@ -155,7 +155,7 @@ void test_sample_weight(const at::Tensor& seed, uint64_t s, at::ScalarType dtype
   // Backward with grad_w, regenerating w.
   const at::Tensor grad_w = at::linspace(1.0, -1.0, n, at::TensorOptions().dtype(at::kDouble)).reshape({rows, cols}).to(dtype);
   const at::Tensor glq = at::scalar_tensor(0.3, opts), glp = at::scalar_tensor(-0.7, opts);
-  const Triple grads = backward.call(grad_w, glq, glp, mu, rho, seed, offset, pi, s1, s2, true);
+  const Triple grads = backward.call(grad_w, glq, glp, mu, rho, seed, offset, pi, s1, s2, true, 0);
   const at::Tensor gwd = grad_w.to(at::kDouble).contiguous();
   const double* gwp = gwd.data_ptr<double>();
   std::vector<double> ref_gmu(n), ref_grho(n);
@@ -174,7 +174,7 @@ void test_sample_weight(const at::Tensor& seed, uint64_t s, at::ScalarType dtype
   check(at::equal(std::get<2>(grads), w), std::string("sample_weight_backward ") + name + " regenerates w bit for bit");
 
   // Without grad_w and return_weight: gradients of log q and log p only; w comes back empty.
-  const Triple only = backward.call(std::nullopt, glq, glp, mu, rho, seed, offset, pi, s1, s2, false);
+  const Triple only = backward.call(std::nullopt, glq, glp, mu, rho, seed, offset, pi, s1, s2, false, 0);
   for (int64_t i = 0; i < n; ++i) {
     const double g = (-0.7) * dlog_prior(ref_w[i], pi, s1, s2);
     ref_gmu[i] = g;
@@ -187,25 +187,25 @@ void test_sample_weight(const at::Tensor& seed, uint64_t s, at::ScalarType dtype
 
 void test_errors(const at::Tensor& seed) {
   auto sample = op("bayes_ext::sample_weight")
-                    .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double, double)>();
+                    .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double, double, int64_t)>();
   const at::Tensor mu = at::zeros({4});
   bool threw = false;
   try {
-    sample.call(mu, at::zeros({5}), seed, 0, 0.5, 1.0, 0.1);
+    sample.call(mu, at::zeros({5}), seed, 0, 0.5, 1.0, 0.1, 0);
   } catch (const c10::ValueError&) {
     threw = true;
   }
   check(threw, "sample_weight rejects rho of another shape with ValueError");
   threw = false;
   try {
-    sample.call(mu, at::zeros({4}), seed, -1, 0.5, 1.0, 0.1);
+    sample.call(mu, at::zeros({4}), seed, -1, 0.5, 1.0, 0.1, 0);
   } catch (const c10::ValueError&) {
     threw = true;
   }
   check(threw, "sample_weight rejects a negative offset with ValueError");
   threw = false;
   try {
-    sample.call(mu, at::zeros({4}), seed.to(at::kInt), 0, 0.5, 1.0, 0.1);
+    sample.call(mu, at::zeros({4}), seed.to(at::kInt), 0, 0.5, 1.0, 0.1, 0);
   } catch (const c10::TypeError&) {
     threw = true;
   }

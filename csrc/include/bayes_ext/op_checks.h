@@ -36,6 +36,12 @@ inline void check_offset(int64_t offset) {
   TORCH_CHECK_VALUE(offset >= 0, "offset must be non-negative, got ", offset);
 }
 
+// start: the stream index of the tensor's first element (a block of rows of a larger weight).
+inline void check_start(int64_t start, int64_t numel) {
+  TORCH_CHECK_VALUE(start >= 0 && start <= (int64_t(1) << 62) - numel,
+                    "start must be in [0, 2**62 - numel], got ", start);
+}
+
 inline void check_prior(double pi, double sigma1, double sigma2) {
   TORCH_CHECK_VALUE(pi >= 0.0 && pi <= 1.0, "prior_pi must be in [0, 1], got ", pi);
   TORCH_CHECK_VALUE(sigma1 > 0.0 && std::isfinite(sigma1), "prior_sigma1 must be positive and finite, got ", sigma1);
