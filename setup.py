@@ -51,10 +51,16 @@ def extension_modules():
     cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden"]
     nvcc_flags = ["-O3", "-lineinfo"]
     link_flags = []
+    # at::parallel_for is a header template: without -fopenmp in *our* compile it runs serially.
+    # Linking libgomp.so.1 resolves to the copy torch has already loaded (same soname), so there
+    # is one OpenMP runtime and one thread pool in the process.
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if env_flag("BAYES_EXT_SANITIZE"):
-        cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-math-errno",
+        cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-math-errno", "-fopenmp",
                      "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-        link_flags = ["-fsanitize=address,undefined"]
+        link_flags = ["-fopenmp", "-fsanitize=address,undefined"]
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")]
     kwargs = dict(include_dirs=include_dirs, extra_link_args=link_flags)
     if with_cuda:

@@ -70,17 +70,48 @@ def check_input(x: Tensor, weight: Tensor, feature_dim: int, name: str = "input"
 
 # Mixed precision: x may be in a lower precision than the fp32 parameters (autocast). The weight
 # is sampled in the parameters' dtype, cast to x's for the matmul, and the KL stays in fp32.
+#
+# Large weights on the CPU are processed in blocks of rows (the ops' `start` gives each block the
+# noise it has in the whole weight): a block of W is sampled into a cache-sized buffer and
+# consumed by the matmul while it is still in cache, and no weight-sized temporary (W, grad_W) is
+# ever allocated, whose page faults alone cost as much as a streaming pass.
+BLOCK_ELEMENTS = 1 << 18  # weight elements per block: 1 MB in fp32
+
+
+def _row_blocks(weight: Tensor):
+    out_features, in_features = weight.shape
+    if weight.device.type != "cpu" or weight.numel() <= 2 * BLOCK_ELEMENTS:
+        return [(0, out_features)]
+    step = max(1, BLOCK_ELEMENTS // in_features)
+    return [(r, min(r + step, out_features)) for r in range(0, out_features, step)]
+
+
 @torch.library.custom_op("bayes_ext::linear_reparam", mutates_args=())
 def _linear_reparam(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                     bias_rho: Optional[Tensor], seed: Tensor, prior_pi: float, prior_sigma1: float,
                     prior_sigma2: float) -> Tuple[Tensor, Tensor, Tensor]:
-    ops = _backend.ops()
+    ops, prior = _backend.ops(), (prior_pi, prior_sigma1, prior_sigma2)
+    out_features, in_features = weight_mu.shape
+    weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
     with torch.autocast(x.device.type, enabled=False):
-        w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, prior_pi, prior_sigma1, prior_sigma2)
-        if bias_mu is None:
-            return F.linear(x, w.to(x.dtype)), log_q, log_p
-        b, log_q_b, log_p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, prior_pi, prior_sigma1, prior_sigma2)
-        return F.linear(x, w.to(x.dtype), b.to(x.dtype)), log_q + log_q_b, log_p + log_p_b
+        blocks = _row_blocks(weight_mu)
+        if len(blocks) == 1:
+            w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
+            y = F.linear(x, w.to(x.dtype))
+        else:
+            x_2d = x.reshape(-1, in_features)
+            y = x.new_empty(x_2d.shape[0], out_features)
+            log_q = log_p = 0
+            for r0, r1 in blocks:
+                w, q, p = ops.sample_weight(weight_mu[r0:r1], weight_rho[r0:r1], seed, 0, *prior, r0 * in_features)
+                y[:, r0:r1] = x_2d.mm(w.t().to(x.dtype))
+                log_q, log_p = log_q + q, log_p + p
+            y = y.reshape(x.shape[:-1] + (out_features,))
+        if bias_mu is not None:
+            b, log_q_b, log_p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
+            y = y + b.to(x.dtype)
+            log_q, log_p = log_q + log_q_b, log_p + log_p_b
+        return y, log_q, log_p
 
 
 @_linear_reparam.register_fake
@@ -104,13 +135,29 @@ def _linear_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
     grad_log_q = zero if grad_log_q is None else grad_log_q
     grad_log_p = zero if grad_log_p is None else grad_log_p
     out_features, in_features = weight_mu.shape
+    weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
+    need_x = ctx.needs_input_grad[0]
     with torch.autocast(x.device.type, enabled=False):
         grad_out_2d = grad_out.reshape(-1, out_features).to(x.dtype)
-        grad_w = grad_out_2d.t().mm(x.reshape(-1, in_features)).to(weight_mu.dtype)
-        need_x = ctx.needs_input_grad[0]
-        grad_mu, grad_rho, w = ops.sample_weight_backward(grad_w, grad_log_q, grad_log_p, weight_mu, weight_rho,
-                                                          seed, 0, *prior, need_x)
-        grad_x = grad_out.to(x.dtype).matmul(w.to(x.dtype)) if need_x else None
+        x_2d = x.reshape(-1, in_features)
+        blocks = _row_blocks(weight_mu)
+        if len(blocks) == 1:
+            grad_w = grad_out_2d.t().mm(x_2d).to(weight_mu.dtype)
+            grad_mu, grad_rho, w = ops.sample_weight_backward(grad_w, grad_log_q, grad_log_p, weight_mu, weight_rho,
+                                                              seed, 0, *prior, need_x)
+            grad_x = grad_out_2d.mm(w.to(x.dtype)) if need_x else None
+        else:
+            grad_mu, grad_rho = torch.empty_like(weight_mu), torch.empty_like(weight_rho)
+            grad_x = x_2d.new_zeros(x_2d.shape) if need_x else None
+            for r0, r1 in blocks:
+                grad_w = grad_out_2d[:, r0:r1].t().mm(x_2d).to(weight_mu.dtype)
+                grad_mu[r0:r1], grad_rho[r0:r1], w = ops.sample_weight_backward(
+                    grad_w, grad_log_q, grad_log_p, weight_mu[r0:r1], weight_rho[r0:r1], seed, 0, *prior, need_x,
+                    r0 * in_features)
+                if need_x:
+                    grad_x.addmm_(grad_out_2d[:, r0:r1], w.to(x.dtype))
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape)
         grad_bias_mu = grad_bias_rho = None
         if bias_mu is not None:
             grad_b = grad_out_2d.sum(0, dtype=bias_mu.dtype)
