@@ -24,15 +24,8 @@ static inline uint32_t float_as_bits(float f) {
   return b;
 }
 
-// log for positive normal x (Cephes logf). Zero, denormals and inf are not handled: callers pass
-// uniforms in [2^-24, 1) or values >= 1.
-static inline float host_logf(float x) {
-  const uint32_t bits = float_as_bits(x);
-  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);
-  float m = bits_as_float((bits & 0x007FFFFFu) | 0x3F000000u);  // in [0.5, 1)
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1.0f : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
+// Cephes' logf polynomial: log(1 + m) + e log 2 for m in [sqrt(1/2) - 1, sqrt(2) - 1].
+static inline float host_log_reduced(float m, float e) {
   const float z = m * m;
   float y = 7.0376836292e-2f;
   y = y * m - 1.1514610310e-1f;
@@ -47,6 +40,18 @@ static inline float host_logf(float x) {
   y += -2.12194440e-4f * e;
   y += -0.5f * z;
   return m + y + 0.693359375f * e;
+}
+
+// log for positive normal x (Cephes logf). Zero, denormals and inf are not handled: callers pass
+// uniforms in [2^-24, 1) or values >= 1.
+static inline float host_logf(float x) {
+  const uint32_t bits = float_as_bits(x);
+  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);
+  float m = bits_as_float((bits & 0x007FFFFFu) | 0x3F000000u);  // in [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  return host_log_reduced(m, e);
 }
 
 // exp for x <= 88; returns exactly 0 below -87.3 instead of producing denormals.
@@ -68,12 +73,11 @@ static inline float host_expf(float x) {
   return x < -87.3f ? 0.0f : scaled;
 }
 
-// log(1 + t) for t >= 0, accurate for tiny t (Kahan's correction of log(1 + t)).
+// log(1 + t) for t in [0, 1] (the only range the kernels use: t = exp(-|x|)). Reduced directly
+// from t, so it is accurate for tiny t without Kahan's division: 1 + t = 2^e (1 + m).
 static inline float host_log1pf(float t) {
-  const float u = 1.0f + t;
-  const float d = u - 1.0f;
-  const float l = host_logf(u) * (t / (d == 0.0f ? 1.0f : d));
-  return d == 0.0f ? t : l;
+  const bool big = t > 0.41421356237309505f;  // 1 + t > sqrt(2): halve it
+  return host_log_reduced(big ? 0.5f * (t - 1.0f) : t, big ? 1.0f : 0.0f);
 }
 
 // sin(2 pi v) and cos(2 pi v) for v in [0, 1): the reduction to quarter turns is exact in fp32.
@@ -111,6 +115,7 @@ BAYES_HOST_DEVICE float bx_log(float x) {
 }
 BAYES_HOST_DEVICE double bx_log(double x) { return ::log(x); }
 
+// log(1 + x) for x in [0, 1] (host float is only accurate there).
 BAYES_HOST_DEVICE float bx_log1p(float x) {
 #if defined(__CUDA_ARCH__)
   return log1pf(x);
