@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU check (issue 8), for the lent H100/H200 machine: build, CUDA tests, GPU benchmark,
+# compute-sanitizer. Everything lands in $OUT (at most 8 files come back). Budget: < 8 minutes.
+#
+# Prepare here, once (the reference layers travel as wheels; the machine has no network):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       blitz-bayesian-pytorch==0.2.8 bayesian-torch==0.5.0 torchbnn==1.2
+# Then call the device tool from the repo root:
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#
+# compute-sanitizer modes: GPU_CHECK_SANITIZER=memcheck (default) | racecheck | none.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-/tmp/bayes_ext_gpu_check}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+step() {  # step NAME TIMEOUT_S LOG COMMAND...: runs, records time and status in summary.txt
+  local name="$1" limit="$2" log="$3"
+  shift 3
+  local start=$SECONDS rc=0
+  timeout "$limit" "$@" > "$log" 2>&1 || rc=$?
+  echo "$name: exit $rc in $((SECONDS - start)) s" | tee -a "$SUMMARY"
+  tail -n 5 "$log"
+  return "$rc"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$PY" -c \
+  'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'; } \
+  >> "$SUMMARY" 2>&1
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+
+export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+step build 300 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -e . || exit 1
+"$PY" -c 'import bayes_ext, torch; assert bayes_ext.extension_available(); print(torch.ops.bayes_ext.sample_weight.default)' \
+  >> "$SUMMARY" 2>&1 || { echo "extension did not load" | tee -a "$SUMMARY"; exit 1; }
+
+step cuda-tests 150 "$OUT/cuda_tests.log" "$PY" -m pytest -q -x tests/test_cuda.py -p no:cacheprovider
+step gpu-bench 240 "$OUT/bench.log" "$PY" bench/bench_layers.py --device cuda --out "$OUT"
+case "${GPU_CHECK_SANITIZER:-memcheck}" in
+  none) ;;
+  *) step "sanitizer-${GPU_CHECK_SANITIZER:-memcheck}" 150 "$OUT/sanitizer.log" compute-sanitizer \
+       --tool "${GPU_CHECK_SANITIZER:-memcheck}" --error-exitcode 3 "$PY" -m pytest -q -x tests/test_cuda.py \
+       -p no:cacheprovider -k "not graph" ;;
+esac
+cat "$SUMMARY"
