@@ -1,0 +1,83 @@
+"""One benchmark workload: a model, its input, and the training / inference step that is timed.
+
+A spec is a plain dict (so it can be sent to a worker process):
+  kind: "layer" | "transformer";  case: a key of cases.CASES
+  shape: [batch, in, out] (layer) or transformer config dict incl. batch/tokens (transformer)
+  sample_nbr: forwards per training step;  device: "cpu" | "cuda";  amp: "fp32" | "bf16"
+"""
+import contextlib
+
+import torch
+
+import cases
+import transformer
+
+
+class Workload:
+    def __init__(self, spec):
+        self.spec = spec
+        self.device = torch.device(spec["device"])
+        self.sample_nbr = spec.get("sample_nbr", 1)
+        self.amp = spec.get("amp", "fp32")
+        name = spec["case"]
+        if spec["kind"] == "layer":
+            batch, in_f, out_f = spec["shape"]
+            self.model = cases.make_linear(name, in_f, out_f)
+            self.fwd = cases.layer_forward(name)
+            x = torch.randn(batch, in_f)
+        else:
+            cfg = dict(spec["shape"])
+            self.model = transformer.build_transformer(
+                lambda i, o: cases.make_linear(name, i, o),
+                **{k: cfg[k] for k in ("n_blocks", "d_model", "n_heads", "d_mlp")})
+            self.fwd = lambda m, x, need_kl: (m(x), cases.model_kl(m) if need_kl else None)
+            x = transformer.transformer_input(**cfg)
+        self.model.to(self.device).train()
+        # The input needs grad as it would inside a network, so backward also computes dL/dx.
+        self.x = x.to(self.device).requires_grad_(True)
+
+    def autocast(self):
+        if self.amp == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step(self):
+        """zero_grad, sample_nbr forwards with summed losses, one backward (as BLiTZ's sample_elbo)."""
+        self.model.zero_grad(set_to_none=True)
+        self.x.grad = None
+        loss = 0.0
+        for _ in range(self.sample_nbr):
+            with self.autocast():
+                out, kl = self.fwd(self.model, self.x, True)
+                term = out.float().sum()
+                if kl is not None:
+                    term = term + kl.float().sum()
+            loss = loss + term
+        (loss / self.sample_nbr).backward()
+
+    def infer_step(self):
+        """One sampled prediction without autograd (a single Monte Carlo forward)."""
+        with torch.no_grad(), self.autocast():
+            self.fwd(self.model, self.x, False)
+
+    def state_storages(self):
+        """data_ptrs of the model's own parameter and buffer storages (not extra forward memory)."""
+        ptrs = set()
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            ptrs.add(t.untyped_storage().data_ptr())
+        return ptrs
+
+    def state_bytes(self):
+        seen = {}
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return sum(seen.values())
+
+
+def build(spec):
+    return Workload(spec)
