@@ -7,8 +7,10 @@ the same Philox noise, so a seed gives the same model on every backend.
 from ._backend import extension_available, extension_load_error, get_backend, set_backend, use_backend
 from . import functional
 from . import losses, modules, utils
+from . import convert, metrics
+from .convert import bayesianize
 
 __version__ = "0.1.0"
 
 __all__ = ["extension_available", "extension_load_error", "get_backend", "set_backend", "use_backend",
-           "functional", "losses", "modules", "utils", "__version__"]
+           "bayesianize", "convert", "functional", "losses", "metrics", "modules", "utils", "__version__"]

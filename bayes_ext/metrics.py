@@ -1,0 +1,174 @@
+"""Uncertainty metrics for Bayesian models: regression intervals, entropy, BALD, calibration.
+
+Regression (predictions are Monte Carlo samples of the model output):
+
+- ``predictive_samples(model, x, samples)``: the stacked outputs of ``samples`` sampled forwards, (S, ...).
+- ``predictive_mean_std(model, x, samples)`` or ``predictive_mean_std(preds)``: mean and (unbiased,
+  ``torch.std``'s default) standard deviation over the samples.
+- ``interval_coverage(mean, std, y, std_multiplier=2)``: ``(coverage, upper, lower)``: the fraction of
+  ``y`` inside ``mean +- std_multiplier * std``, below the upper bound and above the lower bound.
+- ``evaluate_regression(regressor, X, y, samples=100, std_multiplier=2)``: the BLiTZ README's
+  function, same meaning and return value.
+
+Classification (probabilities in the last dimension; natural logarithms, entropies in nats):
+
+- ``predictive_probs(model, x, samples)``: softmax of ``samples`` sampled forwards, (S, N, C).
+- ``predictive_entropy(probs)``: H[p] = -sum p log p (0 log 0 = 0) of each distribution; give it
+  the mean over samples for the predictive entropy.
+- ``mutual_information(probs_samples)``: BALD, H[mean_s p_s] - mean_s H[p_s], over the first dimension.
+- ``expected_calibration_error(probs, labels, n_bins=15)``: sum over equal-width confidence bins
+  (i/n, (i+1)/n] of |bin| / N * |accuracy(bin) - mean confidence(bin)|, the confidence being the
+  top probability and the prediction its argmax.
+- ``reliability_diagram(probs, labels, n_bins=15)``: the per-bin data behind that sum (plot it with
+  ``bayes_ext.plots.plot_reliability_diagram``).
+
+Everything runs without autograd and returns tensors.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["predictive_samples", "predictive_mean_std", "interval_coverage", "evaluate_regression",
+           "predictive_probs", "predictive_entropy", "mutual_information", "expected_calibration_error",
+           "reliability_diagram"]
+
+
+def _as_tensor(x, name: str, floating: bool = True) -> Tensor:
+    t = torch.as_tensor(x)
+    if floating and not t.is_floating_point():
+        t = t.to(torch.get_default_dtype())
+    return t
+
+
+def _check_samples(samples) -> int:
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    return samples
+
+
+# ---- regression ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predictive_samples(model, x, samples: int = 100) -> Tensor:
+    """torch.stack of ``samples`` forwards of ``model`` on ``x`` (each a fresh weight sample): (S, ...)."""
+    samples = _check_samples(samples)
+    return torch.stack([model(x) for _ in range(samples)])
+
+
+def predictive_mean_std(model_or_preds, x=None, samples: int = 100) -> Tuple[Tensor, Tensor]:
+    """(mean, std) over Monte Carlo samples: of ``model(x)`` drawn ``samples`` times, or of a stacked
+    predictions tensor (S, ...) when a tensor is given. std is unbiased (``torch.std``'s default), as
+    in BLiTZ's ``evaluate_regression`` and ``mfvi_forward``."""
+    if isinstance(model_or_preds, Tensor):
+        if x is not None:
+            raise TypeError("pass either a model and its input or a stacked predictions tensor, not both")
+        preds = model_or_preds.detach()
+        if preds.dim() == 0 or preds.shape[0] < 2:
+            raise ValueError(f"predictions must be stacked along dimension 0 with at least 2 samples, got shape "
+                             f"{tuple(preds.shape)}")
+    else:
+        if x is None:
+            raise TypeError("predictive_mean_std(model, x, samples) needs the input x")
+        if _check_samples(samples) < 2:
+            raise ValueError("a standard deviation needs at least 2 samples")
+        preds = predictive_samples(model_or_preds, x, samples)
+    return preds.mean(dim=0), preds.std(dim=0)
+
+
+def interval_coverage(mean, std, y, std_multiplier: float = 2) -> Tuple[Tensor, Tensor, Tensor]:
+    """(coverage, upper, lower) of the interval mean +- std_multiplier * std:
+
+    - coverage: fraction of y with lower <= y <= upper,
+    - upper: fraction of y with y <= upper,
+    - lower: fraction of y with y >= lower
+
+    (BLiTZ's ``evaluate_regression`` return value, ``ic_acc, under_ci_upper, over_ci_lower``)."""
+    mean, std, y = _as_tensor(mean, "mean"), _as_tensor(std, "std"), _as_tensor(y, "y")
+    if not std_multiplier >= 0:
+        raise ValueError(f"std_multiplier must be non-negative, got {std_multiplier}")
+    upper = mean + std_multiplier * std
+    lower = mean - std_multiplier * std
+    inside = (lower <= y) & (upper >= y)
+    return inside.float().mean(), (upper >= y).float().mean(), (lower <= y).float().mean()
+
+
+def evaluate_regression(regressor, X, y, samples: int = 100, std_multiplier: float = 2):
+    """The BLiTZ README's ``evaluate_regression``: (interval accuracy, fraction under the upper bound,
+    fraction over the lower bound) of mean +- std_multiplier * std over ``samples`` sampled forwards."""
+    mean, std = predictive_mean_std(regressor, X, samples)
+    return interval_coverage(mean, std, y, std_multiplier)
+
+
+# ---- classification -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predictive_probs(model, x, samples: int = 20, dim: int = -1) -> Tensor:
+    """Softmax (over ``dim``) of ``samples`` sampled forwards of ``model`` on ``x``: (S, N, C)."""
+    samples = _check_samples(samples)
+    return torch.stack([torch.softmax(model(x), dim=dim) for _ in range(samples)])
+
+
+def _check_probs(probs, name: str = "probs") -> Tensor:
+    p = _as_tensor(probs, name)
+    if p.dim() == 0:
+        raise ValueError(f"{name} must hold class probabilities in its last dimension, got a scalar")
+    return p
+
+
+def predictive_entropy(probs) -> Tensor:
+    """Entropy -sum_c p_c log p_c (nats, 0 log 0 = 0) of each distribution in ``probs`` (..., C)."""
+    p = _check_probs(probs)
+    return -torch.special.xlogy(p, p).sum(dim=-1)
+
+
+def mutual_information(probs_samples) -> Tensor:
+    """BALD (Houlsby et al. 2011): H[mean_s p_s] - mean_s H[p_s] for probabilities (S, ..., C) of S
+    weight samples; the epistemic part of the predictive entropy (>= 0, clamped at 0 for rounding)."""
+    p = _check_probs(probs_samples, "probs_samples")
+    if p.dim() < 2:
+        raise ValueError(f"probs_samples must be (samples, ..., classes), got shape {tuple(p.shape)}")
+    mi = predictive_entropy(p.mean(dim=0)) - predictive_entropy(p).mean(dim=0)
+    return mi.clamp_min(0)
+
+
+def _confidence_bins(probs, labels, n_bins: int):
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    p = _check_probs(probs)
+    labels = torch.as_tensor(labels).to(p.device)
+    if p.dim() != 2:
+        raise ValueError(f"probs must be (N, classes), got shape {tuple(p.shape)}")
+    if labels.shape != p.shape[:1]:
+        raise ValueError(f"labels must be (N,) = ({p.shape[0]},), got shape {tuple(labels.shape)}")
+    confidence, prediction = p.max(dim=-1)
+    correct = (prediction == labels).to(p.dtype)
+    # bin b holds confidences in (b / n, (b + 1) / n]; a confidence of exactly 0 goes to bin 0
+    index = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
+    counts = torch.bincount(index, minlength=n_bins).to(p.dtype)
+    conf_sum = torch.zeros(n_bins, dtype=p.dtype, device=p.device).index_add_(0, index, confidence)
+    acc_sum = torch.zeros(n_bins, dtype=p.dtype, device=p.device).index_add_(0, index, correct)
+    return counts, conf_sum, acc_sum
+
+
+def expected_calibration_error(probs, labels, n_bins: int = 15) -> Tensor:
+    """ECE = sum_b |B_b| / N * |accuracy(B_b) - confidence(B_b)| over ``n_bins`` equal-width bins of
+    the top-class probability (Guo et al. 2017). ``probs`` (N, C), ``labels`` (N,) class indices."""
+    counts, conf_sum, acc_sum = _confidence_bins(probs, labels, n_bins)
+    return (acc_sum - conf_sum).abs().sum() / counts.sum()
+
+
+def reliability_diagram(probs, labels, n_bins: int = 15) -> Dict[str, Tensor]:
+    """The data of a reliability diagram: ``bin_edges`` (n_bins + 1), and per bin ``counts``,
+    ``confidence`` (mean top probability) and ``accuracy`` (NaN for empty bins), plus ``ece``."""
+    counts, conf_sum, acc_sum = _confidence_bins(probs, labels, n_bins)
+    nan = torch.full_like(counts, float("nan"))
+    nonempty = counts > 0
+    safe = counts.clamp_min(1)
+    return {
+        "bin_edges": torch.linspace(0, 1, n_bins + 1, dtype=counts.dtype),
+        "counts": counts,
+        "confidence": torch.where(nonempty, conf_sum / safe, nan),
+        "accuracy": torch.where(nonempty, acc_sum / safe, nan),
+        "ece": (acc_sum - conf_sum).abs().sum() / counts.sum(),
+    }
