@@ -3,7 +3,7 @@
 - CPU kernels are always built when torch and a compiler are available.
 - CUDA kernels are added when CUDA is available or FORCE_CUDA=1 (CUDA_HOME must point at a toolkit).
 - BAYES_EXT_NO_EXTENSION=1 skips the compiled kernels (the package then runs on pure PyTorch).
-- BAYES_EXT_SANITIZE=1 builds with -fsanitize=address,undefined (see tests/sanitize.sh).
+- BAYES_EXT_SANITIZE=1 builds with -fsanitize=address,undefined (see tools/sanitize.sh).
 Install with `pip install --no-build-isolation .` so the extension is built against the torch you run.
 """
 import glob
@@ -59,8 +59,8 @@ def extension_modules():
         link_flags.append("-fopenmp")
     if env_flag("BAYES_EXT_SANITIZE"):
         cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-math-errno", "-fopenmp",
-                     "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-        link_flags = ["-fopenmp", "-fsanitize=address,undefined"]
+                     "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=undefined"]
+        link_flags = ["-fopenmp", "-fsanitize=address,undefined,float-cast-overflow"]
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")]
     kwargs = dict(include_dirs=include_dirs, extra_link_args=link_flags)
     if with_cuda:

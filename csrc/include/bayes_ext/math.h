@@ -42,8 +42,9 @@ static inline float host_log_reduced(float m, float e) {
   return m + y + 0.693359375f * e;
 }
 
-// log for positive normal x (Cephes logf). Zero, denormals and inf are not handled: callers pass
-// uniforms in [2^-24, 1) or values >= 1.
+// log (Cephes logf) for positive normal x; denormals are read as tiny normals (callers never pass
+// them: uniforms are >= 2^-24 and log sigma switches to rho before sigma gets that small).
+// NaN, negative values, 0 and inf give NaN, NaN, -inf and inf like libm, with selects.
 static inline float host_logf(float x) {
   const uint32_t bits = float_as_bits(x);
   float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);
@@ -51,12 +52,16 @@ static inline float host_logf(float x) {
   const bool small = m < 0.707106781186547524f;
   e = small ? e - 1.0f : e;
   m = small ? m + m - 1.0f : m - 1.0f;
-  return host_log_reduced(m, e);
+  const float r = host_log_reduced(m, e);
+  const float special = x == 0.0f ? -__builtin_inff() : (x > 0.0f ? x : __builtin_nanf(""));
+  return (x > 0.0f && x <= 3.40282347e+38f) ? r : special;
 }
 
-// exp for x <= 88; returns exactly 0 below -87.3 instead of producing denormals.
+// exp for x <= 88; returns exactly 0 below -87.3 instead of producing denormals; NaN stays NaN.
 static inline float host_expf(float x) {
-  const float xc = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
+  // Clamped so the float -> int conversion below is always defined (NaN maps to 0 here and is
+  // restored at the end).
+  const float xc = x >= -87.3f ? (x <= 88.0f ? x : 88.0f) : (x < -87.3f ? -87.3f : 0.0f);
   // floor(xc * log2(e) + 0.5) via truncation of a positive number (vectorises without SSE4.1).
   const int32_t n = static_cast<int32_t>(xc * 1.44269504088896341f + 128.5f) - 128;
   const float fn = static_cast<float>(n);
@@ -70,7 +75,7 @@ static inline float host_expf(float x) {
   y = y * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
   const float scaled = y * bits_as_float(static_cast<uint32_t>(n + 127) << 23);
-  return x < -87.3f ? 0.0f : scaled;
+  return x < -87.3f ? 0.0f : (x == x ? scaled : x);
 }
 
 // log(1 + t) for t in [0, 1] (the only range the kernels use: t = exp(-|x|)). Reduced directly

@@ -44,7 +44,8 @@ BAYES_HOST_DEVICE T log_prior_mode(T w, const ScaleMixturePrior<T>& p) {
   const T l2 = p.a2 - p.b2 * w2;
   if (Mode == 1) return l1;
   if (Mode == 2) return l2;
-  const T d = l1 - l2;
+  // Both components are -inf at w = +-inf: d would be NaN, but log p is -inf there.
+  const T d = (l1 - l2 == l1 - l2) ? l1 - l2 : T(0);
   const T m = d > T(0) ? l1 : l2;
   return m + bx_log1p(bx_exp(d > T(0) ? -d : d));
 }
