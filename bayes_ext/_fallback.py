@@ -91,3 +91,43 @@ def sample_weight_backward(grad_w: Optional[torch.Tensor], grad_log_q: torch.Ten
 
 def philox_normal(like: torch.Tensor, seed: torch.Tensor, offset: int, start: int = 0) -> torch.Tensor:
     return eps_like(like, seed, offset, start).contiguous()
+
+
+# ---- rows of a table (Bayesian embedding lookups) -------------------------------------------------
+
+def _row_eps(mu: torch.Tensor, rows: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
+    """eps of rows `rows` (1-D int64) of the (V, D) table mu, as the whole table has them: (len(rows), D)."""
+    dim = mu.shape[1]
+    elements = rows.reshape(-1, 1) * dim + torch.arange(dim, dtype=torch.int64, device=rows.device)
+    return _philox.normal_at(elements, int(seed.item()), offset, dtype=mu.dtype)
+
+
+def sample_rows(mu: torch.Tensor, rho: torch.Tensor, indices: torch.Tensor, seed: torch.Tensor,
+                offset: int) -> torch.Tensor:
+    """Rows `indices` of w = mu + softplus(rho) * eps (eps of the whole table): indices.shape + (D,)."""
+    flat = indices.reshape(-1)
+    eps = _row_eps(mu, flat, seed, offset)
+    sigma = F.softplus(rho[flat])
+    return (mu[flat] + sigma * eps).reshape(indices.shape + (mu.shape[1],)).contiguous()
+
+
+def sample_rows_backward(grad_rows: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, indices: torch.Tensor,
+                         seed: torch.Tensor, offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense (V, D) grad_mu, grad_rho of sample_rows: the gradients of repeated indices are summed (in
+    their order of appearance) and each distinct row is then differentiated once."""
+    dim = mu.shape[1]
+    flat = indices.reshape(-1)
+    grad_mu = torch.zeros_like(mu, memory_format=torch.contiguous_format)
+    grad_rho = torch.zeros_like(rho, memory_format=torch.contiguous_format)
+    if flat.numel() == 0:
+        return grad_mu, grad_rho
+    rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    # index_add_ sums in index order on the CPU (deterministic); on CUDA it uses atomics, so this
+    # fallback is deterministic there only under torch.use_deterministic_algorithms (the compiled
+    # CUDA kernel always is).
+    g = grad_rows.new_zeros(rows.numel(), dim).index_add_(0, inverse, grad_rows.reshape(-1, dim))
+    eps = _row_eps(mu, rows, seed, offset)
+    sig = torch.sigmoid(rho[rows])
+    grad_mu[rows] = g
+    grad_rho[rows] = g * eps * sig
+    return grad_mu, grad_rho

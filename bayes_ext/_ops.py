@@ -15,6 +15,9 @@ SCHEMAS = {
                               "Tensor seed, int offset, float prior_pi, float prior_sigma1, float prior_sigma2, "
                               "bool return_weight, int start=0) -> (Tensor, Tensor, Tensor)",
     "philox_normal": "(Tensor like, Tensor seed, int offset, int start=0) -> Tensor",
+    "sample_rows": "(Tensor mu, Tensor rho, Tensor indices, Tensor seed, int offset) -> Tensor",
+    "sample_rows_backward": "(Tensor grad_rows, Tensor mu, Tensor rho, Tensor indices, Tensor seed, "
+                            "int offset) -> (Tensor, Tensor)",
 }
 
 
@@ -41,10 +44,52 @@ def _checked_philox_normal(like, seed, offset, start=0):
     return _fallback.philox_normal(like, seed, offset, start)
 
 
+def _check_row_args(mu, rho, indices, seed, offset) -> None:
+    """Mirrors check_row_args in csrc/cpu/sample_rows_cpu.cpp (value range checked on the CPU only:
+    on a GPU it would cost a device sync)."""
+    _checks.check_posterior_params(mu, rho)
+    if mu.dim() != 2:
+        raise ValueError(f"mu must be 2-D (num_embeddings, embedding_dim), got shape {tuple(mu.shape)}")
+    _checks.check_tensor(indices, "indices")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be an int64 tensor, got {indices.dtype}")
+    if indices.device != mu.device:
+        raise ValueError(f"indices must be on the device of mu ({mu.device}), got {indices.device}")
+    _checks.check_seed(seed, mu)
+    _checks.check_offset(offset)
+    _checks.check_start(0, mu.numel())
+    if indices.device.type == "cpu" and indices.numel() > 0:
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= mu.shape[0]:
+            bad = low if low < 0 else high
+            raise ValueError(f"indices must be in [0, {mu.shape[0]}), got {bad}")
+
+
+def _checked_sample_rows(mu, rho, indices, seed, offset):
+    _check_row_args(mu, rho, indices, seed, offset)
+    return _fallback.sample_rows(mu, rho, indices, seed, offset)
+
+
+def _checked_sample_rows_backward(grad_rows, mu, rho, indices, seed, offset):
+    _check_row_args(mu, rho, indices, seed, offset)
+    _checks.check_tensor(grad_rows, "grad_rows")
+    if grad_rows.dtype != mu.dtype:
+        raise TypeError(f"grad_rows must have the dtype of mu ({mu.dtype}), got {grad_rows.dtype}")
+    if grad_rows.device != mu.device:
+        raise ValueError(f"grad_rows must be on the device of mu ({mu.device}), got {grad_rows.device}")
+    expected = tuple(indices.shape) + (mu.shape[1],)
+    if tuple(grad_rows.shape) != expected:
+        raise ValueError(f"grad_rows must have shape indices.shape + (embedding_dim,) = {expected}, "
+                         f"got {tuple(grad_rows.shape)}")
+    return _fallback.sample_rows_backward(grad_rows, mu, rho, indices, seed, offset)
+
+
 _python_lib = torch.library.Library("bayes_ext_py", "DEF")
 for _name, _impl in (("sample_weight", _checked_sample_weight),
                      ("sample_weight_backward", _checked_sample_weight_backward),
-                     ("philox_normal", _checked_philox_normal)):
+                     ("philox_normal", _checked_philox_normal),
+                     ("sample_rows", _checked_sample_rows),
+                     ("sample_rows_backward", _checked_sample_rows_backward)):
     _python_lib.define(_name + SCHEMAS[_name])
     _python_lib.impl(_name, _impl, "CompositeExplicitAutograd")
 
@@ -100,6 +145,40 @@ def _register(namespace_name: str) -> None:
                                     setup_context=_philox_normal_setup_context)
 
 
+def _fake_sample_rows(mu, rho, indices, seed, offset):
+    return mu.new_empty(tuple(indices.shape) + (mu.shape[1],))
+
+
+def _fake_sample_rows_backward(grad_rows, mu, rho, indices, seed, offset):
+    like = lambda: torch.empty_like(mu, memory_format=torch.contiguous_format)
+    return like(), like()
+
+
+def _sample_rows_setup_context(ctx, inputs, output):
+    mu, rho, indices, seed, offset = inputs
+    ctx.save_for_backward(mu, rho, indices, seed)  # the rows are regenerated from the seed in backward
+    ctx.offset = offset
+
+
+def _make_sample_rows_backward(namespace):
+    def backward(ctx, grad_rows):
+        mu, rho, indices, seed = ctx.saved_tensors
+        grad_mu, grad_rho = namespace.sample_rows_backward(grad_rows.contiguous(), mu, rho, indices, seed, ctx.offset)
+        return grad_mu, grad_rho, None, None, None
+    return backward
+
+
+def _register_rows(namespace_name: str) -> None:
+    namespace = getattr(torch.ops, namespace_name)
+    torch.library.register_fake(f"{namespace_name}::sample_rows")(_fake_sample_rows)
+    torch.library.register_fake(f"{namespace_name}::sample_rows_backward")(_fake_sample_rows_backward)
+    torch.library.register_autograd(f"{namespace_name}::sample_rows", _make_sample_rows_backward(namespace),
+                                    setup_context=_sample_rows_setup_context)
+
+
 _register("bayes_ext_py")
+_register_rows("bayes_ext_py")
 if _backend.extension_available():
     _register("bayes_ext")
+    if hasattr(torch.ops.bayes_ext, "sample_rows"):  # a library built before the row ops lacks them
+        _register_rows("bayes_ext")

@@ -86,3 +86,25 @@ def normal(numel: int, seed: int, offset: int, dtype=torch.float32, device=None,
         lo = 4 * begin - skip  # position of this chunk's first element in `out`
         out[max(lo, 0):lo + eps.numel()] = eps[max(-lo, 0):numel - lo]
     return out
+
+
+def normal_at(elements: torch.Tensor, seed: int, offset: int, dtype=torch.float32) -> torch.Tensor:
+    """Standard normals of stream (seed, offset) at arbitrary element indices (an int64 tensor of
+    any shape, values in [0, 2^62)), in that shape: ``normal(...)[elements]`` without generating the
+    elements in between (rows of a table looked up by an embedding)."""
+    seed, offset = as_uint64(seed), as_uint64(offset)
+    e = elements.to(torch.int64)
+    block = e >> 2
+    lane = e & 3
+    c0 = block & MASK32
+    c1 = block >> 32
+    c2 = torch.full_like(block, offset & MASK32)
+    c3 = torch.full_like(block, offset >> 32)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, c2, c3, seed & MASK32, seed >> 32)
+    high_pair = lane >= 2  # lanes 2, 3 use (x2, x3)
+    x_even = torch.where(high_pair, x2, x0)
+    x_odd = torch.where(high_pair, x3, x1)
+    # The expressions of normal_from_words, so the values are bit-identical to normal()'s.
+    r = torch.sqrt(-2.0 * torch.log((((x_even >> 9) << 1) | 1).to(torch.float64) * TWO_POW_M24))
+    a = (x_odd >> 8).to(torch.float64) * (TWO_POW_M24 * 2.0 * math.pi)
+    return torch.where((lane & 1) == 0, r * torch.cos(a), r * torch.sin(a)).to(dtype)

@@ -23,4 +23,12 @@ TORCH_LIBRARY(bayes_ext, m) {
         "bool return_weight, int start=0) -> (Tensor, Tensor, Tensor)");
   // The standard normals of stream (seed, offset) in the shape, dtype and device of `like`.
   m.def("philox_normal(Tensor like, Tensor seed, int offset, int start=0) -> Tensor");
+  // Rows `indices` (int64, any shape, values in [0, V)) of a sample of the (V, D) table
+  // w = mu + softplus(rho) * eps, with the noise the whole table has there (row r draws stream
+  // elements r*D .. r*D + D - 1). Returns shape indices.shape + (D,). Impl: cpu/sample_rows_cpu.cpp.
+  m.def("sample_rows(Tensor mu, Tensor rho, Tensor indices, Tensor seed, int offset) -> Tensor");
+  // Dense (V, D) gradients of sample_rows w.r.t. mu and rho; repeated indices accumulate, rows not
+  // looked up get zero. Returns (grad_mu, grad_rho).
+  m.def("sample_rows_backward(Tensor grad_rows, Tensor mu, Tensor rho, Tensor indices, Tensor seed, "
+        "int offset) -> (Tensor, Tensor)");
 }

@@ -1,5 +1,6 @@
 // CPU implementation of the sampling ops: argument checks, splitting the weight into fixed chunks
-// run with at::parallel_for, and choosing the range kernels for this CPU's instruction set.
+// run with at::parallel_for; the range kernels for this CPU's instruction set come from
+// kernel_dispatch.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,6 +13,7 @@
 
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
+#include "kernel_dispatch.h"
 #include "range_kernels_api.h"
 
 namespace bayes_ext {
@@ -22,56 +24,6 @@ using namespace cpu_kernel;
 // Fixed chunk size: partial sums are per chunk and added in chunk order, so log q and log p do
 // not depend on the number of threads.
 constexpr int64_t kChunk = 16384;
-
-struct FloatKernels {
-  void (*forward)(const ForwardRange<float>&);
-  void (*backward)(const BackwardRange<float>&);
-  void (*normals)(uint64_t, uint64_t, int64_t, int64_t, int64_t, float*);
-  const char* name;
-};
-
-bool cpu_has(const char* feature) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (std::strcmp(feature, "avx2") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (std::strcmp(feature, "avx512") == 0)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
-#else
-  (void)feature;
-#endif
-  return false;
-}
-
-// BAYES_EXT_CPU_ISA=portable|avx2|avx512 caps the choice (for tests and benchmarks).
-FloatKernels choose_float_kernels() {
-  const FloatKernels portable{forward_range_portable, backward_range_portable, normals_range_portable, "portable"};
-  const FloatKernels avx2{forward_range_avx2, backward_range_avx2, normals_range_avx2, "avx2"};
-  const FloatKernels avx512{forward_range_avx512, backward_range_avx512, normals_range_avx512, "avx512"};
-  const char* env = std::getenv("BAYES_EXT_CPU_ISA");
-  const std::string cap = env == nullptr ? "avx512" : env;
-  TORCH_CHECK_VALUE(cap == "portable" || cap == "avx2" || cap == "avx512",
-                    "BAYES_EXT_CPU_ISA must be portable, avx2 or avx512, got ", cap);
-  if (cap == "avx512" && cpu_has("avx512")) return avx512;
-  if ((cap == "avx512" || cap == "avx2") && cpu_has("avx2")) return avx2;
-  return portable;
-}
-
-const FloatKernels& float_kernels() {
-  static const FloatKernels kernels = choose_float_kernels();
-  return kernels;
-}
-
-void run_forward(const ForwardRange<float>& a) { float_kernels().forward(a); }
-void run_forward(const ForwardRange<double>& a) { forward_range_portable(a); }
-void run_backward(const BackwardRange<float>& a) { float_kernels().backward(a); }
-void run_backward(const BackwardRange<double>& a) { backward_range_portable(a); }
-void run_normals(uint64_t s, uint64_t o, int64_t st, int64_t b, int64_t e, float* out) {
-  float_kernels().normals(s, o, st, b, e, out);
-}
-void run_normals(uint64_t s, uint64_t o, int64_t st, int64_t b, int64_t e, double* out) {
-  normals_range_portable(s, o, st, b, e, out);
-}
 
 int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 

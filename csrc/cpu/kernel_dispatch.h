@@ -1,0 +1,69 @@
+// Run-time choice of the CPU range kernels (portable / AVX2 / AVX-512) from the CPU's features,
+// shared by the ops' CPU implementations (sample_weight_cpu.cpp, sample_rows_cpu.cpp).
+// BAYES_EXT_CPU_ISA=portable|avx2|avx512 caps the choice (for tests and benchmarks).
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "range_kernels_api.h"
+
+namespace bayes_ext {
+namespace cpu_kernel {
+
+struct FloatKernels {
+  void (*forward)(const ForwardRange<float>&);
+  void (*backward)(const BackwardRange<float>&);
+  void (*normals)(uint64_t, uint64_t, int64_t, int64_t, int64_t, float*);
+  const char* name;
+};
+
+inline bool cpu_has(const char* feature) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (std::strcmp(feature, "avx2") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (std::strcmp(feature, "avx512") == 0)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+#else
+  (void)feature;
+#endif
+  return false;
+}
+
+inline FloatKernels choose_float_kernels() {
+  const FloatKernels portable{forward_range_portable, backward_range_portable, normals_range_portable, "portable"};
+  const FloatKernels avx2{forward_range_avx2, backward_range_avx2, normals_range_avx2, "avx2"};
+  const FloatKernels avx512{forward_range_avx512, backward_range_avx512, normals_range_avx512, "avx512"};
+  const char* env = std::getenv("BAYES_EXT_CPU_ISA");
+  const std::string cap = env == nullptr ? "avx512" : env;
+  TORCH_CHECK_VALUE(cap == "portable" || cap == "avx2" || cap == "avx512",
+                    "BAYES_EXT_CPU_ISA must be portable, avx2 or avx512, got ", cap);
+  if (cap == "avx512" && cpu_has("avx512")) return avx512;
+  if ((cap == "avx512" || cap == "avx2") && cpu_has("avx2")) return avx2;
+  return portable;
+}
+
+// Chosen once per process (an inline function's static is shared by every translation unit).
+inline const FloatKernels& float_kernels() {
+  static const FloatKernels kernels = choose_float_kernels();
+  return kernels;
+}
+
+inline void run_forward(const ForwardRange<float>& a) { float_kernels().forward(a); }
+inline void run_forward(const ForwardRange<double>& a) { forward_range_portable(a); }
+inline void run_backward(const BackwardRange<float>& a) { float_kernels().backward(a); }
+inline void run_backward(const BackwardRange<double>& a) { backward_range_portable(a); }
+inline void run_normals(uint64_t s, uint64_t o, int64_t st, int64_t b, int64_t e, float* out) {
+  float_kernels().normals(s, o, st, b, e, out);
+}
+inline void run_normals(uint64_t s, uint64_t o, int64_t st, int64_t b, int64_t e, double* out) {
+  normals_range_portable(s, o, st, b, e, out);
+}
+
+}  // namespace cpu_kernel
+}  // namespace bayes_ext

@@ -1,0 +1,196 @@
+// CUDA implementation of the row-sampling ops (Bayesian embedding lookups); see
+// cpu/sample_rows_cpu.cpp for the semantics. Each thread owns one Philox block (4 stream elements)
+// of one looked-up row, so the noise is the whole table's whatever the launch geometry. The
+// backward sorts the indices (stable) and sums the gradients of each distinct row in their order
+// of appearance inside one thread: deterministic, no atomics.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "bayes_ext/op_checks.h"
+#include "bayes_ext/posterior_math.h"
+
+namespace bayes_ext {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 65535;
+
+struct RowSeed {
+  const int64_t* device_ptr;  // non-null: read on the device (CUDA-graph friendly)
+  uint64_t host_value;
+};
+
+__device__ __forceinline__ uint64_t load_row_seed(const RowSeed& s) {
+  return s.device_ptr != nullptr ? static_cast<uint64_t>(*s.device_ptr) : s.host_value;
+}
+
+RowSeed make_row_seed(const at::Tensor& seed) {
+  if (seed.device().is_cuda()) return {seed.data_ptr<int64_t>(), 0};
+  return {nullptr, seed_value(seed)};
+}
+
+// Philox blocks a row of `dim` elements can span: its first block may start mid-block.
+__host__ __device__ __forceinline__ int64_t blocks_per_row(int64_t dim) { return (dim + 3) / 4 + 1; }
+
+int64_t grid_for_items(int64_t items) {
+  const int64_t g = (items + kThreads - 1) / kThreads;
+  return g < 1 ? 1 : (g > kMaxBlocks ? kMaxBlocks : g);
+}
+
+template <typename T>
+__global__ void rows_forward_kernel(const T* __restrict__ mu, const T* __restrict__ rho,
+                                    const int64_t* __restrict__ idx, T* __restrict__ w, int64_t n, int64_t num_rows,
+                                    int64_t dim, RowSeed seed_arg, uint64_t offset) {
+  const uint64_t seed = load_row_seed(seed_arg);
+  const int64_t per_row = blocks_per_row(dim);
+  const int64_t items = n * per_row;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < items;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t k = t / per_row, j = t % per_row;
+    const int64_t r = idx[k];
+    CUDA_KERNEL_ASSERT(r >= 0 && r < num_rows);
+    const int64_t row_start = r * dim;
+    const int64_t b = row_start / 4 + j;
+    if (4 * b >= row_start + dim) continue;
+    T eps[4];
+    block_normals<T>(seed, offset, static_cast<uint64_t>(b), eps);
+#pragma unroll
+    for (int lane = 0; lane < 4; ++lane) {
+      const int64_t i = 4 * b + lane - row_start;  // column of stream element 4b + lane
+      if (i >= 0 && i < dim) {
+        const Softplus<T> sp = softplus_terms(rho[row_start + i]);
+        w[k * dim + i] = mu[row_start + i] + sp.sigma * eps[lane];
+      }
+    }
+  }
+}
+
+// One item per (distinct row u, Philox block j of that row).
+template <typename T>
+__global__ void rows_backward_kernel(const T* __restrict__ grad_rows, const T* __restrict__ mu,
+                                     const T* __restrict__ rho, const int64_t* __restrict__ sorted_idx,
+                                     const int64_t* __restrict__ perm, const int64_t* __restrict__ group_start,
+                                     const int64_t* __restrict__ group_count, T* __restrict__ grad_mu,
+                                     T* __restrict__ grad_rho, int64_t groups, int64_t num_rows, int64_t dim,
+                                     RowSeed seed_arg, uint64_t offset) {
+  const uint64_t seed = load_row_seed(seed_arg);
+  const int64_t per_row = blocks_per_row(dim);
+  const int64_t items = groups * per_row;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < items;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t u = t / per_row, j = t % per_row;
+    const int64_t first = group_start[u], count = group_count[u];
+    const int64_t r = sorted_idx[first];
+    CUDA_KERNEL_ASSERT(r >= 0 && r < num_rows);
+    const int64_t row_start = r * dim;
+    const int64_t b = row_start / 4 + j;
+    if (4 * b >= row_start + dim) continue;
+    T eps[4];
+    block_normals<T>(seed, offset, static_cast<uint64_t>(b), eps);
+#pragma unroll
+    for (int lane = 0; lane < 4; ++lane) {
+      const int64_t i = 4 * b + lane - row_start;
+      if (i >= 0 && i < dim) {
+        T g = T(0);
+        for (int64_t m = first; m < first + count; ++m) g += grad_rows[perm[m] * dim + i];
+        const Softplus<T> sp = softplus_terms(rho[row_start + i]);
+        grad_mu[row_start + i] = g;
+        grad_rho[row_start + i] = g * eps[lane] * sp.sigmoid;
+      }
+    }
+  }
+}
+
+void check_row_args_cuda(const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& indices,
+                         const at::Tensor& seed, int64_t offset) {
+  check_posterior_params(mu, rho);
+  TORCH_CHECK_VALUE(mu.dim() == 2, "mu must be 2-D (num_embeddings, embedding_dim), got shape ", mu.sizes());
+  TORCH_CHECK_VALUE(mu.device().is_cuda(), "mu must be a CUDA tensor for the CUDA kernel, got ", mu.device());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices must be an int64 tensor, got ",
+                   indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.device() == mu.device(), "indices must be on the device of mu (", mu.device(), "), got ",
+                    indices.device());
+  check_seed(seed, mu);
+  check_offset(offset);
+  check_start(0, mu.numel());
+}
+
+std::vector<int64_t> row_shape_cuda(const at::Tensor& indices, int64_t dim) {
+  std::vector<int64_t> shape = indices.sizes().vec();
+  shape.push_back(dim);
+  return shape;
+}
+
+at::Tensor sample_rows_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in, const at::Tensor& indices,
+                            const at::Tensor& seed, int64_t offset) {
+  check_row_args_cuda(mu_in, rho_in, indices, seed, offset);
+  const c10::cuda::CUDAGuard guard(mu_in.device());
+  const at::Tensor mu = mu_in.contiguous();
+  const at::Tensor rho = rho_in.contiguous();
+  const at::Tensor idx = indices.contiguous();
+  const int64_t num_rows = mu.size(0), dim = mu.size(1), n = idx.numel();
+  at::Tensor w = at::empty(row_shape_cuda(indices, dim), mu.options());
+  if (n == 0 || dim == 0) return w;
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_rows_cuda", [&] {
+    rows_forward_kernel<scalar_t><<<grid_for_items(n * blocks_per_row(dim)), kThreads, 0,
+                                    at::cuda::getCurrentCUDAStream()>>>(
+        mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), n,
+        num_rows, dim, make_row_seed(seed), static_cast<uint64_t>(offset));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return w;
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_rows_backward_cuda(const at::Tensor& grad_rows_in, const at::Tensor& mu_in,
+                                                             const at::Tensor& rho_in, const at::Tensor& indices,
+                                                             const at::Tensor& seed, int64_t offset) {
+  check_row_args_cuda(mu_in, rho_in, indices, seed, offset);
+  const int64_t num_rows = mu_in.size(0), dim = mu_in.size(1);
+  TORCH_CHECK_TYPE(grad_rows_in.scalar_type() == mu_in.scalar_type(), "grad_rows must have the dtype of mu (",
+                   mu_in.scalar_type(), "), got ", grad_rows_in.scalar_type());
+  TORCH_CHECK_VALUE(grad_rows_in.device() == mu_in.device(), "grad_rows must be on the device of mu (", mu_in.device(),
+                    "), got ", grad_rows_in.device());
+  TORCH_CHECK_VALUE(grad_rows_in.sizes() == at::IntArrayRef(row_shape_cuda(indices, dim)),
+                    "grad_rows must have shape indices.shape + (embedding_dim,) = ", row_shape_cuda(indices, dim),
+                    ", got ", grad_rows_in.sizes());
+  const c10::cuda::CUDAGuard guard(mu_in.device());
+  const at::Tensor mu = mu_in.contiguous();
+  const at::Tensor rho = rho_in.contiguous();
+  const at::Tensor idx = indices.contiguous().reshape({-1});
+  const int64_t n = idx.numel();
+  at::Tensor grad_mu = at::zeros(mu.sizes(), mu.options());
+  at::Tensor grad_rho = at::zeros(mu.sizes(), mu.options());
+  if (n == 0 || dim == 0) return {grad_mu, grad_rho};
+  const at::Tensor grad_rows = grad_rows_in.contiguous().reshape({n, dim});
+  const auto sorted = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor sorted_idx = std::get<0>(sorted).contiguous();
+  const at::Tensor perm = std::get<1>(sorted).contiguous();
+  const auto uniq = at::unique_consecutive(sorted_idx, /*return_inverse=*/false, /*return_counts=*/true);
+  const at::Tensor counts = std::get<2>(uniq).contiguous();
+  const at::Tensor starts = (at::cumsum(counts, 0) - counts).contiguous();
+  const int64_t groups = counts.numel();
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_rows_backward_cuda", [&] {
+    rows_backward_kernel<scalar_t><<<grid_for_items(groups * blocks_per_row(dim)), kThreads, 0,
+                                     at::cuda::getCurrentCUDAStream()>>>(
+        grad_rows.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(),
+        sorted_idx.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+        counts.data_ptr<int64_t>(), grad_mu.data_ptr<scalar_t>(), grad_rho.data_ptr<scalar_t>(), groups, num_rows,
+        dim, make_row_seed(seed), static_cast<uint64_t>(offset));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_mu, grad_rho};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bayes_ext, CUDA, m) {
+  m.impl("sample_rows", &sample_rows_cuda);
+  m.impl("sample_rows_backward", &sample_rows_backward_cuda);
+}
+
+}  // namespace bayes_ext
