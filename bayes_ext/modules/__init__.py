@@ -11,5 +11,5 @@ from .weight_sampler import PriorWeightDistribution, TrainableRandomDistribution
 
 __all__ = ["BayesianModule", "BayesianLinear", "BayesianConv1d", "BayesianConv2d", "BayesianConv3d",
            "BayesianConvTranspose1d", "BayesianConvTranspose2d", "BayesianConvTranspose3d", "BayesianRNN",
-           "BayesianLSTM", "BayesianGRU", "PriorWeightDistribution", "TrainableRandomDistribution"]
-__all__.append("BayesianEmbedding")
+           "BayesianLSTM", "BayesianGRU", "BayesianEmbedding", "PriorWeightDistribution",
+           "TrainableRandomDistribution"]
