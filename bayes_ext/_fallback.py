@@ -66,32 +66,59 @@ def eps_like(t: torch.Tensor, seed: torch.Tensor, offset: int, start: int = 0) -
                           start=start).reshape(t.shape)
 
 
+# The elementwise work goes chunk by chunk, right after each chunk's noise is drawn, so eager
+# torch's dozen passes stay in cache instead of streaming weight-sized temporaries (CPU only:
+# a GPU prefers one large launch).
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _chunks(t: torch.Tensor):
+    n = t.numel()
+    step = CHUNK_ELEMENTS if t.device.type == "cpu" else max(n, 1)
+    return [(b, min(b + step, n)) for b in range(0, n, step)]
+
+
 def sample_weight(mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offset: int, prior_pi: float,
                   prior_sigma1: float, prior_sigma2: float, start: int = 0
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    eps = eps_like(mu, seed, offset, start)
-    sigma, log_sigma, _, _ = softplus_terms(rho)
-    w = mu + sigma * eps
+    mu_flat, rho_flat = mu.reshape(-1), rho.reshape(-1)
+    w = torch.empty_like(mu_flat)
     acc = torch.float64  # sum in double like the kernels
-    log_q = (-log_sigma - 0.5 * eps * eps).sum(dtype=acc) - HALF_LOG_2PI * mu.numel()
-    log_p = log_prior_terms(w, prior_pi, prior_sigma1, prior_sigma2).sum(dtype=acc)
-    return w.contiguous(), log_q.to(mu.dtype), log_p.to(mu.dtype)
+    log_q = torch.zeros((), dtype=acc, device=mu.device)
+    log_p = torch.zeros((), dtype=acc, device=mu.device)
+    seed_value = int(seed.item())
+    for b, e in _chunks(mu_flat):
+        eps = _philox.normal(e - b, seed_value, offset, dtype=mu.dtype, device=mu.device, start=start + b)
+        r = rho_flat[b:e]
+        sigma = softplus(r)
+        log_sigma = torch.where(r < SOFTPLUS_TINY_RHO, r, sigma.log())
+        w_chunk = torch.addcmul(mu_flat[b:e], sigma, eps, out=w[b:e])
+        log_q -= log_sigma.sum(dtype=acc) + 0.5 * (eps * eps).sum(dtype=acc)
+        log_p += log_prior_terms(w_chunk, prior_pi, prior_sigma1, prior_sigma2).sum(dtype=acc)
+    log_q -= HALF_LOG_2PI * mu.numel()
+    return w.reshape(mu.shape), log_q.to(mu.dtype), log_p.to(mu.dtype)
 
 
 def sample_weight_backward(grad_w: Optional[torch.Tensor], grad_log_q: torch.Tensor, grad_log_p: torch.Tensor,
                            mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offset: int, prior_pi: float,
                            prior_sigma1: float, prior_sigma2: float, return_weight: bool, start: int = 0):
-    eps = eps_like(mu, seed, offset, start)
-    sigma, _, sig, dlog_sigma = softplus_terms(rho)
-    w = mu + sigma * eps
+    mu_flat, rho_flat = mu.reshape(-1), rho.reshape(-1)
+    grad_w_flat = None if grad_w is None else grad_w.reshape(-1)
     glq = grad_log_q.reshape(()).to(device=mu.device, dtype=mu.dtype)
     glp = grad_log_p.reshape(()).to(device=mu.device, dtype=mu.dtype)
-    g = glp * dlog_prior(w, prior_pi, prior_sigma1, prior_sigma2)
-    if grad_w is not None:
-        g = g + grad_w
-    grad_rho = g * eps * sig - glq * dlog_sigma
-    w_out = w.contiguous() if return_weight else mu.new_empty(0)
-    return g.contiguous(), grad_rho.contiguous(), w_out
+    grad_mu, grad_rho = torch.empty_like(mu_flat), torch.empty_like(mu_flat)
+    w = torch.empty_like(mu_flat) if return_weight else mu.new_empty(0)
+    seed_value = int(seed.item())
+    for b, e in _chunks(mu_flat):
+        eps = _philox.normal(e - b, seed_value, offset, dtype=mu.dtype, device=mu.device, start=start + b)
+        sigma, _, sig, dlog_sigma = softplus_terms(rho_flat[b:e])
+        w_chunk = torch.addcmul(mu_flat[b:e], sigma, eps, out=w[b:e] if return_weight else None)
+        g = torch.mul(dlog_prior(w_chunk, prior_pi, prior_sigma1, prior_sigma2), glp, out=grad_mu[b:e])
+        if grad_w_flat is not None:
+            g += grad_w_flat[b:e]
+        torch.sub(g * eps * sig, dlog_sigma * glq, out=grad_rho[b:e])
+    out_shape = mu.shape
+    return grad_mu.reshape(out_shape), grad_rho.reshape(out_shape), w.reshape(out_shape) if return_weight else w
 
 
 def philox_normal(like: torch.Tensor, seed: torch.Tensor, offset: int, start: int = 0) -> torch.Tensor:
