@@ -24,7 +24,7 @@ Classification (probabilities in the last dimension; natural logarithms, entropi
 
 Everything runs without autograd and returns tensors.
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import Tensor

@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 import torch
+
+from bayes_ext import functional as BF
 import torch.nn.functional as F
 
 MASK32 = np.uint64(0xFFFFFFFF)
@@ -120,3 +122,18 @@ def ref_grads(mu, rho, eps, prior, grad_w, a, b):
 
 def to64(*tensors):
     return tuple(t.detach().to(torch.float64) for t in tensors)
+
+
+class SeedRecorder:
+    """Wraps bayes_ext.functional.draw_seed to remember every seed a forward draws."""
+
+    def __init__(self, monkeypatch):
+        self.seeds = []
+        original = BF.draw_seed
+
+        def draw_seed(*args, **kwargs):
+            seed = original(*args, **kwargs)
+            self.seeds.append(seed.clone())
+            return seed
+
+        monkeypatch.setattr(BF, "draw_seed", draw_seed)

@@ -13,13 +13,12 @@ from torch.func import functional_call
 
 import bayes_ext
 from bayes_ext import _backend
-from bayes_ext import functional as BF
 from bayes_ext import functional_conv as BFC
 from bayes_ext.losses import kl_divergence_from_nn
 from bayes_ext.modules import (BayesianConv1d, BayesianConv2d, BayesianConv3d, BayesianConvTranspose1d,
                                BayesianConvTranspose2d, BayesianConvTranspose3d, BayesianLinear)
 from bayes_ext.utils import variational_estimator
-from helpers import ref_log_prior_terms, ref_sample, seed_tensor, to64
+from helpers import SeedRecorder, ref_log_prior_terms, ref_sample, seed_tensor, to64
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
@@ -64,21 +63,6 @@ def _one_thread():
     """These tensors are tiny: with two intra-op threads on a loaded machine every convolution
     waits on an OpenMP barrier (25 ms instead of 0.03 ms). conftest restores the thread count."""
     torch.set_num_threads(1)
-
-
-class SeedRecorder:
-    """Wraps bayes_ext.functional.draw_seed to remember every seed a forward draws."""
-
-    def __init__(self, monkeypatch):
-        self.seeds = []
-        original = BF.draw_seed
-
-        def draw_seed(*args, **kwargs):
-            seed = original(*args, **kwargs)
-            self.seeds.append(seed.clone())
-            return seed
-
-        monkeypatch.setattr(BF, "draw_seed", draw_seed)
 
 
 def make_layer(cls, kwargs, dtype=torch.float32, **extra):

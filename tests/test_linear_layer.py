@@ -11,24 +11,9 @@ import bayes_ext
 from bayes_ext import _backend
 from bayes_ext import functional as BF
 from bayes_ext.modules import BayesianLinear
-from helpers import ref_log_prior_terms, ref_sample, seed_tensor, to64
+from helpers import SeedRecorder, ref_log_prior_terms, ref_sample, seed_tensor, to64
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
-class SeedRecorder:
-    """Wraps bayes_ext.functional.draw_seed to remember every seed a forward draws."""
-
-    def __init__(self, monkeypatch):
-        self.seeds = []
-        original = BF.draw_seed
-
-        def draw_seed(*args, **kwargs):
-            seed = original(*args, **kwargs)
-            self.seeds.append(seed.clone())
-            return seed
-
-        monkeypatch.setattr(BF, "draw_seed", draw_seed)
 
 
 def rebuild(layer, seed):

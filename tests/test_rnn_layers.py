@@ -14,7 +14,7 @@ from bayes_ext import functional as BF
 from bayes_ext.modules import BayesianGRU, BayesianLinear, BayesianLSTM, BayesianModule, BayesianRNN
 from bayes_ext.utils import load_blitz_state_dict
 from bayes_ext.utils import variational_estimator
-from helpers import ref_sample
+from helpers import SeedRecorder, ref_sample
 
 try:
     import blitz.modules as blitz_modules
@@ -24,21 +24,6 @@ except Exception:  # pragma: no cover - BLiTZ is optional
 needs_blitz = pytest.mark.skipif(blitz_modules is None, reason="blitz-bayesian-pytorch is not installed")
 NAMES = ("weight_ih", "weight_hh", "bias")
 LAYERS = {"lstm": BayesianLSTM, "gru": BayesianGRU}
-
-
-class SeedRecorder:
-    """Wraps bayes_ext.functional.draw_seed to remember every seed a forward draws."""
-
-    def __init__(self, monkeypatch):
-        self.seeds = []
-        original = BF.draw_seed
-
-        def draw_seed(*args, **kwargs):
-            seed = original(*args, **kwargs)
-            self.seeds.append(seed.clone())
-            return seed
-
-        monkeypatch.setattr(BF, "draw_seed", draw_seed)
 
 
 def make(kind, in_f=3, hidden=4, **kwargs):

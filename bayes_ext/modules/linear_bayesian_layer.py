@@ -1,7 +1,6 @@
 """BayesianLinear: BLiTZ's layer on the fused sample + matmul op."""
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import functional as BF
 from ._posterior import GaussianPosteriorMixin, posterior_parameter

@@ -24,17 +24,7 @@ constexpr int64_t kRowChunk = 16384;  // elements per parallel task (rows are gr
 
 int64_t rows_grain(int64_t dim) { return std::max<int64_t>(1, kRowChunk / std::max<int64_t>(dim, 1)); }
 
-void check_row_args(const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& indices, const at::Tensor& seed,
-                    int64_t offset) {
-  check_posterior_params(mu, rho);
-  TORCH_CHECK_VALUE(mu.dim() == 2, "mu must be 2-D (num_embeddings, embedding_dim), got shape ", mu.sizes());
-  TORCH_CHECK_TYPE(indices.defined() && indices.scalar_type() == at::kLong, "indices must be an int64 tensor, got ",
-                   indices.defined() ? c10::toString(indices.scalar_type()) : "None");
-  TORCH_CHECK_VALUE(indices.device() == mu.device(), "indices must be on the device of mu (", mu.device(), "), got ",
-                    indices.device());
-  check_seed(seed, mu);
-  check_offset(offset);
-  check_start(0, mu.numel());
+void check_cpu(const at::Tensor& mu) {
   TORCH_CHECK_VALUE(mu.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu.device());
 }
 
@@ -47,15 +37,10 @@ void check_index_range(const at::Tensor& idx, int64_t num_rows) {
                       " at flat position ", k);
 }
 
-std::vector<int64_t> row_shape(const at::Tensor& indices, int64_t dim) {
-  std::vector<int64_t> shape = indices.sizes().vec();
-  shape.push_back(dim);
-  return shape;
-}
-
 at::Tensor sample_rows_cpu(const at::Tensor& mu_in, const at::Tensor& rho_in, const at::Tensor& indices,
                            const at::Tensor& seed, int64_t offset) {
   check_row_args(mu_in, rho_in, indices, seed, offset);
+  check_cpu(mu_in);
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   const at::Tensor idx = indices.contiguous();
@@ -87,14 +72,9 @@ std::tuple<at::Tensor, at::Tensor> sample_rows_backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& rho_in, const at::Tensor& indices,
                                                             const at::Tensor& seed, int64_t offset) {
   check_row_args(mu_in, rho_in, indices, seed, offset);
+  check_cpu(mu_in);
+  check_grad_rows(grad_rows_in, mu_in, indices);
   const int64_t num_rows = mu_in.size(0), dim = mu_in.size(1);
-  TORCH_CHECK_TYPE(grad_rows_in.scalar_type() == mu_in.scalar_type(), "grad_rows must have the dtype of mu (",
-                   mu_in.scalar_type(), "), got ", grad_rows_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_rows_in.device() == mu_in.device(), "grad_rows must be on the device of mu (", mu_in.device(),
-                    "), got ", grad_rows_in.device());
-  TORCH_CHECK_VALUE(grad_rows_in.sizes() == at::IntArrayRef(row_shape(indices, dim)),
-                    "grad_rows must have shape indices.shape + (embedding_dim,) = ", row_shape(indices, dim),
-                    ", got ", grad_rows_in.sizes());
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   const at::Tensor idx = indices.contiguous().reshape({-1});

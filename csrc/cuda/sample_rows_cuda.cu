@@ -106,35 +106,20 @@ __global__ void rows_backward_kernel(const T* __restrict__ grad_rows, const T* _
   }
 }
 
-void check_row_args_cuda(const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& indices,
-                         const at::Tensor& seed, int64_t offset) {
-  check_posterior_params(mu, rho);
-  TORCH_CHECK_VALUE(mu.dim() == 2, "mu must be 2-D (num_embeddings, embedding_dim), got shape ", mu.sizes());
+void check_cuda(const at::Tensor& mu) {
   TORCH_CHECK_VALUE(mu.device().is_cuda(), "mu must be a CUDA tensor for the CUDA kernel, got ", mu.device());
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices must be an int64 tensor, got ",
-                   indices.scalar_type());
-  TORCH_CHECK_VALUE(indices.device() == mu.device(), "indices must be on the device of mu (", mu.device(), "), got ",
-                    indices.device());
-  check_seed(seed, mu);
-  check_offset(offset);
-  check_start(0, mu.numel());
-}
-
-std::vector<int64_t> row_shape_cuda(const at::Tensor& indices, int64_t dim) {
-  std::vector<int64_t> shape = indices.sizes().vec();
-  shape.push_back(dim);
-  return shape;
 }
 
 at::Tensor sample_rows_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in, const at::Tensor& indices,
                             const at::Tensor& seed, int64_t offset) {
-  check_row_args_cuda(mu_in, rho_in, indices, seed, offset);
+  check_row_args(mu_in, rho_in, indices, seed, offset);
+  check_cuda(mu_in);
   const c10::cuda::CUDAGuard guard(mu_in.device());
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   const at::Tensor idx = indices.contiguous();
   const int64_t num_rows = mu.size(0), dim = mu.size(1), n = idx.numel();
-  at::Tensor w = at::empty(row_shape_cuda(indices, dim), mu.options());
+  at::Tensor w = at::empty(row_shape(indices, dim), mu.options());
   if (n == 0 || dim == 0) return w;
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_rows_cuda", [&] {
     rows_forward_kernel<scalar_t><<<grid_for_items(n * blocks_per_row(dim)), kThreads, 0,
@@ -149,15 +134,10 @@ at::Tensor sample_rows_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in, c
 std::tuple<at::Tensor, at::Tensor> sample_rows_backward_cuda(const at::Tensor& grad_rows_in, const at::Tensor& mu_in,
                                                              const at::Tensor& rho_in, const at::Tensor& indices,
                                                              const at::Tensor& seed, int64_t offset) {
-  check_row_args_cuda(mu_in, rho_in, indices, seed, offset);
+  check_row_args(mu_in, rho_in, indices, seed, offset);
+  check_cuda(mu_in);
   const int64_t num_rows = mu_in.size(0), dim = mu_in.size(1);
-  TORCH_CHECK_TYPE(grad_rows_in.scalar_type() == mu_in.scalar_type(), "grad_rows must have the dtype of mu (",
-                   mu_in.scalar_type(), "), got ", grad_rows_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_rows_in.device() == mu_in.device(), "grad_rows must be on the device of mu (", mu_in.device(),
-                    "), got ", grad_rows_in.device());
-  TORCH_CHECK_VALUE(grad_rows_in.sizes() == at::IntArrayRef(row_shape_cuda(indices, dim)),
-                    "grad_rows must have shape indices.shape + (embedding_dim,) = ", row_shape_cuda(indices, dim),
-                    ", got ", grad_rows_in.sizes());
+  check_grad_rows(grad_rows_in, mu_in, indices);
   const c10::cuda::CUDAGuard guard(mu_in.device());
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 namespace bayes_ext {
 
 inline void check_floating(const at::Tensor& t, const char* name) {
@@ -62,6 +64,39 @@ inline void check_grad_w(const c10::optional<at::Tensor>& grad_w, const at::Tens
                    mu.scalar_type(), "), got ", grad_w->scalar_type());
   TORCH_CHECK_VALUE(grad_w->device() == mu.device(), "grad_w must be on the device of mu (",
                     mu.device(), "), got ", grad_w->device());
+}
+
+// The row ops (embedding lookups): mu / rho are the (V, D) table, indices int64 on mu's device.
+// The index range is checked by the CPU kernel only (on a GPU it would cost a sync).
+inline void check_row_args(const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& indices,
+                           const at::Tensor& seed, int64_t offset) {
+  check_posterior_params(mu, rho);
+  TORCH_CHECK_VALUE(mu.dim() == 2, "mu must be 2-D (num_embeddings, embedding_dim), got shape ", mu.sizes());
+  TORCH_CHECK_TYPE(indices.defined() && indices.scalar_type() == at::kLong, "indices must be an int64 tensor, got ",
+                   indices.defined() ? c10::toString(indices.scalar_type()) : "None");
+  TORCH_CHECK_VALUE(indices.device() == mu.device(), "indices must be on the device of mu (", mu.device(), "), got ",
+                    indices.device());
+  check_seed(seed, mu);
+  check_offset(offset);
+  check_start(0, mu.numel());
+}
+
+// indices.shape + (dim,): the shape of the looked-up rows.
+inline std::vector<int64_t> row_shape(const at::Tensor& indices, int64_t dim) {
+  std::vector<int64_t> shape = indices.sizes().vec();
+  shape.push_back(dim);
+  return shape;
+}
+
+inline void check_grad_rows(const at::Tensor& grad_rows, const at::Tensor& mu, const at::Tensor& indices) {
+  TORCH_CHECK_TYPE(grad_rows.scalar_type() == mu.scalar_type(), "grad_rows must have the dtype of mu (",
+                   mu.scalar_type(), "), got ", grad_rows.scalar_type());
+  TORCH_CHECK_VALUE(grad_rows.device() == mu.device(), "grad_rows must be on the device of mu (", mu.device(),
+                    "), got ", grad_rows.device());
+  const std::vector<int64_t> expected = row_shape(indices, mu.size(1));
+  TORCH_CHECK_VALUE(grad_rows.sizes() == at::IntArrayRef(expected),
+                    "grad_rows must have shape indices.shape + (embedding_dim,) = ", expected, ", got ",
+                    grad_rows.sizes());
 }
 
 // The seed's bits as the unsigned Philox key (reads a CUDA seed with a sync; CUDA kernels read it
