@@ -27,11 +27,12 @@ def finite(results):
             assert math.isfinite(value), (key, value)
 
 
-def test_bayesian_regression_example():
+def test_bayesian_regression_example(tmp_path):
     example = load_example("bayesian_regression")
-    regressor, (coverage, upper, lower) = example.main(epochs=1, verbose=False)
+    regressor, (coverage, upper, lower) = example.main(epochs=1, verbose=False, out=str(tmp_path))
     for value in (coverage, upper, lower):
         assert 0 <= float(value) <= 1
+    assert (tmp_path / "bayesian_regression.png").stat().st_size > 0
 
 
 def test_digits_example(tmp_path):
