@@ -25,6 +25,7 @@ except ImportError:  # e.g. an offline GPU machine: plain lines instead of a bar
     from report import PlainBar as tqdm
 
 import cases  # noqa: E402
+import layer_cases  # noqa: E402
 import memory  # noqa: E402
 import opbench  # noqa: E402
 import report  # noqa: E402
@@ -44,16 +45,19 @@ PLANS = {
     "quick": dict(shapes=[(8, 64, 64), (32, 256, 128)], s3_cases=MULTI, warmup=1, budget_s=0.02,
                   min_reps=2, max_reps=2, cap_s=60.0, mem_shapes=[(8, 64, 64)], mem_s3=False,
                   tf=dict(n_blocks=2, d_model=64, n_heads=4, d_mlp=128, batch=2, tokens=16),
-                  tf_cases=TF_CASES, ops=[(256, 256)], op_reps=3),
+                  tf_cases=TF_CASES, ops=[(256, 256)], op_reps=3,
+                  other=dict(warmup=1, budget_s=0.02, min_reps=2, max_reps=2, cap_s=60.0)),
     "default": dict(shapes=[(64, 1024, 1024), (1024, 1024, 1024), (16, 4096, 4096)], s3_cases=MULTI,
                     warmup=2, budget_s=1.5, min_reps=3, max_reps=25, cap_s=12.0, mem_shapes="all",
                     mem_s3=True,
-                    tf=TF_FULL, tf_cases=TF_CASES, ops=[(4096, 4096), (1024, 1024)], op_reps=10),
+                    tf=TF_FULL, tf_cases=TF_CASES, ops=[(4096, 4096), (1024, 1024)], op_reps=10,
+                    other=dict(warmup=2, budget_s=1.0, min_reps=3, max_reps=25, cap_s=3.0)),
     "full": dict(shapes=[(64, 1024, 1024), (1024, 1024, 1024), (256, 2048, 2048), (16, 4096, 4096)],
                  s3_cases=ALL, warmup=3, budget_s=8.0, min_reps=7, max_reps=100, cap_s=120.0,
                  mem_shapes="all",
                  mem_s3=True, tf=TF_FULL, tf_cases=TF_CASES + ["bayes_ext_py"],
-                 ops=[(4096, 4096), (1024, 1024)], op_reps=30),
+                 ops=[(4096, 4096), (1024, 1024)], op_reps=30,
+                 other=dict(warmup=3, budget_s=4.0, min_reps=7, max_reps=100, cap_s=30.0)),
 }
 
 
@@ -71,8 +75,9 @@ def parse_args():
 
 
 class Bench:
-    def __init__(self, args, plan, avail):
-        self.args, self.plan, self.avail = args, plan, avail
+    def __init__(self, args, plan, avail, mode):
+        self.args, self.plan, self.avail, self.mode = args, plan, avail, mode
+        self.other_avail = {n: layer_cases.availability(n) for n in layer_cases.VARIANTS}
         self.rows, self.notes = [], []
         self._worker = None
         self.bar = None
@@ -148,6 +153,69 @@ class Bench:
                            f"{r['train']['median_ms']:9.1f} ms  {r['ratio']['train']['median']:6.2f}x Linear")
         self.rows += out
 
+    # -- "Other layers": conv / LSTM / GRU / embedding against their torch.nn layer -----------
+    def other_variants(self, names):
+        """nn always (the floor); the bayes_ext rows unless --cases leaves bayes_ext out; BLiTZ likewise."""
+        keep = {"nn": True, "bayes_ext": "bayes_ext" in self.args.only,
+                "bayes_ext_cf": "bayes_ext" in self.args.only, "blitz": "blitz" in self.args.only}
+        return [n for n in names if keep[n]]
+
+    def other_plan(self):
+        plan = layer_cases.layer_plan(self.mode)
+        return [(t, cfg, self.other_variants(names)) for t, cfg, names in plan
+                if len(self.other_variants(names)) > 1]
+
+    def other_group(self, title, cfg, names, amp):
+        shape_str = layer_cases.shape_str(cfg)
+        target_case, target = layer_cases.TARGETS[cfg["layer"]]
+        rows = {}
+        for n in names:
+            ok, note = self.other_avail[n]
+            rows[n] = dict(section="other", layer=title, shape=shape_str, sample_nbr=1, amp=amp,
+                           case=n, label=layer_cases.label(n, cfg), kl=layer_cases.VARIANTS[n].kl,
+                           note=note, ok=ok, target=target if n == target_case else None)
+        base = dict(kind="other", shape=cfg, sample_nbr=1, device=self.args.device, amp=amp)
+        runners = {}
+        for n in names:
+            if not rows[n]["ok"]:
+                continue
+            try:
+                runners[n] = timing.LocalRunner(dict(base, case=n), "train")
+            except Exception as e:
+                rows[n]["note"] = "failed to build: " + str(e).strip().splitlines()[-1][:150]
+        self._where = f"{title} {amp} train"
+        # One untimed first step per case before round_robin's warm-up: these layers' first step
+        # carries one-time costs (first-touch page faults of a 100k-row table's gradients, RNN
+        # weight setup) of up to 10x a steady step, which round_robin would otherwise keep as the
+        # only repeat (a warm-up over 2 s counts) or use to size the repeats.
+        for n in list(runners):
+            try:
+                self._tick_other(n, "first step")
+                runners[n].run(1)
+            except Exception:  # round_robin's warm-up reports the error
+                pass
+        o = self.plan["other"]
+        times, failed = timing.round_robin(runners, o["warmup"], o["budget_s"], o["min_reps"],
+                                           o["max_reps"], o["cap_s"], tick=self._tick_other)
+        for n, r in runners.items():
+            r.close()
+            rows[n]["train"] = timing.summarize(times[n])
+            if n in failed:
+                rows[n]["note"] = f"train failed: {failed[n]}"
+        runners = None
+        gc.collect()
+        self.bar.update(1)
+        out = list(rows.values())
+        report.add_ratios(out)
+        for r in out:
+            if "train" in r.get("ratio", {}) and r["case"] != "nn":
+                tqdm.write(f"  {title:>16} {amp} {r['label']:<34} train "
+                           f"{r['train']['median_ms']:9.1f} ms  {r['ratio']['train']['median']:6.2f}x nn")
+        self.rows += out
+
+    def _tick_other(self, key, what):
+        self._status(f"{self._where}: {layer_cases.VARIANTS[key].label} {what}", force=False)
+
     def _status(self, text, force=True):
         # Throttled: slow cases show their repeat count, fast ones do not flood a log file.
         now = time.time()
@@ -169,6 +237,7 @@ class Bench:
                     if self.mem_here(shape, s):
                         n += sum(self.avail[c][0] for c in names)
             n += 2 + sum(self.avail[c][0] for c in self.tf_cases())
+            n += len(self.other_plan())
         return n + 1
 
     def layer_cases(self, s):
@@ -195,6 +264,11 @@ class Bench:
                 tf = p["tf"]
                 tf_str = f"{tf['batch']}x{tf['tokens']} d{tf['d_model']} L{tf['n_blocks']}"
                 self.group("transformer", tf, tf_str, 1, amp, self.tf_cases(), ["train", "infer"], True)
+                t_other = time.time()
+                for title, cfg, names in self.other_plan():
+                    self.other_group(title, cfg, names, amp)
+                if self.other_plan():
+                    self.notes.append(f"other layers ({amp}): {time.time() - t_other:.1f} s")
             self._status("sampling op")
             have_ext = self.avail["bayes_ext"][0]
             try:
@@ -230,7 +304,7 @@ def main():
     avail = {n: cases.availability(n) for n in ALL}
     info = report.machine_info(args.device)
     amps = ["fp32", "bf16"] if args.device == "cuda" else ["fp32"]
-    bench = Bench(args, plan, avail)
+    bench = Bench(args, plan, avail, mode)
     if load0 > 0.5:
         # On 2 cores any other busy process stalls torch's OpenMP barriers: 2-threaded steps can
         # take 10x longer. Ratios are interleaved, but the absolute numbers are then suspect.
@@ -241,7 +315,7 @@ def main():
 
     config = dict(mode=mode, device=args.device, amps=amps, warmup=plan["warmup"],
                   budget_s=plan["budget_s"], min_reps=plan["min_reps"], max_reps=plan["max_reps"],
-                  cap_s=plan["cap_s"],
+                  cap_s=plan["cap_s"], other_timing=plan["other"],
                   wall_s=round(time.time() - t0, 1), load_avg_start=load0,
                   load_avg_end=os.getloadavg()[0])
     bench.notes.append(f"total wall time {config['wall_s']} s")

@@ -78,9 +78,13 @@ def machine_tag(info):
     return f"{info['usable_cores']}c-{hw}" if info["device"] == "cpu" else hw
 
 
+FLOORS = ("linear", "nn")  # nn.Linear (layer / transformer rows), the torch.nn layer ("other" rows)
+
+
 def add_ratios(rows):
-    """Ratios to the nn.Linear row of the same section / shape / sample_nbr / precision."""
-    floor = {(r["section"], r["shape"], r["sample_nbr"], r["amp"]): r for r in rows if r["case"] == "linear"}
+    """Ratios to the nn.Linear (or, in "Other layers", torch.nn layer) row of the same section / shape /
+    sample_nbr / precision."""
+    floor = {(r["section"], r["shape"], r["sample_nbr"], r["amp"]): r for r in rows if r["case"] in FLOORS}
     for r in rows:
         f = floor.get((r["section"], r["shape"], r["sample_nbr"], r["amp"]))
         r["ratio"] = {}
@@ -127,6 +131,42 @@ def layers_markdown(rows):
     return "\n".join(out)
 
 
+def other_markdown(rows):
+    """One line per bayes_ext variant: its ratio to the torch.nn layer, the target, BLiTZ's ratio."""
+    head = ("| layer | shape | prec | nn layer ms | n | bayes_ext | KL | train ms | x nn | IQR x | n | target "
+            "| BLiTZ 0.2.8 ms | x nn | n |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["layer"], r["shape"], r["amp"]), {})[r["case"]] = r
+    for (layer, shape, amp), g in groups.items():
+        nn_r, bl = g.get("nn"), g.get("blitz")
+        nn_t = nn_r and nn_r.get("train")
+        bl_cells = ["", "", ""]
+        if bl is not None:
+            bt, brt = bl.get("train"), bl.get("ratio", {}).get("train")
+            bl_cells = ([_f(bt["median_ms"]), _x(brt and brt["median"]), str(bt["n"])] if bt
+                        else [bl.get("note") or "no result", "", ""])
+        nn_cells = [_f(nn_t["median_ms"]) if nn_t else (nn_r or {}).get("note", "no result"),
+                    str(nn_t["n"]) if nn_t else ""]
+        for case in ("bayes_ext_cf", "bayes_ext"):
+            r = g.get(case)
+            if r is None:
+                continue
+            t, rt = r.get("train"), r.get("ratio", {}).get("train")
+            name = r["label"].replace("bayes_ext", "").strip() or "default"
+            if r.get("note"):
+                name += f" ({r['note']})"
+            tgt = ""
+            if r.get("target"):
+                tgt = f"{r['target']:g}x" + ("" if not rt else " met" if rt["median"] <= r["target"] else " missed")
+            cells = [layer, shape, amp, nn_cells[0], nn_cells[1], name, r["kl"],
+                     _f(t and t["median_ms"]), _x(rt and rt["median"]),
+                     f"{rt['q1']:.2f}-{rt['q3']:.2f}" if rt else "", str(t["n"]) if t else "", tgt]
+            out.append("| " + " | ".join(cells + bl_cells) + " |")
+    return "\n".join(out)
+
+
 def ops_markdown(ops):
     out = ["| O x I | op | median ms | min-max ms | x torch.add | x torch.randn |",
            "|---|---|---|---|---|---|"]
@@ -169,6 +209,15 @@ def markdown(result):
     if tf:
         parts += ["", "## Transformer (training step)", "", result.get("transformer_desc", ""), "",
                   layers_markdown(tf)]
+    other = [r for r in result["rows"] if r["section"] == "other"]
+    if other:
+        parts += ["", "## Other layers (training step)", "",
+                  "Each bayes_ext layer against its torch.nn counterpart (nn.Conv2d, nn.LSTM / nn.GRU with "
+                  "batch_first=True, nn.Embedding), timed interleaved in the same run; a training step is "
+                  "zero_grad, one forward, sum(out) + KL (RNNs: the output sequence), backward. `x nn` = "
+                  "train median / the nn layer's, `IQR x` its quartiles; BLiTZ's ratio to the same nn "
+                  "row beside it. Targets (issue 4) are reported, not asserted.", "",
+                  other_markdown(other)]
     if result.get("ops"):
         parts += ["", "## Sampling op alone", "", ops_markdown(result["ops"])]
     if result.get("notes"):
@@ -208,11 +257,13 @@ def chart(rows, path):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    rows = [r for r in rows if r["case"] != "linear" and r.get("ratio")]
+    rows = [r for r in rows if r["case"] not in FLOORS and r.get("ratio")]
     if not rows:
         return None
-    labels = [f"{r['shape']} S={r['sample_nbr']} {r['amp']} | {r['label']}" for r in rows]
-    series = [("train time x nn.Linear", [r["ratio"].get("train", {}).get("median") for r in rows]),
+    labels = [(f"{r['layer']} {r['amp']} | {r['label']}" if r["section"] == "other" else
+               f"{r['shape']} S={r['sample_nbr']} {r['amp']} | {r['label']}") for r in rows]
+    series = [("train time x nn.Linear (other layers: x their nn layer)",
+               [r["ratio"].get("train", {}).get("median") for r in rows]),
               ("peak memory x nn.Linear", [r["ratio"].get("peak_bytes") for r in rows]),
               ("extra saved bytes x nn.Linear", [r["ratio"].get("saved_extra_bytes") for r in rows])]
     fig, axes = plt.subplots(1, 3, figsize=(18, 0.28 * len(rows) + 1.5), sharey=True)

@@ -1,8 +1,9 @@
 """One benchmark workload: a model, its input, and the training / inference step that is timed.
 
 A spec is a plain dict (so it can be sent to a worker process):
-  kind: "layer" | "transformer";  case: a key of cases.CASES
-  shape: [batch, in, out] (layer) or transformer config dict incl. batch/tokens (transformer)
+  kind: "layer" | "transformer" | "other";  case: a key of cases.CASES (layer_cases.VARIANTS for "other")
+  shape: [batch, in, out] (layer), transformer config dict incl. batch/tokens (transformer), or a
+  layer_cases config dict (other: conv2d / lstm / gru / embedding)
   sample_nbr: forwards per training step;  device: "cpu" | "cuda";  amp: "fp32" | "bf16"
 """
 import contextlib
@@ -10,6 +11,7 @@ import contextlib
 import torch
 
 import cases
+import layer_cases
 import transformer
 
 
@@ -25,6 +27,9 @@ class Workload:
             self.model = cases.make_linear(name, in_f, out_f)
             self.fwd = cases.layer_forward(name)
             x = torch.randn(batch, in_f)
+        elif spec["kind"] == "other":
+            self.model, x = layer_cases.make_layer(name, spec["shape"])
+            self.fwd = layer_cases.forward
         else:
             cfg = dict(spec["shape"])
             self.model = transformer.build_transformer(
@@ -33,8 +38,11 @@ class Workload:
             self.fwd = lambda m, x, need_kl: (m(x), cases.model_kl(m) if need_kl else None)
             x = transformer.transformer_input(**cfg)
         self.model.to(self.device).train()
-        # The input needs grad as it would inside a network, so backward also computes dL/dx.
-        self.x = x.to(self.device).requires_grad_(True)
+        # The input needs grad as it would inside a network, so backward also computes dL/dx
+        # (not token ids: an embedding's input is integer).
+        self.x = x.to(self.device)
+        if self.x.is_floating_point():
+            self.x.requires_grad_(True)
 
     def autocast(self):
         if self.amp == "bf16":
