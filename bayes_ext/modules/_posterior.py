@@ -106,6 +106,26 @@ class GaussianPosteriorMixin:
                 sigma = (delta * mu.abs()).clamp_min(1e-10)
                 rho.copy_(inverse_softplus(sigma.to(torch.float64)).to(rho.dtype))
 
+    def _closed_form_prior(self):
+        """(prior_sigma, prior_dist) for the closed-form KL, or a ValueError."""
+        if self.prior_dist is not None:
+            if not isinstance(self.prior_dist, torch.distributions.Normal):
+                raise ValueError("a closed-form KL (kl='closed_form', estimator='lrt') needs a "
+                                 f"torch.distributions.Normal prior_dist, got {type(self.prior_dist).__name__}")
+            return None, self.prior_dist
+        if self.prior_pi >= 1:
+            return float(self.prior_sigma_1), None
+        if self.prior_pi <= 0:
+            return float(self.prior_sigma_2), None
+        raise ValueError("a closed-form KL (kl='closed_form', estimator='lrt') needs a single Gaussian prior "
+                         f"(prior_pi 1 or 0, or a Normal prior_dist); got a scale mixture with prior_pi={self.prior_pi}")
+
+    def _closed_form_kl(self):
+        """sum over the posteriors of KL(q || p) for the single Gaussian prior (exact)."""
+        from ..functional_embedding import closed_form_kl
+        prior_sigma, prior_dist = self._closed_form_prior()
+        return sum(closed_form_kl(mu, rho, prior_sigma, prior_dist) for _, mu, rho in self._posterior_pairs())
+
     def _sample_with_prior_dist(self, seed):
         """Sample every posterior through the op, with log p from the user's prior_dist (not fused)."""
         samples, log_q, log_p = {}, 0, 0

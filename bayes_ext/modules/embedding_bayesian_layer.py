@@ -71,20 +71,6 @@ class BayesianEmbedding(GaussianPosteriorMixin, BayesianModule):
         if kl == "closed_form":
             self._closed_form_prior()  # fail at construction, not at the first forward
 
-    def _closed_form_prior(self):
-        """(prior_sigma, prior_dist) for the closed-form KL, or a ValueError."""
-        if self.prior_dist is not None:
-            if not isinstance(self.prior_dist, torch.distributions.Normal):
-                raise ValueError("kl='closed_form' needs a torch.distributions.Normal prior_dist, got "
-                                 f"{type(self.prior_dist).__name__}")
-            return None, self.prior_dist
-        if self.prior_pi >= 1:
-            return float(self.prior_sigma_1), None
-        if self.prior_pi <= 0:
-            return float(self.prior_sigma_2), None
-        raise ValueError("kl='closed_form' needs a single Gaussian prior (prior_pi 1 or 0, or a Normal prior_dist); "
-                         f"got a scale mixture with prior_pi={self.prior_pi}: use kl='mc'")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.freeze:
             return self.forward_frozen(x)

@@ -7,6 +7,9 @@ from ._posterior import GaussianPosteriorMixin, posterior_parameter
 from .base_bayesian_module import BayesianModule
 
 
+ESTIMATORS = ("reparam", "lrt")
+
+
 class BayesianLinear(GaussianPosteriorMixin, BayesianModule):
     """y = x W^T + b with W ~ N(weight_mu, softplus(weight_rho)^2) sampled on every forward.
 
@@ -15,12 +18,16 @@ class BayesianLinear(GaussianPosteriorMixin, BayesianModule):
     the sampled weights; with ``freeze=True`` the layer uses the means and those terms are the
     ones of the means. The training forward keeps only its input for backward: W is regenerated
     from the seed. Seeds come from torch's default generator, so ``torch.manual_seed`` fixes them.
+
+    ``estimator="lrt"`` (keyword-only) samples the pre-activations instead of W (local
+    reparameterisation: per-example noise, lower gradient variance) with the exact KL; it needs a
+    single Gaussian prior (prior_pi 1 or 0, or a Normal prior_dist).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, prior_sigma_1: float = 0.1,
                  prior_sigma_2: float = 0.4, prior_pi: float = 1, posterior_mu_init: float = 0,
-                 posterior_rho_init: float = -7.0, freeze: bool = False, prior_dist=None, *, device=None,
-                 dtype=None):
+                 posterior_rho_init: float = -7.0, freeze: bool = False, prior_dist=None, *,
+                 estimator: str = "reparam", device=None, dtype=None):
         super().__init__()
         if int(in_features) <= 0 or int(out_features) <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
@@ -39,10 +46,20 @@ class BayesianLinear(GaussianPosteriorMixin, BayesianModule):
             self.register_parameter("bias_mu", None)
             self.register_parameter("bias_rho", None)
         self._init_prior(prior_sigma_1, prior_sigma_2, prior_pi, prior_dist, freeze)
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.estimator = estimator
+        if estimator == "lrt":
+            self._closed_form_prior()  # fail at construction, not at the first forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.freeze:
             return self.forward_frozen(x)
+        if self.estimator == "lrt":
+            y = BF.linear_lrt(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho)
+            # closed-form KL: reported as log q = KL, log p = 0, so log q - log p is the KL as usual
+            self._set_kl_terms(self._closed_form_kl(), self.weight_mu.new_zeros(()))
+            return y
         if self.prior_dist is None:
             y, log_q, log_p = BF.bayesian_linear(x, self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho,
                                                  prior=self.prior)
