@@ -13,26 +13,13 @@
 
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
+#include "seed_arg.cuh"
 
 namespace bayes_ext {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65535;
-
-struct RowSeed {
-  const int64_t* device_ptr;  // non-null: read on the device (CUDA-graph friendly)
-  uint64_t host_value;
-};
-
-__device__ __forceinline__ uint64_t load_row_seed(const RowSeed& s) {
-  return s.device_ptr != nullptr ? static_cast<uint64_t>(*s.device_ptr) : s.host_value;
-}
-
-RowSeed make_row_seed(const at::Tensor& seed) {
-  if (seed.device().is_cuda()) return {seed.data_ptr<int64_t>(), 0};
-  return {nullptr, seed_value(seed)};
-}
 
 // Philox blocks a row of `dim` elements can span: its first block may start mid-block.
 __host__ __device__ __forceinline__ int64_t blocks_per_row(int64_t dim) { return (dim + 3) / 4 + 1; }
@@ -45,8 +32,8 @@ int64_t grid_for_items(int64_t items) {
 template <typename T>
 __global__ void rows_forward_kernel(const T* __restrict__ mu, const T* __restrict__ rho,
                                     const int64_t* __restrict__ idx, T* __restrict__ w, int64_t n, int64_t num_rows,
-                                    int64_t dim, RowSeed seed_arg, uint64_t offset) {
-  const uint64_t seed = load_row_seed(seed_arg);
+                                    int64_t dim, SeedArg seed_arg, uint64_t offset) {
+  const uint64_t seed = load_seed(seed_arg);
   const int64_t per_row = blocks_per_row(dim);
   const int64_t items = n * per_row;
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < items;
@@ -77,8 +64,8 @@ __global__ void rows_backward_kernel(const T* __restrict__ grad_rows, const T* _
                                      const int64_t* __restrict__ perm, const int64_t* __restrict__ group_start,
                                      const int64_t* __restrict__ group_count, T* __restrict__ grad_mu,
                                      T* __restrict__ grad_rho, int64_t groups, int64_t num_rows, int64_t dim,
-                                     RowSeed seed_arg, uint64_t offset) {
-  const uint64_t seed = load_row_seed(seed_arg);
+                                     SeedArg seed_arg, uint64_t offset) {
+  const uint64_t seed = load_seed(seed_arg);
   const int64_t per_row = blocks_per_row(dim);
   const int64_t items = groups * per_row;
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < items;
@@ -125,7 +112,7 @@ at::Tensor sample_rows_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in, c
     rows_forward_kernel<scalar_t><<<grid_for_items(n * blocks_per_row(dim)), kThreads, 0,
                                     at::cuda::getCurrentCUDAStream()>>>(
         mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), n,
-        num_rows, dim, make_row_seed(seed), static_cast<uint64_t>(offset));
+        num_rows, dim, make_seed_arg(seed), static_cast<uint64_t>(offset));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return w;
@@ -160,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> sample_rows_backward_cuda(const at::Tensor& g
         grad_rows.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(),
         sorted_idx.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
         counts.data_ptr<int64_t>(), grad_mu.data_ptr<scalar_t>(), grad_rho.data_ptr<scalar_t>(), groups, num_rows,
-        dim, make_row_seed(seed), static_cast<uint64_t>(offset));
+        dim, make_seed_arg(seed), static_cast<uint64_t>(offset));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_mu, grad_rho};

@@ -12,26 +12,13 @@
 
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
+#include "seed_arg.cuh"
 
 namespace bayes_ext {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 4096;
-
-struct SeedArg {
-  const int64_t* device_ptr;  // non-null: read on the device
-  uint64_t host_value;
-};
-
-__device__ __forceinline__ uint64_t load_seed(const SeedArg& s) {
-  return s.device_ptr != nullptr ? static_cast<uint64_t>(*s.device_ptr) : s.host_value;
-}
-
-SeedArg make_seed_arg(const at::Tensor& seed) {
-  if (seed.device().is_cuda()) return {seed.data_ptr<int64_t>(), 0};
-  return {nullptr, seed_value(seed)};
-}
 
 // Philox blocks covering stream elements [start, start + n).
 __host__ __device__ __forceinline__ int64_t philox_blocks_spanned(int64_t n, int64_t start) {
