@@ -176,7 +176,7 @@ def _weight_channels(weight: Tensor, spec: ConvSpec) -> Tuple[int, int]:
 def check_conv_input(x: Tensor, weight: Tensor, spec: ConvSpec, name: str = "input") -> bool:
     """Clear errors for a convolution's input; returns whether it is batched."""
     _checks.check_tensor(x, name)
-    if not (x.is_floating_point() and x.dtype == weight.dtype):
+    if not (x.is_floating_point() and x.dtype in (weight.dtype, _autocast_dtype(x, weight))):
         raise TypeError(f"{name} must have the dtype of the layer's parameters ({weight.dtype}), got {x.dtype}")
     if x.device != weight.device:
         raise ValueError(f"{name} must be on the device of the layer's parameters ({weight.device}), got {x.device}")
@@ -242,20 +242,23 @@ def _conv_reparam(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Opt
                   dilation: List[int], transposed: bool, output_padding: List[int], groups: int,
                   prior_pi: float, prior_sigma1: float, prior_sigma2: float) -> Tuple[Tensor, Tensor, Tensor]:
     ops = _backend.ops()
+    # under autocast x arrives in the low precision: the weight is sampled (and the KL summed) in
+    # the parameters' dtype, then cast for the convolution
     w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, prior_pi, prior_sigma1, prior_sigma2)
     b = None
     if bias_mu is not None:
         b, log_q_b, log_p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, prior_pi, prior_sigma1, prior_sigma2)
         log_q, log_p = log_q + log_q_b, log_p + log_p_b
-    y = torch.ops.aten.convolution(x, w, b, stride, padding, dilation, transposed, output_padding, groups)
+        b = b.to(x.dtype)
+    y = torch.ops.aten.convolution(x, w.to(x.dtype), b, stride, padding, dilation, transposed, output_padding, groups)
     return y, log_q, log_p
 
 
 @_conv_reparam.register_fake
 def _(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, transposed, output_padding,
       groups, prior_pi, prior_sigma1, prior_sigma2):
-    y = torch.ops.aten.convolution(x, weight_mu, bias_mu, stride, padding, dilation, transposed, output_padding,
-                                   groups)
+    y = torch.ops.aten.convolution(x, weight_mu.to(x.dtype), None if bias_mu is None else bias_mu.to(x.dtype),
+                                   stride, padding, dilation, transposed, output_padding, groups)
     return y, weight_mu.new_empty(()), weight_mu.new_empty(())
 
 
@@ -287,20 +290,22 @@ def _conv_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
         if grad_out is not None:
             # with output_mask (False, True, False) the weight argument is only read for its
             # shape, dtype and layout (torch.nn.grad.conv*d_weight passes an expanded placeholder)
-            grad_w = convolution_backward(grad_out, x, weight_mu, None, stride, padding, dilation, transposed,
-                                          output_padding, groups, [False, True, False])[1]
+            weight_like = weight_mu.new_empty((), dtype=x.dtype).expand(weight_mu.shape)
+            grad_w = convolution_backward(grad_out.to(x.dtype), x, weight_like, None, stride, padding, dilation,
+                                          transposed, output_padding, groups, [False, True, False])[1]
+            grad_w = grad_w.to(weight_mu.dtype)
         grad_mu, grad_rho, w = ops.sample_weight_backward(grad_w, grad_log_q, grad_log_p, weight_mu, weight_rho,
                                                           seed, 0, *prior, need_x)
     elif need_x:
         w = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)[0]
     if need_x:
-        grad_x = convolution_backward(grad_out, x, w, None, stride, padding, dilation, transposed, output_padding,
-                                      groups, [True, False, False])[0]
+        grad_x = convolution_backward(grad_out.to(x.dtype), x, w.to(x.dtype), None, stride, padding, dilation,
+                                      transposed, output_padding, groups, [True, False, False])[0]
     grad_bias_mu = grad_bias_rho = None
     if need_b:
         grad_b = None
         if grad_out is not None:
-            grad_b = grad_out.sum([0] + list(range(2, grad_out.dim())))
+            grad_b = grad_out.sum([0] + list(range(2, grad_out.dim())), dtype=bias_mu.dtype)
         grad_bias_mu, grad_bias_rho, _ = ops.sample_weight_backward(grad_b, grad_log_q, grad_log_p, bias_mu,
                                                                     bias_rho, seed, 1, *prior, False)
     return (grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho) + (None,) * 10
@@ -311,12 +316,21 @@ _conv_reparam.register_autograd(_conv_reparam_backward, setup_context=_conv_repa
 
 # ---- entry points ---------------------------------------------------------------------------------
 
+def _autocast_dtype(x: Tensor, weight: Tensor) -> Optional[torch.dtype]:
+    """The dtype nn.Conv*d would run in under an active autocast (float32 parameters only, as
+    autocast leaves float64 alone), or None."""
+    dtype = BF.autocast_dtype(x)
+    return dtype if dtype is not None and weight.dtype == torch.float32 else None
+
+
 def autocast_input(x, weight: Tensor):
-    """Under torch.autocast the convolution runs in the parameters' dtype (aten.convolution is not
-    on autocast's lists): a lower-precision activation from an autocast layer is cast up to it."""
-    if (isinstance(x, Tensor) and x.dtype != weight.dtype and x.is_floating_point()
-            and torch.is_autocast_enabled(x.device.type)):
-        return x.to(weight.dtype)
+    """Under torch.autocast the convolution runs in the autocast dtype, like nn.Conv*d (F.conv*d are
+    on autocast's lists; the aten.convolution the op calls is not, so the cast is done here and the
+    sampled weights are cast inside the op). The KL stays in the parameters' dtype."""
+    if isinstance(x, Tensor) and x.is_floating_point():
+        dtype = _autocast_dtype(x, weight)
+        if dtype is not None and x.dtype != dtype:
+            return x.to(dtype)
     return x
 
 
@@ -346,8 +360,8 @@ def conv_with_weight(x: Tensor, weight: Tensor, bias: Optional[Tensor], spec: Co
     x = autocast_input(x, weight)
     batched = check_conv_input(x, weight, spec)
     x = _pre_pad(x if batched else x.unsqueeze(0), spec)
-    y = torch.ops.aten.convolution(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.transposed,
-                                   spec.output_padding, spec.groups)
+    y = torch.ops.aten.convolution(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), spec.stride,
+                                   spec.padding, spec.dilation, spec.transposed, spec.output_padding, spec.groups)
     return y if batched else y.squeeze(0)
 
 

@@ -724,9 +724,9 @@ def test_cuda_matches_cpu(backend, cls, kwargs, shape):
 
 # ---- autocast, torch.compile -----------------------------------------------------------------------------
 
-def test_autocast_runs_in_parameter_dtype(backend, monkeypatch):
-    """Under CPU autocast a bfloat16 activation (from an nn layer) is cast up: the Bayesian
-    convolution runs in float32 (aten.convolution is not on autocast's lists) and backward works."""
+def test_autocast_runs_in_autocast_dtype_with_fp32_kl(backend, monkeypatch):
+    """Under CPU autocast the Bayesian convolution runs in bfloat16 like nn.Conv2d (float32 inputs are
+    cast down too), the weights are sampled from the float32 parameters and the KL stays float32."""
     torch.manual_seed(0)
     first = nn.Conv2d(2, 3, 3)
     layer = make_layer(BayesianConv2d, dict(in_channels=3, out_channels=4, kernel_size=2))
@@ -737,13 +737,26 @@ def test_autocast_runs_in_parameter_dtype(backend, monkeypatch):
         h = first(x)
         assert h.dtype == torch.bfloat16
         y = layer(h)
+        kl = layer.kl_divergence()
+        y32 = layer(h.float())  # a float32 activation is cast down, as nn.Conv2d does
         z = tlayer(h, output_size=(10, 10))
         frozen = layer.forward_frozen(h)
-    assert y.dtype == z.dtype == frozen.dtype == torch.float32
+        reference = nn.Conv2d(3, 4, 2)(h)
+    assert y.dtype == y32.dtype == z.dtype == frozen.dtype == reference.dtype == torch.bfloat16
+    assert kl.dtype == torch.float32 and layer.weight_mu.dtype == torch.float32
     w, b = rebuild(layer, rec.seeds[0])
-    torch.testing.assert_close(y, F.conv2d(h.float(), w, b), rtol=1e-5, atol=1e-5)
-    (y.sum() + z.sum() + layer.kl_divergence()).backward()
-    assert first.weight.grad is not None and torch.isfinite(layer.weight_rho.grad).all()
+    torch.testing.assert_close(y, F.conv2d(h, w.bfloat16(), b.bfloat16()))
+    (y.float().sum() + z.float().sum() + kl).backward()
+    assert first.weight.grad is not None
+    assert layer.weight_rho.grad.dtype == torch.float32 and torch.isfinite(layer.weight_rho.grad).all()
+    # without the KL, grad weight_mu is the bf16 convolution's weight gradient, carried to float32
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(h.detach()).float().sum().backward()
+    w, b = rebuild(layer, rec.seeds[-1])
+    w_ref = w.detach().bfloat16().requires_grad_()
+    F.conv2d(h.detach(), w_ref, b.bfloat16()).float().sum().backward()
+    torch.testing.assert_close(layer.weight_mu.grad, w_ref.grad.float())
 
 
 def test_torch_compile_fullgraph_matches_eager():

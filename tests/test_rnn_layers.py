@@ -319,10 +319,40 @@ def test_input_errors():
         lstm(torch.randn(2, 5, 3), torch.randn(2, 4))
     with pytest.raises(TypeError, match="dtype"):
         lstm(torch.randn(2, 5, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="h must have the dtype"):
+        lstm(torch.randn(2, 5, 3), (torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4)))
+    with pytest.raises(TypeError, match="hidden_states must have the dtype"):
+        gru(torch.randn(2, 5, 3), torch.randint(0, 2, (2, 4)))
     with pytest.raises(ValueError, match="sharpen=False"):
         lstm(torch.randn(2, 5, 3), sharpen_loss=torch.tensor(1.0))
     with pytest.raises(ValueError):
         BayesianLSTM(0, 3)
+
+
+@pytest.mark.parametrize("kind,peephole", [("lstm", False), ("lstm", True), ("gru", False)])
+def test_autocast_runs_in_autocast_dtype_with_fp32_kl(backend, monkeypatch, kind, peephole):
+    """Under CPU autocast the recurrence runs in bfloat16 (like nn.LSTM's mkldnn kernel) on the
+    sampled float32 weights cast down; the KL stays float32 and equals the float32 forward's."""
+    kwargs = {"peephole": peephole} if peephole else {}
+    layer = make(kind, **kwargs)
+    rec = SeedRecorder(monkeypatch)
+    x = torch.randn(2, 6, 3)
+    given = (torch.randn(2, 4), torch.randn(2, 4)) if kind == "lstm" else torch.randn(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seq, state = layer(x, given)
+        kl = layer.kl_divergence()
+        frozen, _ = layer.forward_frozen(x.bfloat16())
+    assert seq.dtype == frozen.dtype == torch.bfloat16 and kl.dtype == torch.float32
+    weights = {name: w.bfloat16() for name, w in rebuilt(layer, rec.seeds[0]).items()}
+    with torch.no_grad():
+        bf16_state = tuple(t.bfloat16() for t in given) if kind == "lstm" else given.bfloat16()
+        ref_seq, _ = reference(layer, x.bfloat16(), weights, bf16_state)
+    torch.testing.assert_close(seq.float(), ref_seq.float(), rtol=0.05, atol=0.03)
+    q, p = kl_reference(layer, rec.seeds[0])  # the float32 weights' KL, summed in float64
+    torch.testing.assert_close(kl.double(), q - p, rtol=1e-5, atol=1e-3)
+    (seq.float().sum() + kl).backward()
+    for _, mu, rho in pairs(layer):
+        assert mu.grad.dtype == torch.float32 and torch.isfinite(rho.grad).all()
 
 
 # ---- peephole -------------------------------------------------------------------------------------------

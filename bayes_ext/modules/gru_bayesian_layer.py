@@ -49,7 +49,7 @@ class BayesianGRU(BayesianRNN):
         if hidden_states is None:
             h0 = x.new_zeros(1, x.shape[0], H)
         else:
-            h0 = self._hidden(hidden_states, x.shape[0], "hidden_states")
+            h0 = self._hidden(hidden_states, x.shape[0], "hidden_states", x.dtype)
         params = [weight_ih.t(), weight_hh.t()]
         if bias is not None:
             params += [bias[:3 * H], torch.cat([bias.new_zeros(2 * H), bias[3 * H:]])]

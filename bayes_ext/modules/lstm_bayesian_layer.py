@@ -53,7 +53,7 @@ class BayesianLSTM(BayesianRNN):
         if not isinstance(hidden_states, (tuple, list)) or len(hidden_states) != 2:
             raise TypeError("hidden_states of an LSTM must be a pair (h, c)")
         h, c = hidden_states
-        return self._hidden(h, batch, "h"), self._hidden(c, batch, "c")
+        return self._hidden(h, batch, "h", x.dtype), self._hidden(c, batch, "c", x.dtype)
 
     def _run(self, x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Tensor], hidden_states):
         h0, c0 = self._states(x, hidden_states)

@@ -207,8 +207,9 @@ class BayesianRNN(GaussianPosteriorMixin, BayesianModule):
         if x.shape[1] == 0:
             raise ValueError("input must hold at least one time step")
 
-    def _hidden(self, h: Tensor, batch: int, name: str) -> Tensor:
-        """A (B, H) or (1, B, H) state as the (1, B, H) tensor the fused kernels take."""
+    def _hidden(self, h: Tensor, batch: int, name: str, dtype: torch.dtype) -> Tensor:
+        """A (B, H) or (1, B, H) state as the (1, B, H) tensor the fused kernels take; ``dtype`` is
+        the one the recurrence runs in (the input's)."""
         if not isinstance(h, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(h).__name__}")
         shape = (batch, self.out_features)
@@ -217,9 +218,29 @@ class BayesianRNN(GaussianPosteriorMixin, BayesianModule):
         elif tuple(h.shape) != (1,) + shape:
             raise ValueError(f"{name} must have shape {shape} (or (1, {batch}, {self.out_features})), "
                              f"got {tuple(h.shape)}")
-        if h.dtype != self.weight_ih_mu.dtype or h.device != self.weight_ih_mu.device:
-            raise TypeError(f"{name} must have the dtype and device of the layer's parameters")
+        if h.device != self.weight_ih_mu.device:
+            raise ValueError(f"{name} must be on the device of the layer's parameters ({self.weight_ih_mu.device}), "
+                             f"got {h.device}")
+        if h.dtype != dtype:
+            if self._autocast_dtype(h) is None or not h.is_floating_point():
+                raise TypeError(f"{name} must have the dtype of the layer's parameters ({self.weight_ih_mu.dtype}), "
+                                f"got {h.dtype}")
+            h = h.to(dtype)  # a state from another autocast region: cast like the input
         return h
+
+    def _autocast_dtype(self, x: Tensor) -> Optional[torch.dtype]:
+        """The dtype the recurrence runs in under an active autocast (float32 parameters only, as
+        autocast leaves float64 alone), or None."""
+        dtype = BF.autocast_dtype(x)
+        return dtype if dtype is not None and self.weight_ih_mu.dtype == torch.float32 else None
+
+    def _in_compute_dtype(self, x: Tensor, weights):
+        """Under autocast, x and the weights in the autocast dtype, like nn.LSTM / nn.GRU's fused
+        kernels run there: the weights are sampled, and the KL summed, in float32 first."""
+        dtype = self._autocast_dtype(x)
+        if dtype is None:
+            return x, weights
+        return x.to(dtype), tuple(None if w is None else w.to(dtype) for w in weights)
 
     def _run(self, x, weight_ih, weight_hh, bias, hidden_states):
         raise NotImplementedError
@@ -251,6 +272,7 @@ class BayesianRNN(GaussianPosteriorMixin, BayesianModule):
             weights = self.sharpen_posterior(loss, x.shape)
         else:
             weights = self.sample_weights()
+        x, weights = self._in_compute_dtype(x, weights)
         return self._run(x, *weights, hidden_states)
 
     def forward_frozen(self, x: Tensor, hidden_states=None):
@@ -258,7 +280,8 @@ class BayesianRNN(GaussianPosteriorMixin, BayesianModule):
         self._check_x(x)
         self._set_kl_at_mean()
         self.sharpening_kl = 0
-        return self._run(x, *self.get_frozen_weights(), hidden_states)
+        x, weights = self._in_compute_dtype(x, self.get_frozen_weights())
+        return self._run(x, *weights, hidden_states)
 
     # ---- BLiTZ checkpoints ---------------------------------------------------------------------------
 
