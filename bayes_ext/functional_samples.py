@@ -1,0 +1,184 @@
+"""N weight samples of a Bayesian linear layer in one op (the vectorised multi-sample ELBO).
+
+``bayes_ext::linear_reparam_samples(x[N, B.., I], ..., seeds[N])`` computes, for every sample s,
+``y[s] = x[s] W_s^T + b_s`` with W_s, b_s drawn from Philox streams (seeds[s], 0) and (seeds[s], 1),
+exactly what ``bayes_ext::linear_reparam`` gives for x[s] and seeds[s], plus per-sample log q and
+log p. Why one op: N sequential forwards pay the Python, dispatcher and autograd overhead N times,
+which dominates small models; here a whole ELBO step has one autograd node per layer.
+
+Memory: each W_s is generated inside the op, used and dropped (one at a time, blocked for large
+weights like the single-sample op); backward regenerates it from seeds[s]. So autograd saves only
+x (the activations, which grow with N anyway) and the N seeds, never N weights.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _backend, _checks
+from . import functional as BF
+from .functional import ScaleMixture, _row_blocks
+
+
+def _sample_matmul(ops, y_s: Tensor, x_s: Tensor, weight_mu: Tensor, weight_rho: Tensor, seed: Tensor,
+                   prior) -> Tuple[Tensor, Tensor]:
+    """y_s = x_s W^T for W from (seed, 0), written into y_s (2-D); returns (log_q, log_p) of W."""
+    in_features = weight_mu.shape[1]
+    blocks = _row_blocks(weight_mu)
+    if len(blocks) == 1:
+        w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
+        torch.mm(x_s, w.t().to(x_s.dtype), out=y_s)
+        return log_q, log_p
+    log_q = log_p = 0
+    for r0, r1 in blocks:  # cache-sized blocks of rows, each with its noise from the whole stream
+        w, q, p = ops.sample_weight(weight_mu[r0:r1], weight_rho[r0:r1], seed, 0, *prior, r0 * in_features)
+        y_s[:, r0:r1] = x_s.mm(w.t().to(x_s.dtype))
+        log_q, log_p = log_q + q, log_p + p
+    return log_q, log_p
+
+
+@torch.library.custom_op("bayes_ext::linear_reparam_samples", mutates_args=())
+def _linear_reparam_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+                            bias_rho: Optional[Tensor], seeds: Tensor, prior_pi: float, prior_sigma1: float,
+                            prior_sigma2: float) -> Tuple[Tensor, Tensor, Tensor]:
+    ops, prior = _backend.ops(), (prior_pi, prior_sigma1, prior_sigma2)
+    n = seeds.shape[0]
+    out_features, in_features = weight_mu.shape
+    weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
+    with torch.autocast(x.device.type, enabled=False):
+        x3 = x.reshape(n, -1, in_features)
+        y = x3.new_empty(n, x3.shape[1], out_features)
+        log_q, log_p = [], []
+        for s in range(n):
+            seed = seeds[s]
+            q, p = _sample_matmul(ops, y[s], x3[s], weight_mu, weight_rho, seed, prior)
+            if bias_mu is not None:
+                b, q_b, p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
+                y[s] += b.to(y.dtype)
+                q, p = q + q_b, p + p_b
+            log_q.append(q)
+            log_p.append(p)
+        return y.reshape(x.shape[:-1] + (out_features,)), torch.stack(log_q), torch.stack(log_p)
+
+
+@_linear_reparam_samples.register_fake
+def _(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, prior_pi, prior_sigma1, prior_sigma2):
+    n = seeds.shape[0]
+    out = x.new_empty(x.shape[:-1] + (weight_mu.shape[0],))
+    return out, weight_mu.new_empty((n,)), weight_mu.new_empty((n,))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, prior_pi, prior_sigma1, prior_sigma2 = inputs
+    # x and N seeds are the only new memory: every W_s is rebuilt from seeds[s] in backward.
+    ctx.save_for_backward(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds)
+    ctx.prior = (prior_pi, prior_sigma1, prior_sigma2)
+    ctx.ops = _backend.ops()
+
+
+def _backward(ctx, grad_out, grad_log_q, grad_log_p):
+    x, weight_mu, weight_rho, bias_mu, bias_rho, seeds = ctx.saved_tensors
+    ops, prior = ctx.ops, ctx.prior
+    n = seeds.shape[0]
+    zeros = weight_mu.new_zeros((n,))
+    grad_log_q = zeros if grad_log_q is None else grad_log_q
+    grad_log_p = zeros if grad_log_p is None else grad_log_p
+    out_features, in_features = weight_mu.shape
+    weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
+    need_x = ctx.needs_input_grad[0]
+    blocks = _row_blocks(weight_mu)
+    with torch.autocast(x.device.type, enabled=False):
+        x3 = x.reshape(n, -1, in_features)
+        grad_out3 = grad_out.reshape(n, -1, out_features).to(x.dtype)
+        grad_x = torch.empty_like(x3) if need_x else None
+        grad_mu = grad_rho = None
+        for s in range(n):
+            seed, g_q, g_p = seeds[s], grad_log_q[s], grad_log_p[s]
+            if len(blocks) == 1:
+                grad_w = grad_out3[s].t().mm(x3[s]).to(weight_mu.dtype)
+                g_mu, g_rho, w = ops.sample_weight_backward(grad_w, g_q, g_p, weight_mu, weight_rho, seed, 0,
+                                                            *prior, need_x)
+                if need_x:
+                    torch.mm(grad_out3[s], w.to(x.dtype), out=grad_x[s])
+            else:
+                g_mu, g_rho = torch.empty_like(weight_mu), torch.empty_like(weight_rho)
+                if need_x:
+                    grad_x[s].zero_()
+                for r0, r1 in blocks:
+                    grad_w = grad_out3[s, :, r0:r1].t().mm(x3[s]).to(weight_mu.dtype)
+                    g_mu[r0:r1], g_rho[r0:r1], w = ops.sample_weight_backward(
+                        grad_w, g_q, g_p, weight_mu[r0:r1], weight_rho[r0:r1], seed, 0, *prior, need_x,
+                        r0 * in_features)
+                    if need_x:
+                        grad_x[s].addmm_(grad_out3[s, :, r0:r1], w.to(x.dtype))
+            if grad_mu is None:
+                grad_mu, grad_rho = g_mu, g_rho
+            else:
+                grad_mu, grad_rho = grad_mu.add_(g_mu), grad_rho.add_(g_rho)
+        grad_bias_mu = grad_bias_rho = None
+        if bias_mu is not None:
+            grad_b = grad_out3.sum(1, dtype=bias_mu.dtype)  # (n, O)
+            for s in range(n):
+                g_mu, g_rho, _ = ops.sample_weight_backward(grad_b[s], grad_log_q[s], grad_log_p[s], bias_mu,
+                                                            bias_rho, seeds[s], 1, *prior, False)
+                if grad_bias_mu is None:
+                    grad_bias_mu, grad_bias_rho = g_mu, g_rho
+                else:
+                    grad_bias_mu, grad_bias_rho = grad_bias_mu.add_(g_mu), grad_bias_rho.add_(g_rho)
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape)
+    return grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho, None, None, None, None
+
+
+_linear_reparam_samples.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_seeds(seeds, like: Tensor, sample_nbr: Optional[int] = None) -> None:
+    """seeds: a 1-D int64 tensor of N >= 1 values, on the CPU or the parameters' device."""
+    _checks.check_tensor(seeds, "seeds")
+    if seeds.dtype != torch.int64:
+        raise TypeError(f"seeds must be an int64 tensor, got {seeds.dtype}")
+    if seeds.dim() != 1 or seeds.shape[0] < 1:
+        raise ValueError(f"seeds must be a 1-D tensor of N >= 1 seeds (one per sample), got shape {tuple(seeds.shape)}")
+    if sample_nbr is not None and seeds.shape[0] != sample_nbr:
+        raise ValueError(f"seeds must hold one seed per sample: x has {sample_nbr} samples in dim 0, "
+                         f"got {seeds.shape[0]} seeds")
+    if seeds.device.type != "cpu" and seeds.device != like.device:
+        raise ValueError(f"seeds must be on the CPU or on the device of weight_mu ({like.device}), got {seeds.device}")
+
+
+def draw_seeds(n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """n seeds as n successive ``functional.draw_seed()`` calls would give them (one randint call)."""
+    return torch.randint(0, BF.SEED_HIGH, (n,), dtype=torch.int64, generator=generator)
+
+
+def bayesian_linear_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,
+                            bias_rho: Optional[Tensor] = None, seeds: Optional[Tensor] = None,
+                            prior: ScaleMixture = (1.0, 0.1, 0.4)) -> Tuple[Tensor, Tensor, Tensor]:
+    """N samples of ``functional.bayesian_linear`` at once: x is (N, B.., I), seeds (N,) int64.
+
+    Returns (y (N, B.., O), log_q (N,), log_p (N,)); sample s equals
+    ``bayesian_linear(x[s], ..., seed=seeds[s])``. Backward regenerates each W_s from its seed, so
+    only x and the seeds are saved. ``seeds=None`` draws N fresh ones.
+    """
+    _checks.check_posterior_params(weight_mu, weight_rho)
+    if weight_mu.dim() != 2:
+        raise ValueError(f"weight_mu must be 2-D (out_features, in_features), got shape {tuple(weight_mu.shape)}")
+    if (bias_mu is None) != (bias_rho is None):
+        raise ValueError("bias_mu and bias_rho must both be given or both be None")
+    if bias_mu is not None:
+        _checks.check_posterior_params(bias_mu, bias_rho)
+        if bias_mu.shape != (weight_mu.shape[0],):
+            raise ValueError(f"bias_mu must have shape ({weight_mu.shape[0]},), got {tuple(bias_mu.shape)}")
+    BF.check_input(x, weight_mu, weight_mu.shape[1])
+    if x.dim() < 2:
+        raise ValueError(f"input must be (N, ..., in_features) with the samples in dim 0, got shape {tuple(x.shape)}")
+    low_precision = BF.autocast_dtype(x)
+    if low_precision is not None:
+        x = x.to(low_precision)
+    seeds = draw_seeds(x.shape[0]) if seeds is None else seeds
+    check_seeds(seeds, weight_mu, x.shape[0])
+    pi, sigma1, sigma2 = (float(v) for v in prior)
+    _checks.check_prior(pi, sigma1, sigma2)
+    return _linear_reparam_samples(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds.contiguous(),
+                                   pi, sigma1, sigma2)
