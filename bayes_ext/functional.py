@@ -178,20 +178,11 @@ def linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Option
     W ~ N(mu, sigma^2) are Gaussian, y = x mu^T + b_mu + sqrt(x^2 (sigma^2)^T + sigma_b^2) * eps, with
     eps of the output's shape from Philox stream (seed, 2). Per-example noise, no O x I sample.
 
-    First version in plain torch ops (autograd keeps B x O / B x I tensors, nothing weight-sized);
-    a fused kernel with a hand-written backward is issue 5's next step.
+    The fused op with a hand-written backward lives in bayes_ext.functional_estimators (imported
+    here lazily: it builds on this module).
     """
-    _checks.check_posterior_params(weight_mu, weight_rho)
-    if bias_mu is not None:
-        _checks.check_posterior_params(bias_mu, bias_rho)
-    check_input(x, weight_mu, weight_mu.shape[1])
-    seed = draw_seed() if seed is None else seed
-    _checks.check_seed(seed, weight_mu)
-    mean = F.linear(x, weight_mu, bias_mu)
-    var = F.linear(x * x, _fallback.softplus(weight_rho).square(),
-                   None if bias_rho is None else _fallback.softplus(bias_rho).square())
-    eps = _backend.ops().philox_normal(mean.detach(), seed, LRT_NOISE_OFFSET)
-    return mean + var.sqrt() * eps
+    from .functional_estimators import linear_lrt as fused_linear_lrt
+    return fused_linear_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
 
 
 def bayesian_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,

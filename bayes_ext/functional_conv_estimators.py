@@ -1,0 +1,258 @@
+"""Local reparameterisation and Flipout for the Bayesian convolutions (plain and transposed, 1-3 d).
+
+The convolution analogues of bayes_ext.functional_estimators, on ``aten.convolution`` and its
+backward, with the same Philox streams (0 weight, 1 bias, 2 LRT noise, 3 / 4 Flipout signs):
+
+- ``conv_lrt``: y = conv(x, mu, b_mu) + sqrt(conv(x^2, sigma^2) + sigma_b^2) * eps, eps of y's
+  shape: each output gets the variance it has under W ~ N(mu, sigma^2) (neighbouring positions
+  are not correlated as they would be with one shared W, the usual LRT trade-off for convolutions).
+- ``conv_flipout``: y = conv(x, mu, b) + conv(x * S, dW) * R.
+
+Backwards are hand-written and regenerate eps, dW and the signs from the seed.
+"""
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _backend, _checks
+from . import functional as BF
+from . import functional_conv as BFC
+from .functional_estimators import (LRT_NOISE_OFFSET, SIGN_IN_OFFSET, SIGN_OUT_OFFSET, dsigma2_factor,
+                                    lrt_noise_grad, normal, signs, zero_if_none)
+
+ScaleMixture = Tuple[float, float, float]
+
+
+def _to(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def _channel_sum(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Sum over every dim but the channels (dim 1): a bias's gradient."""
+    return t.sum([0] + list(range(2, t.dim())), dtype=dtype)
+
+
+def _conv_grads(grad_out, x, weight, conv, need_x: bool, need_w: bool):
+    """(grad_x, grad_weight) of aten.convolution(x, weight.to(x.dtype)) for grad_out (each None if
+    not needed); grad_weight in weight's dtype (autocast: x and grad_out in a lower precision)."""
+    if not (need_x or need_w):
+        return None, None
+    low = x.dtype
+    # for the weight gradient alone the weight is only read for its shape, dtype and layout
+    weight_low = weight.to(low) if need_x else weight.new_empty((), dtype=low).expand(weight.shape)
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(grad_out, x, weight_low, None, *conv,
+                                                            [need_x, need_w, False])
+    return grad_x, (None if grad_w is None else grad_w.to(weight.dtype))
+
+
+# ---- local reparameterisation -------------------------------------------------------------------
+
+@torch.library.custom_op("bayes_ext::conv_lrt", mutates_args=())
+def _conv_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+              bias_rho: Optional[Tensor], seed: Tensor, stride: List[int], padding: List[int],
+              dilation: List[int], transposed: bool, output_padding: List[int],
+              groups: int) -> Tuple[Tensor, Tensor]:
+    # Under autocast x arrives in the low precision: the convolutions run in it, the noise and
+    # std (returned for backward) in the parameters' dtype.
+    conv, dtype, low = (stride, padding, dilation, transposed, output_padding, groups), weight_mu.dtype, x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        sigma2 = F.softplus(weight_rho).square_()
+        bias_var = None if bias_rho is None else F.softplus(bias_rho).square_().to(low)
+        mean = torch.ops.aten.convolution(x, weight_mu.to(low), _to(bias_mu, low), *conv)
+        var = torch.ops.aten.convolution(x * x, sigma2.to(low), bias_var, *conv).to(dtype)
+        # clamp: a Winograd / FFT convolution of non-negative terms can round slightly below 0
+        std = var.clamp_min_(0).sqrt_()
+        y = torch.addcmul(mean.to(dtype), std, normal(std.shape, seed, LRT_NOISE_OFFSET, std))
+    return y.to(low), std
+
+
+@_conv_lrt.register_fake
+def _(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, transposed, output_padding,
+      groups):
+    y = torch.ops.aten.convolution(x, weight_mu.to(x.dtype), _to(bias_mu, x.dtype), stride, padding, dilation,
+                                   transposed, output_padding, groups)
+    return y, torch.empty_like(y, dtype=weight_mu.dtype)
+
+
+def _conv_lrt_setup_context(ctx, inputs, output):
+    (x, weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, transposed, output_padding,
+     groups) = inputs
+    ctx.save_for_backward(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, output[1])
+    ctx.conv = (stride, padding, dilation, transposed, output_padding, groups)
+
+
+def _conv_lrt_backward(ctx, grad_y, grad_std):
+    x, mu, rho, bias_mu, bias_rho, seed, std = ctx.saved_tensors
+    need_x, need_mu, need_rho, need_bmu, need_brho = ctx.needs_input_grad[:5]
+    low = x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        g = torch.zeros_like(std) if grad_y is None else grad_y
+        u = lrt_noise_grad(g, std, seed)  # 2 dL/dvar
+        grad_x, grad_mu = _conv_grads(g.to(low), x, mu, ctx.conv, need_x, need_mu)
+        grad_rho = grad_bmu = grad_brho = None
+        if need_x or need_rho:
+            sigma2, half_dsigma2 = dsigma2_factor(rho)
+            grad_x2, grad_sigma2 = _conv_grads(u.to(low), x * x, sigma2, ctx.conv, need_x, need_rho)
+            if need_x:  # d x^2 / dx = 2x, and u is twice dL/dvar
+                grad_x = grad_x.addcmul_(x, grad_x2)
+            if need_rho:
+                grad_rho = grad_sigma2.mul_(half_dsigma2)
+        if need_bmu:
+            grad_bmu = _channel_sum(g, bias_mu.dtype)
+        if need_brho:
+            grad_brho = _channel_sum(u, bias_rho.dtype).mul_(dsigma2_factor(bias_rho)[1])
+    return (grad_x, grad_mu, grad_rho, grad_bmu, grad_brho) + (None,) * 7
+
+
+_conv_lrt.register_autograd(_conv_lrt_backward, setup_context=_conv_lrt_setup_context)
+
+
+# ---- Flipout ------------------------------------------------------------------------------------
+
+@torch.library.custom_op("bayes_ext::conv_flipout", mutates_args=())
+def _conv_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+                  bias_rho: Optional[Tensor], seed: Tensor, stride: List[int], padding: List[int],
+                  dilation: List[int], transposed: bool, output_padding: List[int], groups: int,
+                  prior_pi: float, prior_sigma1: float, prior_sigma2: float) -> Tuple[Tensor, Tensor, Tensor]:
+    ops, prior, low = _backend.ops(), (prior_pi, prior_sigma1, prior_sigma2), x.dtype
+    conv = (stride, padding, dilation, transposed, output_padding, groups)
+    with torch.autocast(x.device.type, enabled=False):
+        # W = mu + dW from the weight's own stream, so log q / log p are the MC KL terms of W
+        w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
+        b = None
+        if bias_mu is not None:
+            b, log_q_b, log_p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
+            log_q, log_p = log_q + log_q_b, log_p + log_p_b
+        x_signed = x * signs(x.shape, seed, SIGN_IN_OFFSET, weight_mu, low)
+        perturbation = torch.ops.aten.convolution(x_signed, w.sub_(weight_mu).to(low), None, *conv)
+        perturbation *= signs(perturbation.shape, seed, SIGN_OUT_OFFSET, weight_mu, low)
+        y = torch.ops.aten.convolution(x, weight_mu.to(low), _to(b, low), *conv).add_(perturbation)
+    return y, log_q, log_p
+
+
+@_conv_flipout.register_fake
+def _(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, transposed, output_padding,
+      groups, prior_pi, prior_sigma1, prior_sigma2):
+    y = torch.ops.aten.convolution(x, weight_mu.to(x.dtype), _to(bias_mu, x.dtype), stride, padding, dilation,
+                                   transposed, output_padding, groups)
+    return y, weight_mu.new_empty(()), weight_mu.new_empty(())
+
+
+def _conv_flipout_setup_context(ctx, inputs, output):
+    (x, weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, transposed, output_padding,
+     groups, prior_pi, prior_sigma1, prior_sigma2) = inputs
+    ctx.save_for_backward(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)  # dW, S, R: from the seed
+    ctx.conv = (stride, padding, dilation, transposed, output_padding, groups)
+    ctx.prior = (prior_pi, prior_sigma1, prior_sigma2)
+    ctx.ops = _backend.ops()
+
+
+def _conv_flipout_backward(ctx, grad_y, grad_log_q, grad_log_p):
+    x, mu, rho, bias_mu, bias_rho, seed = ctx.saved_tensors
+    ops, prior, conv, low = ctx.ops, ctx.prior, ctx.conv, x.dtype
+    grad_log_q, grad_log_p = zero_if_none(grad_log_q, mu), zero_if_none(grad_log_p, mu)
+    need_x = ctx.needs_input_grad[0]
+    need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    need_b = bias_mu is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+    with torch.autocast(x.device.type, enabled=False):
+        if grad_y is None:  # only the KL was used
+            grad_y = torch.ops.aten.convolution(x, mu.to(low), None, *conv).zero_()
+        g = grad_y.to(low)
+        s_in = signs(x.shape, seed, SIGN_IN_OFFSET, mu, low)
+        x_signed = x * s_in
+        g_signed = g * signs(g.shape, seed, SIGN_OUT_OFFSET, mu, low)
+        grad_x, grad_mu = _conv_grads(g, x, mu, conv, need_x, need_w)  # the mean's terms
+        grad_rho = w = None
+        if need_w:
+            grad_dw = _conv_grads(g_signed, x_signed, mu, conv, False, True)[1]
+            # W = mu + dW: sample_weight_backward's grad_mu holds grad_dw (dW's alone) and the KL's
+            grad_mu_w, grad_rho, w = ops.sample_weight_backward(grad_dw, grad_log_q, grad_log_p, mu, rho, seed, 0,
+                                                                *prior, need_x)
+            grad_mu = grad_mu.add_(grad_mu_w).sub_(grad_dw)
+        elif need_x:
+            w = ops.sample_weight(mu, rho, seed, 0, *prior)[0]
+        if need_x:
+            grad_x = grad_x.addcmul_(_conv_grads(g_signed, x_signed, w.sub_(mu), conv, True, False)[0], s_in)
+        grad_bias_mu = grad_bias_rho = None
+        if need_b:
+            grad_bias_mu, grad_bias_rho, _ = ops.sample_weight_backward(
+                _channel_sum(g, bias_mu.dtype), grad_log_q, grad_log_p, bias_mu, bias_rho, seed, 1, *prior, False)
+    return (grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho) + (None,) * 10
+
+
+_conv_flipout.register_autograd(_conv_flipout_backward, setup_context=_conv_flipout_setup_context)
+
+
+# ---- entry points ---------------------------------------------------------------------------------
+
+def _prepare(x: Tensor, weight_mu: Tensor, spec: BFC.ConvSpec) -> Tuple[Tensor, bool]:
+    """(the op's batched, pre-padded input, whether x was batched)."""
+    x = BFC.autocast_input(x, weight_mu)
+    batched = BFC.check_conv_input(x, weight_mu, spec)
+    return BFC._pre_pad(x if batched else x.unsqueeze(0), spec), batched
+
+
+def _conv_args(spec: BFC.ConvSpec):
+    return spec.stride, spec.padding, spec.dilation, spec.transposed, spec.output_padding, spec.groups
+
+
+def conv_lrt_spec(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+                  bias_rho: Optional[Tensor], seed: Tensor, spec: BFC.ConvSpec) -> Tensor:
+    """conv_lrt with an already validated spec, parameters and seed (the layers' per-forward call)."""
+    x, batched = _prepare(x, weight_mu, spec)
+    y = _conv_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, *_conv_args(spec))[0]
+    return y if batched else y.squeeze(0)
+
+
+def conv_flipout_spec(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+                      bias_rho: Optional[Tensor], seed: Tensor, spec: BFC.ConvSpec,
+                      prior: ScaleMixture) -> Tuple[Tensor, Tensor, Tensor]:
+    """conv_flipout with an already validated spec, parameters, seed and prior."""
+    x, batched = _prepare(x, weight_mu, spec)
+    y, log_q, log_p = _conv_flipout(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, *_conv_args(spec), *prior)
+    return (y if batched else y.squeeze(0)), log_q, log_p
+
+
+def _validated_spec(weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, groups, transposed,
+                    output_padding):
+    _checks.check_tensor(weight_mu, "weight_mu")
+    if weight_mu.dim() not in (3, 4, 5):
+        raise ValueError(f"weight_mu must be 3-, 4- or 5-D (a 1-d, 2-d or 3-d convolution weight), "
+                         f"got shape {tuple(weight_mu.shape)}")
+    if not isinstance(transposed, bool):
+        raise TypeError(f"transposed must be a bool, got {transposed!r}")
+    spec = BFC.conv_spec(weight_mu.dim() - 2, tuple(weight_mu.shape[2:]), stride, padding, dilation, groups,
+                         transposed, output_padding)
+    BFC.check_conv_params(weight_mu, weight_rho, bias_mu, bias_rho, spec)
+    seed = BF.draw_seed() if seed is None else seed
+    _checks.check_seed(seed, weight_mu)
+    return spec, seed
+
+
+def conv_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,
+             bias_rho: Optional[Tensor] = None, seed: Optional[Tensor] = None,
+             stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int], str] = 0,
+             dilation: Union[int, Sequence[int]] = 1, groups: int = 1, transposed: bool = False,
+             output_padding: Union[int, Sequence[int]] = 0) -> Tensor:
+    """Local reparameterisation of ``bayesian_conv``'s convolution (same arguments, no prior: the
+    KL is the caller's): y = conv(x, mu, b_mu) + sqrt(conv(x^2, sigma^2) + sigma_b^2) * eps."""
+    spec, seed = _validated_spec(weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, groups,
+                                 transposed, output_padding)
+    return conv_lrt_spec(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, spec)
+
+
+def conv_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,
+                 bias_rho: Optional[Tensor] = None, seed: Optional[Tensor] = None,
+                 stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int], str] = 0,
+                 dilation: Union[int, Sequence[int]] = 1, groups: int = 1, transposed: bool = False,
+                 output_padding: Union[int, Sequence[int]] = 0,
+                 prior: ScaleMixture = (1.0, 0.1, 0.002)) -> Tuple[Tensor, Tensor, Tensor]:
+    """Flipout of ``bayesian_conv``'s convolution: y = conv(x, mu, b) + conv(x * S, dW) * R; returns
+    (y, log_q, log_p) of W = mu + dW (stream (seed, 0)) and b (stream (seed, 1))."""
+    spec, seed = _validated_spec(weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, groups,
+                                 transposed, output_padding)
+    pi, sigma1, sigma2 = (float(v) for v in prior)
+    _checks.check_prior(pi, sigma1, sigma2)
+    return conv_flipout_spec(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, spec, (pi, sigma1, sigma2))
