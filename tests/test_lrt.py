@@ -92,7 +92,8 @@ def test_freeze_and_errors(backend):
     with pytest.raises(ValueError, match="estimator"):
         BayesianLinear(6, 4, estimator="flipout-ish")
     with pytest.raises(ValueError, match="single Gaussian prior"):
-        BayesianLinear(6, 4, estimator="lrt", prior_pi=0.5)
+        BayesianLinear(6, 4, estimator="lrt", kl="closed_form", prior_pi=0.5)
+    BayesianLinear(6, 4, estimator="lrt", prior_pi=0.5)  # a mixture prior: MC KL (tests/test_estimators.py)
     with pytest.raises(ValueError, match="features"):
         layer()(torch.randn(2, 5))
     bias_free = layer(bias=False)

@@ -6,6 +6,8 @@ import torch
 
 from .. import functional as BF
 from .. import functional_conv as BFC
+from .. import functional_conv_estimators as BFCE
+from ._estimators import EstimatorMixin
 from ._posterior import GaussianPosteriorMixin, posterior_parameter
 from .base_bayesian_module import BayesianModule
 
@@ -18,7 +20,7 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
-class _BayesianConvNd(GaussianPosteriorMixin, BayesianModule):
+class _BayesianConvNd(EstimatorMixin, GaussianPosteriorMixin, BayesianModule):
     """What the six convolution layers share; subclasses fix the number of spatial dimensions,
     transposed-ness and the constructor's argument order.
 
@@ -28,6 +30,10 @@ class _BayesianConvNd(GaussianPosteriorMixin, BayesianModule):
     the seed, so the training forward keeps only its input for backward, like ``nn.Conv*d``. Each
     forward sets ``log_variational_posterior`` and ``log_prior``; with ``freeze=True`` the layer
     uses the means and those terms are the ones of the means.
+
+    Keyword-only, beyond BLiTZ (see modules/_estimators.py): ``estimator="reparam"`` (default),
+    ``"lrt"`` or ``"flipout"`` (per-example noise, lower-variance gradients), and ``kl="mc"``
+    (default) or ``"closed_form"`` (single Gaussian prior only).
     """
 
     _spatial_dims = 2
@@ -35,7 +41,7 @@ class _BayesianConvNd(GaussianPosteriorMixin, BayesianModule):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                  output_padding, padding_mode, prior_sigma_1, prior_sigma_2, prior_pi, posterior_mu_init,
-                 posterior_rho_init, freeze, prior_dist, device, dtype):
+                 posterior_rho_init, freeze, prior_dist, device, dtype, estimator="reparam", kl="mc"):
         super().__init__()
         n = self._spatial_dims
         in_channels = _positive_int(in_channels, "in_channels")
@@ -83,6 +89,7 @@ class _BayesianConvNd(GaussianPosteriorMixin, BayesianModule):
             self.register_parameter("bias_mu", None)
             self.register_parameter("bias_rho", None)
         self._init_prior(prior_sigma_1, prior_sigma_2, prior_pi, prior_dist, freeze)
+        self._init_estimator(estimator, kl)
 
     def _spec(self, output_padding=None) -> BFC.ConvSpec:
         return BFC.cached_conv_spec(self._spatial_dims, self.kernel_size, self.stride, self.padding, self.dilation,
@@ -93,15 +100,22 @@ class _BayesianConvNd(GaussianPosteriorMixin, BayesianModule):
     def _forward(self, x: torch.Tensor, spec: BFC.ConvSpec) -> torch.Tensor:
         if self.freeze:
             return self._forward_frozen(x, spec)
-        if self.prior_dist is None:
-            y, log_q, log_p = BFC.bayesian_conv_spec(x, self.weight_mu, self.weight_rho, self.bias_mu,
-                                                     self.bias_rho, BF.draw_seed(), spec, self.prior)
+        seed = BF.draw_seed()
+        params = (self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho)
+        if self.estimator == "lrt":
+            y, mc_terms = BFCE.conv_lrt_spec(x, *params, seed, spec), None
+        elif self.estimator == "flipout":
+            y, log_q, log_p = BFCE.conv_flipout_spec(x, *params, seed, spec, self.prior)
+            mc_terms = (log_q, log_p) if self.prior_dist is None else None  # else: log p from prior_dist
+        elif self.prior_dist is None:
+            y, log_q, log_p = BFC.bayesian_conv_spec(x, *params, seed, spec, self.prior)
+            mc_terms = (log_q, log_p)
         else:
             x = BFC.autocast_input(x, self.weight_mu)
             BFC.check_conv_input(x, self.weight_mu, spec)
-            samples, log_q, log_p = self._sample_with_prior_dist(BF.draw_seed())
-            y = BFC.conv_with_weight(x, samples["weight"], samples.get("bias"), spec)
-        self._set_kl_terms(log_q, log_p)
+            samples, log_q, log_p = self._sample_with_prior_dist(seed)
+            y, mc_terms = BFC.conv_with_weight(x, samples["weight"], samples.get("bias"), spec), (log_q, log_p)
+        self._set_estimator_kl(seed, mc_terms)
         return y
 
     def _forward_frozen(self, x: torch.Tensor, spec: BFC.ConvSpec) -> torch.Tensor:
@@ -127,16 +141,16 @@ class _BayesianConvNd(GaussianPosteriorMixin, BayesianModule):
         s += f", prior=(pi={self.prior_pi}, sigma_1={self.prior_sigma_1}, sigma_2={self.prior_sigma_2})"
         if self.prior_dist is not None:
             s += f", prior_dist={self.prior_dist}"
-        return s + (", frozen" if self.freeze else "")
+        return s + self._estimator_repr() + (", frozen" if self.freeze else "")
 
 
 class _BayesianConvPlainNd(_BayesianConvNd):
     def __init__(self, in_channels, out_channels, kernel_size, groups, stride, padding, dilation, bias,
                  prior_sigma_1, prior_sigma_2, prior_pi, posterior_mu_init, posterior_rho_init, freeze, prior_dist,
-                 padding_mode, device, dtype):
+                 padding_mode, device, dtype, estimator, kl):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, 0,
                          padding_mode, prior_sigma_1, prior_sigma_2, prior_pi, posterior_mu_init, posterior_rho_init,
-                         freeze, prior_dist, device, dtype)
+                         freeze, prior_dist, device, dtype, estimator, kl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, self._spec())
@@ -151,10 +165,10 @@ class _BayesianConvTransposeNd(_BayesianConvNd):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
                  dilation, prior_sigma_1, prior_sigma_2, prior_pi, posterior_mu_init, posterior_rho_init, freeze,
-                 prior_dist, padding_mode, device, dtype):
+                 prior_dist, padding_mode, device, dtype, estimator, kl):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          output_padding, padding_mode, prior_sigma_1, prior_sigma_2, prior_pi, posterior_mu_init,
-                         posterior_rho_init, freeze, prior_dist, device, dtype)
+                         posterior_rho_init, freeze, prior_dist, device, dtype, estimator, kl)
 
     def _output_size_spec(self, x, output_size) -> BFC.ConvSpec:
         """The spec, with output_padding chosen to reach `output_size` (as nn.ConvTranspose*d does)."""
@@ -199,10 +213,11 @@ class BayesianConv1d(_BayesianConvPlainNd):
 
     def __init__(self, in_channels, out_channels, kernel_size, groups=1, stride=1, padding=0, dilation=1, bias=True,
                  prior_sigma_1=0.1, prior_sigma_2=0.002, prior_pi=1, posterior_mu_init=0, posterior_rho_init=-7.0,
-                 freeze=False, prior_dist=None, *, padding_mode="zeros", device=None, dtype=None):
+                 freeze=False, prior_dist=None, *, padding_mode="zeros", device=None, dtype=None,
+                 estimator="reparam", kl="mc"):
         super().__init__(in_channels, out_channels, kernel_size, groups, stride, padding, dilation, bias,
                          prior_sigma_1, prior_sigma_2, prior_pi, posterior_mu_init, posterior_rho_init, freeze,
-                         prior_dist, padding_mode, device, dtype)
+                         prior_dist, padding_mode, device, dtype, estimator, kl)
 
 
 class BayesianConv2d(_BayesianConvPlainNd):
@@ -211,10 +226,11 @@ class BayesianConv2d(_BayesianConvPlainNd):
 
     def __init__(self, in_channels, out_channels, kernel_size, groups=1, stride=1, padding=0, dilation=1, bias=True,
                  prior_sigma_1=0.1, prior_sigma_2=0.002, prior_pi=1, posterior_mu_init=0, posterior_rho_init=-6.0,
-                 freeze=False, prior_dist=None, *, padding_mode="zeros", device=None, dtype=None):
+                 freeze=False, prior_dist=None, *, padding_mode="zeros", device=None, dtype=None,
+                 estimator="reparam", kl="mc"):
         super().__init__(in_channels, out_channels, kernel_size, groups, stride, padding, dilation, bias,
                          prior_sigma_1, prior_sigma_2, prior_pi, posterior_mu_init, posterior_rho_init, freeze,
-                         prior_dist, padding_mode, device, dtype)
+                         prior_dist, padding_mode, device, dtype, estimator, kl)
 
 
 class BayesianConv3d(_BayesianConvPlainNd):
@@ -223,10 +239,11 @@ class BayesianConv3d(_BayesianConvPlainNd):
 
     def __init__(self, in_channels, out_channels, kernel_size, groups=1, stride=1, padding=0, dilation=1, bias=True,
                  prior_sigma_1=0.1, prior_sigma_2=0.002, prior_pi=1, posterior_mu_init=0, posterior_rho_init=-6.0,
-                 freeze=False, prior_dist=None, *, padding_mode="zeros", device=None, dtype=None):
+                 freeze=False, prior_dist=None, *, padding_mode="zeros", device=None, dtype=None,
+                 estimator="reparam", kl="mc"):
         super().__init__(in_channels, out_channels, kernel_size, groups, stride, padding, dilation, bias,
                          prior_sigma_1, prior_sigma_2, prior_pi, posterior_mu_init, posterior_rho_init, freeze,
-                         prior_dist, padding_mode, device, dtype)
+                         prior_dist, padding_mode, device, dtype, estimator, kl)
 
 
 # nn.ConvTranspose*d's argument order, then the prior / posterior keywords with the Conv2d defaults.
@@ -238,10 +255,10 @@ class BayesianConvTranspose1d(_BayesianConvTransposeNd):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
                  bias=True, dilation=1, prior_sigma_1=0.1, prior_sigma_2=0.002, prior_pi=1, posterior_mu_init=0,
                  posterior_rho_init=-6.0, freeze=False, prior_dist=None, *, padding_mode="zeros", device=None,
-                 dtype=None):
+                 dtype=None, estimator="reparam", kl="mc"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
                          dilation, prior_sigma_1, prior_sigma_2, prior_pi, posterior_mu_init, posterior_rho_init,
-                         freeze, prior_dist, padding_mode, device, dtype)
+                         freeze, prior_dist, padding_mode, device, dtype, estimator, kl)
 
 
 class BayesianConvTranspose2d(_BayesianConvTransposeNd):
@@ -251,10 +268,10 @@ class BayesianConvTranspose2d(_BayesianConvTransposeNd):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
                  bias=True, dilation=1, prior_sigma_1=0.1, prior_sigma_2=0.002, prior_pi=1, posterior_mu_init=0,
                  posterior_rho_init=-6.0, freeze=False, prior_dist=None, *, padding_mode="zeros", device=None,
-                 dtype=None):
+                 dtype=None, estimator="reparam", kl="mc"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
                          dilation, prior_sigma_1, prior_sigma_2, prior_pi, posterior_mu_init, posterior_rho_init,
-                         freeze, prior_dist, padding_mode, device, dtype)
+                         freeze, prior_dist, padding_mode, device, dtype, estimator, kl)
 
 
 class BayesianConvTranspose3d(_BayesianConvTransposeNd):
@@ -264,7 +281,7 @@ class BayesianConvTranspose3d(_BayesianConvTransposeNd):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
                  bias=True, dilation=1, prior_sigma_1=0.1, prior_sigma_2=0.002, prior_pi=1, posterior_mu_init=0,
                  posterior_rho_init=-6.0, freeze=False, prior_dist=None, *, padding_mode="zeros", device=None,
-                 dtype=None):
+                 dtype=None, estimator="reparam", kl="mc"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
                          dilation, prior_sigma_1, prior_sigma_2, prior_pi, posterior_mu_init, posterior_rho_init,
-                         freeze, prior_dist, padding_mode, device, dtype)
+                         freeze, prior_dist, padding_mode, device, dtype, estimator, kl)
