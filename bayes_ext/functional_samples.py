@@ -37,6 +37,11 @@ def _sample_matmul(ops, y_s: Tensor, x_s: Tensor, weight_mu: Tensor, weight_rho:
     return log_q, log_p
 
 
+# Batched gradients of all N weights (one bmm, N x O x I temporary in backward) up to this size;
+# above it, one sample at a time (and in blocks of rows for large weights).
+BMM_ELEMENTS = 1 << 20
+
+
 @torch.library.custom_op("bayes_ext::linear_reparam_samples", mutates_args=())
 def _linear_reparam_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                             bias_rho: Optional[Tensor], seeds: Tensor, prior_pi: float, prior_sigma1: float,
@@ -49,16 +54,27 @@ def _linear_reparam_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bi
         x3 = x.reshape(n, -1, in_features)
         y = x3.new_empty(n, x3.shape[1], out_features)
         log_q, log_p = [], []
-        for s in range(n):
-            seed = seeds[s]
-            q, p = _sample_matmul(ops, y[s], x3[s], weight_mu, weight_rho, seed, prior)
-            if bias_mu is not None:
-                b, q_b, p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
-                y[s] += b.to(y.dtype)
-                q, p = q + q_b, p + p_b
+        # The Python per sample is kept minimal: for small layers it, not the kernels, sets the pace.
+        single_block = len(_row_blocks(weight_mu)) == 1
+        for seed, x_s, y_s in zip(seeds.unbind(0), x3.unbind(0), y.unbind(0)):
+            if single_block:
+                w, q, p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
+                torch.mm(x_s, w.t() if w.dtype == x_s.dtype else w.t().to(x_s.dtype), out=y_s)
+            else:
+                q, p = _sample_matmul(ops, y_s, x_s, weight_mu, weight_rho, seed, prior)
             log_q.append(q)
             log_p.append(p)
-        return y.reshape(x.shape[:-1] + (out_features,)), torch.stack(log_q), torch.stack(log_p)
+        log_q, log_p = torch.stack(log_q), torch.stack(log_p)
+        if bias_mu is not None:
+            bias, q_b, p_b = [], [], []
+            for seed in seeds.unbind(0):
+                b, q, p = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
+                bias.append(b)
+                q_b.append(q)
+                p_b.append(p)
+            y += torch.stack(bias).to(y.dtype).unsqueeze(1)
+            log_q, log_p = log_q + torch.stack(q_b), log_p + torch.stack(p_b)
+        return y.reshape(x.shape[:-1] + (out_features,)), log_q, log_p
 
 
 @_linear_reparam_samples.register_fake
@@ -76,26 +92,54 @@ def _setup_context(ctx, inputs, output):
     ctx.ops = _backend.ops()
 
 
+def _sum_samples(grads):
+    """The sum of N per-sample gradients: one stacked sum for small ones (fewer ops), in place otherwise."""
+    if len(grads) == 1:
+        return grads[0]
+    if len(grads) * grads[0].numel() <= BMM_ELEMENTS:
+        return torch.stack(grads).sum(0)
+    total = grads[0]
+    for g in grads[1:]:
+        total.add_(g)
+    return total
+
+
 def _backward(ctx, grad_out, grad_log_q, grad_log_p):
     x, weight_mu, weight_rho, bias_mu, bias_rho, seeds = ctx.saved_tensors
     ops, prior = ctx.ops, ctx.prior
     n = seeds.shape[0]
     zeros = weight_mu.new_zeros((n,))
-    grad_log_q = zeros if grad_log_q is None else grad_log_q
-    grad_log_p = zeros if grad_log_p is None else grad_log_p
+    grad_log_q = (zeros if grad_log_q is None else grad_log_q).unbind(0)
+    grad_log_p = (zeros if grad_log_p is None else grad_log_p).unbind(0)
+    seed_list = seeds.unbind(0)
     out_features, in_features = weight_mu.shape
     weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
     need_x = ctx.needs_input_grad[0]
     blocks = _row_blocks(weight_mu)
+    w_dtype = weight_mu.dtype
     with torch.autocast(x.device.type, enabled=False):
         x3 = x.reshape(n, -1, in_features)
-        grad_out3 = grad_out.reshape(n, -1, out_features).to(x.dtype)
+        grad_out3 = grad_out.reshape(n, -1, out_features)
+        if grad_out3.dtype != x.dtype:
+            grad_out3 = grad_out3.to(x.dtype)
         grad_x = torch.empty_like(x3) if need_x else None
-        grad_mu = grad_rho = None
+        grad_mu, grad_rho = [], []
+        if len(blocks) == 1 and n * weight_mu.numel() <= BMM_ELEMENTS:
+            grad_ws = torch.bmm(grad_out3.transpose(1, 2), x3)
+            if grad_ws.dtype != w_dtype:
+                grad_ws = grad_ws.to(w_dtype)
+            grad_ws = grad_ws.unbind(0)
+        else:
+            grad_ws = None
         for s in range(n):
-            seed, g_q, g_p = seeds[s], grad_log_q[s], grad_log_p[s]
-            if len(blocks) == 1:
-                grad_w = grad_out3[s].t().mm(x3[s]).to(weight_mu.dtype)
+            seed, g_q, g_p = seed_list[s], grad_log_q[s], grad_log_p[s]
+            if grad_ws is not None:
+                g_mu, g_rho, w = ops.sample_weight_backward(grad_ws[s], g_q, g_p, weight_mu, weight_rho, seed, 0,
+                                                            *prior, need_x)
+                if need_x:
+                    torch.mm(grad_out3[s], w if w.dtype == x.dtype else w.to(x.dtype), out=grad_x[s])
+            elif len(blocks) == 1:
+                grad_w = grad_out3[s].t().mm(x3[s]).to(w_dtype)
                 g_mu, g_rho, w = ops.sample_weight_backward(grad_w, g_q, g_p, weight_mu, weight_rho, seed, 0,
                                                             *prior, need_x)
                 if need_x:
@@ -105,26 +149,25 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
                 if need_x:
                     grad_x[s].zero_()
                 for r0, r1 in blocks:
-                    grad_w = grad_out3[s, :, r0:r1].t().mm(x3[s]).to(weight_mu.dtype)
+                    grad_w = grad_out3[s, :, r0:r1].t().mm(x3[s]).to(w_dtype)
                     g_mu[r0:r1], g_rho[r0:r1], w = ops.sample_weight_backward(
                         grad_w, g_q, g_p, weight_mu[r0:r1], weight_rho[r0:r1], seed, 0, *prior, need_x,
                         r0 * in_features)
                     if need_x:
                         grad_x[s].addmm_(grad_out3[s, :, r0:r1], w.to(x.dtype))
-            if grad_mu is None:
-                grad_mu, grad_rho = g_mu, g_rho
-            else:
-                grad_mu, grad_rho = grad_mu.add_(g_mu), grad_rho.add_(g_rho)
+            grad_mu.append(g_mu)
+            grad_rho.append(g_rho)
+        grad_mu, grad_rho = _sum_samples(grad_mu), _sum_samples(grad_rho)
         grad_bias_mu = grad_bias_rho = None
         if bias_mu is not None:
-            grad_b = grad_out3.sum(1, dtype=bias_mu.dtype)  # (n, O)
+            grad_b = grad_out3.sum(1, dtype=bias_mu.dtype).unbind(0)  # (n, O)
+            grad_bias_mu, grad_bias_rho = [], []
             for s in range(n):
                 g_mu, g_rho, _ = ops.sample_weight_backward(grad_b[s], grad_log_q[s], grad_log_p[s], bias_mu,
-                                                            bias_rho, seeds[s], 1, *prior, False)
-                if grad_bias_mu is None:
-                    grad_bias_mu, grad_bias_rho = g_mu, g_rho
-                else:
-                    grad_bias_mu, grad_bias_rho = grad_bias_mu.add_(g_mu), grad_bias_rho.add_(g_rho)
+                                                            bias_rho, seed_list[s], 1, *prior, False)
+                grad_bias_mu.append(g_mu)
+                grad_bias_rho.append(g_rho)
+            grad_bias_mu, grad_bias_rho = _sum_samples(grad_bias_mu), _sum_samples(grad_bias_rho)
         if grad_x is not None:
             grad_x = grad_x.reshape(x.shape)
     return grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho, None, None, None, None

@@ -48,7 +48,18 @@ class BayesianLinear(EstimatorMixin, GaussianPosteriorMixin, BayesianModule):
         self._init_prior(prior_sigma_1, prior_sigma_2, prior_pi, prior_dist, freeze)
         self._init_estimator(estimator, kl)
 
+    # Vectorised multi-sample ELBO (bayes_ext/utils/vectorised.py): during sample_elbo & co. this is
+    # the SampleBatch that runs N weight samples of this layer in one op; None otherwise.
+    _sample_batch = None
+
+    def _supports_sample_batch(self) -> bool:
+        """Whether the vectorised path reproduces this layer's forward: the fused reparam op only."""
+        return (type(self).forward is BayesianLinear.forward and not self.freeze and self.estimator == "reparam"
+                and getattr(self, "kl", "mc") == "mc" and self.prior_dist is None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._sample_batch is not None:
+            return self._sample_batch.linear(self, x)
         if self.freeze:
             return self.forward_frozen(x)
         seed = BF.draw_seed()

@@ -1,0 +1,189 @@
+"""The vectorised multi-sample forward behind sample_elbo / sample_elbo_detailed_loss / mfvi_forward.
+
+N sampled forwards of a model become one: the input batch is repeated N times along dim 0 (shape
+N*B), and every Bayesian layer, told N through its ``_sample_batch`` attribute, views its input as
+(N, B, .., I) and runs all N weight samples in one op (``bayes_ext::linear_reparam_samples``). Its
+KL terms are then per-sample vectors (N,), so ``nn_kl_divergence()`` gives each sample's KL.
+
+Same noise as the loop: the loop draws one seed per layer call in call order, so with L layer calls
+per forward, sample s of call l gets draw s*L + l. The N*L seeds are drawn up front (one randint,
+identical to N*L successive draws) assuming L = the number of Bayesian layers; if the forward
+makes another number of calls (a shared layer, an unused one), the generator is rewound and the
+forward rerun with the counted L. Hence the same loss and gradients as the loop for the same
+``torch.manual_seed``.
+
+Which models: every BayesianModule must support it (``_supports_sample_batch()``: BayesianLinear
+with its default estimator, no prior_dist, not frozen), and no module may mix the samples
+(BatchNorm in training; layers that take the batch in dim 1). Dropout draws its own noise from the
+generator, so automatic selection leaves models with active dropout to the loop (``vectorized=True``
+runs them, with other dropout masks than the loop's). The model must keep the batch in dim 0 in front
+of every Bayesian layer (checked: a layer whose input is not N*B long in dim 0 falls back).
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..functional_samples import draw_seeds
+from ..modules.base_bayesian_module import BayesianModule
+
+
+class NotVectorisable(ValueError):
+    """Raised inside a vectorised forward when the model does something the batched path cannot
+    reproduce; automatic selection then reruns the samples as the loop."""
+
+
+# Modules whose output for one example depends on the other examples of the batch, or that read
+# the batch in another dimension than 0: repeating the batch N times would change their result.
+def _mixes_samples(m: nn.Module) -> Optional[str]:
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
+        return "uses batch statistics"
+    if isinstance(m, nn.RNNBase) and not m.batch_first:
+        return "takes the batch in dim 1 (batch_first=False)"
+    if isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                      nn.Transformer)) and not _batch_first(m):
+        return "takes the batch in dim 1 (batch_first=False)"
+    return None
+
+
+def _batch_first(m) -> bool:
+    if hasattr(m, "batch_first"):
+        return bool(m.batch_first)
+    attn = getattr(m, "self_attn", None)
+    return bool(getattr(attn, "batch_first", False))
+
+
+def _draws_noise(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+
+
+def unsupported_reason(model: nn.Module, inputs, strict: bool) -> Optional[str]:
+    """Why the vectorised path cannot run ``model(inputs)`` (None when it can). ``strict`` (the
+    automatic choice) also refuses what would only change the noise (dropout)."""
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1 or inputs.shape[0] < 1:
+        return "the input is not a tensor with a non-empty batch in dim 0"
+    any_layer = False
+    for name, m in model.named_modules():
+        label = f"{name or 'the model'} ({type(m).__name__})"
+        if isinstance(m, BayesianModule):
+            supports = getattr(m, "_supports_sample_batch", None)
+            if supports is None or not supports():
+                return f"Bayesian layer {label} does not support vectorised samples"
+            any_layer = True
+        reason = _mixes_samples(m)
+        if reason:
+            return f"{label} {reason}"
+        if strict and _draws_noise(m):
+            return f"{label} draws its own noise (the loop's masks would differ)"
+    if not any_layer:
+        return "the model has no Bayesian layer"
+    return None
+
+
+def _supported_layers(model):
+    return [m for m in model.modules() if isinstance(m, BayesianModule)]
+
+
+class SampleBatch:
+    """One vectorised forward: N samples of a batch of B, L layer calls expected per forward.
+
+    A supporting layer's forward calls ``linear(layer, x)`` while its ``_sample_batch`` is this object.
+    """
+
+    def __init__(self, sample_nbr: int, batch: int, calls_per_forward: int, seeds: Optional[torch.Tensor] = None):
+        self.sample_nbr = sample_nbr
+        self.batch = batch
+        self.per_forward = calls_per_forward
+        self.seeds = draw_seeds(sample_nbr * calls_per_forward).view(sample_nbr, calls_per_forward) \
+            if seeds is None else seeds
+        self.calls = 0
+        self.called = []
+
+    def _seeds_for_next_call(self, layer):
+        l = self.calls
+        self.calls += 1
+        self.called.append(layer)
+        # Past the expected count the result is thrown away and rerun with the counted L.
+        return self.seeds[:, l % self.per_forward] if self.per_forward else self.seeds.new_zeros(self.sample_nbr)
+
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """BayesianLinear's forward for N samples: x (N*B, .., I) -> (N*B, .., O), KL terms (N,)."""
+        from .. import functional_samples as FS
+        seeds = self._seeds_for_next_call(layer)
+        n = self.sample_nbr
+        if x.dim() < 2 or x.shape[0] != n * self.batch:
+            raise NotVectorisable(
+                f"a vectorised forward expects every Bayesian layer's input to hold the {n} samples x "
+                f"{self.batch} examples in dim 0, got shape {tuple(x.shape)} (pass vectorized=False)")
+        xs = x.reshape((n, self.batch) + tuple(x.shape[1:]))
+        y, log_q, log_p = FS.bayesian_linear_samples(xs, layer.weight_mu, layer.weight_rho, layer.bias_mu,
+                                                     layer.bias_rho, seeds, prior=layer.prior)
+        layer._set_kl_terms(log_q, log_p)
+        return y.flatten(0, 1)
+
+    def finish(self) -> None:
+        """Leave each called layer with the KL terms of the last sample, as the loop does."""
+        for layer in self.called:
+            q, p = layer._kl_terms
+            if isinstance(q, torch.Tensor) and q.dim() == 1 and q.shape[0] == self.sample_nbr:
+                layer._set_kl_terms(q[-1], p[-1])
+
+
+def run_samples(model: nn.Module, inputs, sample_nbr: int, vectorized: Optional[bool], kl_fn=None):
+    """The N sampled outputs of ``model(inputs)`` as one tensor (N, B, ...) and, if ``kl_fn`` is
+    given, ``kl_fn()`` evaluated while the layers hold per-sample KL terms (shape (N,)).
+
+    Returns None when the loop must run instead (vectorized=None and the model is unsupported);
+    raises ValueError when vectorized=True and the model is unsupported.
+    """
+    if vectorized is not None and not isinstance(vectorized, bool):
+        raise TypeError(f"vectorized must be None, True or False, got {vectorized!r}")
+    if vectorized is False:
+        return None
+    strict = vectorized is None
+    reason = unsupported_reason(model, inputs, strict)
+    if reason is not None:
+        if strict:
+            return None
+        raise ValueError(f"vectorized=True, but {reason}; use vectorized=None (auto) or False (the loop)")
+    layers = _supported_layers(model)
+    batch = inputs.shape[0]
+    repeated = inputs.repeat((sample_nbr,) + (1,) * (inputs.dim() - 1))
+    rng_state = torch.get_rng_state()
+    per_forward = len(layers)
+    for _ in range(2):  # the second try only when the forward made another number of layer calls
+        sb = SampleBatch(sample_nbr, batch, per_forward)
+        for layer in layers:
+            layer.__dict__["_sample_batch"] = sb  # a plain attribute (skips nn.Module.__setattr__)
+        try:
+            try:
+                out = model(repeated)
+                if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != sample_nbr * batch:
+                    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise NotVectorisable(f"the model's output must hold the {sample_nbr} samples x {batch} "
+                                          f"examples in dim 0, got {shape}")
+            except NotVectorisable:
+                torch.set_rng_state(rng_state)
+                if strict:
+                    return None
+                raise
+            if sb.calls == per_forward:
+                kl = kl_fn() if kl_fn is not None else None
+                return out.unflatten(0, (sample_nbr, batch)), kl
+        finally:
+            for layer in layers:
+                layer.__dict__.pop("_sample_batch", None)
+            sb.finish()
+        torch.set_rng_state(rng_state)
+        per_forward = sb.calls
+    if strict:
+        return None
+    raise NotVectorisable("the model's number of Bayesian layer calls changed between two forwards")
+
+
+def per_sample(value, sample_nbr: int):
+    """A per-sample KL (N,) as a list of N scalars (one unbind: one autograd node, not N), or the
+    value repeated when it is the same for all samples (e.g. 0 for a model whose layers were not called)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == sample_nbr:
+        return value.unbind(0)
+    return [value] * sample_nbr

@@ -1,0 +1,434 @@
+"""The vectorised multi-sample path of sample_elbo / sample_elbo_detailed_loss / mfvi_forward
+(issue 5): the N samples as one batched forward through bayes_ext::linear_reparam_samples.
+
+- The op: sample s equals the single-sample op on x[s] with seeds[s]; hand-written backward
+  against gradcheck; autograd saves only x and the seeds, whatever N.
+- The model path: for the same torch.manual_seed, the same loss, parameter and input gradients,
+  KL terms and generator state as the plain loop (float64, both backends).
+- Automatic selection: unsupported Bayesian layers, batch-statistics modules, dropout and models
+  that move the batch out of dim 0 run the loop; vectorized=True refuses them with a ValueError.
+"""
+import pytest
+import torch
+from torch import nn
+
+from bayes_ext import functional as BF
+from bayes_ext import functional_samples as FS
+from bayes_ext.modules import BayesianLinear
+from bayes_ext.utils import variational_estimator
+from bayes_ext.utils import vectorised as V
+
+F64 = torch.float64
+PRIOR = (0.5, 0.1, 0.4)
+
+
+# ---- the op ---------------------------------------------------------------------------------
+
+def _params(out_f, in_f, bias=True, dtype=F64):
+    g = torch.Generator().manual_seed(1)
+    wm = torch.randn(out_f, in_f, dtype=dtype, generator=g).mul_(0.3).requires_grad_()
+    wr = (torch.randn(out_f, in_f, dtype=dtype, generator=g) - 3).requires_grad_()
+    if not bias:
+        return wm, wr, None, None
+    bm = torch.randn(out_f, dtype=dtype, generator=g).mul_(0.3).requires_grad_()
+    br = (torch.randn(out_f, dtype=dtype, generator=g) - 3).requires_grad_()
+    return wm, wr, bm, br
+
+
+def _grads(tensors):
+    return [None if t is None or t.grad is None else t.grad.clone() for t in tensors]
+
+
+def _clear(tensors):
+    for t in tensors:
+        if t is not None:
+            t.grad = None
+
+
+@pytest.mark.parametrize("path", ["bmm", "per_sample", "blocks"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_op_equals_single_sample_op(backend, monkeypatch, path, bias):
+    """Sample s of the batched op = bayes_ext::linear_reparam on x[s] with seeds[s], values and
+    gradients (each backward code path: batched grad_W, per sample, blocks of rows)."""
+    if path == "per_sample":
+        monkeypatch.setattr(FS, "BMM_ELEMENTS", 0)
+    if path == "blocks":
+        monkeypatch.setattr(BF, "BLOCK_ELEMENTS", 16)  # 7 x 9 weight -> blocks of one row
+    params = _params(7, 9, bias)
+    x = torch.randn(3, 2, 5, 9, dtype=F64, requires_grad=True)
+    seeds = torch.tensor([5, -2 ** 62, 2 ** 62 + 123], dtype=torch.int64)
+    y, log_q, log_p = FS.bayesian_linear_samples(x, *params, seeds, PRIOR)
+    assert y.shape == (3, 2, 5, 7) and log_q.shape == (3,) and log_p.shape == (3,)
+    w_out = torch.randn_like(y)
+    ((y * w_out).sum() + 0.3 * log_q.sum() - 0.7 * (log_p * torch.arange(1.0, 4.0, dtype=F64)).sum()).backward()
+    tensors = (x,) + params
+    got = _grads(tensors)
+    _clear(tensors)
+    total = 0
+    for s in range(3):
+        y_s, q_s, p_s = BF.bayesian_linear(x[s], *params, seeds[s:s + 1], PRIOR)
+        torch.testing.assert_close(y_s, y[s], rtol=0, atol=1e-12)
+        torch.testing.assert_close(q_s, log_q[s], rtol=1e-13, atol=1e-10)
+        torch.testing.assert_close(p_s, log_p[s], rtol=1e-13, atol=1e-10)
+        total = total + (y_s * w_out[s]).sum() + 0.3 * q_s - 0.7 * (s + 1) * p_s
+    total.backward()
+    for g, t in zip(got, tensors):
+        if t is not None:
+            torch.testing.assert_close(g, t.grad, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_op_gradcheck(backend, bias):
+    params = _params(3, 4, bias)
+    x = torch.randn(2, 3, 4, dtype=F64, requires_grad=True)
+    seeds = torch.tensor([11, 12], dtype=torch.int64)
+
+    def f(x, wm, wr, *b):
+        bm, br = b if b else (None, None)
+        return FS.bayesian_linear_samples(x, wm, wr, bm, br, seeds, PRIOR)
+
+    inputs = (x,) + tuple(p for p in params if p is not None)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_op_saves_only_the_input(backend, n):
+    """Saved for backward: x and the N seeds (8 bytes each), no weight-sized tensor, whatever N."""
+    params = _params(64, 32, dtype=torch.float32)
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    x = torch.randn(n, 16, 32, requires_grad=True)
+    seen, total = set(), [0]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_ptrs and ptr not in seen:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, log_q, log_p = FS.bayesian_linear_samples(x, *params, FS.draw_seeds(n))
+    extra = total[0] - x.numel() * x.element_size()
+    assert 0 <= extra <= 256, (total[0], extra)
+    (y.sum() + log_q.sum()).backward()  # and backward works from what was saved
+
+
+def test_op_bad_inputs():
+    wm, wr, bm, br = _params(3, 4)
+    x = torch.randn(2, 5, 4, dtype=F64)
+    with pytest.raises(TypeError, match="seeds must be an int64"):
+        FS.bayesian_linear_samples(x, wm, wr, bm, br, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="1-D"):
+        FS.bayesian_linear_samples(x, wm, wr, bm, br, torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="one seed per sample"):
+        FS.bayesian_linear_samples(x, wm, wr, bm, br, torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="seeds must be a torch.Tensor"):
+        FS.bayesian_linear_samples(x, wm, wr, bm, br, [1, 2])
+    with pytest.raises(ValueError, match="samples in dim 0"):
+        FS.bayesian_linear_samples(x[0, 0], wm, wr, bm, br, torch.tensor([1]))
+    with pytest.raises(ValueError, match="4 features"):
+        FS.bayesian_linear_samples(x[..., :3], wm, wr, bm, br, torch.tensor([1, 2]))
+
+
+# ---- model level: same loss and gradients as the loop ------------------------------------------
+
+@variational_estimator
+class Regression(nn.Module):
+    """The seed's regression model (13 -> H -> 1, ReLU), small H for the tests."""
+
+    def __init__(self, hidden=32, dtype=F64):
+        super().__init__()
+        self.l1 = BayesianLinear(13, hidden, prior_pi=0.5, dtype=dtype)
+        self.l2 = BayesianLinear(hidden, 1, dtype=dtype)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+@variational_estimator
+class Mixed(nn.Module):
+    """Sequence input (B, T, 5), a plain nn.Linear and LayerNorm between the Bayesian layers, a
+    bias-free layer, and layers called in another order than they were registered."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = BayesianLinear(8, 4, bias=False, dtype=F64)
+        self.plain = nn.Linear(6, 8, dtype=F64)
+        self.norm = nn.LayerNorm(8, dtype=F64)
+        self.body = BayesianLinear(5, 6, dtype=F64)
+
+    def forward(self, x):
+        return self.head(self.norm(self.plain(torch.tanh(self.body(x))))).mean(1)
+
+
+@variational_estimator
+class Shared(nn.Module):
+    """One layer called twice per forward, one registered but never called: L differs from the
+    number of layers, so the vectorised path reruns with the counted calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = BayesianLinear(4, 6, dtype=F64)
+        self.hidden = BayesianLinear(6, 6, dtype=F64)
+        self.unused = BayesianLinear(3, 3, dtype=F64)
+        self.out = BayesianLinear(6, 3, dtype=F64)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.inp(x))
+        h = torch.sigmoid(self.hidden(h))
+        return self.out(torch.sigmoid(self.hidden(h)))
+
+
+def _regression_data():
+    return torch.randn(6, 13, dtype=F64), torch.randn(6, 1, dtype=F64), nn.MSELoss()
+
+
+def _mixed_data():
+    return torch.randn(5, 3, 5, dtype=F64), torch.randn(5, 4, dtype=F64), nn.SmoothL1Loss(reduction="sum")
+
+
+def _shared_data():
+    return torch.randn(7, 4, dtype=F64), torch.randint(0, 3, (7,)), nn.CrossEntropyLoss()
+
+
+MODELS = {"regression": (Regression, _regression_data), "mixed": (Mixed, _mixed_data),
+          "shared": (Shared, _shared_data)}
+
+
+class Spy:
+    """Counts the vectorised layer calls (to know which path ran)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = V.SampleBatch.linear
+
+        def linear(sb, layer, x):
+            self.calls += 1
+            return original(sb, layer, x)
+
+        monkeypatch.setattr(V.SampleBatch, "linear", linear)
+
+
+def _elbo_step(model, x, y, crit, n, vectorized, seed=123):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(x.is_floating_point())
+    torch.manual_seed(seed)
+    loss = model.sample_elbo(x, y, crit, n, complexity_cost_weight=0.01, vectorized=vectorized)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    kl_after = model.nn_kl_divergence().detach().clone()
+    return loss.detach(), grads, x.grad, kl_after, torch.randint(0, 2 ** 62, ())
+
+
+def _assert_same(a, b):
+    loss_a, grads_a, xg_a, kl_a, next_a = a
+    loss_b, grads_b, xg_b, kl_b, next_b = b
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-10)
+    assert grads_a.keys() == grads_b.keys()
+    for k in grads_a:
+        torch.testing.assert_close(grads_a[k], grads_b[k], rtol=1e-10, atol=1e-10, msg=k)
+    torch.testing.assert_close(xg_a, xg_b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(kl_a, kl_b, rtol=1e-12, atol=1e-10)  # the layers keep the last sample's KL
+    assert next_a == next_b  # the generator is left where the loop leaves it
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_sample_elbo_equals_loop(backend, monkeypatch, name, n):
+    cls, data = MODELS[name]
+    model = cls()
+    x, y, crit = data()
+    loop = _elbo_step(model, x, y, crit, n, vectorized=False)
+    spy = Spy(monkeypatch)
+    forced = _elbo_step(model, x, y, crit, n, vectorized=True)
+    assert spy.calls > 0
+    auto = _elbo_step(model, x, y, crit, n, vectorized=None)
+    _assert_same(forced, loop)
+    _assert_same(auto, loop)
+
+
+def test_default_is_vectorised(monkeypatch):
+    model = Regression()
+    x, y, crit = _regression_data()
+    spy = Spy(monkeypatch)
+    model.sample_elbo(x, y, crit, 4)  # BLiTZ's positional call
+    assert spy.calls == 2
+    model.sample_elbo(x, y, crit, 4, 1.0, vectorized=False)
+    assert spy.calls == 2
+
+
+@pytest.mark.parametrize("name", ["regression", "mixed"])
+def test_detailed_loss_equals_loop(backend, name):
+    cls, data = MODELS[name]
+    model = cls()
+    x, y, crit = data()
+    results = []
+    for vectorized in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        preds, elbo, lik, comp = model.sample_elbo_detailed_loss(x, y, crit, 4, 0.1, vectorized=vectorized)
+        elbo.backward()
+        results.append((preds, elbo.detach(), lik.detach(), comp.detach(),
+                        [p.grad.clone() for p in model.parameters()]))
+    (p0, *l0, g0), (p1, *l1, g1) = results
+    assert p0.shape == p1.shape == (4,) + tuple(model(x).shape)
+    torch.testing.assert_close(torch.from_numpy(p1), torch.from_numpy(p0), rtol=1e-12, atol=1e-12)
+    for a, b in zip(l0 + g0, l1 + g1):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_mfvi_forward_equals_loop(backend, name):
+    cls, data = MODELS[name]
+    model = cls()
+    x = data()[0]
+    out = []
+    for vectorized in (False, True):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            out.append(model.mfvi_forward(x, 5, vectorized=vectorized))
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+# ---- automatic selection -----------------------------------------------------------------------
+
+@variational_estimator
+class WithExtra(nn.Module):
+    def __init__(self, extra, first=None):
+        super().__init__()
+        self.l1 = first or BayesianLinear(5, 8, dtype=F64)
+        self.extra = extra
+        self.l2 = BayesianLinear(8, 2, dtype=F64)
+
+    def forward(self, x):
+        return self.l2(self.extra(torch.tanh(self.l1(x))))
+
+
+UNSUPPORTED = {
+    "frozen": (lambda: WithExtra(nn.Identity(), BayesianLinear(5, 8, freeze=True, dtype=F64)), "l1"),
+    "lrt": (lambda: WithExtra(nn.Identity(), BayesianLinear(5, 8, estimator="lrt", dtype=F64)), "l1"),
+    "prior_dist": (lambda: WithExtra(nn.Identity(), BayesianLinear(
+        5, 8, prior_dist=torch.distributions.Normal(torch.tensor(0.0, dtype=F64), 0.5), dtype=F64)), "l1"),
+    "batchnorm": (lambda: WithExtra(nn.BatchNorm1d(8, dtype=F64)), "BatchNorm1d"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSUPPORTED))
+def test_unsupported_runs_the_loop(monkeypatch, case):
+    make, name = UNSUPPORTED[case]
+    model = make()
+    x, y = torch.randn(4, 5, dtype=F64), torch.randn(4, 2, dtype=F64)
+    spy = Spy(monkeypatch)
+    auto = _elbo_step(model, x, y, nn.MSELoss(), 3, vectorized=None)
+    assert spy.calls == 0
+    loop = _elbo_step(model, x, y, nn.MSELoss(), 3, vectorized=False)
+    _assert_same(auto, loop)
+    with pytest.raises(ValueError, match=f"vectorized=True.*{name}"):
+        model.sample_elbo(x, y, nn.MSELoss(), 3, vectorized=True)
+    with pytest.raises(ValueError, match=name):
+        model.mfvi_forward(x, 3, vectorized=True)
+    with pytest.raises(ValueError, match=name):
+        model.sample_elbo_detailed_loss(x, y, nn.MSELoss(), 3, vectorized=True)
+    assert all("_sample_batch" not in m.__dict__ for m in model.modules())
+
+
+def test_batchnorm_in_eval_mode_is_vectorised(monkeypatch):
+    """Running statistics do not mix the examples of a batch."""
+    model = WithExtra(nn.BatchNorm1d(8, dtype=F64))
+    model.extra.eval()
+    x, y = torch.randn(4, 5, dtype=F64), torch.randn(4, 2, dtype=F64)
+    loop = _elbo_step(model, x, y, nn.MSELoss(), 3, vectorized=False)
+    spy = Spy(monkeypatch)
+    _assert_same(_elbo_step(model, x, y, nn.MSELoss(), 3, vectorized=None), loop)
+    assert spy.calls == 2
+
+
+def test_dropout_loop_unless_forced(monkeypatch):
+    """Dropout draws from the same generator: auto keeps the loop's noise; True still runs."""
+    model = WithExtra(nn.Dropout(0.5))
+    x, y = torch.randn(4, 5, dtype=F64), torch.randn(4, 2, dtype=F64)
+    spy = Spy(monkeypatch)
+    _assert_same(_elbo_step(model, x, y, nn.MSELoss(), 3, vectorized=None),
+                 _elbo_step(model, x, y, nn.MSELoss(), 3, vectorized=False))
+    assert spy.calls == 0
+    model.sample_elbo(x, y, nn.MSELoss(), 3, vectorized=True).backward()
+    assert spy.calls == 2
+
+
+@variational_estimator
+class Flattening(nn.Module):
+    """Folds the sequence into the batch before its layer: the layer's input is not N*B long."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = BayesianLinear(5, 2, dtype=F64)
+
+    def forward(self, x):  # (B, T, 5) -> (B, T * 2)
+        b = x.shape[0]
+        return self.l1(x.reshape(-1, 5)).reshape(b, -1)
+
+
+def test_batch_not_in_dim_0_runs_the_loop(monkeypatch):
+    model = Flattening()
+    x, y = torch.randn(4, 3, 5, dtype=F64), torch.randn(4, 6, dtype=F64)
+    _assert_same(_elbo_step(model, x, y, nn.MSELoss(), 3, vectorized=None),
+                 _elbo_step(model, x, y, nn.MSELoss(), 3, vectorized=False))
+    with pytest.raises(ValueError, match="dim 0"):
+        model.sample_elbo(x, y, nn.MSELoss(), 3, vectorized=True)
+    assert "_sample_batch" not in model.l1.__dict__
+
+
+def test_layer_state_restored_after_an_error():
+    @variational_estimator
+    class Failing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = BayesianLinear(3, 2)
+
+        def forward(self, x):
+            self.l1(x)
+            raise RuntimeError("boom")
+
+    model = Failing()
+    with pytest.raises(RuntimeError, match="boom"):
+        model.sample_elbo(torch.randn(2, 3), torch.randn(2, 2), nn.MSELoss(), 2)
+    assert "_sample_batch" not in model.l1.__dict__
+    assert not isinstance(model.l1.log_variational_posterior, torch.Tensor) or \
+        model.l1.log_variational_posterior.dim() == 0  # the last sample's term, not the vector
+
+
+def test_vectorized_argument_checked():
+    model = Regression()
+    x, y, crit = _regression_data()
+    with pytest.raises(TypeError, match="vectorized"):
+        model.sample_elbo(x, y, crit, 2, vectorized="yes")
+    with pytest.raises(ValueError, match="sample_nbr"):
+        model.sample_elbo(x, y, crit, 0, vectorized=True)
+
+
+def test_compile_fullgraph_vectorised_forward(backend):
+    """A model forward in vectorised mode compiles without graph breaks and matches eager."""
+    model = Regression(hidden=8, dtype=torch.float32)
+    x = torch.randn(4, 13)
+    n = 3
+    seeds = FS.draw_seeds(n * 2).view(n, 2)
+    layers = [model.l1, model.l2]
+
+    def run(fn):
+        sb = V.SampleBatch(n, x.shape[0], 2, seeds=seeds)
+        for layer in layers:
+            layer.__dict__["_sample_batch"] = sb
+        try:
+            out = fn(x.repeat(n, 1))
+            return out, model.nn_kl_divergence()
+        finally:
+            for layer in layers:
+                layer.__dict__.pop("_sample_batch", None)
+
+    torch._dynamo.reset()
+    eager = run(model)
+    compiled = run(torch.compile(model, fullgraph=True))
+    torch.testing.assert_close(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1])
+    assert compiled[1].shape == (n,)
