@@ -1,0 +1,376 @@
+"""estimator='reparam' | 'lrt' | 'flipout' and kl='mc' | 'closed_form' on the linear and conv layers.
+
+- the outputs' Monte Carlo moments are the weight-noise model's (mean x mu^T + b_mu, variance
+  x^2 (sigma^2)^T + sigma_b^2 per output);
+- values and gradients equal a plain-torch reference built from the Philox stream of the same seed;
+- float64 gradcheck of every hand-written backward, finite gradients where the LRT variance is 0;
+- lrt and flipout give lower-variance mu-gradients than reparam at batch 64;
+- KL modes (closed form = torch.distributions.kl_divergence, MC on the weight's stream for lrt with
+  a mixture prior), torch.compile(fullgraph=True) = eager, errors, freeze, memory saved for backward.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bayes_ext
+from bayes_ext import functional_conv_estimators as BFCE
+from bayes_ext import functional_estimators as BFE
+from bayes_ext.losses import kl_divergence_from_nn
+from bayes_ext.modules import (BayesianConv1d, BayesianConv2d, BayesianConvTranspose1d, BayesianConvTranspose2d,
+                               BayesianLinear)
+from helpers import SeedRecorder, ref_sample, seed_tensor
+
+MIXTURE = (0.5, 1.0, 0.3)
+F64 = dict(dtype=torch.float64)
+
+
+def _params(*shapes, gen_seed=0, rho_shift=-1.0):
+    """mu, rho pairs (rho around rho_shift) as leaf float64 tensors that require grad."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    out = []
+    for i, shape in enumerate(shapes):
+        t = torch.randn(shape, generator=gen, **F64) * 0.5 + (rho_shift if i % 2 else 0.0)
+        out.append(t.requires_grad_())
+    return out
+
+
+def _signs(ops, shape, seed, offset, dtype=torch.float64):
+    return torch.where(ops.philox_normal(torch.empty(shape, dtype=dtype), seed, offset) >= 0, 1.0, -1.0).to(dtype)
+
+
+# ---- plain-torch references on the same Philox streams -----------------------------------------------
+
+def ref_linear_lrt(ops, x, mu, rho, b_mu, b_rho, seed):
+    mean = F.linear(x, mu, b_mu)
+    std = F.linear(x * x, F.softplus(rho) ** 2, F.softplus(b_rho) ** 2).sqrt()
+    return mean + std * ops.philox_normal(mean.detach(), seed, 2)
+
+
+def ref_flipout(ops, x, mu, rho, b_mu, b_rho, seed, prior, conv=None):
+    """(y, log_q, log_p): y = f(x, mu) + b + f(x * S, dW) * R with f = F.linear or a convolution."""
+    f = conv or (lambda inp, w, b=None: F.linear(inp, w, b))
+    eps_w, eps_b = ops.philox_normal(mu.detach(), seed, 0), ops.philox_normal(b_mu.detach(), seed, 1)
+    _, log_q, log_p = ref_sample(mu, rho, eps_w, prior)
+    b, log_q_b, log_p_b = ref_sample(b_mu, b_rho, eps_b, prior)
+    pert = f(x * _signs(ops, x.shape, seed, 3), F.softplus(rho) * eps_w)
+    y = f(x, mu, b) + pert * _signs(ops, pert.shape, seed, 4)
+    return y, log_q + log_q_b, log_p + log_p_b
+
+
+def ref_conv_lrt(ops, x, mu, rho, b_mu, b_rho, seed, conv):
+    mean = conv(x, mu, b_mu)
+    std = conv(x * x, F.softplus(rho) ** 2, F.softplus(b_rho) ** 2).sqrt()
+    return mean + std * ops.philox_normal(mean.detach(), seed, 2)
+
+
+def conv1d(inp, w, b=None):
+    return F.conv1d(inp, w, b, padding=1)
+
+
+def conv_t1d(inp, w, b=None):
+    return F.conv_transpose1d(inp, w, b, stride=2)
+
+
+# The functional forms under test, with the reference each must match: name -> (op, reference, shapes)
+LINEAR_SHAPES = ((3, 4), (3, 4), (3,), (3,))  # mu, rho, b_mu, b_rho; x: (5, 4)
+CONV_SHAPES = ((3, 2, 3), (3, 2, 3), (3,), (3,))  # x: (2, 2, 6)
+CONV_T_SHAPES = ((2, 3, 3), (2, 3, 3), (3,), (3,))
+
+
+def _case(name):
+    if name == "linear_lrt":
+        return (lambda x, *p, seed: (BFE.linear_lrt(x, *p, seed=seed),),
+                lambda ops, x, *p, seed: (ref_linear_lrt(ops, x, *p, seed),), LINEAR_SHAPES, (5, 4))
+    if name == "linear_flipout":
+        return (lambda x, *p, seed: BFE.linear_flipout(x, *p, seed=seed, prior=MIXTURE),
+                lambda ops, x, *p, seed: ref_flipout(ops, x, *p, seed, MIXTURE), LINEAR_SHAPES, (5, 4))
+    if name == "conv_lrt":
+        return (lambda x, *p, seed: (BFCE.conv_lrt(x, *p, seed=seed, padding=1),),
+                lambda ops, x, *p, seed: (ref_conv_lrt(ops, x, *p, seed, conv1d),), CONV_SHAPES, (2, 2, 6))
+    if name == "conv_flipout":
+        return (lambda x, *p, seed: BFCE.conv_flipout(x, *p, seed=seed, padding=1, prior=MIXTURE),
+                lambda ops, x, *p, seed: ref_flipout(ops, x, *p, seed, MIXTURE, conv1d), CONV_SHAPES, (2, 2, 6))
+    if name == "conv_t_lrt":
+        return (lambda x, *p, seed: (BFCE.conv_lrt(x, *p, seed=seed, stride=2, transposed=True),),
+                lambda ops, x, *p, seed: (ref_conv_lrt(ops, x, *p, seed, conv_t1d),), CONV_T_SHAPES, (2, 2, 4))
+    if name == "conv_t_flipout":
+        return (lambda x, *p, seed: BFCE.conv_flipout(x, *p, seed=seed, stride=2, transposed=True, prior=MIXTURE),
+                lambda ops, x, *p, seed: ref_flipout(ops, x, *p, seed, MIXTURE, conv_t1d), CONV_T_SHAPES,
+                (2, 2, 4))
+    raise KeyError(name)
+
+
+CASES = ["linear_lrt", "linear_flipout", "conv_lrt", "conv_flipout", "conv_t_lrt", "conv_t_flipout"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_values_and_gradients_match_the_reference(ops, name):
+    op, ref, shapes, x_shape = _case(name)
+    params = _params(*shapes)
+    x = torch.randn(x_shape, **F64).requires_grad_()
+    seed = seed_tensor(12345)
+    out, expected = op(x, *params, seed=seed), ref(ops, x, *params, seed=seed)
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b)
+    # a loss using every output, so the KL terms' gradients are compared too
+    weights = [torch.randn_like(o) for o in out]
+
+    def grads(outputs):
+        loss = sum((o * w).sum() for o, w in zip(outputs, weights))
+        return torch.autograd.grad(loss, [x] + params)
+
+    for a, b in zip(grads(out), grads(expected)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gradcheck(backend, name):
+    op, _, shapes, x_shape = _case(name)
+    params = _params(*shapes, gen_seed=1)
+    x = torch.randn(x_shape, **F64).requires_grad_()
+    seed = seed_tensor(7)
+    assert torch.autograd.gradcheck(lambda *a: op(*a, seed=seed), (x, *params))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_output_moments_match_the_weight_noise_model(backend, name):
+    """Per output: E[y] = f(x, mu) + b_mu, Var[y] = f(x^2, sigma^2) + sigma_b^2, as for y = f(x, W) + b."""
+    op, _, shapes, x_shape = _case(name)
+    mu, rho, b_mu, b_rho = (p.detach() for p in _params(*shapes, gen_seed=2))
+    x = torch.randn(x_shape, **F64)
+    n = 1500
+    with torch.no_grad():
+        draws = torch.stack([op(x, mu, rho, b_mu, b_rho, seed=seed_tensor(s))[0] for s in range(n)])
+    f = {"linear": lambda i, w, b: F.linear(i, w, b), "conv": conv1d, "conv_t": conv_t1d}[name.rsplit("_", 1)[0]]
+    mean, var = f(x, mu, b_mu), f(x * x, F.softplus(rho) ** 2, F.softplus(b_rho) ** 2)
+    torch.testing.assert_close(draws.mean(0), mean, atol=4.5 * (var / n).sqrt().max().item(), rtol=0)
+    torch.testing.assert_close(draws.var(0), var, rtol=0.2, atol=1e-12)
+
+
+def test_flipout_perturbation_differs_per_example(backend):
+    """The point of the signs: two copies of one input in a batch get different noise (one dW)."""
+    mu, rho, b_mu, b_rho = _params(*LINEAR_SHAPES)
+    x = torch.randn(1, 4, **F64).expand(2, 4)
+    y = BFE.linear_flipout(x, mu, rho, seed=seed_tensor(3))[0]
+    assert not torch.allclose(y[0], y[1])
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_lrt_gradient_finite_where_the_variance_is_zero(backend, with_bias):
+    mu, rho, b_mu, b_rho = _params(*LINEAR_SHAPES)
+    bias = (b_mu, b_rho) if with_bias else (None, None)
+    x = torch.randn(3, 4, **F64)
+    x[1] = 0  # without a bias: var = 0 on this row, where sqrt has no derivative
+    x.requires_grad_()
+    y = BFE.linear_lrt(x, mu, rho, *bias, seed=seed_tensor(5))
+    grads = torch.autograd.grad(y.sum(), [x, mu, rho])
+    assert all(torch.isfinite(g).all() for g in grads)
+    xc = torch.randn(2, 2, 6, **F64)
+    xc[0] = 0
+    xc.requires_grad_()
+    cmu, crho, cb_mu, cb_rho = _params(*CONV_SHAPES)
+    cbias = (cb_mu, cb_rho) if with_bias else (None, None)
+    yc = BFCE.conv_lrt(xc, cmu, crho, *cbias, seed=seed_tensor(5), padding=1)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(yc.sum(), [xc, cmu, crho]))
+
+
+# ---- the layers ---------------------------------------------------------------------------------------
+
+def test_gradient_variance_lower_than_reparam_at_batch_64(backend):
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(64, 4, generator=torch.Generator().manual_seed(2))
+
+    def grad_variance(estimator):
+        torch.manual_seed(0)
+        lin = BayesianLinear(6, 4, posterior_rho_init=-1.0, estimator=estimator)
+        grads = []
+        for s in range(200):
+            torch.manual_seed(100 + s)
+            lin.zero_grad()
+            F.mse_loss(lin(x), target).backward()
+            grads.append(lin.weight_mu.grad.clone())
+        return torch.stack(grads).var(0).mean()
+
+    reparam = grad_variance("reparam")
+    assert grad_variance("lrt") < 0.5 * reparam
+    assert grad_variance("flipout") < 0.5 * reparam
+
+
+LAYERS = [
+    lambda **kw: BayesianLinear(4, 3, posterior_rho_init=-2.0, **kw),
+    lambda **kw: BayesianConv1d(2, 3, 3, padding=1, **kw),
+    lambda **kw: BayesianConv2d(2, 3, 2, **kw),
+    lambda **kw: BayesianConvTranspose2d(2, 3, 2, stride=2, **kw),
+]
+LAYER_INPUTS = [(5, 4), (2, 2, 6), (2, 2, 4, 4), (2, 2, 3, 3)]
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "lrt", "flipout"])
+@pytest.mark.parametrize("layer_index", range(len(LAYERS)))
+def test_closed_form_kl_is_torch_distributions_kl(backend, estimator, layer_index):
+    for prior in (dict(prior_sigma_1=0.5), dict(prior_dist=torch.distributions.Normal(0.1, 0.7))):
+        torch.manual_seed(0)
+        layer = LAYERS[layer_index](estimator=estimator, kl="closed_form", **prior)
+        y = layer(torch.randn(LAYER_INPUTS[layer_index]))
+        p = prior.get("prior_dist", torch.distributions.Normal(0.0, 0.5))
+        expected = sum(torch.distributions.kl_divergence(torch.distributions.Normal(m, F.softplus(r)), p).sum()
+                       for m, r in ((layer.weight_mu, layer.weight_rho), (layer.bias_mu, layer.bias_rho)))
+        torch.testing.assert_close(layer.log_variational_posterior, expected)
+        assert float(layer.log_prior) == 0.0
+        (y.sum() + layer.kl_divergence()).backward()
+        assert all(torch.isfinite(q.grad).all() for q in layer.parameters())
+
+
+@pytest.mark.parametrize("layer_index", range(len(LAYERS)))
+def test_lrt_with_a_mixture_prior_uses_the_mc_kl_of_the_weights_stream(backend, ops, monkeypatch, layer_index):
+    seeds = SeedRecorder(monkeypatch)
+    torch.manual_seed(0)
+    layer = LAYERS[layer_index](estimator="lrt", prior_pi=0.5)
+    layer(torch.randn(LAYER_INPUTS[layer_index]))
+    seed = seeds.seeds[-1]
+    log_q = log_p = 0
+    for offset, (mu, rho) in enumerate(((layer.weight_mu, layer.weight_rho), (layer.bias_mu, layer.bias_rho))):
+        _, q, p = ops.sample_weight(mu.detach(), rho.detach(), seed, offset, *layer.prior)
+        log_q, log_p = log_q + q, log_p + p
+    torch.testing.assert_close(layer.log_variational_posterior, log_q)
+    torch.testing.assert_close(layer.log_prior, log_p)
+    layer.kl_divergence().backward()  # gradients through sample_weight's autograd
+    assert layer.weight_rho.grad is not None and layer.weight_rho.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layer_index", range(len(LAYERS)))
+def test_flipout_kl_terms_are_those_of_its_weight_sample(backend, ops, monkeypatch, layer_index):
+    """mc: log q / log p of W = mu + dW (stream 0) and b (stream 1), also with a prior_dist."""
+    seeds = SeedRecorder(monkeypatch)
+    laplace = torch.distributions.Laplace(0.0, 0.2)
+    for prior_dist in (None, laplace):
+        torch.manual_seed(0)
+        layer = LAYERS[layer_index](estimator="flipout", prior_pi=0.5, prior_dist=prior_dist)
+        layer(torch.randn(LAYER_INPUTS[layer_index]))
+        seed, log_q, log_p = seeds.seeds[-1], 0, 0
+        for offset, (mu, rho) in enumerate(((layer.weight_mu, layer.weight_rho), (layer.bias_mu, layer.bias_rho))):
+            w, q, p = ops.sample_weight(mu.detach(), rho.detach(), seed, offset, *layer.prior)
+            log_q, log_p = log_q + q, log_p + (p if prior_dist is None else laplace.log_prob(w).sum())
+        torch.testing.assert_close(layer.log_variational_posterior, log_q)
+        torch.testing.assert_close(layer.log_prior, log_p)
+
+
+@pytest.mark.parametrize("estimator", ["lrt", "flipout"])
+@pytest.mark.parametrize("layer_index", range(len(LAYERS)))
+def test_freeze_is_the_mean_forward(backend, estimator, layer_index):
+    torch.manual_seed(0)
+    layer = LAYERS[layer_index](estimator=estimator, prior_pi=0.5)
+    reference = LAYERS[layer_index](prior_pi=0.5)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(LAYER_INPUTS[layer_index])
+    for m in (layer, reference):
+        m.freeze = True
+    torch.testing.assert_close(layer(x), reference(x))
+    torch.testing.assert_close(layer.forward_frozen(x), reference.forward_frozen(x))
+    torch.testing.assert_close(layer.log_variational_posterior, reference.log_variational_posterior)
+    torch.testing.assert_close(layer.log_prior, reference.log_prior)
+    layer.freeze = False
+    assert not torch.equal(layer(x), reference(x))
+
+
+def test_bad_arguments():
+    for make in LAYERS + [lambda **kw: BayesianConvTranspose1d(2, 3, 3, **kw)]:
+        with pytest.raises(ValueError, match="estimator"):
+            make(estimator="local")
+        with pytest.raises(ValueError, match="estimator"):
+            make(estimator=None)
+        with pytest.raises(ValueError, match="kl"):
+            make(kl="exact")
+        with pytest.raises(ValueError, match="single Gaussian prior"):
+            make(kl="closed_form", prior_pi=0.5)
+        with pytest.raises(ValueError, match="Normal prior_dist"):
+            make(kl="closed_form", prior_dist=torch.distributions.Laplace(0.0, 1.0))
+        make(estimator="lrt", prior_pi=0.5)  # fine: MC KL on the weight's stream
+    with pytest.raises(ValueError, match="features"):
+        BFE.linear_lrt(torch.randn(2, 5, **F64), *_params(*LINEAR_SHAPES))
+    with pytest.raises(TypeError, match="seed"):
+        BFE.linear_flipout(torch.randn(2, 4, **F64), *_params(*LINEAR_SHAPES), seed=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="channels"):
+        BFCE.conv_lrt(torch.randn(2, 3, 6, **F64), *_params(*CONV_SHAPES))
+    assert "estimator='flipout', kl='closed_form'" in repr(BayesianLinear(2, 2, estimator="flipout",
+                                                                         kl="closed_form"))
+
+
+def test_only_batch_sized_tensors_are_saved_for_backward(backend):
+    """Beside the parameters and the seed, lrt keeps x and its std (B x O), flipout only x: the
+    noise (eps, dW, the signs) is regenerated in backward."""
+    torch.manual_seed(0)
+    mu, rho, b_mu, b_rho = (nn.Parameter(t) for t in (torch.randn(256, 128), torch.randn(256, 128) - 3,
+                                                      torch.randn(256), torch.randn(256) - 3))
+    x = torch.randn(64, 128, requires_grad=True)
+    own = {t.data_ptr() for t in (mu, rho, b_mu, b_rho, x)}
+    for op, extra in ((BFE.linear_lrt, {(64, 256)}), (BFE.linear_flipout, set())):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = op(x, mu, rho, b_mu, b_rho)
+        new = {tuple(t.shape) for t in saved if t.data_ptr() not in own and t.numel() > 1}
+        assert saved and new <= extra, (op, new)
+        (y if isinstance(y, torch.Tensor) else y[0]).sum().backward()
+
+
+@pytest.mark.parametrize("estimator", ["lrt", "flipout"])
+def test_autocast_bf16(backend, estimator):
+    torch.manual_seed(0)
+    lin = BayesianLinear(8, 4, estimator=estimator, posterior_rho_init=-3.0)
+    conv = BayesianConv1d(2, 3, 3, estimator=estimator)
+    x, xc = torch.randn(5, 8), torch.randn(2, 2, 6)
+    for layer, inp in ((lin, x), (conv, xc)):
+        torch.manual_seed(1)
+        reference = layer(inp)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(inp)
+        assert y.dtype == torch.bfloat16 and layer.log_variational_posterior.dtype == torch.float32
+        torch.testing.assert_close(y.float(), reference, atol=0.1, rtol=0.05)
+        y.float().sum().backward()
+        assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+# ---- torch.compile --------------------------------------------------------------------------------------
+
+class Mixed(nn.Module):
+    """Every estimator and KL mode of the linear and conv layers in one small model."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = BayesianConv1d(2, 3, 3, estimator="lrt", prior_pi=0.5)  # MC KL on the weight's stream
+        self.c2 = BayesianConv1d(3, 3, 3, estimator="flipout", kl="closed_form")
+        self.l1 = BayesianLinear(12, 8, estimator="flipout")
+        self.l2 = BayesianLinear(8, 2, estimator="lrt")  # closed-form KL
+
+    def forward(self, x):  # (B, 2, 8)
+        h = torch.tanh(self.c2(torch.tanh(self.c1(x))))
+        return self.l2(torch.tanh(self.l1(h.flatten(1))))
+
+
+def _step(model, x, seed):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    y = model(x)
+    loss = y.pow(2).mean() + 1e-3 * kl_divergence_from_nn(model)
+    loss.backward()
+    return y.detach(), loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_compile_fullgraph_matches_eager(backend):
+    torch.manual_seed(0)
+    model, x = Mixed().train(), torch.randn(3, 2, 8)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    for seed in (1, 2):
+        y_c, loss_c, grads_c = _step(compiled, x, seed)
+        y_e, loss_e, grads_e = _step(model, x, seed)
+        torch.testing.assert_close(y_c, y_e, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(loss_c, loss_e, atol=1e-6, rtol=1e-5)
+        for name in grads_e:
+            torch.testing.assert_close(grads_c[name], grads_e[name], atol=1e-6, rtol=1e-5, msg=name)
+    torch._dynamo.reset()
