@@ -38,12 +38,18 @@ CASES = {c.name: c for c in [
          env={"BAYES_EXT_FORCE_PYTHON": "0"}, linear_factory_ok=True),
     Case("bayes_ext_py", "bayes_ext (python fallback)", "bayes_ext", "MC log q - log p",
          env={"BAYES_EXT_FORCE_PYTHON": "1"}, own_process=True, linear_factory_ok=True),
+    # the other estimators of the same layer (compiled kernels), side by side with the default reparam
+    Case("bayes_ext_lrt", "bayes_ext lrt", "bayes_ext", "closed form",
+         env={"BAYES_EXT_FORCE_PYTHON": "0"}),
+    Case("bayes_ext_flipout", "bayes_ext flipout", "bayes_ext", "MC log q - log p (fused)",
+         env={"BAYES_EXT_FORCE_PYTHON": "0"}),
     Case("blitz", "BLiTZ 0.2.8", "blitz-bayesian-pytorch", "MC log q - log p",
          linear_factory_ok=True),
     Case("bt_reparam", "bayesian-torch Reparameterization", "bayesian-torch", "closed form"),
     Case("bt_flipout", "bayesian-torch Flipout", "bayesian-torch", "closed form"),
     Case("torchbnn", "torchbnn BayesLinear", "torchbnn", "closed form (BKLLoss sum)"),
 ]}
+ESTIMATOR_CASES = {"bayes_ext_lrt": "lrt", "bayes_ext_flipout": "flipout"}  # case -> estimator=
 
 
 def dist_version(dist):
@@ -58,9 +64,9 @@ def availability(name):
     try:
         if name == "linear":
             return True, ""
-        if name in ("bayes_ext", "bayes_ext_py"):
+        if name in ("bayes_ext", "bayes_ext_py") + tuple(ESTIMATOR_CASES):
             import bayes_ext
-            if name == "bayes_ext" and not bayes_ext.extension_available():
+            if name != "bayes_ext_py" and not bayes_ext.extension_available():
                 return False, "skipped: bayes_ext extension not built"
             return True, ""
         mod = {"blitz": "blitz.modules", "bt_reparam": "bayesian_torch.layers",
@@ -78,6 +84,9 @@ def make_linear(name, in_f, out_f):
     if name in ("bayes_ext", "bayes_ext_py"):
         from bayes_ext.modules import BayesianLinear
         return BayesianLinear(in_f, out_f)
+    if name in ESTIMATOR_CASES:
+        from bayes_ext.modules import BayesianLinear
+        return BayesianLinear(in_f, out_f, estimator=ESTIMATOR_CASES[name])
     if name == "blitz":
         from blitz.modules import BayesianLinear
         return BayesianLinear(in_f, out_f)
@@ -109,7 +118,7 @@ def layer_forward(name):
     """forward(module, x, need_kl) -> (out, kl or None) for a single layer of case `name`."""
     if name == "linear":
         return lambda m, x, need_kl: (m(x), None)
-    if name in ("bayes_ext", "bayes_ext_py", "blitz"):
+    if name in ("bayes_ext", "bayes_ext_py", "blitz") + tuple(ESTIMATOR_CASES):
         # These layers always compute log q / log p in a sampled forward; we only skip using it.
         return lambda m, x, need_kl: (m(x), model_kl(m) if need_kl else None)
     if name in ("bt_reparam", "bt_flipout"):
