@@ -20,6 +20,9 @@ FORCE_PYTHON = os.environ.get("BAYES_EXT_FORCE_PYTHON", "0").strip().lower() not
 
 _extension_loaded = False
 _load_error = None
+# The ops csrc/ops.cpp defines (bayes_ext/_ops.py gives each a pure-PyTorch twin).
+OP_NAMES = ("sample_weight", "sample_weight_backward", "philox_normal", "sample_rows", "sample_rows_backward",
+            "sample_rows_backward_add_", "gaussian_kl", "gaussian_kl_backward")
 
 
 def _same_torch_build(built_for: str) -> bool:
@@ -46,6 +49,12 @@ def _load_extension() -> None:
         from . import _C  # noqa: F401  (loading it registers the ops)
     except (ImportError, OSError) as exc:
         _load_error = f"could not load the compiled kernels: {exc}"
+        warnings.warn(f"bayes_ext: {_load_error}. Using the pure-PyTorch backend.", RuntimeWarning, stacklevel=3)
+        return
+    missing = [name for name in OP_NAMES if not hasattr(torch.ops.bayes_ext, name)]
+    if missing:  # a stale build of an older checkout
+        _load_error = (f"the compiled kernels lack the ops {missing} (built from an older version); rebuild with "
+                       "`pip install --no-build-isolation .`")
         warnings.warn(f"bayes_ext: {_load_error}. Using the pure-PyTorch backend.", RuntimeWarning, stacklevel=3)
         return
     _extension_loaded = True

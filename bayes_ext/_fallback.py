@@ -8,6 +8,7 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import _philox
 
@@ -163,3 +164,53 @@ def sample_rows_backward(grad_rows: torch.Tensor, mu: torch.Tensor, rho: torch.T
     grad_mu[rows] = g
     grad_rho[rows] = g * eps * sig
     return grad_mu, grad_rho
+
+
+def sample_rows_backward_add_(grad_mu: torch.Tensor, grad_rho: torch.Tensor, grad_rows: torch.Tensor,
+                              mu: torch.Tensor, rho: torch.Tensor, indices: torch.Tensor, seed: torch.Tensor,
+                              offset: int) -> None:
+    grad_mu_rows, grad_rho_rows = sample_rows_backward(grad_rows, mu, rho, indices, seed, offset)
+    grad_mu.add_(grad_mu_rows)
+    grad_rho.add_(grad_rho_rows)
+
+
+# ---- closed-form Gaussian KL (cpu/gaussian_kl_cpu.cpp) -------------------------------------------
+
+KL_CHUNK = 1 << 16  # elements per chunk: the temporaries stay in cache
+
+
+def _kl_chunk_sum(m: torch.Tensor, r: torch.Tensor, inv_two_var: float) -> torch.Tensor:
+    """sum over a flat chunk of (sigma^2 + mu^2) / (2 s^2) - log sigma, in float64, with few passes."""
+    if r.numel() and float(r.min()) < SOFTPLUS_TINY_RHO:  # rare: exact limits for tiny sigma
+        sigma, log_sigma, _, _ = softplus_terms(r)
+        return ((sigma * sigma + m * m) * inv_two_var - log_sigma).sum(dtype=torch.float64)
+    sigma = F.softplus(r)
+    squares = torch.dot(sigma, sigma) + torch.dot(m, m)
+    return squares.double() * inv_two_var - sigma.log_().sum(dtype=torch.float64)
+
+
+def gaussian_kl(mu: torch.Tensor, rho: torch.Tensor, prior_sigma: float) -> torch.Tensor:
+    """sum KL(N(mu, softplus(rho)^2) || N(0, prior_sigma^2)), summed in float64, in chunks."""
+    inv_two_var = 0.5 / (prior_sigma * prior_sigma)
+    mu_flat, rho_flat = mu.reshape(-1), rho.reshape(-1)
+    step = KL_CHUNK if mu.device.type == "cpu" else max(mu.numel(), 1)  # GPUs prefer one big launch
+    total = mu.new_zeros((), dtype=torch.float64)
+    for begin in range(0, mu_flat.numel(), step):
+        total += _kl_chunk_sum(mu_flat[begin:begin + step], rho_flat[begin:begin + step], inv_two_var)
+    total += (math.log(prior_sigma) - 0.5) * mu.numel()
+    return total.to(mu.dtype)
+
+
+def gaussian_kl_backward(grad: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor, prior_sigma: float):
+    """grad * (dKL/dmu, dKL/drho) = grad * (mu / s^2, (sigma / s^2 - 1 / sigma) sigmoid(rho))."""
+    inv_var = 1.0 / (prior_sigma * prior_sigma)
+    g = grad.reshape(()).to(mu.dtype)
+    grad_mu = mu * (g * inv_var)
+    grad_rho = torch.empty_like(rho, memory_format=torch.contiguous_format)
+    rho_flat, out = rho.reshape(-1), grad_rho.view(-1)
+    step = KL_CHUNK if rho.device.type == "cpu" else max(rho.numel(), 1)
+    for begin in range(0, rho_flat.numel(), step):
+        r, o = rho_flat[begin:begin + step], out[begin:begin + step]
+        sigma, _, sig, dlog_sigma = softplus_terms(r)
+        torch.mul(sigma * sig * inv_var - dlog_sigma, g, out=o)
+    return grad_mu.contiguous(), grad_rho

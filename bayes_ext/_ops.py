@@ -4,6 +4,8 @@
 are defined here with the same schemas and the kernels of bayes_ext/_fallback.py. Fake kernels let
 torch.compile trace through the ops; autograd is the hand-written backward that regenerates eps.
 """
+import math
+
 import torch
 
 from . import _backend, _checks, _fallback
@@ -18,6 +20,10 @@ SCHEMAS = {
     "sample_rows": "(Tensor mu, Tensor rho, Tensor indices, Tensor seed, int offset) -> Tensor",
     "sample_rows_backward": "(Tensor grad_rows, Tensor mu, Tensor rho, Tensor indices, Tensor seed, "
                             "int offset) -> (Tensor, Tensor)",
+    "sample_rows_backward_add_": "(Tensor(a!) grad_mu, Tensor(b!) grad_rho, Tensor grad_rows, Tensor mu, Tensor rho, "
+                                 "Tensor indices, Tensor seed, int offset) -> ()",
+    "gaussian_kl": "(Tensor mu, Tensor rho, float prior_sigma) -> Tensor",
+    "gaussian_kl_backward": "(Tensor grad, Tensor mu, Tensor rho, float prior_sigma) -> (Tensor, Tensor)",
 }
 
 
@@ -72,6 +78,11 @@ def _checked_sample_rows(mu, rho, indices, seed, offset):
 
 def _checked_sample_rows_backward(grad_rows, mu, rho, indices, seed, offset):
     _check_row_args(mu, rho, indices, seed, offset)
+    _check_grad_rows(grad_rows, mu, indices)
+    return _fallback.sample_rows_backward(grad_rows, mu, rho, indices, seed, offset)
+
+
+def _check_grad_rows(grad_rows, mu, indices) -> None:
     _checks.check_tensor(grad_rows, "grad_rows")
     if grad_rows.dtype != mu.dtype:
         raise TypeError(f"grad_rows must have the dtype of mu ({mu.dtype}), got {grad_rows.dtype}")
@@ -81,7 +92,45 @@ def _checked_sample_rows_backward(grad_rows, mu, rho, indices, seed, offset):
     if tuple(grad_rows.shape) != expected:
         raise ValueError(f"grad_rows must have shape indices.shape + (embedding_dim,) = {expected}, "
                          f"got {tuple(grad_rows.shape)}")
-    return _fallback.sample_rows_backward(grad_rows, mu, rho, indices, seed, offset)
+
+
+def _check_accumulator(t, mu, name: str) -> None:
+    """Mirrors check_accumulator in csrc/include/bayes_ext/op_checks.h."""
+    _checks.check_tensor(t, name)
+    if t.dtype != mu.dtype:
+        raise TypeError(f"{name} must have the dtype of mu ({mu.dtype}), got {t.dtype}")
+    if t.device != mu.device:
+        raise ValueError(f"{name} must be on the device of mu ({mu.device}), got {t.device}")
+    if t.shape != mu.shape:
+        raise ValueError(f"{name} must have the shape of mu {tuple(mu.shape)}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _checked_sample_rows_backward_add_(grad_mu, grad_rho, grad_rows, mu, rho, indices, seed, offset):
+    _check_row_args(mu, rho, indices, seed, offset)
+    _check_grad_rows(grad_rows, mu, indices)
+    _check_accumulator(grad_mu, mu, "grad_mu")
+    _check_accumulator(grad_rho, mu, "grad_rho")
+    _fallback.sample_rows_backward_add_(grad_mu, grad_rho, grad_rows, mu, rho, indices, seed, offset)
+
+
+def _check_prior_sigma(prior_sigma) -> None:
+    if not (prior_sigma > 0 and math.isfinite(prior_sigma)):
+        raise ValueError(f"prior_sigma must be positive and finite, got {prior_sigma}")
+
+
+def _checked_gaussian_kl(mu, rho, prior_sigma):
+    _checks.check_posterior_params(mu, rho)
+    _check_prior_sigma(prior_sigma)
+    return _fallback.gaussian_kl(mu, rho, prior_sigma)
+
+
+def _checked_gaussian_kl_backward(grad, mu, rho, prior_sigma):
+    _checks.check_posterior_params(mu, rho)
+    _check_prior_sigma(prior_sigma)
+    _checks.check_scalar_grad(grad, mu, "grad")
+    return _fallback.gaussian_kl_backward(grad, mu, rho, prior_sigma)
 
 
 _python_lib = torch.library.Library("bayes_ext_py", "DEF")
@@ -89,7 +138,10 @@ for _name, _impl in (("sample_weight", _checked_sample_weight),
                      ("sample_weight_backward", _checked_sample_weight_backward),
                      ("philox_normal", _checked_philox_normal),
                      ("sample_rows", _checked_sample_rows),
-                     ("sample_rows_backward", _checked_sample_rows_backward)):
+                     ("sample_rows_backward", _checked_sample_rows_backward),
+                     ("sample_rows_backward_add_", _checked_sample_rows_backward_add_),
+                     ("gaussian_kl", _checked_gaussian_kl),
+                     ("gaussian_kl_backward", _checked_gaussian_kl_backward)):
     _python_lib.define(_name + SCHEMAS[_name])
     _python_lib.impl(_name, _impl, "CompositeExplicitAutograd")
 
@@ -176,9 +228,46 @@ def _register_rows(namespace_name: str) -> None:
                                     setup_context=_sample_rows_setup_context)
 
 
+def _fake_sample_rows_backward_add_(grad_mu, grad_rho, grad_rows, mu, rho, indices, seed, offset):
+    return None
+
+
+def _fake_gaussian_kl(mu, rho, prior_sigma):
+    return mu.new_empty(())
+
+
+def _fake_gaussian_kl_backward(grad, mu, rho, prior_sigma):
+    like = lambda: torch.empty_like(mu, memory_format=torch.contiguous_format)
+    return like(), like()
+
+
+def _gaussian_kl_setup_context(ctx, inputs, output):
+    mu, rho, prior_sigma = inputs
+    ctx.save_for_backward(mu, rho)
+    ctx.prior_sigma = prior_sigma
+
+
+def _make_gaussian_kl_backward(namespace):
+    def backward(ctx, grad):
+        mu, rho = ctx.saved_tensors
+        grad_mu, grad_rho = namespace.gaussian_kl_backward(grad, mu, rho, ctx.prior_sigma)
+        return grad_mu, grad_rho, None
+    return backward
+
+
+def _register_kl(namespace_name: str) -> None:
+    namespace = getattr(torch.ops, namespace_name)
+    torch.library.register_fake(f"{namespace_name}::sample_rows_backward_add_")(_fake_sample_rows_backward_add_)
+    torch.library.register_fake(f"{namespace_name}::gaussian_kl")(_fake_gaussian_kl)
+    torch.library.register_fake(f"{namespace_name}::gaussian_kl_backward")(_fake_gaussian_kl_backward)
+    torch.library.register_autograd(f"{namespace_name}::gaussian_kl", _make_gaussian_kl_backward(namespace),
+                                    setup_context=_gaussian_kl_setup_context)
+
+
 _register("bayes_ext_py")
 _register_rows("bayes_ext_py")
+_register_kl("bayes_ext_py")
 if _backend.extension_available():
     _register("bayes_ext")
-    if hasattr(torch.ops.bayes_ext, "sample_rows"):  # a library built before the row ops lacks them
-        _register_rows("bayes_ext")
+    _register_rows("bayes_ext")
+    _register_kl("bayes_ext")

@@ -9,8 +9,8 @@
   ``padding_idx`` rows come out as zeros and get no gradient; ``max_norm`` renormalises the sampled
   rows like ``F.embedding`` renormalises its table (the rescaling is not differentiated, as in
   ``F.embedding``); ``scale_grad_by_freq`` divides each row's gradient by its count in the batch.
-- ``closed_form_kl``: KL(q || p) summed over the table for a single Gaussian prior, in plain torch
-  ops processed in cache-sized chunks (one read pass over the table forward, one read / write pass
+- ``closed_form_kl``: KL(q || p) summed over the table for a single Gaussian prior, through the
+  ``gaussian_kl`` op (one fused read pass over the table forward, one pass writing the gradients
   backward; exact, so no sampling noise). This is the one part of a training step whose cost
   follows V (with the dense (V, D) gradients, which nn.Embedding has too).
 - ``bayesian_embedding_closed_form``: the lookup and the closed-form KL as one autograd node, whose
@@ -128,113 +128,65 @@ def bayesian_embedding_closed_form(input: Tensor, weight_mu: Tensor, weight_rho:
     return _finish_rows(rows, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq), kl
 
 
-KL_CHUNK = 1 << 16  # elements per chunk of the closed-form KL: its temporaries stay in cache
-
-
-def _kl_elements(mu: Tensor, rho: Tensor, inv_two_var: float) -> Tensor:
-    """Elementwise (sigma^2 + mu^2) / (2 s^2) - log sigma (the KL without its constant)."""
-    sigma, log_sigma, _, _ = _fallback.softplus_terms(rho)
-    return (sigma * sigma + mu * mu) * inv_two_var - log_sigma
-
-
-def _chunk(t: Tensor) -> int:
-    return KL_CHUNK if t.device.type == "cpu" else max(t.numel(), 1)  # GPUs prefer one big launch
-
-
-def _chunk_kl_sum(m: Tensor, r: Tensor, inv_two_var: float) -> Tensor:
-    """sum over a flat chunk of (sigma^2 + mu^2) / (2 s^2) - log sigma, in float64, with few passes."""
-    if r.numel() and float(r.min()) < _fallback.SOFTPLUS_TINY_RHO:  # rare: exact limits for tiny sigma
-        return _kl_elements(m, r, inv_two_var).sum(dtype=torch.float64)
-    sigma = F.softplus(r)
-    squares = torch.dot(sigma, sigma) + torch.dot(m, m)
-    return squares.double() * inv_two_var - sigma.log_().sum(dtype=torch.float64)
-
-
-def _kl_forward(mu: Tensor, rho: Tensor, prior_sigma: float, exclude_row: Optional[int]) -> Tensor:
-    """sum KL(N(mu, softplus(rho)^2) || N(0, s^2)) without row exclude_row, in cache-sized chunks."""
-    inv_two_var = 0.5 / (prior_sigma * prior_sigma)
-    mu_flat, rho_flat = mu.detach().reshape(-1), rho.detach().reshape(-1)
-    total = mu.new_zeros((), dtype=torch.float64)
-    step = _chunk(mu)
-    for begin in range(0, mu_flat.numel(), step):
-        end = begin + step
-        total += _chunk_kl_sum(mu_flat[begin:end], rho_flat[begin:end], inv_two_var)
-    count = mu.numel()
+def _kl_forward(ops, mu: Tensor, rho: Tensor, prior_sigma: float, exclude_row: Optional[int]) -> Tensor:
+    """sum KL(N(mu, softplus(rho)^2) || N(0, s^2)) over the table without row exclude_row: one
+    fused pass (the ``gaussian_kl`` op) and the excluded row's own KL taken off."""
+    mu, rho = mu.detach(), rho.detach()
+    total = ops.gaussian_kl(mu, rho, prior_sigma)
     if exclude_row is not None:
-        total -= _kl_elements(mu[exclude_row].detach(), rho[exclude_row].detach(),
-                              inv_two_var).sum(dtype=torch.float64)
-        count -= mu.shape[1]
-    total += (math.log(prior_sigma) - 0.5) * count
-    return total.to(mu.dtype)
+        total = total - ops.gaussian_kl(mu[exclude_row], rho[exclude_row], prior_sigma)
+    return total
 
 
-def _kl_backward_into(grad_mu: Optional[Tensor], grad_rho: Optional[Tensor], mu: Tensor, rho: Tensor, g: Tensor,
-                      prior_sigma: float, exclude_row: Optional[int]) -> None:
-    """Adds g * dKL/dmu = g mu / s^2 and g * dKL/drho = g (sigma / s^2 - 1 / sigma) sigmoid(rho) to the
-    contiguous buffers grad_mu / grad_rho (either may be None), leaving row exclude_row unchanged."""
-    inv_var = 1.0 / (prior_sigma * prior_sigma)
-    g = float(g)
-    keep = None
+def _kl_backward(ops, g: Tensor, mu: Tensor, rho: Tensor, prior_sigma: float, exclude_row: Optional[int]):
+    """g * the KL's gradients as fresh dense (grad_mu, grad_rho) written in one pass (no zero-fill),
+    with row exclude_row zero."""
+    grad_mu, grad_rho = ops.gaussian_kl_backward(g, mu.detach(), rho.detach(), prior_sigma)
     if exclude_row is not None:
-        keep = [t[exclude_row].clone() for t in (grad_mu, grad_rho) if t is not None]
-    if grad_mu is not None:
-        grad_mu.add_(mu.detach(), alpha=g * inv_var)
-    if grad_rho is not None:
-        rho_flat, out = rho.detach().reshape(-1), grad_rho.view(-1)
-        step = _chunk(rho)
-        for begin in range(0, rho_flat.numel(), step):
-            end = begin + step
-            r, o = rho_flat[begin:end], out[begin:end]
-            if r.numel() and float(r.min()) < _fallback.SOFTPLUS_TINY_RHO:  # rare: exact limits
-                sigma, _, sig, dlog_sigma = _fallback.softplus_terms(r)
-                o.add_(sigma * sig * (g * inv_var) - dlog_sigma * g)
-                continue
-            sigma = F.softplus(r)
-            t = torch.reciprocal(sigma).add_(sigma, alpha=-inv_var)  # 1 / sigma - sigma / s^2
-            o.addcmul_(t, torch.sigmoid(r), value=-g)
-    if keep is not None:
-        for t, row in zip((t for t in (grad_mu, grad_rho) if t is not None), keep):
-            t[exclude_row] = row
+        grad_mu[exclude_row] = 0
+        grad_rho[exclude_row] = 0
+    return grad_mu, grad_rho
 
 
 class _GaussianKL(torch.autograd.Function):
-    """sum KL(N(mu, softplus(rho)^2) || N(0, s^2)) over a table, without row ``exclude_row``: one read
-    pass over mu and rho forward, one read / write pass backward (cache-sized chunks) instead of
-    ~10 table-sized temporaries."""
+    """sum KL(N(mu, softplus(rho)^2) || N(0, s^2)) over a table without row ``exclude_row``: one read
+    pass over mu and rho forward, one read / write pass backward."""
 
     @staticmethod
-    def forward(ctx, mu, rho, prior_sigma, exclude_row):
+    def forward(ctx, mu, rho, prior_sigma, exclude_row, ops):
         ctx.save_for_backward(mu, rho)
-        ctx.prior_sigma, ctx.exclude_row = prior_sigma, exclude_row
-        return _kl_forward(mu, rho, prior_sigma, exclude_row)
+        ctx.prior_sigma, ctx.exclude_row, ctx.ops = prior_sigma, exclude_row, ops
+        return _kl_forward(ops, mu, rho, prior_sigma, exclude_row)
 
     @staticmethod
     def backward(ctx, grad):
         mu, rho = ctx.saved_tensors
-        grad_mu = torch.zeros_like(mu, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
-        grad_rho = torch.zeros_like(rho, memory_format=torch.contiguous_format) if ctx.needs_input_grad[1] else None
-        _kl_backward_into(grad_mu, grad_rho, mu, rho, grad, ctx.prior_sigma, ctx.exclude_row)
-        return grad_mu, grad_rho, None, None
+        grad_mu, grad_rho = _kl_backward(ctx.ops, grad, mu, rho, ctx.prior_sigma, ctx.exclude_row)
+        return grad_mu, grad_rho, None, None, None
 
 
 class _EmbeddingClosedForm(torch.autograd.Function):
-    """(sample_rows(mu, rho, indices, seed, 0), closed-form KL) with one pair of dense gradients."""
+    """(sample_rows(mu, rho, indices, seed, 0), closed-form KL) with one pair of dense gradients:
+    the KL's gradients are written over the whole table first, then the looked-up rows' are added
+    in place."""
 
     @staticmethod
     def forward(ctx, mu, rho, indices, seed, prior_sigma, exclude_row, ops):
         ctx.save_for_backward(mu, rho, indices, seed)
         ctx.prior_sigma, ctx.exclude_row, ctx.ops = prior_sigma, exclude_row, ops
         rows = ops.sample_rows(mu, rho, indices, seed, 0)
-        return rows, _kl_forward(mu, rho, prior_sigma, exclude_row)
+        return rows, _kl_forward(ops, mu, rho, prior_sigma, exclude_row)
 
     @staticmethod
     def backward(ctx, grad_rows, grad_kl):
         mu, rho, indices, seed = ctx.saved_tensors
         if grad_rows is None:
             grad_rows = mu.new_zeros(tuple(indices.shape) + (mu.shape[1],))
-        grad_mu, grad_rho = ctx.ops.sample_rows_backward(grad_rows.contiguous(), mu, rho, indices, seed, 0)
-        if grad_kl is not None:
-            _kl_backward_into(grad_mu, grad_rho, mu, rho, grad_kl, ctx.prior_sigma, ctx.exclude_row)
+        if grad_kl is None:
+            grad_mu, grad_rho = ctx.ops.sample_rows_backward(grad_rows.contiguous(), mu, rho, indices, seed, 0)
+        else:
+            grad_mu, grad_rho = _kl_backward(ctx.ops, grad_kl, mu, rho, ctx.prior_sigma, ctx.exclude_row)
+            ctx.ops.sample_rows_backward_add_(grad_mu, grad_rho, grad_rows.contiguous(), mu, rho, indices, seed, 0)
         return grad_mu, grad_rho, None, None, None, None, None
 
 
@@ -242,7 +194,7 @@ def closed_form_kl(weight_mu: Tensor, weight_rho: Tensor, prior_sigma: Optional[
                    prior_dist=None, exclude_row: Optional[int] = None) -> Tensor:
     """sum KL(N(mu, softplus(rho)^2) || N(0, prior_sigma^2)) over the table (or || prior_dist, a
     torch.distributions.Normal), leaving out row ``exclude_row`` (the padding row: a constant zero,
-    not a random weight). Exact and differentiable; plain torch ops, one pass over the table."""
+    not a random weight). Exact and differentiable; one fused pass over the table."""
     if prior_dist is not None:
         q = torch.distributions.Normal(weight_mu, F.softplus(weight_rho))
         kl = torch.distributions.kl_divergence(q, prior_dist)
@@ -251,7 +203,7 @@ def closed_form_kl(weight_mu: Tensor, weight_rho: Tensor, prior_sigma: Optional[
         return kl.sum()
     if not (prior_sigma is not None and prior_sigma > 0):
         raise ValueError(f"prior_sigma must be positive, got {prior_sigma}")
-    return _GaussianKL.apply(weight_mu, weight_rho, float(prior_sigma), exclude_row)
+    return _GaussianKL.apply(weight_mu, weight_rho, float(prior_sigma), exclude_row, _backend.ops())
 
 
 def mc_kl_terms(weight_mu: Tensor, weight_rho: Tensor, seed: Tensor, prior: ScaleMixture,

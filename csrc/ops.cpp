@@ -31,4 +31,12 @@ TORCH_LIBRARY(bayes_ext, m) {
   // looked up get zero. Returns (grad_mu, grad_rho).
   m.def("sample_rows_backward(Tensor grad_rows, Tensor mu, Tensor rho, Tensor indices, Tensor seed, "
         "int offset) -> (Tensor, Tensor)");
+  // The same gradients added into existing dense buffers (e.g. the closed-form KL's gradients).
+  m.def("sample_rows_backward_add_(Tensor(a!) grad_mu, Tensor(b!) grad_rho, Tensor grad_rows, Tensor mu, "
+        "Tensor rho, Tensor indices, Tensor seed, int offset) -> ()");
+  // sum over the tensor of KL(N(mu, softplus(rho)^2) || N(0, prior_sigma^2)), a 0-d tensor of mu's
+  // dtype (summed in double). Impl: cpu/gaussian_kl_cpu.cpp, cuda/gaussian_kl_cuda.cu.
+  m.def("gaussian_kl(Tensor mu, Tensor rho, float prior_sigma) -> Tensor");
+  // grad (one value) times the gradients of gaussian_kl w.r.t. mu and rho: (grad_mu, grad_rho).
+  m.def("gaussian_kl_backward(Tensor grad, Tensor mu, Tensor rho, float prior_sigma) -> (Tensor, Tensor)");
 }

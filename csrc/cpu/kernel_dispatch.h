@@ -16,6 +16,8 @@ namespace bayes_ext {
 namespace cpu_kernel {
 
 struct FloatKernels {
+  void (*kl_forward)(const KlRange<float>&);
+  void (*kl_backward)(const KlBackwardRange<float>&);
   void (*forward)(const ForwardRange<float>&);
   void (*backward)(const BackwardRange<float>&);
   void (*normals)(uint64_t, uint64_t, int64_t, int64_t, int64_t, float*);
@@ -36,9 +38,12 @@ inline bool cpu_has(const char* feature) {
 }
 
 inline FloatKernels choose_float_kernels() {
-  const FloatKernels portable{forward_range_portable, backward_range_portable, normals_range_portable, "portable"};
-  const FloatKernels avx2{forward_range_avx2, backward_range_avx2, normals_range_avx2, "avx2"};
-  const FloatKernels avx512{forward_range_avx512, backward_range_avx512, normals_range_avx512, "avx512"};
+  const FloatKernels portable{kl_forward_range_portable, kl_backward_range_portable, forward_range_portable,
+                                backward_range_portable, normals_range_portable, "portable"};
+  const FloatKernels avx2{kl_forward_range_avx2, kl_backward_range_avx2, forward_range_avx2,
+                                backward_range_avx2, normals_range_avx2, "avx2"};
+  const FloatKernels avx512{kl_forward_range_avx512, kl_backward_range_avx512, forward_range_avx512,
+                                backward_range_avx512, normals_range_avx512, "avx512"};
   const char* env = std::getenv("BAYES_EXT_CPU_ISA");
   const std::string cap = env == nullptr ? "avx512" : env;
   TORCH_CHECK_VALUE(cap == "portable" || cap == "avx2" || cap == "avx512",
@@ -54,6 +59,10 @@ inline const FloatKernels& float_kernels() {
   return kernels;
 }
 
+inline void run_kl_forward(const KlRange<float>& a) { float_kernels().kl_forward(a); }
+inline void run_kl_forward(const KlRange<double>& a) { kl_forward_range_portable(a); }
+inline void run_kl_backward(const KlBackwardRange<float>& a) { float_kernels().kl_backward(a); }
+inline void run_kl_backward(const KlBackwardRange<double>& a) { kl_backward_range_portable(a); }
 inline void run_forward(const ForwardRange<float>& a) { float_kernels().forward(a); }
 inline void run_forward(const ForwardRange<double>& a) { forward_range_portable(a); }
 inline void run_backward(const BackwardRange<float>& a) { float_kernels().backward(a); }

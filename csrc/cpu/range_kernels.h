@@ -245,6 +245,42 @@ static inline void backward_range_impl(const BackwardRange<T>& a) {
   }
 }
 
+// Closed-form KL: the same per-lane accumulators as the forward, no noise.
+template <typename T>
+static inline __attribute__((always_inline)) void kl_forward_tile(int64_t n, const T* __restrict__ mu,
+                                                                  const T* __restrict__ rho, T* __restrict__ acc,
+                                                                  T inv_two_var) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += gaussian_kl_term(mu[i], rho[i], inv_two_var);
+}
+
+template <typename T>
+static inline void kl_forward_range_impl(const KlRange<T>& a) {
+  T acc[kTile];
+  for (int64_t i = 0; i < kTile; ++i) acc[i] = T(0);
+  for (int64_t i = a.begin; i < a.end; i += kTile) {
+    const int64_t n = a.end - i < kTile ? a.end - i : kTile;
+    kl_forward_tile<T>(n, a.mu + i, a.rho + i, acc, a.inv_two_var);
+  }
+  double sum = 0.0;
+  for (int64_t i = 0; i < kTile; ++i) sum += static_cast<double>(acc[i]);
+  *a.partial = sum;
+}
+
+template <typename T>
+static inline __attribute__((always_inline)) void kl_backward_tile(int64_t n, const T* __restrict__ mu,
+                                                                   const T* __restrict__ rho, T* __restrict__ gmu,
+                                                                   T* __restrict__ grho, T g, T inv_var) {
+  for (int64_t i = 0; i < n; ++i) gaussian_kl_grads(g, mu[i], rho[i], inv_var, gmu + i, grho + i);
+}
+
+template <typename T>
+static inline void kl_backward_range_impl(const KlBackwardRange<T>& a) {
+  for (int64_t i = a.begin; i < a.end; i += kTile) {
+    const int64_t n = a.end - i < kTile ? a.end - i : kTile;
+    kl_backward_tile<T>(n, a.mu + i, a.rho + i, a.grad_mu + i, a.grad_rho + i, a.g, a.inv_var);
+  }
+}
+
 template <typename T>
 static inline void normals_range_impl(uint64_t seed, uint64_t offset, int64_t stream_start, int64_t begin,
                                       int64_t end, T* out) {
@@ -264,6 +300,8 @@ static inline void normals_range_impl(uint64_t seed, uint64_t offset, int64_t st
 #define BAYES_EXT_DEFINE_RANGE_KERNELS(ISA, T)                                                    \
   namespace bayes_ext {                                                                           \
   namespace cpu_kernel {                                                                          \
+  void kl_forward_range_##ISA(const KlRange<T>& a) { kl_forward_range_impl<T>(a); }               \
+  void kl_backward_range_##ISA(const KlBackwardRange<T>& a) { kl_backward_range_impl<T>(a); }     \
   void forward_range_##ISA(const ForwardRange<T>& a) { forward_range_impl<T>(a); }                \
   void backward_range_##ISA(const BackwardRange<T>& a) { backward_range_impl<T>(a); }             \
   void normals_range_##ISA(uint64_t seed, uint64_t offset, int64_t stream_start, int64_t begin,   \

@@ -43,7 +43,30 @@ struct BackwardRange {
   ScaleMixturePrior<T> prior;
 };
 
+// Closed-form Gaussian KL over elements [begin, end): *partial = sum of gaussian_kl_term.
+template <typename T>
+struct KlRange {
+  const T* mu;
+  const T* rho;
+  int64_t begin, end;
+  T inv_two_var;
+  double* partial;
+};
+
+// Its gradients times g for elements [begin, end), written to grad_mu / grad_rho.
+template <typename T>
+struct KlBackwardRange {
+  const T* mu;
+  const T* rho;
+  T* grad_mu;
+  T* grad_rho;
+  int64_t begin, end;
+  T g, inv_var;
+};
+
 #define BAYES_EXT_DECLARE_RANGE_KERNELS(ISA, T)                                                \
+  void kl_forward_range_##ISA(const KlRange<T>& a);                                            \
+  void kl_backward_range_##ISA(const KlBackwardRange<T>& a);                                   \
   void forward_range_##ISA(const ForwardRange<T>& a);                                          \
   void backward_range_##ISA(const BackwardRange<T>& a);                                        \
   void normals_range_##ISA(uint64_t seed, uint64_t offset, int64_t stream_start, int64_t begin, int64_t end,  \

@@ -68,21 +68,18 @@ at::Tensor sample_rows_cpu(const at::Tensor& mu_in, const at::Tensor& rho_in, co
   return w;
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_rows_backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& mu_in,
-                                                            const at::Tensor& rho_in, const at::Tensor& indices,
-                                                            const at::Tensor& seed, int64_t offset) {
-  check_row_args(mu_in, rho_in, indices, seed, offset);
-  check_cpu(mu_in);
-  check_grad_rows(grad_rows_in, mu_in, indices);
+// Adds the gradients of sample_rows into grad_mu / grad_rho (contiguous, mu's shape). Each distinct
+// row is one task, so no two tasks touch the same elements.
+void rows_backward_add(at::Tensor& grad_mu, at::Tensor& grad_rho, const at::Tensor& grad_rows_in,
+                       const at::Tensor& mu_in, const at::Tensor& rho_in, const at::Tensor& indices,
+                       const at::Tensor& seed, int64_t offset) {
   const int64_t num_rows = mu_in.size(0), dim = mu_in.size(1);
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   const at::Tensor idx = indices.contiguous().reshape({-1});
   check_index_range(idx, num_rows);
   const int64_t n = idx.numel();
-  at::Tensor grad_mu = at::zeros(mu.sizes(), mu.options());
-  at::Tensor grad_rho = at::zeros(mu.sizes(), mu.options());
-  if (n == 0 || dim == 0) return {grad_mu, grad_rho};
+  if (n == 0 || dim == 0) return;
   const at::Tensor grad_rows = grad_rows_in.contiguous().reshape({n, dim});
   // Stable sort: the duplicates of a row are summed in their order in `indices`.
   const auto sorted = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -104,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> sample_rows_backward_cpu(const at::Tensor& gr
     scalar_t* gmu_p = grad_mu.data_ptr<scalar_t>();
     scalar_t* grho_p = grad_rho.data_ptr<scalar_t>();
     at::parallel_for(0, groups, rows_grain(dim), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> acc(static_cast<size_t>(dim));
+      std::vector<scalar_t> acc(static_cast<size_t>(dim)), row_mu(acc.size()), row_rho(acc.size());
       for (int64_t gi = begin; gi < end; ++gi) {
         const int64_t r = sorted_p[group_start[gi]];
         std::fill(acc.begin(), acc.end(), scalar_t(0));
@@ -112,14 +109,43 @@ std::tuple<at::Tensor, at::Tensor> sample_rows_backward_cpu(const at::Tensor& gr
           const scalar_t* src = g_p + perm_p[j] * dim;
           for (int64_t i = 0; i < dim; ++i) acc[i] += src[i];
         }
+        // the range kernel writes; the row's own gradients are then added to the buffers
         BackwardRange<scalar_t> a{acc.data(), scalar_t(0), scalar_t(0), mu_p + r * dim, rho_p + r * dim,
-                                  gmu_p + r * dim, grho_p + r * dim, nullptr, 0, dim, r * dim,
+                                  row_mu.data(), row_rho.data(), nullptr, 0, dim, r * dim,
                                   s, static_cast<uint64_t>(offset), prior};
         run_backward(a);
+        scalar_t* out_mu = gmu_p + r * dim;
+        scalar_t* out_rho = grho_p + r * dim;
+        for (int64_t i = 0; i < dim; ++i) {
+          out_mu[i] += row_mu[i];
+          out_rho[i] += row_rho[i];
+        }
       }
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_rows_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& mu,
+                                                            const at::Tensor& rho, const at::Tensor& indices,
+                                                            const at::Tensor& seed, int64_t offset) {
+  check_row_args(mu, rho, indices, seed, offset);
+  check_cpu(mu);
+  check_grad_rows(grad_rows, mu, indices);
+  at::Tensor grad_mu = at::zeros(mu.sizes(), mu.options());
+  at::Tensor grad_rho = at::zeros(mu.sizes(), mu.options());
+  rows_backward_add(grad_mu, grad_rho, grad_rows, mu, rho, indices, seed, offset);
   return {grad_mu, grad_rho};
+}
+
+void sample_rows_backward_add_cpu(at::Tensor& grad_mu, at::Tensor& grad_rho, const at::Tensor& grad_rows,
+                                  const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& indices,
+                                  const at::Tensor& seed, int64_t offset) {
+  check_row_args(mu, rho, indices, seed, offset);
+  check_cpu(mu);
+  check_grad_rows(grad_rows, mu, indices);
+  check_accumulator(grad_mu, mu, "grad_mu");
+  check_accumulator(grad_rho, mu, "grad_rho");
+  rows_backward_add(grad_mu, grad_rho, grad_rows, mu, rho, indices, seed, offset);
 }
 
 }  // namespace
@@ -127,6 +153,7 @@ std::tuple<at::Tensor, at::Tensor> sample_rows_backward_cpu(const at::Tensor& gr
 TORCH_LIBRARY_IMPL(bayes_ext, CPU, m) {
   m.impl("sample_rows", &sample_rows_cpu);
   m.impl("sample_rows_backward", &sample_rows_backward_cpu);
+  m.impl("sample_rows_backward_add_", &sample_rows_backward_add_cpu);
 }
 
 }  // namespace bayes_ext

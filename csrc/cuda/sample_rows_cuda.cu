@@ -57,8 +57,9 @@ __global__ void rows_forward_kernel(const T* __restrict__ mu, const T* __restric
   }
 }
 
-// One item per (distinct row u, Philox block j of that row).
-template <typename T>
+// One item per (distinct row u, Philox block j of that row). Accumulate: add to the gradient
+// buffers instead of writing them (one thread per element, so no atomics).
+template <typename T, bool Accumulate>
 __global__ void rows_backward_kernel(const T* __restrict__ grad_rows, const T* __restrict__ mu,
                                      const T* __restrict__ rho, const int64_t* __restrict__ sorted_idx,
                                      const int64_t* __restrict__ perm, const int64_t* __restrict__ group_start,
@@ -86,8 +87,13 @@ __global__ void rows_backward_kernel(const T* __restrict__ grad_rows, const T* _
         T g = T(0);
         for (int64_t m = first; m < first + count; ++m) g += grad_rows[perm[m] * dim + i];
         const Softplus<T> sp = softplus_terms(rho[row_start + i]);
-        grad_mu[row_start + i] = g;
-        grad_rho[row_start + i] = g * eps[lane] * sp.sigmoid;
+        if (Accumulate) {
+          grad_mu[row_start + i] += g;
+          grad_rho[row_start + i] += g * eps[lane] * sp.sigmoid;
+        } else {
+          grad_mu[row_start + i] = g;
+          grad_rho[row_start + i] = g * eps[lane] * sp.sigmoid;
+        }
       }
     }
   }
@@ -118,21 +124,17 @@ at::Tensor sample_rows_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in, c
   return w;
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_rows_backward_cuda(const at::Tensor& grad_rows_in, const at::Tensor& mu_in,
-                                                             const at::Tensor& rho_in, const at::Tensor& indices,
-                                                             const at::Tensor& seed, int64_t offset) {
-  check_row_args(mu_in, rho_in, indices, seed, offset);
-  check_cuda(mu_in);
+// Writes (accumulate = false: every row not looked up must already be zero) or adds the gradients
+// of sample_rows into grad_mu / grad_rho.
+void rows_backward(at::Tensor& grad_mu, at::Tensor& grad_rho, const at::Tensor& grad_rows_in, const at::Tensor& mu_in,
+                   const at::Tensor& rho_in, const at::Tensor& indices, const at::Tensor& seed, int64_t offset,
+                   bool accumulate) {
   const int64_t num_rows = mu_in.size(0), dim = mu_in.size(1);
-  check_grad_rows(grad_rows_in, mu_in, indices);
-  const c10::cuda::CUDAGuard guard(mu_in.device());
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   const at::Tensor idx = indices.contiguous().reshape({-1});
   const int64_t n = idx.numel();
-  at::Tensor grad_mu = at::zeros(mu.sizes(), mu.options());
-  at::Tensor grad_rho = at::zeros(mu.sizes(), mu.options());
-  if (n == 0 || dim == 0) return {grad_mu, grad_rho};
+  if (n == 0 || dim == 0) return;
   const at::Tensor grad_rows = grad_rows_in.contiguous().reshape({n, dim});
   const auto sorted = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor sorted_idx = std::get<0>(sorted).contiguous();
@@ -142,15 +144,39 @@ std::tuple<at::Tensor, at::Tensor> sample_rows_backward_cuda(const at::Tensor& g
   const at::Tensor starts = (at::cumsum(counts, 0) - counts).contiguous();
   const int64_t groups = counts.numel();
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_rows_backward_cuda", [&] {
-    rows_backward_kernel<scalar_t><<<grid_for_items(groups * blocks_per_row(dim)), kThreads, 0,
-                                     at::cuda::getCurrentCUDAStream()>>>(
+    auto kernel = accumulate ? rows_backward_kernel<scalar_t, true> : rows_backward_kernel<scalar_t, false>;
+    kernel<<<grid_for_items(groups * blocks_per_row(dim)), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         grad_rows.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(),
         sorted_idx.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
         counts.data_ptr<int64_t>(), grad_mu.data_ptr<scalar_t>(), grad_rho.data_ptr<scalar_t>(), groups, num_rows,
         dim, make_seed_arg(seed), static_cast<uint64_t>(offset));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_rows_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& mu,
+                                                             const at::Tensor& rho, const at::Tensor& indices,
+                                                             const at::Tensor& seed, int64_t offset) {
+  check_row_args(mu, rho, indices, seed, offset);
+  check_cuda(mu);
+  check_grad_rows(grad_rows, mu, indices);
+  const c10::cuda::CUDAGuard guard(mu.device());
+  at::Tensor grad_mu = at::zeros(mu.sizes(), mu.options());
+  at::Tensor grad_rho = at::zeros(mu.sizes(), mu.options());
+  rows_backward(grad_mu, grad_rho, grad_rows, mu, rho, indices, seed, offset, /*accumulate=*/false);
   return {grad_mu, grad_rho};
+}
+
+void sample_rows_backward_add_cuda(at::Tensor& grad_mu, at::Tensor& grad_rho, const at::Tensor& grad_rows,
+                                   const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& indices,
+                                   const at::Tensor& seed, int64_t offset) {
+  check_row_args(mu, rho, indices, seed, offset);
+  check_cuda(mu);
+  check_grad_rows(grad_rows, mu, indices);
+  check_accumulator(grad_mu, mu, "grad_mu");
+  check_accumulator(grad_rho, mu, "grad_rho");
+  const c10::cuda::CUDAGuard guard(mu.device());
+  rows_backward(grad_mu, grad_rho, grad_rows, mu, rho, indices, seed, offset, /*accumulate=*/true);
 }
 
 }  // namespace
@@ -158,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor> sample_rows_backward_cuda(const at::Tensor& g
 TORCH_LIBRARY_IMPL(bayes_ext, CUDA, m) {
   m.impl("sample_rows", &sample_rows_cuda);
   m.impl("sample_rows_backward", &sample_rows_backward_cuda);
+  m.impl("sample_rows_backward_add_", &sample_rows_backward_add_cuda);
 }
 
 }  // namespace bayes_ext

@@ -12,6 +12,7 @@
 
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
+#include "block_sum.cuh"
 #include "seed_arg.cuh"
 
 namespace bayes_ext {
@@ -28,19 +29,6 @@ __host__ __device__ __forceinline__ int64_t philox_blocks_spanned(int64_t n, int
 int64_t grid_for(int64_t num_philox_blocks) {
   const int64_t g = (num_philox_blocks + kThreads - 1) / kThreads;
   return g < 1 ? 1 : (g > kMaxBlocks ? kMaxBlocks : g);
-}
-
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < (blockDim.x >> 5) ? shared[threadIdx.x] : T(0);
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  __syncthreads();
-  return v;
 }
 
 template <typename T>

@@ -4,7 +4,8 @@
 // - philox4x32 returns philox_block's words;
 // - philox_normal follows the stream layout (lanes 0/1 use words (x0, x1), lanes 2/3 (x2, x3));
 // - sample_weight's w, log q and log p, and sample_weight_backward's gradients, follow the
-//   formulas in docs/design.md, in float64 and float32, for sizes that end mid-block and mid-tile.
+//   formulas in docs/design.md, in float64 and float32, for sizes that end mid-block and mid-tile;
+// - gaussian_kl and its backward follow the closed form.
 // CTest runs it once per BAYES_EXT_CPU_ISA cap; it prints the ISA it got.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -185,6 +186,45 @@ void test_sample_weight(const at::Tensor& seed, uint64_t s, at::ScalarType dtype
   check(std::get<2>(only).numel() == 0, std::string("sample_weight_backward ") + name + " returns an empty w unless asked");
 }
 
+// gaussian_kl / gaussian_kl_backward against the closed form in double, over rho in [-30, 25]
+// (the exact-limit branch below -20, both softplus branches), sizes ending mid-tile.
+void test_gaussian_kl(at::ScalarType dtype, double tol) {
+  auto kl = op("bayes_ext::gaussian_kl").typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  auto kl_backward = op("bayes_ext::gaussian_kl_backward")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, double)>();
+  const char* name = dtype == at::kDouble ? "float64" : "float32";
+  const int64_t n = 40000;  // 2 chunks of 16384 and a partial one, ends mid-tile
+  const double s = 0.3, g = -1.7;
+  const auto dbl = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor mu = at::linspace(-1.0, 1.0, n, dbl).to(dtype);
+  const at::Tensor rho = at::linspace(-30.0, 25.0, n, dbl).flip(0).to(dtype);
+  const at::Tensor md = mu.to(at::kDouble).contiguous(), rd = rho.to(at::kDouble).contiguous();
+  const double* mp = md.data_ptr<double>();
+  const double* rp = rd.data_ptr<double>();
+  double ref = 0.0;
+  std::vector<double> ref_gmu(n), ref_grho(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const double sigma = softplus(rp[i]);
+    const double log_sigma = rp[i] < -20.0 ? rp[i] : std::log(sigma);
+    ref += std::log(s) - log_sigma + (sigma * sigma + mp[i] * mp[i]) / (2.0 * s * s) - 0.5;
+    ref_gmu[i] = g * mp[i] / (s * s);
+    ref_grho[i] = g * (sigma / (s * s) - 1.0 / sigma) * sigmoid(rp[i]);
+  }
+  const double got = kl.call(mu, rho, s).item<double>();
+  check(std::fabs(got - ref) <= tol * std::fabs(ref),
+        std::string("gaussian_kl ") + name + " " + std::to_string(got) + " vs " + std::to_string(ref));
+  const auto grads = kl_backward.call(at::scalar_tensor(g, dbl), mu, rho, s);
+  // relative error: grad_rho spans many orders of magnitude (1 / sigma at rho = -30)
+  double worst = 0.0;
+  const at::Tensor gm = std::get<0>(grads).to(at::kDouble).contiguous(), gr = std::get<1>(grads).to(at::kDouble).contiguous();
+  for (int64_t i = 0; i < n; ++i) {
+    worst = std::max(worst, std::fabs(gm.data_ptr<double>()[i] - ref_gmu[i]) / (1.0 + std::fabs(ref_gmu[i])));
+    worst = std::max(worst, std::fabs(gr.data_ptr<double>()[i] - ref_grho[i]) / (1.0 + std::fabs(ref_grho[i])));
+  }
+  check(worst <= tol * 10, std::string("gaussian_kl_backward ") + name + " (max rel err " + std::to_string(worst) + ")");
+}
+
 void test_errors(const at::Tensor& seed) {
   auto sample = op("bayes_ext::sample_weight")
                     .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double, double, int64_t)>();
@@ -227,6 +267,8 @@ int main() {
     test_normals(seed, s, at::kFloat, 2e-5);
     test_sample_weight(seed, s, at::kDouble, 1e-12);
     test_sample_weight(seed, s, at::kFloat, 2e-5);
+    test_gaussian_kl(at::kDouble, 1e-12);
+    test_gaussian_kl(at::kFloat, 1e-5);
     test_errors(seed);
   } catch (const std::exception& e) {
     std::printf("FAIL: exception: %s\n", e.what());

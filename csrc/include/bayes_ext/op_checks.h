@@ -50,6 +50,20 @@ inline void check_prior(double pi, double sigma1, double sigma2) {
   TORCH_CHECK_VALUE(sigma2 > 0.0 && std::isfinite(sigma2), "prior_sigma2 must be positive and finite, got ", sigma2);
 }
 
+inline void check_prior_sigma(double sigma) {
+  TORCH_CHECK_VALUE(sigma > 0.0 && std::isfinite(sigma), "prior_sigma must be positive and finite, got ", sigma);
+}
+
+// A gradient buffer an op accumulates into: mu's shape, dtype and device, contiguous.
+inline void check_accumulator(const at::Tensor& t, const at::Tensor& mu, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == mu.scalar_type(), name, " must have the dtype of mu (", mu.scalar_type(),
+                   "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == mu.device(), name, " must be on the device of mu (", mu.device(), "), got ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.sizes() == mu.sizes(), name, " must have the shape of mu ", mu.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
 inline void check_scalar_grad(const at::Tensor& g, const at::Tensor& like, const char* name) {
   TORCH_CHECK_VALUE(g.numel() == 1, name, " must hold exactly one value, got shape ", g.sizes());
   TORCH_CHECK_VALUE(g.device().is_cpu() || g.device() == like.device(), name,

@@ -98,6 +98,22 @@ BAYES_HOST_DEVICE Softplus<T> softplus_terms(T rho) {
   return s;
 }
 
+// Closed-form KL(N(mu, sigma^2) || N(0, s^2)) = log s - 1/2 + (sigma^2 + mu^2) / (2 s^2) - log sigma
+// per element, without the constant log s - 1/2 (added once per tensor); sigma = softplus(rho).
+template <typename T>
+BAYES_HOST_DEVICE T gaussian_kl_term(T mu, T rho, T inv_two_var) {
+  const Softplus<T> sp = softplus_terms(rho);
+  return (sp.sigma * sp.sigma + mu * mu) * inv_two_var - sp.log_sigma;
+}
+
+// g times its gradients: d/dmu = mu / s^2, d/drho = (sigma / s^2 - 1 / sigma) sigmoid(rho).
+template <typename T>
+BAYES_HOST_DEVICE void gaussian_kl_grads(T g, T mu, T rho, T inv_var, T* grad_mu, T* grad_rho) {
+  const Softplus<T> sp = softplus_terms(rho);
+  *grad_mu = g * inv_var * mu;
+  *grad_rho = g * (sp.sigma * sp.sigmoid * inv_var - sp.dlog_sigma);
+}
+
 // Standard normals for the four elements of one Philox block (docs/design.md).
 template <typename T>
 BAYES_HOST_DEVICE void block_normals(uint64_t seed, uint64_t offset, uint64_t block, T eps[4]) {
