@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import bayes_ext
 from bayes_ext import functional_conv_estimators as BFCE
 from bayes_ext import functional_estimators as BFE
 from bayes_ext.losses import kl_divergence_from_nn
@@ -131,6 +130,32 @@ def test_gradcheck(backend, name):
     x = torch.randn(x_shape, **F64).requires_grad_()
     seed = seed_tensor(7)
     assert torch.autograd.gradcheck(lambda *a: op(*a, seed=seed), (x, *params))
+
+
+@pytest.mark.parametrize("op", ["linear_lrt", "linear_flipout", "conv_lrt", "conv_flipout"])
+def test_opcheck(backend, op):
+    p = _params(*(LINEAR_SHAPES if op.startswith("linear") else CONV_SHAPES), gen_seed=4)
+    x = torch.randn((3, 4) if op.startswith("linear") else (2, 2, 5), **F64).requires_grad_()
+    args = (x, *p, seed_tensor(3))
+    if op.startswith("conv"):
+        args += ([1], [1], [1], False, [0], 1)
+    if op.endswith("flipout"):
+        args += MIXTURE
+    result = torch.library.opcheck(getattr(torch.ops.bayes_ext, op), args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_leading_dimensions_are_flattened(backend):
+    """(B, T, I) inputs: the same values and gradients as (B * T, I), noise included."""
+    params = _params(*LINEAR_SHAPES, gen_seed=5)
+    x = torch.randn(2, 3, 4, **F64).requires_grad_()
+    for op in (BFE.linear_lrt, BFE.linear_flipout):
+        y3 = op(x, *params, seed=seed_tensor(9))
+        y2 = op(x.reshape(6, 4), *params, seed=seed_tensor(9))
+        y3, y2 = (y if isinstance(y, torch.Tensor) else y[0] for y in (y3, y2))
+        torch.testing.assert_close(y3.reshape(6, 3), y2)
+        for a, b in zip(torch.autograd.grad(y3.sum(), [x] + params), torch.autograd.grad(y2.sum(), [x] + params)):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -355,7 +380,8 @@ def _step(model, x, seed):
     y = model(x)
     loss = y.pow(2).mean() + 1e-3 * kl_divergence_from_nn(model)
     loss.backward()
-    return y.detach(), loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+    return y.detach(), loss.detach(), grads
 
 
 def test_compile_fullgraph_matches_eager(backend):
