@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bayes_ext.modules import BayesianConv2d, BayesianGRU, BayesianLinear, BayesianLSTM
+from bayes_ext.modules import BayesianConv2d, BayesianEmbedding, BayesianGRU, BayesianLinear, BayesianLSTM
 from bayes_ext.utils import Flipout, Radial, variational_estimator
 
 
@@ -84,10 +84,113 @@ def test_radial_kl_terms_and_gradients(backend):
 
 
 @pytest.mark.parametrize("wrapper", [Flipout, Radial])
-@pytest.mark.parametrize("cls", [BayesianLSTM, BayesianGRU, nn.Linear])
+@pytest.mark.parametrize("cls", [BayesianEmbedding, nn.Linear, "BayesianLSTM"])
 def test_wrappers_reject_layers_they_cannot_wrap(wrapper, cls):
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="wrap"):
         wrapper(cls)
+
+
+# ---- recurrent layers ------------------------------------------------------------------------------------
+
+RNNS = [(BayesianLSTM, {}), (BayesianLSTM, {"peephole": True}), (BayesianGRU, {})]
+
+
+def rnn(cls, kwargs, wrapper=None, rho=-1.5):
+    torch.manual_seed(0)
+    layer = (wrapper(cls) if wrapper else cls)(3, 4, posterior_rho_init=rho, dtype=torch.float64, **kwargs)
+    return layer
+
+
+def last_h(out):
+    return out[1][0] if isinstance(out[1], tuple) else out[1]
+
+
+@pytest.mark.parametrize("cls,kwargs", RNNS)
+def test_flipout_rnn_with_positive_signs_is_the_plain_sample(backend, monkeypatch, cls, kwargs):
+    """All signs +1 make every W_n = mu + dW = W: the plain layer's output on the same seed."""
+    import bayes_ext.utils.layer_wrappers as wrappers
+    plain, flip = rnn(cls, kwargs), rnn(cls, kwargs, Flipout)
+    flip.load_state_dict(plain.state_dict())
+    monkeypatch.setattr(wrappers, "_rademacher_like", lambda t: torch.ones_like(t))
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    state = (torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))
+    state = state if cls is BayesianLSTM else state[0]
+    torch.manual_seed(3)
+    seq, out_state = flip(x, state)
+    kl = flip.kl_divergence()
+    torch.manual_seed(3)
+    ref_seq, ref_state = plain(x, state)
+    torch.testing.assert_close(seq, ref_seq)
+    torch.testing.assert_close(last_h((seq, out_state)), last_h((ref_seq, ref_state)))
+    torch.testing.assert_close(kl, plain.kl_divergence())
+
+
+@pytest.mark.parametrize("cls,kwargs", RNNS)
+def test_flipout_rnn_antithetic_signs_flip_the_perturbation(backend, monkeypatch, cls, kwargs):
+    """s = +1, r = -1 gives W_n = mu - dW: the plain recurrence on the mirrored weights 2 mu - W."""
+    import bayes_ext.utils.layer_wrappers as wrappers
+    plain, flip = rnn(cls, kwargs), rnn(cls, kwargs, Flipout)
+    flip.load_state_dict(plain.state_dict())
+    calls = []
+
+    def signs(t):
+        calls.append(t.shape)
+        return torch.ones_like(t) if len(calls) % 2 else -torch.ones_like(t)
+
+    monkeypatch.setattr(wrappers, "_rademacher_like", signs)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    torch.manual_seed(3)
+    seq, _ = flip(x)
+    torch.manual_seed(3)
+    w = plain.sample_weights()
+    mu_ih, mu_hh, _ = plain.get_frozen_weights()
+    ref_seq, _ = plain._run(x, 2 * mu_ih - w[0], 2 * mu_hh - w[1], w[2], None)  # the bias is not flipped
+    torch.testing.assert_close(seq, ref_seq)
+
+
+@pytest.mark.parametrize("cls,kwargs", RNNS)
+def test_flipout_rnn_decorrelates_sequences_and_reduces_to_mean(backend, cls, kwargs):
+    flip = rnn(cls, kwargs, Flipout)
+    x = torch.randn(1, 6, 3, dtype=torch.float64).repeat(2, 1, 1)
+    seq, _ = flip(x)
+    assert not torch.allclose(seq[0], seq[1])  # one plain sample would give identical rows
+    (seq.sum() + flip.kl_divergence()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in flip.parameters())
+    tiny = rnn(cls, kwargs, Flipout, rho=-60.0)
+    torch.testing.assert_close(tiny(x)[0], tiny.forward_frozen(x)[0])
+
+
+def test_flipout_rnn_refuses_sharpening():
+    layer = Flipout(BayesianLSTM)(3, 4, sharpen=True)
+    with pytest.raises(ValueError, match="sharpening"):
+        layer(torch.randn(2, 5, 3), sharpen_loss=torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("cls,kwargs", RNNS)
+def test_radial_rnn_runs_the_recurrence_on_radial_samples(backend, cls, kwargs):
+    from bayes_ext import _backend, _fallback
+    from bayes_ext import functional as BF
+    layer = rnn(cls, kwargs, Radial)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    torch.manual_seed(4)
+    seq, _ = layer(x)
+    log_q = layer.log_variational_posterior
+    torch.manual_seed(4)
+    seed = BF.draw_seed()
+    weights, expected_q = [], 0
+    for offset, (mu, rho) in enumerate(zip(layer.get_frozen_weights(), (layer.weight_ih_rho, layer.weight_hh_rho,
+                                                                         layer.bias_rho))):
+        eps = _backend.ops().philox_normal(mu, seed, offset)
+        radius = torch.randn((), dtype=mu.dtype)
+        sigma = torch.nn.functional.softplus(rho)
+        weights.append(mu + sigma * eps / eps.norm() * radius)
+        expected_q = expected_q - torch.log(sigma).sum()
+    torch.testing.assert_close(seq, layer._run(x, *weights, None)[0])
+    torch.testing.assert_close(log_q, expected_q)
+    (seq.sum() + layer.kl_divergence()).backward()
+    assert torch.isfinite(layer.weight_hh_rho.grad).all()
+    layer.freeze = True
+    torch.testing.assert_close(layer(x)[0], layer._run(x, *layer.get_frozen_weights(), None)[0])
 
 
 @pytest.mark.parametrize("wrapper", [Flipout, Radial])
