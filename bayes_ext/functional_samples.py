@@ -50,31 +50,43 @@ def _linear_reparam_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bi
     n = seeds.shape[0]
     out_features, in_features = weight_mu.shape
     weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
+    has_bias = bias_mu is not None
+    # The Python per sample is kept minimal: for small layers it, not the kernels, sets the pace.
     with torch.autocast(x.device.type, enabled=False):
-        x3 = x.reshape(n, -1, in_features)
-        y = x3.new_empty(n, x3.shape[1], out_features)
-        log_q, log_p = [], []
-        # The Python per sample is kept minimal: for small layers it, not the kernels, sets the pace.
-        single_block = len(_row_blocks(weight_mu)) == 1
-        for seed, x_s, y_s in zip(seeds.unbind(0), x3.unbind(0), y.unbind(0)):
-            if single_block:
+        y = x.new_empty(x.shape[:-1] + (out_features,))  # the output itself, not a view of it
+        x3, y3 = x.reshape(n, -1, in_features), y.view(n, -1, out_features)
+        seed_list = seeds.unbind(0)
+        log_q, log_p, bias = [], [], []
+        if n * weight_mu.numel() <= BMM_ELEMENTS:  # small: the N weights side by side, one bmm
+            ws = []
+            for seed in seed_list:
                 w, q, p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
-                torch.mm(x_s, w.t() if w.dtype == x_s.dtype else w.t().to(x_s.dtype), out=y_s)
-            else:
+                ws.append(w)
+                log_q.append(q)
+                log_p.append(p)
+                if has_bias:
+                    b, q, p = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
+                    bias.append(b)
+                    log_q.append(q)
+                    log_p.append(p)
+            w = torch.stack(ws)
+            torch.bmm(x3, w.transpose(1, 2) if w.dtype == x.dtype else w.transpose(1, 2).to(x.dtype), out=y3)
+            del ws, w
+        else:  # one weight (or block of rows) at a time
+            for seed, x_s, y_s in zip(seed_list, x3.unbind(0), y3.unbind(0)):
                 q, p = _sample_matmul(ops, y_s, x_s, weight_mu, weight_rho, seed, prior)
-            log_q.append(q)
-            log_p.append(p)
-        log_q, log_p = torch.stack(log_q), torch.stack(log_p)
-        if bias_mu is not None:
-            bias, q_b, p_b = [], [], []
-            for seed in seeds.unbind(0):
-                b, q, p = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
-                bias.append(b)
-                q_b.append(q)
-                p_b.append(p)
-            y += torch.stack(bias).to(y.dtype).unsqueeze(1)
-            log_q, log_p = log_q + torch.stack(q_b), log_p + torch.stack(p_b)
-        return y.reshape(x.shape[:-1] + (out_features,)), log_q, log_p
+                log_q.append(q)
+                log_p.append(p)
+                if has_bias:
+                    b, q, p = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
+                    bias.append(b)
+                    log_q.append(q)
+                    log_p.append(p)
+        if has_bias:
+            y3 += torch.stack(bias).to(y.dtype).unsqueeze(1)
+        # (weight, bias) terms of each sample, added in that order as the single-sample op does
+        log_q, log_p = torch.stack(log_q).view(n, -1).sum(1), torch.stack(log_p).view(n, -1).sum(1)
+        return y, log_q, log_p
 
 
 @_linear_reparam_samples.register_fake
@@ -104,6 +116,34 @@ def _sum_samples(grads):
     return total
 
 
+def _backward_small(ops, prior, x3, grad_out3, weight_mu, weight_rho, bias_mu, bias_rho, seed_list, grad_log_q,
+                    grad_log_p, need_x):
+    """Backward for small weights: all N weight gradients from one bmm, grad_x from one bmm over
+    the N regenerated weights, one Python pass over the samples."""
+    x_dtype, w_dtype, has_bias = x3.dtype, weight_mu.dtype, bias_mu is not None
+    grad_ws = torch.bmm(grad_out3.transpose(1, 2), x3)
+    grad_ws = (grad_ws if grad_ws.dtype == w_dtype else grad_ws.to(w_dtype)).unbind(0)
+    grad_bs = grad_out3.sum(1, dtype=w_dtype).unbind(0) if has_bias else None
+    g_mu, g_rho, g_bmu, g_brho, ws = [], [], [], [], []
+    for s, seed in enumerate(seed_list):
+        g_q, g_p = grad_log_q[s], grad_log_p[s]
+        a, b, w = ops.sample_weight_backward(grad_ws[s], g_q, g_p, weight_mu, weight_rho, seed, 0, *prior, need_x)
+        g_mu.append(a)
+        g_rho.append(b)
+        ws.append(w)
+        if has_bias:
+            a, b, _ = ops.sample_weight_backward(grad_bs[s], g_q, g_p, bias_mu, bias_rho, seed, 1, *prior, False)
+            g_bmu.append(a)
+            g_brho.append(b)
+    grad_x = None
+    if need_x:
+        w = torch.stack(ws)
+        grad_x = torch.bmm(grad_out3, w if w.dtype == x_dtype else w.to(x_dtype))
+    grad_bmu = _sum_samples(g_bmu) if has_bias else None
+    grad_brho = _sum_samples(g_brho) if has_bias else None
+    return grad_x, _sum_samples(g_mu), _sum_samples(g_rho), grad_bmu, grad_brho
+
+
 def _backward(ctx, grad_out, grad_log_q, grad_log_p):
     x, weight_mu, weight_rho, bias_mu, bias_rho, seeds = ctx.saved_tensors
     ops, prior = ctx.ops, ctx.prior
@@ -122,23 +162,15 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
         grad_out3 = grad_out.reshape(n, -1, out_features)
         if grad_out3.dtype != x.dtype:
             grad_out3 = grad_out3.to(x.dtype)
+        if len(blocks) == 1 and n * weight_mu.numel() <= BMM_ELEMENTS:
+            grad_x, *grads = _backward_small(ops, prior, x3, grad_out3, weight_mu, weight_rho, bias_mu, bias_rho,
+                                             seed_list, grad_log_q, grad_log_p, need_x)
+            return (None if grad_x is None else grad_x.reshape(x.shape), *grads, None, None, None, None)
         grad_x = torch.empty_like(x3) if need_x else None
         grad_mu, grad_rho = [], []
-        if len(blocks) == 1 and n * weight_mu.numel() <= BMM_ELEMENTS:
-            grad_ws = torch.bmm(grad_out3.transpose(1, 2), x3)
-            if grad_ws.dtype != w_dtype:
-                grad_ws = grad_ws.to(w_dtype)
-            grad_ws = grad_ws.unbind(0)
-        else:
-            grad_ws = None
-        for s in range(n):
+        for s in range(n):  # one sample at a time: no N x O x I temporary
             seed, g_q, g_p = seed_list[s], grad_log_q[s], grad_log_p[s]
-            if grad_ws is not None:
-                g_mu, g_rho, w = ops.sample_weight_backward(grad_ws[s], g_q, g_p, weight_mu, weight_rho, seed, 0,
-                                                            *prior, need_x)
-                if need_x:
-                    torch.mm(grad_out3[s], w if w.dtype == x.dtype else w.to(x.dtype), out=grad_x[s])
-            elif len(blocks) == 1:
+            if len(blocks) == 1:
                 grad_w = grad_out3[s].t().mm(x3[s]).to(w_dtype)
                 g_mu, g_rho, w = ops.sample_weight_backward(grad_w, g_q, g_p, weight_mu, weight_rho, seed, 0,
                                                             *prior, need_x)
@@ -174,6 +206,22 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
 
 
 _linear_reparam_samples.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerSamples(torch.autograd.Function):
+    """The same op (same implementation, setup_context and backward) as a plain autograd.Function, for
+    eager calls: torch.library's per-call Python (schema default filling, alias checks) costs
+    ~50 us per call, a sizeable part of a small model's step. Compiled graphs use the custom op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _linear_reparam_samples._init_fn(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
 
 
 def check_seeds(seeds, like: Tensor, sample_nbr: Optional[int] = None) -> None:
@@ -216,12 +264,19 @@ def bayesian_linear_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bi
     BF.check_input(x, weight_mu, weight_mu.shape[1])
     if x.dim() < 2:
         raise ValueError(f"input must be (N, ..., in_features) with the samples in dim 0, got shape {tuple(x.shape)}")
-    low_precision = BF.autocast_dtype(x)
-    if low_precision is not None:
-        x = x.to(low_precision)
     seeds = draw_seeds(x.shape[0]) if seeds is None else seeds
     check_seeds(seeds, weight_mu, x.shape[0])
     pi, sigma1, sigma2 = (float(v) for v in prior)
     _checks.check_prior(pi, sigma1, sigma2)
-    return _linear_reparam_samples(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds.contiguous(),
-                                   pi, sigma1, sigma2)
+    return linear_samples_unchecked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, (pi, sigma1, sigma2))
+
+
+def linear_samples_unchecked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, prior):
+    """bayesian_linear_samples for arguments already checked (a layer's own parameters and seeds)."""
+    low_precision = BF.autocast_dtype(x)
+    if low_precision is not None:
+        x = x.to(low_precision)
+    args = (x, weight_mu, weight_rho, bias_mu, bias_rho, seeds.contiguous(), *prior)
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return _linear_reparam_samples(*args)
+    return _EagerSamples.apply(*args)

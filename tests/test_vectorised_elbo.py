@@ -91,6 +91,18 @@ def test_op_gradcheck(backend, bias):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
 
 
+def test_custom_op_opcheck_and_gradcheck(backend):
+    """The registered op itself (what compiled graphs call; eager calls run the same functions
+    through an autograd.Function): schema, fake kernel, autograd registration."""
+    wm, wr, bm, br = _params(3, 4)
+    x = torch.randn(2, 3, 4, dtype=F64, requires_grad=True)
+    seeds = torch.tensor([11, 12], dtype=torch.int64)
+    op = torch.ops.bayes_ext.linear_reparam_samples
+    torch.library.opcheck(op, (x, wm, wr, bm, br, seeds, *PRIOR))
+    torch.library.opcheck(op, (x, wm, wr, None, None, seeds, *PRIOR))
+    assert torch.autograd.gradcheck(lambda *t: op(*t, seeds, *PRIOR), (x, wm, wr, bm, br), eps=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("n", [1, 4, 8])
 def test_op_saves_only_the_input(backend, n):
     """Saved for backward: x and the N seeds (8 bytes each), no weight-sized tensor, whatever N."""
@@ -245,6 +257,30 @@ def test_sample_elbo_equals_loop(backend, monkeypatch, name, n):
     auto = _elbo_step(model, x, y, crit, n, vectorized=None)
     _assert_same(forced, loop)
     _assert_same(auto, loop)
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")
+@pytest.mark.parametrize("criterion", ["callable", "none_reduction", "broadcast"])
+def test_any_criterion_equals_loop(backend, criterion):
+    """Criteria that are not stacked (a callable, reduction='none', broadcasting labels) are applied
+    per sample, as in the loop."""
+    model = Regression()
+    x, y, _ = _regression_data()
+    if criterion == "callable":
+        crit = lambda out, labels: 0.5 * ((out - labels) ** 2).sum() + out.abs().max()  # noqa: E731
+    elif criterion == "none_reduction":
+        crit = nn.L1Loss(reduction="none")
+    else:  # (B, 1) outputs against (B, 1, 1) labels broadcast to (B, B, 1) in each sample
+        crit, y = nn.MSELoss(), y.unsqueeze(-1)
+    out = []
+    for vectorized in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(9)
+        loss = model.sample_elbo(x, y, crit, 3, 0.5, vectorized=vectorized)
+        loss.sum().backward()
+        out.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
 def test_default_is_vectorised(monkeypatch):

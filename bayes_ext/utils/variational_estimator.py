@@ -31,11 +31,8 @@ def sample_elbo(self, inputs, labels, criterion, sample_nbr, complexity_cost_wei
     batched = _vec.run_samples(self, inputs, sample_nbr, vectorized, self.nn_kl_divergence)
     if batched is not None:
         outputs, kl = batched
-        kl = _vec.per_sample(kl, sample_nbr)
-        loss = 0
-        for s, out in enumerate(outputs.unbind(0)):
-            loss = loss + criterion(out, labels) + kl[s] * complexity_cost_weight
-        return loss / sample_nbr
+        likelihood = _vec.summed_criterion(criterion, outputs, labels)
+        return (likelihood + _vec.summed_kl(kl, sample_nbr) * complexity_cost_weight) / sample_nbr
     loss = 0
     for _ in range(sample_nbr):
         outputs = self(inputs)
@@ -53,10 +50,8 @@ def sample_elbo_detailed_loss(self, inputs, labels, criterion, sample_nbr, compl
     batched = _vec.run_samples(self, inputs, sample_nbr, vectorized, self.nn_kl_divergence)
     if batched is not None:
         outputs, kl = batched
-        kl = _vec.per_sample(kl, sample_nbr)
-        for s, out in enumerate(outputs.unbind(0)):
-            likelihood_cost = likelihood_cost + criterion(out, labels)
-            complexity_cost = complexity_cost + kl[s] * complexity_cost_weight
+        likelihood_cost = _vec.summed_criterion(criterion, outputs, labels)
+        complexity_cost = _vec.summed_kl(kl, sample_nbr) * complexity_cost_weight
         return (outputs.detach().cpu().numpy(), (likelihood_cost + complexity_cost) / sample_nbr,
                 likelihood_cost / sample_nbr, complexity_cost / sample_nbr)
     predictions = []

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import functional as BF
 from ..functional_samples import draw_seeds
 from ..modules.base_bayesian_module import BayesianModule
 
@@ -96,6 +97,7 @@ class SampleBatch:
         self.per_forward = calls_per_forward
         self.seeds = draw_seeds(sample_nbr * calls_per_forward).view(sample_nbr, calls_per_forward) \
             if seeds is None else seeds
+        self._per_call = self.seeds.t().contiguous()  # row l: the N seeds of layer call l
         self.calls = 0
         self.called = []
 
@@ -104,7 +106,7 @@ class SampleBatch:
         self.calls += 1
         self.called.append(layer)
         # Past the expected count the result is thrown away and rerun with the counted L.
-        return self.seeds[:, l % self.per_forward] if self.per_forward else self.seeds.new_zeros(self.sample_nbr)
+        return self._per_call[l % self.per_forward] if self.per_forward else self.seeds.new_zeros(self.sample_nbr)
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
         """BayesianLinear's forward for N samples: x (N*B, .., I) -> (N*B, .., O), KL terms (N,)."""
@@ -115,9 +117,11 @@ class SampleBatch:
             raise NotVectorisable(
                 f"a vectorised forward expects every Bayesian layer's input to hold the {n} samples x "
                 f"{self.batch} examples in dim 0, got shape {tuple(x.shape)} (pass vectorized=False)")
+        BF.check_input(x, layer.weight_mu, layer.in_features)
         xs = x.reshape((n, self.batch) + tuple(x.shape[1:]))
-        y, log_q, log_p = FS.bayesian_linear_samples(xs, layer.weight_mu, layer.weight_rho, layer.bias_mu,
-                                                     layer.bias_rho, seeds, prior=layer.prior)
+        # the layer's parameters and prior were checked when it was built; the seeds are ours
+        y, log_q, log_p = FS.linear_samples_unchecked(xs, layer.weight_mu, layer.weight_rho, layer.bias_mu,
+                                                      layer.bias_rho, seeds, layer.prior)
         layer._set_kl_terms(log_q, log_p)
         return y.flatten(0, 1)
 
@@ -181,9 +185,43 @@ def run_samples(model: nn.Module, inputs, sample_nbr: int, vectorized: Optional[
     raise NotVectorisable("the model's number of Bayesian layer calls changed between two forwards")
 
 
-def per_sample(value, sample_nbr: int):
-    """A per-sample KL (N,) as a list of N scalars (one unbind: one autograd node, not N), or the
-    value repeated when it is the same for all samples (e.g. 0 for a model whose layers were not called)."""
-    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == sample_nbr:
-        return value.unbind(0)
-    return [value] * sample_nbr
+# Built-in losses whose value on the N stacked samples (labels repeated) is exactly the sum
+# ("sum") or the mean ("mean") of their values on each sample: every sample has the same labels,
+# so per-sample means share one denominator (also with class weights or ignore_index).
+_ELEMENTWISE_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
+_CLASS_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
+
+
+def _stackable_loss(criterion, sample_out: torch.Tensor, labels) -> bool:
+    kind = type(criterion)
+    if not isinstance(labels, torch.Tensor) or getattr(criterion, "reduction", None) not in ("mean", "sum"):
+        return False
+    if kind in _ELEMENTWISE_LOSSES:  # no broadcasting (it would pair other elements once stacked), no weights
+        return (labels.shape == sample_out.shape and getattr(criterion, "weight", None) is None
+                and getattr(criterion, "pos_weight", None) is None)
+    if kind in _CLASS_LOSSES:  # (B, C, ...) scores against (B, ...) classes or (B, C, ...) probabilities
+        return sample_out.dim() >= 2 and labels.dim() >= 1 and labels.shape[0] == sample_out.shape[0]
+    return False
+
+
+def summed_criterion(criterion, outputs: torch.Tensor, labels):
+    """sum over s of criterion(outputs[s], labels), the loop's likelihood sum, for outputs (N, B, ...).
+
+    Each sample separately in general (any criterion gives the loop's value); one call on the
+    stacked samples for the built-in losses where that is the same number (fewer autograd nodes).
+    """
+    n = outputs.shape[0]
+    if _stackable_loss(criterion, outputs[0], labels):
+        value = criterion(outputs.flatten(0, 1), labels.repeat((n,) + (1,) * (labels.dim() - 1)))
+        return value * n if criterion.reduction == "mean" else value
+    total = 0
+    for out in outputs.unbind(0):
+        total = total + criterion(out, labels)
+    return total
+
+
+def summed_kl(kl, sample_nbr: int):
+    """sum over the samples of the per-sample KL (N,) (or N times a KL that is the same for all)."""
+    if isinstance(kl, torch.Tensor) and kl.dim() == 1 and kl.shape[0] == sample_nbr:
+        return kl.sum()
+    return kl * sample_nbr
