@@ -25,6 +25,7 @@ except ImportError:  # e.g. an offline GPU machine: plain lines instead of a bar
     from report import PlainBar as tqdm
 
 import cases  # noqa: E402
+import elbo_cases  # noqa: E402
 import layer_cases  # noqa: E402
 import memory  # noqa: E402
 import opbench  # noqa: E402
@@ -213,6 +214,43 @@ class Bench:
                            f"{r['train']['median_ms']:9.1f} ms  {r['ratio']['train']['median']:6.2f}x nn")
         self.rows += out
 
+    # -- "Multi-sample ELBO": sample_elbo vectorised vs its loop (issue 5) ---------------------
+    def elbo_plan(self):
+        return elbo_cases.plan(self.mode) if self.avail["bayes_ext"][0] and "bayes_ext" in self.args.only else []
+
+    def elbo_group(self, cfg, sample_nbr, amp):
+        """Both rows timed round-robin with the "other layers" effort; speedup = loop / vectorised."""
+        shape_str = elbo_cases.shape_str(cfg)
+        base = dict(kind="elbo", shape=cfg, sample_nbr=sample_nbr, device=self.args.device, amp=amp)
+        rows, runners = {}, {}
+        for n, label in elbo_cases.LABELS.items():
+            rows[n] = dict(section="elbo", shape=shape_str, sample_nbr=sample_nbr, amp=amp, case=n, label=label,
+                           threads=torch.get_num_threads(), note="",
+                           target=elbo_cases.TARGET if n == "vectorised" and sample_nbr == elbo_cases.TARGET_SAMPLES
+                           else None)
+            try:
+                runners[n] = timing.LocalRunner(dict(base, case=n), "train")
+            except Exception as e:
+                rows[n]["note"] = "failed to build: " + str(e).strip().splitlines()[-1][:150]
+        self._where = f"ELBO S={sample_nbr} {amp} train"
+        o = self.plan["other"]
+        times, failed = timing.round_robin(runners, o["warmup"], o["budget_s"], o["min_reps"], o["max_reps"],
+                                           o["cap_s"], tick=lambda k, what: self._status(
+                                               f"{self._where}: {elbo_cases.LABELS[k]} {what}", force=False))
+        for n, r in runners.items():
+            r.close()
+            rows[n]["train"] = timing.summarize(times[n])
+            if n in failed:
+                rows[n]["note"] = f"train failed: {failed[n]}"
+        gc.collect()
+        self.bar.update(1)
+        out = elbo_cases.add_speedup(list(rows.values()))
+        for r in out:
+            if r.get("speedup") and r["case"] != "loop":
+                tqdm.write(f"  ELBO S={sample_nbr} {amp} {r['label']:<34} train {r['train']['median_ms']:9.2f} ms  "
+                           f"{r['speedup']:6.2f}x faster than the loop")
+        self.rows += out
+
     def _tick_other(self, key, what):
         self._status(f"{self._where}: {layer_cases.VARIANTS[key].label} {what}", force=False)
 
@@ -237,7 +275,7 @@ class Bench:
                     if self.mem_here(shape, s):
                         n += sum(self.avail[c][0] for c in names)
             n += 2 + sum(self.avail[c][0] for c in self.tf_cases())
-            n += len(self.other_plan())
+            n += len(self.other_plan()) + (len(self.elbo_plan()) if _ == "fp32" else 0)
         return n + 1
 
     def layer_cases(self, s):
@@ -269,6 +307,9 @@ class Bench:
                     self.other_group(title, cfg, names, amp)
                 if self.other_plan():
                     self.notes.append(f"other layers ({amp}): {time.time() - t_other:.1f} s")
+                if amp == "fp32":
+                    for cfg, sample_nbr in self.elbo_plan():
+                        self.elbo_group(cfg, sample_nbr, amp)
             self._status("sampling op")
             have_ext = self.avail["bayes_ext"][0]
             try:

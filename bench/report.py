@@ -167,6 +167,23 @@ def other_markdown(rows):
     return "\n".join(out)
 
 
+def elbo_markdown(rows):
+    """The sample_elbo rows: time per training step and the speedup over the loop."""
+    head = "| model | S | threads | sample_elbo | train ms | IQR ms | n | x faster than loop | target |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        t, sp = r.get("train"), r.get("speedup")
+        tgt = ""
+        if r.get("target"):
+            tgt = f"{r['target']:g}x" + ("" if sp is None else " met" if sp >= r["target"] else " missed")
+        label = r["label"] + (f" ({r['note']})" if r.get("note") else "")
+        cells = [r["shape"], str(r["sample_nbr"]), str(r.get("threads", "")), label, _f(t and t["median_ms"], 2),
+                 f"{t['q1_ms']:.2f}-{t['q3_ms']:.2f}" if t else "", str(t["n"]) if t else "",
+                 "" if r["case"] == "loop" or sp is None else _x(sp), tgt]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def ops_markdown(ops):
     out = ["| O x I | op | median ms | min-max ms | x torch.add | x torch.randn |",
            "|---|---|---|---|---|---|"]
@@ -218,6 +235,14 @@ def markdown(result):
                   "train median / the nn layer's, `IQR x` its quartiles; BLiTZ's ratio to the same nn "
                   "row beside it. Targets (issue 4) are reported, not asserted.", "",
                   other_markdown(other)]
+    elbo = [r for r in result["rows"] if r["section"] == "elbo"]
+    if elbo:
+        parts += ["", "## Multi-sample ELBO (training step)", "",
+                  "The seed's regression model (BayesianLinear 13 -> 512 -> ReLU -> 1, batch 16, MSE, fp32): "
+                  "zero_grad, `sample_elbo(x, y, MSELoss(), S)`, backward, with `vectorized=False` (S "
+                  "sequential forwards) and `vectorized=True` (one batched forward, same seeds, loss and "
+                  "gradients), timed interleaved. Target (issue 5): 3x at S=8, reported, not asserted.", "",
+                  elbo_markdown(elbo)]
     if result.get("ops"):
         parts += ["", "## Sampling op alone", "", ops_markdown(result["ops"])]
     if result.get("notes"):

@@ -88,4 +88,7 @@ class Workload:
 
 
 def build(spec):
+    if spec["kind"] == "elbo":  # sample_elbo loop vs vectorised (elbo_cases.py)
+        import elbo_cases
+        return elbo_cases.ElboWorkload(spec)
     return Workload(spec)
