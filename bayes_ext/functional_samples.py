@@ -215,7 +215,10 @@ class _EagerSamples(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _linear_reparam_samples._init_fn(*inputs)
+        # Below autograd, as the custom op's own forward runs: the inner sample_weight calls would
+        # otherwise each pass through that op's Python autograd registration (~5 us a call).
+        with torch._C._AutoDispatchBelowAutograd():
+            output = _linear_reparam_samples._init_fn(*inputs)
         _setup_context(ctx, inputs, output)
         return output
 
