@@ -20,26 +20,25 @@ from . import functional as BF
 from .functional import ScaleMixture, _row_blocks
 
 
-def _sample_matmul(ops, y_s: Tensor, x_s: Tensor, weight_mu: Tensor, weight_rho: Tensor, seed: Tensor,
-                   prior) -> Tuple[Tensor, Tensor]:
+# Everything below works one sample at a time, with ops the size of one sample's (the loop's
+# sizes): N-times larger ops (a bmm, a sum over the stacked samples) cross torch's parallel grain
+# and open an OpenMP region, which on a busy 2-core machine can stall for a scheduler quantum.
+
+
+def _sample_matmul(ops, y_s: Tensor, x_s: Tensor, weight_mu: Tensor, weight_rho: Tensor, seed: Tensor, prior,
+                   blocks) -> Tuple[Tensor, Tensor]:
     """y_s = x_s W^T for W from (seed, 0), written into y_s (2-D); returns (log_q, log_p) of W."""
-    in_features = weight_mu.shape[1]
-    blocks = _row_blocks(weight_mu)
     if len(blocks) == 1:
         w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
-        torch.mm(x_s, w.t().to(x_s.dtype), out=y_s)
+        torch.mm(x_s, w.t() if w.dtype == x_s.dtype else w.t().to(x_s.dtype), out=y_s)
         return log_q, log_p
+    in_features = weight_mu.shape[1]
     log_q = log_p = 0
     for r0, r1 in blocks:  # cache-sized blocks of rows, each with its noise from the whole stream
         w, q, p = ops.sample_weight(weight_mu[r0:r1], weight_rho[r0:r1], seed, 0, *prior, r0 * in_features)
         y_s[:, r0:r1] = x_s.mm(w.t().to(x_s.dtype))
         log_q, log_p = log_q + q, log_p + p
     return log_q, log_p
-
-
-# Batched gradients of all N weights (one bmm, N x O x I temporary in backward) up to this size;
-# above it, one sample at a time (and in blocks of rows for large weights).
-BMM_ELEMENTS = 1 << 20
 
 
 @torch.library.custom_op("bayes_ext::linear_reparam_samples", mutates_args=())
@@ -50,43 +49,20 @@ def _linear_reparam_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bi
     n = seeds.shape[0]
     out_features, in_features = weight_mu.shape
     weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
-    has_bias = bias_mu is not None
-    # The Python per sample is kept minimal: for small layers it, not the kernels, sets the pace.
+    blocks = _row_blocks(weight_mu)
     with torch.autocast(x.device.type, enabled=False):
         y = x.new_empty(x.shape[:-1] + (out_features,))  # the output itself, not a view of it
         x3, y3 = x.reshape(n, -1, in_features), y.view(n, -1, out_features)
-        seed_list = seeds.unbind(0)
-        log_q, log_p, bias = [], [], []
-        if n * weight_mu.numel() <= BMM_ELEMENTS:  # small: the N weights side by side, one bmm
-            ws = []
-            for seed in seed_list:
-                w, q, p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
-                ws.append(w)
-                log_q.append(q)
-                log_p.append(p)
-                if has_bias:
-                    b, q, p = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
-                    bias.append(b)
-                    log_q.append(q)
-                    log_p.append(p)
-            w = torch.stack(ws)
-            torch.bmm(x3, w.transpose(1, 2) if w.dtype == x.dtype else w.transpose(1, 2).to(x.dtype), out=y3)
-            del ws, w
-        else:  # one weight (or block of rows) at a time
-            for seed, x_s, y_s in zip(seed_list, x3.unbind(0), y3.unbind(0)):
-                q, p = _sample_matmul(ops, y_s, x_s, weight_mu, weight_rho, seed, prior)
-                log_q.append(q)
-                log_p.append(p)
-                if has_bias:
-                    b, q, p = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
-                    bias.append(b)
-                    log_q.append(q)
-                    log_p.append(p)
-        if has_bias:
-            y3 += torch.stack(bias).to(y.dtype).unsqueeze(1)
-        # (weight, bias) terms of each sample, added in that order as the single-sample op does
-        log_q, log_p = torch.stack(log_q).view(n, -1).sum(1), torch.stack(log_p).view(n, -1).sum(1)
-        return y, log_q, log_p
+        log_q, log_p = [], []
+        for seed, x_s, y_s in zip(seeds.unbind(0), x3.unbind(0), y3.unbind(0)):
+            q, p = _sample_matmul(ops, y_s, x_s, weight_mu, weight_rho, seed, prior, blocks)
+            if bias_mu is not None:
+                b, q_b, p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
+                y_s.add_(b if b.dtype == y.dtype else b.to(y.dtype))
+                q, p = q + q_b, p + p_b  # weight then bias, as the single-sample op adds them
+            log_q.append(q)
+            log_p.append(p)
+        return y, torch.stack(log_q), torch.stack(log_p)
 
 
 @_linear_reparam_samples.register_fake
@@ -104,44 +80,8 @@ def _setup_context(ctx, inputs, output):
     ctx.ops = _backend.ops()
 
 
-def _sum_samples(grads):
-    """The sum of N per-sample gradients: one stacked sum for small ones (fewer ops), in place otherwise."""
-    if len(grads) == 1:
-        return grads[0]
-    if len(grads) * grads[0].numel() <= BMM_ELEMENTS:
-        return torch.stack(grads).sum(0)
-    total = grads[0]
-    for g in grads[1:]:
-        total.add_(g)
-    return total
-
-
-def _backward_small(ops, prior, x3, grad_out3, weight_mu, weight_rho, bias_mu, bias_rho, seed_list, grad_log_q,
-                    grad_log_p, need_x):
-    """Backward for small weights: all N weight gradients from one bmm, grad_x from one bmm over
-    the N regenerated weights, one Python pass over the samples."""
-    x_dtype, w_dtype, has_bias = x3.dtype, weight_mu.dtype, bias_mu is not None
-    grad_ws = torch.bmm(grad_out3.transpose(1, 2), x3)
-    grad_ws = (grad_ws if grad_ws.dtype == w_dtype else grad_ws.to(w_dtype)).unbind(0)
-    grad_bs = grad_out3.sum(1, dtype=w_dtype).unbind(0) if has_bias else None
-    g_mu, g_rho, g_bmu, g_brho, ws = [], [], [], [], []
-    for s, seed in enumerate(seed_list):
-        g_q, g_p = grad_log_q[s], grad_log_p[s]
-        a, b, w = ops.sample_weight_backward(grad_ws[s], g_q, g_p, weight_mu, weight_rho, seed, 0, *prior, need_x)
-        g_mu.append(a)
-        g_rho.append(b)
-        ws.append(w)
-        if has_bias:
-            a, b, _ = ops.sample_weight_backward(grad_bs[s], g_q, g_p, bias_mu, bias_rho, seed, 1, *prior, False)
-            g_bmu.append(a)
-            g_brho.append(b)
-    grad_x = None
-    if need_x:
-        w = torch.stack(ws)
-        grad_x = torch.bmm(grad_out3, w if w.dtype == x_dtype else w.to(x_dtype))
-    grad_bmu = _sum_samples(g_bmu) if has_bias else None
-    grad_brho = _sum_samples(g_brho) if has_bias else None
-    return grad_x, _sum_samples(g_mu), _sum_samples(g_rho), grad_bmu, grad_brho
+def _accumulate(total, grad):
+    return grad if total is None else total.add_(grad)
 
 
 def _backward(ctx, grad_out, grad_log_q, grad_log_p):
@@ -151,7 +91,6 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
     zeros = weight_mu.new_zeros((n,))
     grad_log_q = (zeros if grad_log_q is None else grad_log_q).unbind(0)
     grad_log_p = (zeros if grad_log_p is None else grad_log_p).unbind(0)
-    seed_list = seeds.unbind(0)
     out_features, in_features = weight_mu.shape
     weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
     need_x = ctx.needs_input_grad[0]
@@ -162,44 +101,34 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
         grad_out3 = grad_out.reshape(n, -1, out_features)
         if grad_out3.dtype != x.dtype:
             grad_out3 = grad_out3.to(x.dtype)
-        if len(blocks) == 1 and n * weight_mu.numel() <= BMM_ELEMENTS:
-            grad_x, *grads = _backward_small(ops, prior, x3, grad_out3, weight_mu, weight_rho, bias_mu, bias_rho,
-                                             seed_list, grad_log_q, grad_log_p, need_x)
-            return (None if grad_x is None else grad_x.reshape(x.shape), *grads, None, None, None, None)
         grad_x = torch.empty_like(x3) if need_x else None
-        grad_mu, grad_rho = [], []
-        for s in range(n):  # one sample at a time: no N x O x I temporary
-            seed, g_q, g_p = seed_list[s], grad_log_q[s], grad_log_p[s]
+        grad_x_list = grad_x.unbind(0) if need_x else [None] * n
+        grad_mu = grad_rho = grad_bias_mu = grad_bias_rho = None
+        for s, (seed, x_s, g_s, gx_s) in enumerate(zip(seeds.unbind(0), x3.unbind(0), grad_out3.unbind(0),
+                                                        grad_x_list)):
+            g_q, g_p = grad_log_q[s], grad_log_p[s]
             if len(blocks) == 1:
-                grad_w = grad_out3[s].t().mm(x3[s]).to(w_dtype)
-                g_mu, g_rho, w = ops.sample_weight_backward(grad_w, g_q, g_p, weight_mu, weight_rho, seed, 0,
-                                                            *prior, need_x)
+                grad_w = g_s.t().mm(x_s)
+                g_mu, g_rho, w = ops.sample_weight_backward(grad_w if grad_w.dtype == w_dtype else grad_w.to(w_dtype),
+                                                            g_q, g_p, weight_mu, weight_rho, seed, 0, *prior, need_x)
                 if need_x:
-                    torch.mm(grad_out3[s], w.to(x.dtype), out=grad_x[s])
-            else:
+                    torch.mm(g_s, w if w.dtype == x.dtype else w.to(x.dtype), out=gx_s)
+            else:  # blocks of rows: no weight-sized temporary at all
                 g_mu, g_rho = torch.empty_like(weight_mu), torch.empty_like(weight_rho)
                 if need_x:
-                    grad_x[s].zero_()
+                    gx_s.zero_()
                 for r0, r1 in blocks:
-                    grad_w = grad_out3[s, :, r0:r1].t().mm(x3[s]).to(w_dtype)
+                    grad_w = g_s[:, r0:r1].t().mm(x_s).to(w_dtype)
                     g_mu[r0:r1], g_rho[r0:r1], w = ops.sample_weight_backward(
                         grad_w, g_q, g_p, weight_mu[r0:r1], weight_rho[r0:r1], seed, 0, *prior, need_x,
                         r0 * in_features)
                     if need_x:
-                        grad_x[s].addmm_(grad_out3[s, :, r0:r1], w.to(x.dtype))
-            grad_mu.append(g_mu)
-            grad_rho.append(g_rho)
-        grad_mu, grad_rho = _sum_samples(grad_mu), _sum_samples(grad_rho)
-        grad_bias_mu = grad_bias_rho = None
-        if bias_mu is not None:
-            grad_b = grad_out3.sum(1, dtype=bias_mu.dtype).unbind(0)  # (n, O)
-            grad_bias_mu, grad_bias_rho = [], []
-            for s in range(n):
-                g_mu, g_rho, _ = ops.sample_weight_backward(grad_b[s], grad_log_q[s], grad_log_p[s], bias_mu,
-                                                            bias_rho, seed_list[s], 1, *prior, False)
-                grad_bias_mu.append(g_mu)
-                grad_bias_rho.append(g_rho)
-            grad_bias_mu, grad_bias_rho = _sum_samples(grad_bias_mu), _sum_samples(grad_bias_rho)
+                        gx_s.addmm_(g_s[:, r0:r1], w.to(x.dtype))
+            grad_mu, grad_rho = _accumulate(grad_mu, g_mu), _accumulate(grad_rho, g_rho)
+            if bias_mu is not None:
+                g_mu, g_rho, _ = ops.sample_weight_backward(g_s.sum(0, dtype=w_dtype), g_q, g_p, bias_mu, bias_rho,
+                                                            seed, 1, *prior, False)
+                grad_bias_mu, grad_bias_rho = _accumulate(grad_bias_mu, g_mu), _accumulate(grad_bias_rho, g_rho)
         if grad_x is not None:
             grad_x = grad_x.reshape(x.shape)
     return grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho, None, None, None, None

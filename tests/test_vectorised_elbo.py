@@ -45,13 +45,11 @@ def _clear(tensors):
             t.grad = None
 
 
-@pytest.mark.parametrize("path", ["bmm", "per_sample", "blocks"])
+@pytest.mark.parametrize("path", ["whole", "blocks"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_op_equals_single_sample_op(backend, monkeypatch, path, bias):
     """Sample s of the batched op = bayes_ext::linear_reparam on x[s] with seeds[s], values and
-    gradients (each backward code path: batched grad_W, per sample, blocks of rows)."""
-    if path == "per_sample":
-        monkeypatch.setattr(FS, "BMM_ELEMENTS", 0)
+    gradients (whole weights, and blocks of rows as for large weights on the CPU)."""
     if path == "blocks":
         monkeypatch.setattr(BF, "BLOCK_ELEMENTS", 16)  # 7 x 9 weight -> blocks of one row
     params = _params(7, 9, bias)
