@@ -53,16 +53,25 @@ def _linear_reparam_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bi
     with torch.autocast(x.device.type, enabled=False):
         y = x.new_empty(x.shape[:-1] + (out_features,))  # the output itself, not a view of it
         x3, y3 = x.reshape(n, -1, in_features), y.view(n, -1, out_features)
-        log_q, log_p = [], []
+        log_q, log_p, log_q_b, log_p_b = [], [], [], []
+        whole = len(blocks) == 1 and x.dtype == weight_mu.dtype
         for seed, x_s, y_s in zip(seeds.unbind(0), x3.unbind(0), y3.unbind(0)):
-            q, p = _sample_matmul(ops, y_s, x_s, weight_mu, weight_rho, seed, prior, blocks)
-            if bias_mu is not None:
-                b, q_b, p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
-                y_s.add_(b if b.dtype == y.dtype else b.to(y.dtype))
-                q, p = q + q_b, p + p_b  # weight then bias, as the single-sample op adds them
+            if whole:  # the common case, inlined: the Python per sample is most of a small layer's cost
+                w, q, p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
+                torch.mm(x_s, w.t(), out=y_s)
+            else:
+                q, p = _sample_matmul(ops, y_s, x_s, weight_mu, weight_rho, seed, prior, blocks)
             log_q.append(q)
             log_p.append(p)
-        return y, torch.stack(log_q), torch.stack(log_p)
+            if bias_mu is not None:
+                b, q, p = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
+                y_s.add_(b if b.dtype == y.dtype else b.to(y.dtype))
+                log_q_b.append(q)
+                log_p_b.append(p)
+        log_q, log_p = torch.stack(log_q), torch.stack(log_p)
+        if bias_mu is not None:  # weight + bias per sample, as the single-sample op adds them
+            log_q, log_p = log_q + torch.stack(log_q_b), log_p + torch.stack(log_p_b)
+        return y, log_q, log_p
 
 
 @_linear_reparam_samples.register_fake
@@ -78,10 +87,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds)
     ctx.prior = (prior_pi, prior_sigma1, prior_sigma2)
     ctx.ops = _backend.ops()
-
-
-def _accumulate(total, grad):
-    return grad if total is None else total.add_(grad)
 
 
 def _backward(ctx, grad_out, grad_log_q, grad_log_p):
@@ -103,12 +108,13 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
             grad_out3 = grad_out3.to(x.dtype)
         grad_x = torch.empty_like(x3) if need_x else None
         grad_x_list = grad_x.unbind(0) if need_x else [None] * n
-        grad_mu = grad_rho = grad_bias_mu = grad_bias_rho = None
+        grad_out3_t = grad_out3.transpose(1, 2).unbind(0)
+        totals = None  # [grad_mu, grad_rho(, grad_bias_mu, grad_bias_rho)], summed over the samples
         for s, (seed, x_s, g_s, gx_s) in enumerate(zip(seeds.unbind(0), x3.unbind(0), grad_out3.unbind(0),
                                                         grad_x_list)):
             g_q, g_p = grad_log_q[s], grad_log_p[s]
             if len(blocks) == 1:
-                grad_w = g_s.t().mm(x_s)
+                grad_w = torch.mm(grad_out3_t[s], x_s)
                 g_mu, g_rho, w = ops.sample_weight_backward(grad_w if grad_w.dtype == w_dtype else grad_w.to(w_dtype),
                                                             g_q, g_p, weight_mu, weight_rho, seed, 0, *prior, need_x)
                 if need_x:
@@ -124,14 +130,19 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
                         r0 * in_features)
                     if need_x:
                         gx_s.addmm_(g_s[:, r0:r1], w.to(x.dtype))
-            grad_mu, grad_rho = _accumulate(grad_mu, g_mu), _accumulate(grad_rho, g_rho)
+            grads = [g_mu, g_rho]
             if bias_mu is not None:
-                g_mu, g_rho, _ = ops.sample_weight_backward(g_s.sum(0, dtype=w_dtype), g_q, g_p, bias_mu, bias_rho,
-                                                            seed, 1, *prior, False)
-                grad_bias_mu, grad_bias_rho = _accumulate(grad_bias_mu, g_mu), _accumulate(grad_bias_rho, g_rho)
+                grads += ops.sample_weight_backward(g_s.sum(0, dtype=w_dtype), g_q, g_p, bias_mu, bias_rho, seed, 1,
+                                                    *prior, False)[:2]
+            if totals is None:
+                totals = grads
+            else:
+                torch._foreach_add_(totals, grads)
         if grad_x is not None:
             grad_x = grad_x.reshape(x.shape)
-    return grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho, None, None, None, None
+        if bias_mu is None:
+            totals += [None, None]
+    return (grad_x, *totals, None, None, None, None)
 
 
 _linear_reparam_samples.register_autograd(_backward, setup_context=_setup_context)
