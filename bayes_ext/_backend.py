@@ -22,7 +22,8 @@ _extension_loaded = False
 _load_error = None
 # The ops csrc/ops.cpp defines (bayes_ext/_ops.py gives each a pure-PyTorch twin).
 OP_NAMES = ("sample_weight", "sample_weight_backward", "philox_normal", "sample_rows", "sample_rows_backward",
-            "sample_rows_backward_add_", "gaussian_kl", "gaussian_kl_backward")
+            "sample_rows_backward_add_", "gaussian_kl", "gaussian_kl_backward", "lrt_weight_forward",
+            "lrt_weight_backward_")
 
 
 def _same_torch_build(built_for: str) -> bool:

@@ -214,3 +214,27 @@ def gaussian_kl_backward(grad: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor
         sigma, _, sig, dlog_sigma = softplus_terms(r)
         torch.mul(sigma * sig * inv_var - dlog_sigma, g, out=o)
     return grad_mu.contiguous(), grad_rho
+
+
+# ---- local reparameterisation's weight passes (cpu/lrt_weight_cpu.cpp) ----------------------------
+
+def lrt_weight_forward(mu: torch.Tensor, rho: torch.Tensor, prior_sigma: float):
+    """(softplus(rho)^2, the closed-form KL against N(0, prior_sigma^2) or 0 when prior_sigma is 0)."""
+    sigma2 = softplus(rho).square_()
+    kl = gaussian_kl(mu, rho, prior_sigma) if prior_sigma > 0 else mu.new_zeros(())
+    return sigma2, kl
+
+
+def lrt_weight_backward_(grad_mu: torch.Tensor, grad_rho: torch.Tensor, grad_kl: torch.Tensor, mu: torch.Tensor,
+                         rho: torch.Tensor, prior_sigma: float) -> torch.Tensor:
+    """In place: grad_rho (dL/dsigma2 on entry) -> dL/drho, both plus grad_kl times the KL's
+    gradients; returns sigma^2."""
+    sigma, _, sig, dlog_sigma = softplus_terms(rho)
+    sigma_sigmoid = sigma * sig
+    grad_rho.mul_(2 * sigma_sigmoid)
+    if prior_sigma > 0:
+        inv_var = 1.0 / (prior_sigma * prior_sigma)
+        g = grad_kl.reshape(()).to(mu.dtype)
+        grad_rho.add_((sigma_sigmoid * inv_var - dlog_sigma) * g)
+        grad_mu.add_(mu * (g * inv_var))
+    return sigma.square_().contiguous()

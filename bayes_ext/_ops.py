@@ -24,6 +24,9 @@ SCHEMAS = {
                                  "Tensor indices, Tensor seed, int offset) -> ()",
     "gaussian_kl": "(Tensor mu, Tensor rho, float prior_sigma) -> Tensor",
     "gaussian_kl_backward": "(Tensor grad, Tensor mu, Tensor rho, float prior_sigma) -> (Tensor, Tensor)",
+    "lrt_weight_forward": "(Tensor mu, Tensor rho, float prior_sigma) -> (Tensor, Tensor)",
+    "lrt_weight_backward_": "(Tensor(a!) grad_mu, Tensor(b!) grad_rho, Tensor grad_kl, Tensor mu, Tensor rho, "
+                            "float prior_sigma) -> Tensor",
 }
 
 
@@ -133,6 +136,26 @@ def _checked_gaussian_kl_backward(grad, mu, rho, prior_sigma):
     return _fallback.gaussian_kl_backward(grad, mu, rho, prior_sigma)
 
 
+def _check_optional_prior_sigma(prior_sigma) -> None:
+    if not (prior_sigma >= 0 and math.isfinite(prior_sigma)):
+        raise ValueError(f"prior_sigma must be finite and >= 0 (0: no KL), got {prior_sigma}")
+
+
+def _checked_lrt_weight_forward(mu, rho, prior_sigma):
+    _checks.check_posterior_params(mu, rho)
+    _check_optional_prior_sigma(prior_sigma)
+    return _fallback.lrt_weight_forward(mu, rho, prior_sigma)
+
+
+def _checked_lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma):
+    _checks.check_posterior_params(mu, rho)
+    _check_optional_prior_sigma(prior_sigma)
+    _checks.check_scalar_grad(grad_kl, mu, "grad_kl")
+    _check_accumulator(grad_mu, mu, "grad_mu")
+    _check_accumulator(grad_rho, mu, "grad_rho")
+    return _fallback.lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma)
+
+
 _python_lib = torch.library.Library("bayes_ext_py", "DEF")
 for _name, _impl in (("sample_weight", _checked_sample_weight),
                      ("sample_weight_backward", _checked_sample_weight_backward),
@@ -141,7 +164,9 @@ for _name, _impl in (("sample_weight", _checked_sample_weight),
                      ("sample_rows_backward", _checked_sample_rows_backward),
                      ("sample_rows_backward_add_", _checked_sample_rows_backward_add_),
                      ("gaussian_kl", _checked_gaussian_kl),
-                     ("gaussian_kl_backward", _checked_gaussian_kl_backward)):
+                     ("gaussian_kl_backward", _checked_gaussian_kl_backward),
+                     ("lrt_weight_forward", _checked_lrt_weight_forward),
+                     ("lrt_weight_backward_", _checked_lrt_weight_backward_)):
     _python_lib.define(_name + SCHEMAS[_name])
     _python_lib.impl(_name, _impl, "CompositeExplicitAutograd")
 
@@ -255,8 +280,18 @@ def _make_gaussian_kl_backward(namespace):
     return backward
 
 
+def _fake_lrt_weight_forward(mu, rho, prior_sigma):
+    return torch.empty_like(mu, memory_format=torch.contiguous_format), mu.new_empty(())
+
+
+def _fake_lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma):
+    return torch.empty_like(mu, memory_format=torch.contiguous_format)
+
+
 def _register_kl(namespace_name: str) -> None:
     namespace = getattr(torch.ops, namespace_name)
+    torch.library.register_fake(f"{namespace_name}::lrt_weight_forward")(_fake_lrt_weight_forward)
+    torch.library.register_fake(f"{namespace_name}::lrt_weight_backward_")(_fake_lrt_weight_backward_)
     torch.library.register_fake(f"{namespace_name}::sample_rows_backward_add_")(_fake_sample_rows_backward_add_)
     torch.library.register_fake(f"{namespace_name}::gaussian_kl")(_fake_gaussian_kl)
     torch.library.register_fake(f"{namespace_name}::gaussian_kl_backward")(_fake_gaussian_kl_backward)

@@ -13,6 +13,7 @@ instead of saving it, so a training forward keeps only the input and batch-sized
 Philox streams of one forward (seed, offset): 0 the weight, 1 the bias, 2 the LRT output noise,
 3 Flipout's input signs S, 4 its output signs R.
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -67,57 +68,70 @@ def zero_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
 
 @torch.library.custom_op("bayes_ext::linear_lrt", mutates_args=())
 def _linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
-                bias_rho: Optional[Tensor], seed: Tensor) -> Tuple[Tensor, Tensor]:
-    # Two GEMMs (mean, variance) and one elementwise pass; std is returned so backward can use it
-    # (batch-sized), eps is not. Under autocast the GEMMs run in x's dtype, the rest in the params'.
-    dtype, low = weight_mu.dtype, x.dtype
+                bias_rho: Optional[Tensor], seed: Tensor, prior_sigma: float) -> Tuple[Tensor, Tensor, Tensor]:
+    # Two GEMMs (mean, variance) around the fused weight pass (sigma^2 and, when prior_sigma > 0,
+    # the closed-form KL against N(0, prior_sigma^2) in the same pass) and one elementwise pass.
+    # Returns (y, std, kl): std (batch-sized) is kept for backward, eps is not. Under autocast the
+    # GEMMs run in x's dtype, the rest in the parameters'.
+    ops, dtype, low = _backend.ops(), weight_mu.dtype, x.dtype
     with torch.autocast(x.device.type, enabled=False):
-        sigma2 = F.softplus(weight_rho).square_()
+        sigma2, kl = ops.lrt_weight_forward(weight_mu, weight_rho, prior_sigma)
         mean = F.linear(x, weight_mu.to(low), None if bias_mu is None else bias_mu.to(low)).to(dtype)
         var = F.linear(x * x, sigma2.to(low)).to(dtype)
         if bias_rho is not None:
-            var += F.softplus(bias_rho).square_()
+            bias_sigma2, bias_kl = ops.lrt_weight_forward(bias_mu, bias_rho, prior_sigma)
+            var += bias_sigma2
+            kl = kl + bias_kl
         std = var.clamp_min_(0).sqrt_()
         y = torch.addcmul(mean, std, normal(std.shape, seed, LRT_NOISE_OFFSET, std))
-    return y.to(low), std
+    return y.to(low), std, kl
 
 
 @_linear_lrt.register_fake
-def _(x, weight_mu, weight_rho, bias_mu, bias_rho, seed):
+def _(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_sigma):
     shape = x.shape[:-1] + (weight_mu.shape[0],)
-    return x.new_empty(shape), weight_mu.new_empty(shape)
+    return x.new_empty(shape), weight_mu.new_empty(shape), weight_mu.new_empty(())
 
 
 def _linear_lrt_setup_context(ctx, inputs, output):
-    x, weight_mu, weight_rho, bias_mu, bias_rho, seed = inputs
+    x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_sigma = inputs
+    ctx.mark_non_differentiable(output[1])  # std is an internal output, saved for backward
     ctx.save_for_backward(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, output[1])
+    ctx.prior_sigma = prior_sigma
+    ctx.ops = _backend.ops()
 
 
-def _linear_lrt_backward(ctx, grad_y, grad_std):
+def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
     x, mu, rho, bias_mu, bias_rho, seed, std = ctx.saved_tensors
+    ops, prior_sigma, low = ctx.ops, ctx.prior_sigma, x.dtype
     out_features, in_features = mu.shape
-    need_x, need_mu, need_rho, need_bmu, need_brho = ctx.needs_input_grad[:5]
-    low = x.dtype
+    need_x = ctx.needs_input_grad[0]
+    need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    need_b = bias_mu is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+    grad_kl = zero_if_none(grad_kl, mu)
     with torch.autocast(x.device.type, enabled=False):
         std = std.reshape(-1, out_features)
         g = (torch.zeros_like(std) if grad_y is None else grad_y).reshape(-1, out_features)
         x_2d = x.reshape(-1, in_features)
-        u = lrt_noise_grad(g, std, seed)
-        g, u_low = g.to(low), u.to(low)
-        grad_x = grad_mu = grad_rho = grad_bmu = grad_brho = None
-        if need_x or need_rho:
-            sigma2, half_dsigma2 = dsigma2_factor(rho)
+        half_u = lrt_noise_grad(g, std, seed).mul_(0.5)  # dL/dvar
+        g, half_u_low = g.to(low), half_u.to(low)
+        grad_x = grad_mu = grad_rho = grad_bmu = grad_brho = sigma2 = None
+        if need_w:
+            # the GEMMs give dL/dmu and dL/dsigma2 of the data term; one fused pass adds the KL's
+            # gradients, turns dL/dsigma2 into dL/drho and rebuilds sigma2 for grad_x
+            grad_mu = g.t().mm(x_2d).to(mu.dtype).contiguous()
+            grad_rho = half_u_low.t().mm(x_2d * x_2d).to(rho.dtype).contiguous()
+            sigma2 = ops.lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma)
         if need_x:  # d/dx of x mu^T and of x^2 (sigma^2)^T
-            grad_x = torch.addcmul(g.mm(mu.to(low)), x_2d, u_low.mm(sigma2.to(low))).reshape(x.shape)
-        if need_mu:
-            grad_mu = g.t().mm(x_2d).to(mu.dtype)
-        if need_rho:
-            grad_rho = u_low.t().mm(x_2d * x_2d).to(rho.dtype).mul_(half_dsigma2)
-        if need_bmu:
+            if sigma2 is None:
+                sigma2 = ops.lrt_weight_forward(mu, rho, 0.0)[0]
+            grad_x = torch.addcmul(g.mm(mu.to(low)), x_2d, half_u_low.mm(sigma2.to(low)), value=2)
+            grad_x = grad_x.reshape(x.shape)
+        if need_b:
             grad_bmu = g.sum(0, dtype=bias_mu.dtype)
-        if need_brho:
-            grad_brho = u.sum(0).mul_(dsigma2_factor(bias_rho)[1])
-    return grad_x, grad_mu, grad_rho, grad_bmu, grad_brho, None
+            grad_brho = half_u.sum(0).to(bias_rho.dtype)
+            ops.lrt_weight_backward_(grad_bmu, grad_brho, grad_kl, bias_mu, bias_rho, prior_sigma)
+    return grad_x, grad_mu, grad_rho, grad_bmu, grad_brho, None, None
 
 
 _linear_lrt.register_autograd(_linear_lrt_backward, setup_context=_linear_lrt_setup_context)
@@ -230,10 +244,22 @@ def linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Option
                bias_rho: Optional[Tensor] = None, seed: Optional[Tensor] = None) -> Tensor:
     """Local reparameterisation: y = x mu^T + b_mu + sqrt(x^2 (sigma^2)^T + sigma_b^2) * eps, eps of
     y's shape from Philox stream (seed, 2); sigma = softplus(rho). Never materialises O x I noise;
-    backward regenerates eps. The KL is not part of it (closed form, or an MC estimate on the
-    weight's stream: see the layers)."""
+    backward regenerates eps. The KL is not part of it (``linear_lrt_with_kl``, or an MC estimate
+    on the weight's stream: see the layers)."""
     x, seed = _check_linear_args(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
-    return _linear_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)[0]
+    return _linear_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, 0.0)[0]
+
+
+def linear_lrt_with_kl(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,
+                       bias_rho: Optional[Tensor] = None, seed: Optional[Tensor] = None,
+                       prior_sigma: float = 0.1) -> Tuple[Tensor, Tensor]:
+    """(linear_lrt(...), sum KL(q || N(0, prior_sigma^2)) over the weight and bias), the KL computed
+    in the same fused pass over the parameters as sigma^2 (and its gradient in the backward's)."""
+    if not (isinstance(prior_sigma, (int, float)) and prior_sigma > 0 and math.isfinite(prior_sigma)):
+        raise ValueError(f"prior_sigma must be positive and finite, got {prior_sigma}")
+    x, seed = _check_linear_args(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
+    y, _, kl = _linear_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, float(prior_sigma))
+    return y, kl
 
 
 def linear_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,

@@ -39,4 +39,11 @@ TORCH_LIBRARY(bayes_ext, m) {
   m.def("gaussian_kl(Tensor mu, Tensor rho, float prior_sigma) -> Tensor");
   // grad (one value) times the gradients of gaussian_kl w.r.t. mu and rho: (grad_mu, grad_rho).
   m.def("gaussian_kl_backward(Tensor grad, Tensor mu, Tensor rho, float prior_sigma) -> (Tensor, Tensor)");
+  // Local reparameterisation's weight pass: (sigma2 = softplus(rho)^2, closed-form KL against
+  // N(0, prior_sigma^2)); prior_sigma = 0 skips the KL (returns 0). Impl: cpu/lrt_weight_cpu.cpp.
+  m.def("lrt_weight_forward(Tensor mu, Tensor rho, float prior_sigma) -> (Tensor, Tensor)");
+  // Its backward in place: grad_mu holds dL/dmu and grad_rho dL/dsigma2 from the data on entry,
+  // the full gradients (with grad_kl times the KL's) on exit. Returns sigma2 again (same pass).
+  m.def("lrt_weight_backward_(Tensor(a!) grad_mu, Tensor(b!) grad_rho, Tensor grad_kl, Tensor mu, Tensor rho, "
+        "float prior_sigma) -> Tensor");
 }

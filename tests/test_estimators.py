@@ -141,8 +141,54 @@ def test_opcheck(backend, op):
         args += ([1], [1], [1], False, [0], 1)
     if op.endswith("flipout"):
         args += MIXTURE
+    if op == "linear_lrt":
+        args += (0.3,)  # prior_sigma: the closed-form KL fused into the weight pass
     result = torch.library.opcheck(getattr(torch.ops.bayes_ext, op), args)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lrt_with_fused_kl_equals_lrt_plus_closed_form_kl(backend, bias):
+    """linear_lrt_with_kl: the same output as linear_lrt, the KL of closed_form_kl, and the
+    gradients of their sum (the KL's folded into the backward's fused weight pass)."""
+    from bayes_ext.functional_embedding import closed_form_kl
+    params = tuple(p.detach() for p in _params(*LINEAR_SHAPES, gen_seed=8))
+    if not bias:
+        params = params[:2] + (None, None)
+    x = torch.randn(5, 4, **F64)
+    seed = seed_tensor(12)
+    g = torch.randn(5, 3, **F64)
+    a = [p.clone().requires_grad_() if p is not None else None for p in params]
+    y, kl = BFE.linear_lrt_with_kl(x, *a, seed=seed, prior_sigma=0.4)
+    ((y * g).sum() + 0.7 * kl).backward()
+    b = [p.clone().requires_grad_() if p is not None else None for p in params]
+    y2 = BFE.linear_lrt(x, *b, seed=seed)
+    kl2 = sum(closed_form_kl(m, r, 0.4) for m, r in ((b[0], b[1]), (b[2], b[3])) if m is not None)
+    ((y2 * g).sum() + 0.7 * kl2).backward()
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(kl, kl2)
+    for p, q in zip(a, b):
+        if p is not None:
+            torch.testing.assert_close(p.grad, q.grad)
+    fn = lambda *t: BFE.linear_lrt_with_kl(*t, seed=seed, prior_sigma=0.4)
+    inputs = [x.clone().requires_grad_()] + [p.clone().requires_grad_() if p is not None else None for p in params]
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+    with pytest.raises(ValueError, match="prior_sigma"):
+        BFE.linear_lrt_with_kl(x, *params, seed=seed, prior_sigma=0.0)
+
+
+def test_lrt_layer_uses_the_fused_kl(backend, monkeypatch):
+    """With a single Gaussian prior the lrt layer's KL comes out of the op (no separate KL pass)."""
+    from bayes_ext.functional_embedding import closed_form_kl
+    import bayes_ext.functional_embedding as BFEmb
+    calls = []
+    monkeypatch.setattr(BFEmb, "closed_form_kl", lambda *a, **k: calls.append(1) or closed_form_kl(*a, **k))
+    torch.manual_seed(0)
+    lin = BayesianLinear(4, 5, estimator="lrt", prior_sigma_1=0.3, posterior_rho_init=-2.0)
+    lin(torch.randn(3, 4))
+    assert calls == []
+    expected = closed_form_kl(lin.weight_mu, lin.weight_rho, 0.3) + closed_form_kl(lin.bias_mu, lin.bias_rho, 0.3)
+    torch.testing.assert_close(lin.kl_divergence(), expected)
 
 
 def test_leading_dimensions_are_flattened(backend):

@@ -152,3 +152,64 @@ def test_closed_form_kl_uses_the_op_on_both_backends(backend):
     expected.backward()
     torch.testing.assert_close(mu.grad[keep], m.grad)
     assert (mu.grad[3] == 0).all() and (rho.grad[3] == 0).all()
+
+
+# ---- local reparameterisation's weight passes -------------------------------------------------------
+
+@pytest.mark.parametrize("prior_sigma", [0.0, 0.35])
+def test_lrt_weight_ops_match_torch(ops, prior_sigma):
+    mu, rho = params(5000, low=-25.0, high=15.0)
+    sigma2, kl = ops.lrt_weight_forward(mu, rho, prior_sigma)
+    torch.testing.assert_close(sigma2, F.softplus(rho) ** 2, rtol=1e-12, atol=0)
+    expected_kl = reference_kl(mu, rho, prior_sigma) if prior_sigma else torch.zeros((), dtype=torch.float64)
+    torch.testing.assert_close(kl, expected_kl, rtol=1e-12, atol=1e-9)
+    # backward: data gradients w.r.t. mu and sigma2 in, full gradients out
+    gen = torch.Generator().manual_seed(1)
+    data_mu, data_s2 = torch.randn(5000, generator=gen, dtype=torch.float64), torch.randn(5000, generator=gen,
+                                                                                          dtype=torch.float64)
+    g_kl = torch.tensor(-0.6, dtype=torch.float64)
+    grad_mu, grad_rho = data_mu.clone(), data_s2.clone()
+    s2_again = ops.lrt_weight_backward_(grad_mu, grad_rho, g_kl, mu, rho, prior_sigma)
+    m, r = mu.clone().requires_grad_(), rho.clone().requires_grad_()
+    loss = (data_mu * m).sum() + (data_s2 * F.softplus(r) ** 2).sum()
+    if prior_sigma:
+        loss = loss + g_kl * reference_kl(m, r, prior_sigma)
+    loss.backward()
+    torch.testing.assert_close(grad_mu, m.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_rho, r.grad, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(s2_again, sigma2, rtol=0, atol=0)
+
+
+def test_lrt_weight_ops_backends_agree_in_float32(compiled):
+    mu, rho = params(70_001, dtype=torch.float32, low=-12.0, high=6.0)
+    a = torch.ops.bayes_ext.lrt_weight_forward(mu, rho, 0.2)
+    b = torch.ops.bayes_ext_py.lrt_weight_forward(mu, rho, 0.2)
+    torch.testing.assert_close(a[0], b[0], rtol=2e-6, atol=1e-12)
+    torch.testing.assert_close(a[1], b[1], rtol=2e-6, atol=0)
+    bufs = [(torch.ones_like(mu), torch.full_like(mu, 0.5)) for _ in range(2)]
+    for namespace, (gm, gr) in zip((torch.ops.bayes_ext, torch.ops.bayes_ext_py), bufs):
+        namespace.lrt_weight_backward_(gm, gr, torch.tensor(0.3), mu, rho, 0.2)
+    torch.testing.assert_close(bufs[0][0], bufs[1][0], rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(bufs[0][1], bufs[1][1], rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lrt_weight_forward", "lrt_weight_backward_"])
+def test_lrt_weight_opcheck(ops, name):
+    mu, rho = params(24, low=-5.0, high=2.0)
+    mu, rho = mu.reshape(6, 4), rho.reshape(6, 4)
+    args = {"lrt_weight_forward": (mu, rho, 0.4),
+            "lrt_weight_backward_": (torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64),
+                                     torch.tensor(0.5, dtype=torch.float64), mu, rho, 0.4)}[name]
+    result = torch.library.opcheck(getattr(ops, name), args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_lrt_weight_bad_inputs(ops):
+    mu, rho = torch.zeros(4), torch.zeros(4)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="prior_sigma"):
+            ops.lrt_weight_forward(mu, rho, bad)
+    with pytest.raises(ValueError, match="grad_rho must have the shape"):
+        ops.lrt_weight_backward_(torch.zeros(4), torch.zeros(5), torch.tensor(1.0), mu, rho, 1.0)
+    with pytest.raises(ValueError, match="grad_kl must hold exactly one value"):
+        ops.lrt_weight_backward_(torch.zeros(4), torch.zeros(4), torch.ones(2), mu, rho, 1.0)

@@ -42,6 +42,13 @@ class EstimatorMixin:
     def _uses_closed_form(self) -> bool:
         return self.kl == "closed_form" or (self.estimator == "lrt" and self._prior_is_gaussian())
 
+    def _fused_kl_prior_sigma(self):
+        """The prior's sigma when the exact KL against N(0, sigma^2) can be fused into the
+        estimator's op (closed form, no prior_dist), else None."""
+        if self.prior_dist is None and self._uses_closed_form():
+            return self._closed_form_prior()[0]
+        return None
+
     def _set_estimator_kl(self, seed, mc_terms=None) -> None:
         """KL terms of a training forward with seed `seed`. `mc_terms`: the forward's own (log q,
         log p) of the weights it sampled on streams (seed, 0) / (seed, 1), when it has them for

@@ -65,6 +65,11 @@ class BayesianLinear(EstimatorMixin, GaussianPosteriorMixin, BayesianModule):
         seed = BF.draw_seed()
         params = (self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho)
         if self.estimator == "lrt":
+            prior_sigma = self._fused_kl_prior_sigma()
+            if prior_sigma is not None:  # the exact KL comes out of the op's own pass over the weights
+                y, kl = BFE.linear_lrt_with_kl(x, *params, seed=seed, prior_sigma=prior_sigma)
+                self._set_kl_terms(kl, kl.new_zeros(()))
+                return y
             y, mc_terms = BFE.linear_lrt(x, *params, seed=seed), None
         elif self.estimator == "flipout":
             y, log_q, log_p = BFE.linear_flipout(x, *params, seed=seed, prior=self.prior)

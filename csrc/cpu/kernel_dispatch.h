@@ -16,6 +16,8 @@ namespace bayes_ext {
 namespace cpu_kernel {
 
 struct FloatKernels {
+  void (*lrt_forward)(const LrtForwardRange<float>&);
+  void (*lrt_backward)(const LrtBackwardRange<float>&);
   void (*kl_forward)(const KlRange<float>&);
   void (*kl_backward)(const KlBackwardRange<float>&);
   void (*forward)(const ForwardRange<float>&);
@@ -38,11 +40,14 @@ inline bool cpu_has(const char* feature) {
 }
 
 inline FloatKernels choose_float_kernels() {
-  const FloatKernels portable{kl_forward_range_portable, kl_backward_range_portable, forward_range_portable,
+  const FloatKernels portable{lrt_forward_range_portable, lrt_backward_range_portable,
+                              kl_forward_range_portable, kl_backward_range_portable, forward_range_portable,
                                 backward_range_portable, normals_range_portable, "portable"};
-  const FloatKernels avx2{kl_forward_range_avx2, kl_backward_range_avx2, forward_range_avx2,
+  const FloatKernels avx2{lrt_forward_range_avx2, lrt_backward_range_avx2,
+                          kl_forward_range_avx2, kl_backward_range_avx2, forward_range_avx2,
                                 backward_range_avx2, normals_range_avx2, "avx2"};
-  const FloatKernels avx512{kl_forward_range_avx512, kl_backward_range_avx512, forward_range_avx512,
+  const FloatKernels avx512{lrt_forward_range_avx512, lrt_backward_range_avx512,
+                            kl_forward_range_avx512, kl_backward_range_avx512, forward_range_avx512,
                                 backward_range_avx512, normals_range_avx512, "avx512"};
   const char* env = std::getenv("BAYES_EXT_CPU_ISA");
   const std::string cap = env == nullptr ? "avx512" : env;
@@ -59,6 +64,10 @@ inline const FloatKernels& float_kernels() {
   return kernels;
 }
 
+inline void run_lrt_forward(const LrtForwardRange<float>& a) { float_kernels().lrt_forward(a); }
+inline void run_lrt_forward(const LrtForwardRange<double>& a) { lrt_forward_range_portable(a); }
+inline void run_lrt_backward(const LrtBackwardRange<float>& a) { float_kernels().lrt_backward(a); }
+inline void run_lrt_backward(const LrtBackwardRange<double>& a) { lrt_backward_range_portable(a); }
 inline void run_kl_forward(const KlRange<float>& a) { float_kernels().kl_forward(a); }
 inline void run_kl_forward(const KlRange<double>& a) { kl_forward_range_portable(a); }
 inline void run_kl_backward(const KlBackwardRange<float>& a) { float_kernels().kl_backward(a); }

@@ -281,6 +281,63 @@ static inline void kl_backward_range_impl(const KlBackwardRange<T>& a) {
   }
 }
 
+// Local reparameterisation: sigma^2 for the variance GEMM and, optionally, the closed-form KL.
+template <typename T, bool WithKl>
+static inline __attribute__((always_inline)) void lrt_forward_tile(int64_t n, const T* __restrict__ mu,
+                                                                   const T* __restrict__ rho, T* __restrict__ s2,
+                                                                   T* __restrict__ acc, T inv_two_var) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Softplus<T> sp = softplus_terms(rho[i]);
+    const T sigma2 = sp.sigma * sp.sigma;
+    s2[i] = sigma2;
+    if (WithKl) acc[i] += (sigma2 + mu[i] * mu[i]) * inv_two_var - sp.log_sigma;
+  }
+}
+
+template <typename T, bool WithKl>
+static inline void lrt_forward_loop(const LrtForwardRange<T>& a) {
+  T acc[kTile];
+  for (int64_t i = 0; i < kTile; ++i) acc[i] = T(0);
+  for (int64_t i = a.begin; i < a.end; i += kTile) {
+    const int64_t n = a.end - i < kTile ? a.end - i : kTile;
+    lrt_forward_tile<T, WithKl>(n, a.mu + i, a.rho + i, a.sigma2 + i, acc, a.inv_two_var);
+  }
+  if (WithKl) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < kTile; ++i) sum += static_cast<double>(acc[i]);
+    *a.kl_partial = sum;
+  }
+}
+
+template <typename T>
+static inline void lrt_forward_range_impl(const LrtForwardRange<T>& a) {
+  if (a.kl_partial != nullptr) return lrt_forward_loop<T, true>(a);
+  return lrt_forward_loop<T, false>(a);
+}
+
+// d sigma^2 / d rho = 2 sigma sigmoid(rho); the KL's gradients as in gaussian_kl_grads.
+template <typename T>
+static inline __attribute__((always_inline)) void lrt_backward_tile(int64_t n, const T* __restrict__ mu,
+                                                                    const T* __restrict__ rho, T* __restrict__ gmu,
+                                                                    T* __restrict__ grho, T* __restrict__ s2, T g_kl,
+                                                                    T inv_var) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Softplus<T> sp = softplus_terms(rho[i]);
+    const T sigma_sigmoid = sp.sigma * sp.sigmoid;
+    s2[i] = sp.sigma * sp.sigma;
+    grho[i] = grho[i] * T(2) * sigma_sigmoid + g_kl * (sigma_sigmoid * inv_var - sp.dlog_sigma);
+    gmu[i] += g_kl * inv_var * mu[i];
+  }
+}
+
+template <typename T>
+static inline void lrt_backward_range_impl(const LrtBackwardRange<T>& a) {
+  for (int64_t i = a.begin; i < a.end; i += kTile) {
+    const int64_t n = a.end - i < kTile ? a.end - i : kTile;
+    lrt_backward_tile<T>(n, a.mu + i, a.rho + i, a.grad_mu + i, a.grad_rho + i, a.sigma2 + i, a.g_kl, a.inv_var);
+  }
+}
+
 template <typename T>
 static inline void normals_range_impl(uint64_t seed, uint64_t offset, int64_t stream_start, int64_t begin,
                                       int64_t end, T* out) {
@@ -300,6 +357,8 @@ static inline void normals_range_impl(uint64_t seed, uint64_t offset, int64_t st
 #define BAYES_EXT_DEFINE_RANGE_KERNELS(ISA, T)                                                    \
   namespace bayes_ext {                                                                           \
   namespace cpu_kernel {                                                                          \
+  void lrt_forward_range_##ISA(const LrtForwardRange<T>& a) { lrt_forward_range_impl<T>(a); }     \
+  void lrt_backward_range_##ISA(const LrtBackwardRange<T>& a) { lrt_backward_range_impl<T>(a); }  \
   void kl_forward_range_##ISA(const KlRange<T>& a) { kl_forward_range_impl<T>(a); }               \
   void kl_backward_range_##ISA(const KlBackwardRange<T>& a) { kl_backward_range_impl<T>(a); }     \
   void forward_range_##ISA(const ForwardRange<T>& a) { forward_range_impl<T>(a); }                \

@@ -64,7 +64,35 @@ struct KlBackwardRange {
   T g, inv_var;
 };
 
+// Local reparameterisation's weight pass over [begin, end): sigma2 = softplus(rho)^2 and, when
+// kl_partial is not null, *kl_partial = sum of gaussian_kl_term (the closed-form KL, no constant).
+template <typename T>
+struct LrtForwardRange {
+  const T* mu;
+  const T* rho;
+  T* sigma2;
+  int64_t begin, end;
+  T inv_two_var;
+  double* kl_partial;
+};
+
+// Its backward, in place: on entry grad_mu = dL/dmu and grad_rho = dL/dsigma2 from the data; on
+// exit both hold the full gradients, g_kl times the KL's included. sigma2 is written again (the
+// input gradient needs it; recomputing it here is free, saving it would cost a weight's memory).
+template <typename T>
+struct LrtBackwardRange {
+  const T* mu;
+  const T* rho;
+  T* grad_mu;
+  T* grad_rho;
+  T* sigma2;
+  int64_t begin, end;
+  T g_kl, inv_var;
+};
+
 #define BAYES_EXT_DECLARE_RANGE_KERNELS(ISA, T)                                                \
+  void lrt_forward_range_##ISA(const LrtForwardRange<T>& a);                                   \
+  void lrt_backward_range_##ISA(const LrtBackwardRange<T>& a);                                 \
   void kl_forward_range_##ISA(const KlRange<T>& a);                                            \
   void kl_backward_range_##ISA(const KlBackwardRange<T>& a);                                   \
   void forward_range_##ISA(const ForwardRange<T>& a);                                          \

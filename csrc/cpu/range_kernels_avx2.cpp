@@ -12,6 +12,8 @@ BAYES_EXT_DEFINE_RANGE_KERNELS(avx2, float)
 #else
 // Not an x86-64 GCC/Clang build: alias the portable kernels so the dispatcher links.
 namespace bayes_ext { namespace cpu_kernel {
+void lrt_forward_range_avx2(const LrtForwardRange<float>& a) { lrt_forward_range_portable(a); }
+void lrt_backward_range_avx2(const LrtBackwardRange<float>& a) { lrt_backward_range_portable(a); }
 void kl_forward_range_avx2(const KlRange<float>& a) { kl_forward_range_portable(a); }
 void kl_backward_range_avx2(const KlBackwardRange<float>& a) { kl_backward_range_portable(a); }
 void forward_range_avx2(const ForwardRange<float>& a) { forward_range_portable(a); }

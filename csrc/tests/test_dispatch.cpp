@@ -5,7 +5,7 @@
 // - philox_normal follows the stream layout (lanes 0/1 use words (x0, x1), lanes 2/3 (x2, x3));
 // - sample_weight's w, log q and log p, and sample_weight_backward's gradients, follow the
 //   formulas in docs/design.md, in float64 and float32, for sizes that end mid-block and mid-tile;
-// - gaussian_kl and its backward follow the closed form.
+// - gaussian_kl, lrt_weight_forward and their backwards follow the closed forms.
 // CTest runs it once per BAYES_EXT_CPU_ISA cap; it prints the ISA it got.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -225,6 +225,45 @@ void test_gaussian_kl(at::ScalarType dtype, double tol) {
   check(worst <= tol * 10, std::string("gaussian_kl_backward ") + name + " (max rel err " + std::to_string(worst) + ")");
 }
 
+// lrt_weight_forward / lrt_weight_backward_ against the closed forms in double.
+void test_lrt_weight(at::ScalarType dtype, double tol) {
+  using Pair = std::tuple<at::Tensor, at::Tensor>;
+  auto forward = op("bayes_ext::lrt_weight_forward").typed<Pair(const at::Tensor&, const at::Tensor&, double)>();
+  auto backward = op("bayes_ext::lrt_weight_backward_")
+                      .typed<at::Tensor(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, double)>();
+  const char* name = dtype == at::kDouble ? "float64" : "float32";
+  const int64_t n = 20000;
+  const double s = 0.4, g = 0.9;
+  const auto dbl = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor mu = at::linspace(-1.0, 1.0, n, dbl).to(dtype);
+  const at::Tensor rho = at::linspace(-30.0, 12.0, n, dbl).to(dtype);
+  const at::Tensor md = mu.to(at::kDouble).contiguous(), rd = rho.to(at::kDouble).contiguous();
+  const double* mp = md.data_ptr<double>();
+  const double* rp = rd.data_ptr<double>();
+  const Pair out = forward.call(mu, rho, s);
+  at::Tensor grad_mu = at::full({n}, 0.25, dbl).to(dtype), grad_rho = at::full({n}, -0.5, dbl).to(dtype);
+  const at::Tensor sigma2_again = backward.call(grad_mu, grad_rho, at::scalar_tensor(g, dbl), mu, rho, s);
+  const at::Tensor s2 = std::get<0>(out).to(at::kDouble).contiguous();
+  const at::Tensor gm = grad_mu.to(at::kDouble).contiguous(), gr = grad_rho.to(at::kDouble).contiguous();
+  double kl = 0.0, worst = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double sigma = softplus(rp[i]);
+    const double log_sigma = rp[i] < -20.0 ? rp[i] : std::log(sigma);
+    kl += std::log(s) - log_sigma + (sigma * sigma + mp[i] * mp[i]) / (2.0 * s * s) - 0.5;
+    const double ref_gmu = 0.25 + g * mp[i] / (s * s);
+    const double ref_grho = -0.5 * 2.0 * sigma * sigmoid(rp[i]) + g * (sigma / (s * s) - 1.0 / sigma) * sigmoid(rp[i]);
+    worst = std::max(worst, std::fabs(s2.data_ptr<double>()[i] - sigma * sigma) / (1.0 + sigma * sigma));
+    worst = std::max(worst, std::fabs(gm.data_ptr<double>()[i] - ref_gmu) / (1.0 + std::fabs(ref_gmu)));
+    worst = std::max(worst, std::fabs(gr.data_ptr<double>()[i] - ref_grho) / (1.0 + std::fabs(ref_grho)));
+  }
+  const double got = std::get<1>(out).item<double>();
+  check(std::fabs(got - kl) <= tol * std::fabs(kl), std::string("lrt_weight_forward ") + name + " KL");
+  check(worst <= tol * 10, std::string("lrt_weight ") + name + " sigma2 / gradients (max rel err " +
+                               std::to_string(worst) + ")");
+  check(at::equal(sigma2_again, std::get<0>(out)), std::string("lrt_weight_backward_ ") + name + " returns sigma2");
+}
+
 void test_errors(const at::Tensor& seed) {
   auto sample = op("bayes_ext::sample_weight")
                     .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double, double, int64_t)>();
@@ -269,6 +308,8 @@ int main() {
     test_sample_weight(seed, s, at::kFloat, 2e-5);
     test_gaussian_kl(at::kDouble, 1e-12);
     test_gaussian_kl(at::kFloat, 1e-5);
+    test_lrt_weight(at::kDouble, 1e-12);
+    test_lrt_weight(at::kFloat, 1e-5);
     test_errors(seed);
   } catch (const std::exception& e) {
     std::printf("FAIL: exception: %s\n", e.what());

@@ -54,6 +54,12 @@ inline void check_prior_sigma(double sigma) {
   TORCH_CHECK_VALUE(sigma > 0.0 && std::isfinite(sigma), "prior_sigma must be positive and finite, got ", sigma);
 }
 
+// prior_sigma of the local reparameterisation ops: 0 means "no KL".
+inline void check_optional_prior_sigma(double sigma) {
+  TORCH_CHECK_VALUE(sigma >= 0.0 && std::isfinite(sigma), "prior_sigma must be finite and >= 0 (0: no KL), got ",
+                    sigma);
+}
+
 // A gradient buffer an op accumulates into: mu's shape, dtype and device, contiguous.
 inline void check_accumulator(const at::Tensor& t, const at::Tensor& mu, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == mu.scalar_type(), name, " must have the dtype of mu (", mu.scalar_type(),
