@@ -26,6 +26,8 @@ def sample_elbo(self, inputs, labels, criterion, sample_nbr, complexity_cost_wei
     (bayes_ext/utils/vectorised.py; same noise, loss and gradients as the loop, several times faster
     for small models), False always loops, True requires the batched path (ValueError otherwise).
     The criterion still sees one sample's outputs at a time, so any criterion gives the loop's loss.
+    The batched path assumes the forward treats the examples of a batch independently (BatchNorm in
+    training and dropout are detected and run the loop); a forward that mixes them by hand needs False.
     """
     sample_nbr = _check_sample_nbr(sample_nbr)
     batched = _vec.run_samples(self, inputs, sample_nbr, vectorized, self.nn_kl_divergence)

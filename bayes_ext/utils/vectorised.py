@@ -17,7 +17,9 @@ with its default estimator, no prior_dist, not frozen), and no module may mix th
 (BatchNorm in training; layers that take the batch in dim 1). Dropout draws its own noise from the
 generator, so automatic selection leaves models with active dropout to the loop (``vectorized=True``
 runs them, with other dropout masks than the loop's). The model must keep the batch in dim 0 in front
-of every Bayesian layer (checked: a layer whose input is not N*B long in dim 0 falls back).
+of every Bayesian layer (checked: a layer whose input is not N*B long in dim 0 falls back) and treat
+the examples of a batch independently, which cannot be checked: a forward that mixes examples by
+hand (``x - x.mean(0)``) would mix the samples too and needs ``vectorized=False``.
 """
 from typing import Optional
 
