@@ -25,7 +25,8 @@ def sample_elbo(self, inputs, labels, criterion, sample_nbr, complexity_cost_wei
     ``vectorized``: None (auto) runs the samples as one batched forward when every layer supports it
     (bayes_ext/utils/vectorised.py; same noise, loss and gradients as the loop, several times faster
     for small models), False always loops, True requires the batched path (ValueError otherwise).
-    The criterion still sees one sample's outputs at a time, so any criterion gives the loop's loss.
+    The criterion sees one sample's outputs at a time, so any criterion gives the loop's loss (built-in
+    losses whose value on the stacked samples is that same sum get them in one call).
     The batched path assumes the forward treats the examples of a batch independently (BatchNorm in
     training and dropout are detected and run the loop); a forward that mixes them by hand needs False.
     """
