@@ -19,8 +19,8 @@ from torch import Tensor
 from . import _backend, _checks
 from . import functional as BF
 from . import functional_conv as BFC
-from .functional_estimators import (LRT_NOISE_OFFSET, SIGN_IN_OFFSET, SIGN_OUT_OFFSET, dsigma2_factor,
-                                    lrt_noise_grad, normal, signs, zero_if_none)
+from .functional_estimators import (LRT_NOISE_OFFSET, SIGN_IN_OFFSET, SIGN_OUT_OFFSET, lrt_noise_grad, normal,
+                                    signs, zero_if_none)
 
 ScaleMixture = Tuple[float, float, float]
 
@@ -53,57 +53,73 @@ def _conv_grads(grad_out, x, weight, conv, need_x: bool, need_w: bool):
 def _conv_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
               bias_rho: Optional[Tensor], seed: Tensor, stride: List[int], padding: List[int],
               dilation: List[int], transposed: bool, output_padding: List[int],
-              groups: int) -> Tuple[Tensor, Tensor]:
-    # Under autocast x arrives in the low precision: the convolutions run in it, the noise and
-    # std (returned for backward) in the parameters' dtype.
-    conv, dtype, low = (stride, padding, dilation, transposed, output_padding, groups), weight_mu.dtype, x.dtype
+              groups: int, prior_sigma: float) -> Tuple[Tensor, Tensor, Tensor]:
+    # Two convolutions around the fused weight pass (sigma^2, and the closed-form KL against
+    # N(0, prior_sigma^2) when prior_sigma > 0); returns (y, std, kl), std kept for backward.
+    # Under autocast x arrives in the low precision: the convolutions run in it, the noise, std
+    # and KL in the parameters' dtype.
+    ops, conv, dtype, low = (_backend.ops(), (stride, padding, dilation, transposed, output_padding, groups),
+                             weight_mu.dtype, x.dtype)
     with torch.autocast(x.device.type, enabled=False):
-        sigma2 = F.softplus(weight_rho).square_()
-        bias_var = None if bias_rho is None else F.softplus(bias_rho).square_().to(low)
+        sigma2, kl = ops.lrt_weight_forward(weight_mu, weight_rho, prior_sigma)
+        bias_var = None
+        if bias_rho is not None:
+            bias_var, bias_kl = ops.lrt_weight_forward(bias_mu, bias_rho, prior_sigma)
+            bias_var, kl = bias_var.to(low), kl + bias_kl
         mean = torch.ops.aten.convolution(x, weight_mu.to(low), _to(bias_mu, low), *conv)
         var = torch.ops.aten.convolution(x * x, sigma2.to(low), bias_var, *conv).to(dtype)
         # clamp: a Winograd / FFT convolution of non-negative terms can round slightly below 0
         std = var.clamp_min_(0).sqrt_()
         y = torch.addcmul(mean.to(dtype), std, normal(std.shape, seed, LRT_NOISE_OFFSET, std))
-    return y.to(low), std
+    return y.to(low), std, kl
 
 
 @_conv_lrt.register_fake
 def _(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, transposed, output_padding,
-      groups):
+      groups, prior_sigma):
     y = torch.ops.aten.convolution(x, weight_mu.to(x.dtype), _to(bias_mu, x.dtype), stride, padding, dilation,
                                    transposed, output_padding, groups)
-    return y, torch.empty_like(y, dtype=weight_mu.dtype)
+    return y, torch.empty_like(y, dtype=weight_mu.dtype), weight_mu.new_empty(())
 
 
 def _conv_lrt_setup_context(ctx, inputs, output):
     (x, weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, transposed, output_padding,
-     groups) = inputs
+     groups, prior_sigma) = inputs
+    ctx.mark_non_differentiable(output[1])  # std is an internal output, saved for backward
     ctx.save_for_backward(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, output[1])
     ctx.conv = (stride, padding, dilation, transposed, output_padding, groups)
+    ctx.prior_sigma = prior_sigma
+    ctx.ops = _backend.ops()
 
 
-def _conv_lrt_backward(ctx, grad_y, grad_std):
+def _conv_lrt_backward(ctx, grad_y, grad_std, grad_kl):
     x, mu, rho, bias_mu, bias_rho, seed, std = ctx.saved_tensors
-    need_x, need_mu, need_rho, need_bmu, need_brho = ctx.needs_input_grad[:5]
-    low = x.dtype
+    ops, prior_sigma, low = ctx.ops, ctx.prior_sigma, x.dtype
+    need_x = ctx.needs_input_grad[0]
+    need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    need_b = bias_mu is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+    grad_kl = zero_if_none(grad_kl, mu)
     with torch.autocast(x.device.type, enabled=False):
         g = torch.zeros_like(std) if grad_y is None else grad_y
-        u = lrt_noise_grad(g, std, seed)  # 2 dL/dvar
-        grad_x, grad_mu = _conv_grads(g.to(low), x, mu, ctx.conv, need_x, need_mu)
-        grad_rho = grad_bmu = grad_brho = None
-        if need_x or need_rho:
-            sigma2, half_dsigma2 = dsigma2_factor(rho)
-            grad_x2, grad_sigma2 = _conv_grads(u.to(low), x * x, sigma2, ctx.conv, need_x, need_rho)
-            if need_x:  # d x^2 / dx = 2x, and u is twice dL/dvar
-                grad_x = grad_x.addcmul_(x, grad_x2)
-            if need_rho:
-                grad_rho = grad_sigma2.mul_(half_dsigma2)
-        if need_bmu:
+        half_u = lrt_noise_grad(g, std, seed).mul_(0.5)  # dL/dvar
+        grad_x, grad_mu = _conv_grads(g.to(low), x, mu, ctx.conv, need_x, need_w)
+        grad_rho = grad_bmu = grad_brho = sigma2 = None
+        if need_w:
+            # dL/dsigma2 of the data term, then one fused pass: the KL's gradients, dL/drho, and
+            # sigma2 rebuilt for the input gradient
+            grad_rho = _conv_grads(half_u.to(low), x * x, rho, ctx.conv, False, True)[1].contiguous()
+            grad_mu = grad_mu.contiguous()
+            sigma2 = ops.lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma)
+        if need_x:  # d x^2 / dx = 2x
+            if sigma2 is None:
+                sigma2 = ops.lrt_weight_forward(mu, rho, 0.0)[0]
+            grad_x2 = _conv_grads(half_u.to(low), x * x, sigma2, ctx.conv, True, False)[0]
+            grad_x = grad_x.addcmul_(x, grad_x2, value=2)
+        if need_b:
             grad_bmu = _channel_sum(g, bias_mu.dtype)
-        if need_brho:
-            grad_brho = _channel_sum(u, bias_rho.dtype).mul_(dsigma2_factor(bias_rho)[1])
-    return (grad_x, grad_mu, grad_rho, grad_bmu, grad_brho) + (None,) * 7
+            grad_brho = _channel_sum(half_u, bias_rho.dtype)
+            ops.lrt_weight_backward_(grad_bmu, grad_brho, grad_kl, bias_mu, bias_rho, prior_sigma)
+    return (grad_x, grad_mu, grad_rho, grad_bmu, grad_brho) + (None,) * 8
 
 
 _conv_lrt.register_autograd(_conv_lrt_backward, setup_context=_conv_lrt_setup_context)
@@ -199,11 +215,13 @@ def _conv_args(spec: BFC.ConvSpec):
 
 
 def conv_lrt_spec(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
-                  bias_rho: Optional[Tensor], seed: Tensor, spec: BFC.ConvSpec) -> Tensor:
-    """conv_lrt with an already validated spec, parameters and seed (the layers' per-forward call)."""
+                  bias_rho: Optional[Tensor], seed: Tensor, spec: BFC.ConvSpec,
+                  prior_sigma: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """conv_lrt with an already validated spec, parameters and seed (the layers' per-forward call);
+    returns (y, kl) with kl the closed-form KL against N(0, prior_sigma^2) (0 when prior_sigma is 0)."""
     x, batched = _prepare(x, weight_mu, spec)
-    y = _conv_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, *_conv_args(spec))[0]
-    return y if batched else y.squeeze(0)
+    y, _, kl = _conv_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, *_conv_args(spec), float(prior_sigma))
+    return (y if batched else y.squeeze(0)), kl
 
 
 def conv_flipout_spec(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
@@ -240,7 +258,7 @@ def conv_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional
     KL is the caller's): y = conv(x, mu, b_mu) + sqrt(conv(x^2, sigma^2) + sigma_b^2) * eps."""
     spec, seed = _validated_spec(weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, groups,
                                  transposed, output_padding)
-    return conv_lrt_spec(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, spec)
+    return conv_lrt_spec(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, spec)[0]
 
 
 def conv_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,

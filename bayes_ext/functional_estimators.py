@@ -54,12 +54,6 @@ def lrt_noise_grad(grad_out: Tensor, std: Tensor, seed: Tensor) -> Tensor:
     return u.masked_fill_(~positive, 0)
 
 
-def dsigma2_factor(rho: Tensor) -> Tuple[Tensor, Tensor]:
-    """(sigma^2, sigma * sigmoid(rho)): the variance and half its derivative d sigma^2 / d rho."""
-    sigma = F.softplus(rho)
-    return sigma * sigma, sigma.mul_(torch.sigmoid(rho))
-
-
 def zero_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_zeros(()) if grad is None else grad
 

@@ -141,7 +141,7 @@ def test_opcheck(backend, op):
         args += ([1], [1], [1], False, [0], 1)
     if op.endswith("flipout"):
         args += MIXTURE
-    if op == "linear_lrt":
+    if op.endswith("lrt"):
         args += (0.3,)  # prior_sigma: the closed-form KL fused into the weight pass
     result = torch.library.opcheck(getattr(torch.ops.bayes_ext, op), args)
     assert all(v == "SUCCESS" for v in result.values()), result
@@ -177,18 +177,30 @@ def test_lrt_with_fused_kl_equals_lrt_plus_closed_form_kl(backend, bias):
         BFE.linear_lrt_with_kl(x, *params, seed=seed, prior_sigma=0.0)
 
 
-def test_lrt_layer_uses_the_fused_kl(backend, monkeypatch):
-    """With a single Gaussian prior the lrt layer's KL comes out of the op (no separate KL pass)."""
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_lrt_layer_uses_the_fused_kl(backend, monkeypatch, kind):
+    """With a single Gaussian prior the lrt layer's KL comes out of the op (no separate KL pass),
+    with the value and gradients of closed_form_kl."""
     from bayes_ext.functional_embedding import closed_form_kl
     import bayes_ext.functional_embedding as BFEmb
     calls = []
     monkeypatch.setattr(BFEmb, "closed_form_kl", lambda *a, **k: calls.append(1) or closed_form_kl(*a, **k))
     torch.manual_seed(0)
-    lin = BayesianLinear(4, 5, estimator="lrt", prior_sigma_1=0.3, posterior_rho_init=-2.0)
-    lin(torch.randn(3, 4))
+    kwargs = dict(estimator="lrt", prior_sigma_1=0.3, posterior_rho_init=-2.0, dtype=torch.float64)
+    layer = BayesianLinear(4, 5, **kwargs) if kind == "linear" else BayesianConv1d(2, 3, 3, **kwargs)
+    x = torch.randn((3, 4) if kind == "linear" else (2, 2, 6), dtype=torch.float64)
+    layer(x)
     assert calls == []
-    expected = closed_form_kl(lin.weight_mu, lin.weight_rho, 0.3) + closed_form_kl(lin.bias_mu, lin.bias_rho, 0.3)
-    torch.testing.assert_close(lin.kl_divergence(), expected)
+    kl = layer.kl_divergence()
+    kl.backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    expected = sum(closed_form_kl(m, r, 0.3) for m, r in ((layer.weight_mu, layer.weight_rho),
+                                                          (layer.bias_mu, layer.bias_rho)))
+    expected.backward()
+    torch.testing.assert_close(kl, expected)
+    for g, p in zip(grads, layer.parameters()):
+        torch.testing.assert_close(g, p.grad)
 
 
 def test_leading_dimensions_are_flattened(backend):

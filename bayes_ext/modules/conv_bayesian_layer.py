@@ -103,7 +103,12 @@ class _BayesianConvNd(EstimatorMixin, GaussianPosteriorMixin, BayesianModule):
         seed = BF.draw_seed()
         params = (self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho)
         if self.estimator == "lrt":
-            y, mc_terms = BFCE.conv_lrt_spec(x, *params, seed, spec), None
+            prior_sigma = self._fused_kl_prior_sigma()
+            y, kl = BFCE.conv_lrt_spec(x, *params, seed, spec, prior_sigma or 0.0)
+            if prior_sigma is not None:  # the exact KL came out of the op's own pass over the weights
+                self._set_kl_terms(kl, kl.new_zeros(()))
+                return y
+            mc_terms = None
         elif self.estimator == "flipout":
             y, log_q, log_p = BFCE.conv_flipout_spec(x, *params, seed, spec, self.prior)
             mc_terms = (log_q, log_p) if self.prior_dist is None else None  # else: log p from prior_dist
