@@ -41,8 +41,7 @@ def _sample_matmul(ops, y_s: Tensor, x_s: Tensor, weight_mu: Tensor, weight_rho:
     return log_q, log_p
 
 
-@torch.library.custom_op("bayes_ext::linear_reparam_samples", mutates_args=())
-def _linear_reparam_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+def _linear_reparam_samples_impl(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                             bias_rho: Optional[Tensor], seeds: Tensor, prior_pi: float, prior_sigma1: float,
                             prior_sigma2: float) -> Tuple[Tensor, Tensor, Tensor]:
     ops, prior = _backend.ops(), (prior_pi, prior_sigma1, prior_sigma2)
@@ -72,6 +71,10 @@ def _linear_reparam_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bi
         if bias_mu is not None:  # weight + bias per sample, as the single-sample op adds them
             log_q, log_p = log_q + torch.stack(log_q_b), log_p + torch.stack(log_p_b)
         return y, log_q, log_p
+
+
+_linear_reparam_samples = torch.library.custom_op("bayes_ext::linear_reparam_samples", mutates_args=())(
+    _linear_reparam_samples_impl)
 
 
 @_linear_reparam_samples.register_fake
@@ -150,15 +153,16 @@ _linear_reparam_samples.register_autograd(_backward, setup_context=_setup_contex
 
 class _EagerSamples(torch.autograd.Function):
     """The same op (same implementation, setup_context and backward) as a plain autograd.Function, for
-    eager calls: torch.library's per-call Python (schema default filling, alias checks) costs
-    ~50 us per call, a sizeable part of a small model's step. Compiled graphs use the custom op."""
+    eager calls: torch.library's per-call Python (schema default filling, alias checks) costs tens
+    of microseconds per call, a sizeable part of a small model's step. Compiled graphs (and no_grad
+    calls) use the custom op."""
 
     @staticmethod
     def forward(ctx, *inputs):
         # Below autograd, as the custom op's own forward runs: the inner sample_weight calls would
         # otherwise each pass through that op's Python autograd registration (~5 us a call).
         with torch._C._AutoDispatchBelowAutograd():
-            output = _linear_reparam_samples._init_fn(*inputs)
+            output = _linear_reparam_samples_impl(*inputs)
         _setup_context(ctx, inputs, output)
         return output
 
