@@ -16,6 +16,8 @@ SCHEMAS = {
     "sample_weight_backward": "(Tensor? grad_w, Tensor grad_log_q, Tensor grad_log_p, Tensor mu, Tensor rho, "
                               "Tensor seed, int offset, float prior_pi, float prior_sigma1, float prior_sigma2, "
                               "bool return_weight, int start=0) -> (Tensor, Tensor, Tensor)",
+    "sample_kl": "(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
+                 "float prior_sigma2, int start=0) -> (Tensor, Tensor)",
     "philox_normal": "(Tensor like, Tensor seed, int offset, int start=0) -> Tensor",
     "sample_rows": "(Tensor mu, Tensor rho, Tensor indices, Tensor seed, int offset) -> Tensor",
     "sample_rows_backward": "(Tensor grad_rows, Tensor mu, Tensor rho, Tensor indices, Tensor seed, "
@@ -33,6 +35,12 @@ SCHEMAS = {
 def _checked_sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start=0):
     _checks.check_sample_args(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start)
     return _fallback.sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start)
+
+
+def _checked_sample_kl(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start=0):
+    _checks.check_sample_args(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start)
+    _, log_q, log_p = _fallback.sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start)
+    return log_q, log_p
 
 
 def _checked_sample_weight_backward(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi, prior_sigma1,
@@ -159,6 +167,7 @@ def _checked_lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sig
 _python_lib = torch.library.Library("bayes_ext_py", "DEF")
 for _name, _impl in (("sample_weight", _checked_sample_weight),
                      ("sample_weight_backward", _checked_sample_weight_backward),
+                     ("sample_kl", _checked_sample_kl),
                      ("philox_normal", _checked_philox_normal),
                      ("sample_rows", _checked_sample_rows),
                      ("sample_rows_backward", _checked_sample_rows_backward),
@@ -203,6 +212,22 @@ def _make_sample_weight_backward(namespace):
     return backward
 
 
+def _fake_sample_kl(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start=0):
+    return mu.new_empty(()), mu.new_empty(())
+
+
+def _make_sample_kl_backward(namespace):
+    def backward(ctx, grad_log_q, grad_log_p):
+        mu, rho, seed = ctx.saved_tensors
+        offset, prior_pi, prior_sigma1, prior_sigma2, start = ctx.stream_and_prior
+        zero = mu.new_zeros(())
+        grad_mu, grad_rho, _ = namespace.sample_weight_backward(
+            None, zero if grad_log_q is None else grad_log_q, zero if grad_log_p is None else grad_log_p,
+            mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, False, start)
+        return grad_mu, grad_rho, None, None, None, None, None, None
+    return backward
+
+
 def _philox_normal_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output)  # eps depends on (seed, offset) only, not on `like`'s values
 
@@ -220,6 +245,9 @@ def _register(namespace_name: str) -> None:
                                     setup_context=_sample_weight_setup_context)
     torch.library.register_autograd(f"{namespace_name}::philox_normal", _philox_normal_backward,
                                     setup_context=_philox_normal_setup_context)
+    torch.library.register_fake(f"{namespace_name}::sample_kl")(_fake_sample_kl)
+    torch.library.register_autograd(f"{namespace_name}::sample_kl", _make_sample_kl_backward(namespace),
+                                    setup_context=_sample_weight_setup_context)
 
 
 def _fake_sample_rows(mu, rho, indices, seed, offset):

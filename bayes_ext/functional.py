@@ -35,6 +35,14 @@ def sample_weight(mu: Tensor, rho: Tensor, seed: Tensor, offset: int = 0,
     return _backend.ops().sample_weight(mu, rho, seed, offset, pi, sigma1, sigma2)
 
 
+def sample_kl(mu: Tensor, rho: Tensor, seed: Tensor, offset: int = 0,
+              prior: ScaleMixture = (1.0, 0.1, 0.4)) -> Tuple[Tensor, Tensor]:
+    """(log_q, log_p) of sample_weight's w for the same stream, without writing w (one fused pass;
+    differentiable): the MC KL terms for layers that never use the sampled weight."""
+    pi, sigma1, sigma2 = (float(v) for v in prior)
+    return _backend.ops().sample_kl(mu, rho, seed, offset, pi, sigma1, sigma2)
+
+
 def log_prior_sum(w: Tensor, prior: ScaleMixture) -> Tensor:
     """sum log(pi N(w; 0, s1) + (1 - pi) N(w; 0, s2)) in log space (finite for every w)."""
     return _fallback.log_prior_terms(w, *prior).sum()

@@ -21,6 +21,11 @@ TORCH_LIBRARY(bayes_ext, m) {
   m.def("sample_weight_backward(Tensor? grad_w, Tensor grad_log_q, Tensor grad_log_p, Tensor mu, "
         "Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, float prior_sigma2, "
         "bool return_weight, int start=0) -> (Tensor, Tensor, Tensor)");
+  // (log_q, log_p) of sample_weight's w without writing w: the MC KL of layers that sample no
+  // weight (local reparameterisation with a scale-mixture prior). Backward: sample_weight_backward
+  // with grad_w = None.
+  m.def("sample_kl(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
+        "float prior_sigma2, int start=0) -> (Tensor, Tensor)");
   // The standard normals of stream (seed, offset) in the shape, dtype and device of `like`.
   m.def("philox_normal(Tensor like, Tensor seed, int offset, int start=0) -> Tensor");
   // Rows `indices` (int64, any shape, values in [0, V)) of a sample of the (V, D) table

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bayes_ext
+from bayes_ext import functional as BF
 from bayes_ext import functional_conv_estimators as BFCE
 from bayes_ext import functional_estimators as BFE
 from bayes_ext.losses import kl_divergence_from_nn
@@ -458,3 +460,31 @@ def test_compile_fullgraph_matches_eager(backend):
         for name in grads_e:
             torch.testing.assert_close(grads_c[name], grads_e[name], atol=1e-6, rtol=1e-5, msg=name)
     torch._dynamo.reset()
+
+
+def test_lrt_mixture_prior_kl_never_writes_the_weight(backend, monkeypatch):
+    """lrt with a scale-mixture prior: the MC KL of the weight's own stream comes from sample_kl
+    (one pass, no O x I sample written), equal to sample_weight's terms."""
+    real_ops = bayes_ext._backend.ops()
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real_ops, name)
+
+    torch.manual_seed(0)
+    lin = BayesianLinear(6, 4, estimator="lrt", prior_pi=0.5, posterior_rho_init=-2.0)
+    monkeypatch.setattr(bayes_ext._backend, "ops", lambda: Recorder())
+    x = torch.randn(3, 6)
+    torch.manual_seed(1)
+    lin(x)
+    assert "sample_kl" in calls and "sample_weight" not in calls
+    torch.manual_seed(1)
+    seed = BF.draw_seed()
+    expected_q = expected_p = 0
+    for offset, (mu, rho) in enumerate(((lin.weight_mu, lin.weight_rho), (lin.bias_mu, lin.bias_rho))):
+        _, q, p = real_ops.sample_weight(mu, rho, seed, offset, *lin.prior)
+        expected_q, expected_p = expected_q + q, expected_p + p
+    torch.testing.assert_close(lin.log_variational_posterior, expected_q)
+    torch.testing.assert_close(lin.log_prior, expected_p)

@@ -490,3 +490,44 @@ def test_start_out_of_range_is_rejected(ops):
         ops.sample_weight(mu, mu, seed_tensor(1), 0, 1.0, 0.1, 0.4, -1)
     with pytest.raises(ValueError, match="start"):
         ops.philox_normal(mu, seed_tensor(1), 0, 2 ** 62)
+
+
+# ---- sample_kl: the KL terms without the sample ----------------------------------------------------
+
+@pytest.mark.parametrize("prior", [(1.0, 0.7, 0.4), (0.5, 0.5, 2.0), (0.0, 0.1, 1.3)])
+@pytest.mark.parametrize("start", [0, 3])
+def test_sample_kl_equals_sample_weight_terms(ops, prior, start):
+    """Same (log q, log p) as sample_weight on the same stream, and the same gradients."""
+    mu, rho = _params((37, 41), torch.float64)
+    seed = seed_tensor(77)
+    m1, r1 = mu.clone().requires_grad_(), rho.clone().requires_grad_()
+    q1, p1 = ops.sample_kl(m1, r1, seed, 2, *prior, start)
+    (0.3 * q1 - 0.8 * p1).backward()
+    m2, r2 = mu.clone().requires_grad_(), rho.clone().requires_grad_()
+    _, q2, p2 = ops.sample_weight(m2, r2, seed, 2, *prior, start)
+    (0.3 * q2 - 0.8 * p2).backward()
+    torch.testing.assert_close(q1, q2, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(m1.grad, m2.grad)
+    torch.testing.assert_close(r1.grad, r2.grad)
+
+
+def test_sample_kl_float32_matches_sample_weight(compiled):
+    mu, rho = _params((300, 301), torch.float32)
+    seed = seed_tensor(5)
+    q, p = compiled.sample_kl(mu, rho, seed, 0, 0.5, 0.3, 1.2)
+    _, q2, p2 = compiled.sample_weight(mu, rho, seed, 0, 0.5, 0.3, 1.2)
+    assert torch.equal(q, q2) and torch.equal(p, p2)  # the same kernel loop, minus the store
+
+
+def test_sample_kl_opcheck_and_gradcheck(ops):
+    mu, rho = _params((5, 7), torch.float64)
+    mu.requires_grad_()
+    rho.requires_grad_()
+    seed = seed_tensor(123)
+    result = torch.library.opcheck(ops.sample_kl, (mu, rho, seed, 3, 0.5, 0.3, 1.2))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    assert torch.autograd.gradcheck(lambda m, r: ops.sample_kl(m, r, seed, 1, 0.5, 0.5, 2.0), (mu, rho),
+                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="prior_pi"):
+        ops.sample_kl(mu, rho, seed, 0, 1.5, 0.3, 1.2)

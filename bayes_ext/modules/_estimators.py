@@ -61,10 +61,10 @@ class EstimatorMixin:
         elif self.prior_dist is not None:
             _, log_q, log_p = self._sample_with_prior_dist(seed)
             self._set_kl_terms(log_q, log_p)
-        else:  # the sampled weights themselves are discarded; gradients flow through sample_weight
+        else:  # a fused pass sums log q / log p of the weight's own sample without writing it
             log_q = log_p = 0
             for offset, (_, mu, rho) in enumerate(self._posterior_pairs()):
-                _, q, p = BF.sample_weight(mu, rho, seed, offset, self.prior)
+                q, p = BF.sample_kl(mu, rho, seed, offset, self.prior)
                 log_q, log_p = log_q + q, log_p + p
             self._set_kl_terms(log_q, log_p)
 

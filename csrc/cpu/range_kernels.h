@@ -152,7 +152,7 @@ static inline TileSpan tile_span(int64_t i, int64_t end, int64_t stream_start) {
 // Each tile is a function of its own because GCC honours __restrict__ on parameters (kept through
 // inlining) but not on local pointers; without it the loops need more run-time alias checks than
 // GCC will emit.
-template <typename T, int Mode>
+template <typename T, int Mode, bool WriteW>
 static inline __attribute__((always_inline)) void forward_tile(
     int64_t n, const T* __restrict__ e, const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ w,
     T* __restrict__ lq_acc, T* __restrict__ lp_acc, const ScaleMixturePrior<T>& prior_in) {
@@ -160,13 +160,13 @@ static inline __attribute__((always_inline)) void forward_tile(
   for (int64_t i = 0; i < n; ++i) {
     const Softplus<T> sp = softplus_terms(rho[i]);
     const T wi = mu[i] + sp.sigma * e[i];
-    w[i] = wi;
+    if (WriteW) w[i] = wi;
     lq_acc[i] += -sp.log_sigma - T(0.5) * e[i] * e[i];
     lp_acc[i] += log_prior_mode<Mode>(wi, prior);
   }
 }
 
-template <typename T, int Mode>
+template <typename T, int Mode, bool WriteW>
 static inline void forward_range_loop(const ForwardRange<T>& a) {
   T lq_acc[kTile], lp_acc[kTile], eps[kTile];
   for (int64_t i = 0; i < kTile; ++i) {
@@ -176,7 +176,8 @@ static inline void forward_range_loop(const ForwardRange<T>& a) {
   for (int64_t i = a.begin; i < a.end;) {
     const TileSpan span = tile_span(i, a.end, a.stream_start);
     tile_normals<T>(a.seed, a.offset, span.aligned, eps);
-    forward_tile<T, Mode>(span.stop - i, eps + span.skip, a.mu + i, a.rho + i, a.w + i, lq_acc, lp_acc, a.prior);
+    forward_tile<T, Mode, WriteW>(span.stop - i, eps + span.skip, a.mu + i, a.rho + i, WriteW ? a.w + i : nullptr,
+                                  lq_acc, lp_acc, a.prior);
     i = span.stop;
   }
   double lq = 0.0, lp = 0.0;
@@ -188,13 +189,20 @@ static inline void forward_range_loop(const ForwardRange<T>& a) {
   *a.log_p_partial = lp;
 }
 
+// w == nullptr: only the log q / log p sums (a KL estimate without writing the sample).
+template <typename T, bool WriteW>
+static inline void forward_range_write(const ForwardRange<T>& a) {
+  switch (a.prior.mode) {
+    case 1: return forward_range_loop<T, 1, WriteW>(a);
+    case 2: return forward_range_loop<T, 2, WriteW>(a);
+    default: return forward_range_loop<T, 0, WriteW>(a);
+  }
+}
+
 template <typename T>
 static inline void forward_range_impl(const ForwardRange<T>& a) {
-  switch (a.prior.mode) {
-    case 1: return forward_range_loop<T, 1>(a);
-    case 2: return forward_range_loop<T, 2>(a);
-    default: return forward_range_loop<T, 0>(a);
-  }
+  if (a.w != nullptr) return forward_range_write<T, true>(a);
+  return forward_range_write<T, false>(a);
 }
 
 template <typename T, int Mode, bool HasGradW, bool WriteW>

@@ -14,7 +14,8 @@ namespace cpu_kernel {
 // tensor (a block of rows, looked-up embedding rows) gets the noise it has in the whole tensor.
 
 // Sample w for elements [begin, end) and write the partial sums of the log q and log p terms
-// (without log q's constant -n log sqrt(2 pi), which the caller adds once).
+// (without log q's constant -n log sqrt(2 pi), which the caller adds once). w may be null: the
+// sums only.
 template <typename T>
 struct ForwardRange {
   const T* mu;

@@ -35,7 +35,7 @@ void forward_cpu(const at::Tensor& mu, const at::Tensor& rho, at::Tensor& w, uin
   std::vector<double> lq(chunks, 0.0), lp(chunks, 0.0);
   const scalar_t* mu_p = mu.data_ptr<scalar_t>();
   const scalar_t* rho_p = rho.data_ptr<scalar_t>();
-  scalar_t* w_p = w.data_ptr<scalar_t>();
+  scalar_t* w_p = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       ForwardRange<scalar_t> a{mu_p,  rho_p,  w_p,   c * kChunk, std::min(n, (c + 1) * kChunk), start,
@@ -71,6 +71,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cpu(const at::Tenso
     forward_cpu<scalar_t>(mu, rho, w, s, static_cast<uint64_t>(offset), start, prior, &log_q, &log_p);
   });
   return {w, at::scalar_tensor(log_q, mu.options()), at::scalar_tensor(log_p, mu.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_kl_cpu(const at::Tensor& mu_in, const at::Tensor& rho_in,
+                                                 const at::Tensor& seed, int64_t offset, double prior_pi,
+                                                 double prior_sigma1, double prior_sigma2, int64_t start) {
+  check_posterior_params(mu_in, rho_in);
+  check_seed(seed, mu_in);
+  check_offset(offset);
+  check_start(start, mu_in.numel());
+  check_prior(prior_pi, prior_sigma1, prior_sigma2);
+  TORCH_CHECK_VALUE(mu_in.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu_in.device());
+  const at::Tensor mu = mu_in.contiguous();
+  const at::Tensor rho = rho_in.contiguous();
+  at::Tensor no_weight;  // undefined: the kernel only sums
+  double log_q = 0.0, log_p = 0.0;
+  const uint64_t s = seed_value(seed);
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_kl_cpu", [&] {
+    const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
+    forward_cpu<scalar_t>(mu, rho, no_weight, s, static_cast<uint64_t>(offset), start, prior, &log_q, &log_p);
+  });
+  return {at::scalar_tensor(log_q, mu.options()), at::scalar_tensor(log_p, mu.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cpu(
@@ -152,6 +173,7 @@ std::string cpu_kernel_isa() { return float_kernels().name; }
 TORCH_LIBRARY_IMPL(bayes_ext, CPU, m) {
   m.impl("sample_weight", &sample_weight_cpu);
   m.impl("sample_weight_backward", &sample_weight_backward_cpu);
+  m.impl("sample_kl", &sample_kl_cpu);
   m.impl("philox_normal", &philox_normal_cpu);
 }
 

@@ -51,7 +51,7 @@ __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ r
       if (i >= 0 && i < n) {
         const Softplus<T> sp = softplus_terms(rho[i]);
         const T wi = mu[i] + sp.sigma * eps[k];
-        w[i] = wi;
+        if (w != nullptr) w[i] = wi;  // null: only the KL sums (sample_kl)
         lq += -sp.log_sigma - T(0.5) * eps[k] * eps[k];
         lp += log_prior(wi, prior);
       }
@@ -117,9 +117,11 @@ void check_cuda_inputs(const at::Tensor& mu) {
   TORCH_CHECK_VALUE(mu.device().is_cuda(), "mu must be a CUDA tensor for the CUDA kernel, got ", mu.device());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in,
-                                                                  const at::Tensor& seed, int64_t offset, double prior_pi,
-                                                                  double prior_sigma1, double prior_sigma2, int64_t start) {
+// (w, log_q, log_p); with write_weight false w is left undefined and only the sums are computed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in,
+                                                           const at::Tensor& seed, int64_t offset, double prior_pi,
+                                                           double prior_sigma1, double prior_sigma2, int64_t start,
+                                                           bool write_weight) {
   check_posterior_params(mu_in, rho_in);
   check_cuda_inputs(mu_in);
   check_seed(seed, mu_in);
@@ -130,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cuda(const at::Tens
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   const int64_t n = mu.numel();
-  at::Tensor w = at::empty(mu.sizes(), mu.options());
+  at::Tensor w = write_weight ? at::empty(mu.sizes(), mu.options()) : at::Tensor();
   const int64_t grid = grid_for(philox_blocks_spanned(n, start));
   at::Tensor partials = at::zeros({grid, 2}, mu.options().dtype(at::kDouble));
   const SeedArg seed_arg = make_seed_arg(seed);
@@ -139,7 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cuda(const at::Tens
     AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_cuda", [&] {
       const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
       forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(),
-                                                              w.data_ptr<scalar_t>(), n, start, seed_arg,
+                                                              write_weight ? w.data_ptr<scalar_t>() : nullptr, n,
+                                                              start, seed_arg,
                                                               static_cast<uint64_t>(offset), prior,
                                                               partials.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -149,6 +152,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cuda(const at::Tens
   const at::Tensor log_q = (sums[0] - 0.91893853320467274178 * static_cast<double>(n)).to(mu.scalar_type());
   const at::Tensor log_p = sums[1].to(mu.scalar_type());
   return {w, log_q, log_p};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cuda(const at::Tensor& mu, const at::Tensor& rho,
+                                                                  const at::Tensor& seed, int64_t offset, double prior_pi,
+                                                                  double prior_sigma1, double prior_sigma2, int64_t start) {
+  return sample_cuda(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start, true);
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_kl_cuda(const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed,
+                                                  int64_t offset, double prior_pi, double prior_sigma1,
+                                                  double prior_sigma2, int64_t start) {
+  const auto out = sample_cuda(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start, false);
+  return {std::get<1>(out), std::get<2>(out)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cuda(
@@ -216,6 +232,7 @@ at::Tensor philox_normal_cuda(const at::Tensor& like, const at::Tensor& seed, in
 TORCH_LIBRARY_IMPL(bayes_ext, CUDA, m) {
   m.impl("sample_weight", &sample_weight_cuda);
   m.impl("sample_weight_backward", &sample_weight_backward_cuda);
+  m.impl("sample_kl", &sample_kl_cuda);
   m.impl("philox_normal", &philox_normal_cuda);
 }
 
