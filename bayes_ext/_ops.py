@@ -18,6 +18,11 @@ SCHEMAS = {
                               "bool return_weight, int start=0) -> (Tensor, Tensor, Tensor)",
     "sample_kl": "(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
                  "float prior_sigma2, int start=0) -> (Tensor, Tensor)",
+    "sample_weight_samples": "(Tensor mu, Tensor rho, Tensor seeds, int offset, float prior_pi, float prior_sigma1, "
+                             "float prior_sigma2) -> (Tensor, Tensor, Tensor)",
+    "sample_weight_samples_backward": "(Tensor? grad_w, Tensor grad_log_q, Tensor grad_log_p, Tensor mu, Tensor rho, "
+                                      "Tensor seeds, int offset, float prior_pi, float prior_sigma1, "
+                                      "float prior_sigma2, bool return_weight) -> (Tensor, Tensor, Tensor)",
     "philox_normal": "(Tensor like, Tensor seed, int offset, int start=0) -> Tensor",
     "sample_rows": "(Tensor mu, Tensor rho, Tensor indices, Tensor seed, int offset) -> Tensor",
     "sample_rows_backward": "(Tensor grad_rows, Tensor mu, Tensor rho, Tensor indices, Tensor seed, "
@@ -41,6 +46,54 @@ def _checked_sample_kl(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigm
     _checks.check_sample_args(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start)
     _, log_q, log_p = _fallback.sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start)
     return log_q, log_p
+
+
+def _check_seeds(seeds, mu) -> None:
+    """Mirrors check_seeds in csrc/include/bayes_ext/op_checks.h."""
+    _checks.check_tensor(seeds, "seeds")
+    if seeds.dtype != torch.int64:
+        raise TypeError(f"seeds must be an int64 tensor, got {seeds.dtype}")
+    if seeds.dim() != 1 or seeds.numel() < 1:
+        raise ValueError(f"seeds must be a 1-D tensor of N >= 1 seeds, got shape {tuple(seeds.shape)}")
+    if seeds.device.type != "cpu" and seeds.device != mu.device:
+        raise ValueError(f"seeds must be on the CPU or on the device of mu ({mu.device}), got {seeds.device}")
+
+
+def _check_samples_args(mu, rho, seeds, offset, prior_pi, prior_sigma1, prior_sigma2) -> None:
+    _checks.check_posterior_params(mu, rho)
+    _check_seeds(seeds, mu)
+    _checks.check_offset(offset)
+    _checks.check_prior(prior_pi, prior_sigma1, prior_sigma2)
+
+
+def _checked_sample_weight_samples(mu, rho, seeds, offset, prior_pi, prior_sigma1, prior_sigma2):
+    _check_samples_args(mu, rho, seeds, offset, prior_pi, prior_sigma1, prior_sigma2)
+    outs = [_fallback.sample_weight(mu, rho, s, offset, prior_pi, prior_sigma1, prior_sigma2) for s in seeds.unbind(0)]
+    return tuple(torch.stack(parts) for parts in zip(*outs))
+
+
+def _checked_sample_weight_samples_backward(grad_w, grad_log_q, grad_log_p, mu, rho, seeds, offset, prior_pi,
+                                            prior_sigma1, prior_sigma2, return_weight):
+    _check_samples_args(mu, rho, seeds, offset, prior_pi, prior_sigma1, prior_sigma2)
+    n = seeds.numel()
+    if grad_w is not None and (grad_w.shape != (n,) + tuple(mu.shape) or grad_w.dtype != mu.dtype
+                               or grad_w.device != mu.device):
+        raise ValueError(f"grad_w must be a ({n}, *mu.shape) tensor of mu's dtype and device, got "
+                         f"{tuple(grad_w.shape)} {grad_w.dtype} {grad_w.device}")
+    for g, name in ((grad_log_q, "grad_log_q"), (grad_log_p, "grad_log_p")):
+        _checks.check_tensor(g, name)
+        if g.dim() != 1 or g.numel() != n:
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(g.shape)}")
+    grad_mu = grad_rho = None
+    ws = []
+    for s in range(n):
+        g_mu, g_rho, w = _fallback.sample_weight_backward(None if grad_w is None else grad_w[s], grad_log_q[s],
+                                                          grad_log_p[s], mu, rho, seeds[s], offset, prior_pi,
+                                                          prior_sigma1, prior_sigma2, return_weight)
+        grad_mu = g_mu if grad_mu is None else grad_mu + g_mu  # in sample order, like the kernels
+        grad_rho = g_rho if grad_rho is None else grad_rho + g_rho
+        ws.append(w)
+    return grad_mu, grad_rho, torch.stack(ws) if return_weight else mu.new_empty(0)
 
 
 def _checked_sample_weight_backward(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi, prior_sigma1,
@@ -168,6 +221,8 @@ _python_lib = torch.library.Library("bayes_ext_py", "DEF")
 for _name, _impl in (("sample_weight", _checked_sample_weight),
                      ("sample_weight_backward", _checked_sample_weight_backward),
                      ("sample_kl", _checked_sample_kl),
+                     ("sample_weight_samples", _checked_sample_weight_samples),
+                     ("sample_weight_samples_backward", _checked_sample_weight_samples_backward),
                      ("philox_normal", _checked_philox_normal),
                      ("sample_rows", _checked_sample_rows),
                      ("sample_rows_backward", _checked_sample_rows_backward),
@@ -228,6 +283,35 @@ def _make_sample_kl_backward(namespace):
     return backward
 
 
+def _fake_sample_weight_samples(mu, rho, seeds, offset, prior_pi, prior_sigma1, prior_sigma2):
+    n = seeds.shape[0]
+    return mu.new_empty((n,) + tuple(mu.shape)), mu.new_empty((n,)), mu.new_empty((n,))
+
+
+def _fake_sample_weight_samples_backward(grad_w, grad_log_q, grad_log_p, mu, rho, seeds, offset, prior_pi,
+                                         prior_sigma1, prior_sigma2, return_weight):
+    like = lambda: torch.empty_like(mu, memory_format=torch.contiguous_format)
+    w = mu.new_empty((seeds.shape[0],) + tuple(mu.shape)) if return_weight else mu.new_empty(0)
+    return like(), like(), w
+
+
+def _sample_weight_samples_setup_context(ctx, inputs, output):
+    mu, rho, seeds, offset, prior_pi, prior_sigma1, prior_sigma2 = inputs
+    ctx.save_for_backward(mu, rho, seeds)  # N seeds; the samples are regenerated in backward
+    ctx.stream_and_prior = (offset, prior_pi, prior_sigma1, prior_sigma2)
+
+
+def _make_sample_weight_samples_backward(namespace):
+    def backward(ctx, grad_w, grad_log_q, grad_log_p):
+        mu, rho, seeds = ctx.saved_tensors
+        zeros = mu.new_zeros((seeds.shape[0],))
+        grad_mu, grad_rho, _ = namespace.sample_weight_samples_backward(
+            grad_w, zeros if grad_log_q is None else grad_log_q, zeros if grad_log_p is None else grad_log_p,
+            mu, rho, seeds, *ctx.stream_and_prior, False)
+        return grad_mu, grad_rho, None, None, None, None, None
+    return backward
+
+
 def _philox_normal_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output)  # eps depends on (seed, offset) only, not on `like`'s values
 
@@ -245,6 +329,12 @@ def _register(namespace_name: str) -> None:
                                     setup_context=_sample_weight_setup_context)
     torch.library.register_autograd(f"{namespace_name}::philox_normal", _philox_normal_backward,
                                     setup_context=_philox_normal_setup_context)
+    torch.library.register_fake(f"{namespace_name}::sample_weight_samples")(_fake_sample_weight_samples)
+    torch.library.register_fake(f"{namespace_name}::sample_weight_samples_backward")(
+        _fake_sample_weight_samples_backward)
+    torch.library.register_autograd(f"{namespace_name}::sample_weight_samples",
+                                    _make_sample_weight_samples_backward(namespace),
+                                    setup_context=_sample_weight_samples_setup_context)
     torch.library.register_fake(f"{namespace_name}::sample_kl")(_fake_sample_kl)
     torch.library.register_autograd(f"{namespace_name}::sample_kl", _make_sample_kl_backward(namespace),
                                     setup_context=_sample_weight_setup_context)

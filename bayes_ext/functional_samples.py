@@ -20,9 +20,15 @@ from . import functional as BF
 from .functional import ScaleMixture, _row_blocks
 
 
-# Everything below works one sample at a time, with ops the size of one sample's (the loop's
-# sizes): N-times larger ops (a bmm, a sum over the stacked samples) cross torch's parallel grain
-# and open an OpenMP region, which on a busy 2-core machine can stall for a scheduler quantum.
+# Small weights (N samples together at most STACKED_ELEMENTS elements) take the multi-seed ops:
+# one kernel call draws (or differentiates) all N samples and one bmm applies them, instead of N
+# calls each. Larger weights go one sample at a time (blocked like the single-sample op), so no
+# N-weight temporary is ever large; nothing weight-sized is saved for backward either way.
+STACKED_ELEMENTS = 1 << 20
+
+
+def _stacked(x: Tensor, weight_mu: Tensor, n: int, blocks) -> bool:
+    return len(blocks) == 1 and x.dtype == weight_mu.dtype and n * weight_mu.numel() <= STACKED_ELEMENTS
 
 
 def _sample_matmul(ops, y_s: Tensor, x_s: Tensor, weight_mu: Tensor, weight_rho: Tensor, seed: Tensor, prior,
@@ -52,6 +58,14 @@ def _linear_reparam_samples_impl(x: Tensor, weight_mu: Tensor, weight_rho: Tenso
     with torch.autocast(x.device.type, enabled=False):
         y = x.new_empty(x.shape[:-1] + (out_features,))  # the output itself, not a view of it
         x3, y3 = x.reshape(n, -1, in_features), y.view(n, -1, out_features)
+        if _stacked(x, weight_mu, n, blocks):
+            w, log_q, log_p = ops.sample_weight_samples(weight_mu, weight_rho, seeds, 0, *prior)
+            torch.bmm(x3, w.transpose(1, 2), out=y3)
+            if bias_mu is not None:
+                b, log_q_b, log_p_b = ops.sample_weight_samples(bias_mu, bias_rho, seeds, 1, *prior)
+                y3.add_(b.unsqueeze(1))
+                log_q, log_p = log_q + log_q_b, log_p + log_p_b
+            return y, log_q, log_p
         log_q, log_p, log_q_b, log_p_b = [], [], [], []
         whole = len(blocks) == 1 and x.dtype == weight_mu.dtype
         for seed, x_s, y_s in zip(seeds.unbind(0), x3.unbind(0), y3.unbind(0)):
@@ -97,8 +111,8 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
     ops, prior = ctx.ops, ctx.prior
     n = seeds.shape[0]
     zeros = weight_mu.new_zeros((n,))
-    grad_log_q = (zeros if grad_log_q is None else grad_log_q).unbind(0)
-    grad_log_p = (zeros if grad_log_p is None else grad_log_p).unbind(0)
+    grad_log_q = zeros if grad_log_q is None else grad_log_q
+    grad_log_p = zeros if grad_log_p is None else grad_log_p
     out_features, in_features = weight_mu.shape
     weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
     need_x = ctx.needs_input_grad[0]
@@ -109,6 +123,17 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
         grad_out3 = grad_out.reshape(n, -1, out_features)
         if grad_out3.dtype != x.dtype:
             grad_out3 = grad_out3.to(x.dtype)
+        if _stacked(x, weight_mu, n, blocks):
+            grad_w = torch.bmm(grad_out3.transpose(1, 2), x3)
+            grad_mu, grad_rho, w = ops.sample_weight_samples_backward(grad_w, grad_log_q, grad_log_p, weight_mu,
+                                                                      weight_rho, seeds, 0, *prior, need_x)
+            grad_x = torch.bmm(grad_out3, w).reshape(x.shape) if need_x else None
+            grad_bias_mu = grad_bias_rho = None
+            if bias_mu is not None:
+                grad_bias_mu, grad_bias_rho, _ = ops.sample_weight_samples_backward(
+                    grad_out3.sum(1), grad_log_q, grad_log_p, bias_mu, bias_rho, seeds, 1, *prior, False)
+            return grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho, None, None, None, None
+        grad_log_q, grad_log_p = grad_log_q.unbind(0), grad_log_p.unbind(0)
         grad_x = torch.empty_like(x3) if need_x else None
         grad_x_list = grad_x.unbind(0) if need_x else [None] * n
         grad_out3_t = grad_out3.transpose(1, 2).unbind(0)

@@ -26,6 +26,15 @@ TORCH_LIBRARY(bayes_ext, m) {
   // with grad_w = None.
   m.def("sample_kl(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
         "float prior_sigma2, int start=0) -> (Tensor, Tensor)");
+  // N samples at once: sample s is sample_weight's with seed seeds[s] (seeds: 1-D int64).
+  // Returns (w (N, *mu.shape), log_q (N,), log_p (N,)). Impl: cpu/sample_samples_cpu.cpp.
+  m.def("sample_weight_samples(Tensor mu, Tensor rho, Tensor seeds, int offset, float prior_pi, "
+        "float prior_sigma1, float prior_sigma2) -> (Tensor, Tensor, Tensor)");
+  // Its backward: grad_w (N, *mu.shape) or None, grad_log_q / grad_log_p (N,); returns the
+  // gradients w.r.t. mu and rho summed over the samples, and the N samples if return_weight.
+  m.def("sample_weight_samples_backward(Tensor? grad_w, Tensor grad_log_q, Tensor grad_log_p, Tensor mu, "
+        "Tensor rho, Tensor seeds, int offset, float prior_pi, float prior_sigma1, float prior_sigma2, "
+        "bool return_weight) -> (Tensor, Tensor, Tensor)");
   // The standard normals of stream (seed, offset) in the shape, dtype and device of `like`.
   m.def("philox_normal(Tensor like, Tensor seed, int offset, int start=0) -> Tensor");
   // Rows `indices` (int64, any shape, values in [0, V)) of a sample of the (V, D) table

@@ -531,3 +531,72 @@ def test_sample_kl_opcheck_and_gradcheck(ops):
                                     eps=1e-6, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="prior_pi"):
         ops.sample_kl(mu, rho, seed, 0, 1.5, 0.3, 1.2)
+
+
+# ---- multi-seed ops (the vectorised multi-sample ELBO) ---------------------------------------------
+
+def _seeds(*values):
+    return torch.tensor(values, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("shape", [(7,), (37, 41), (130, 300)])
+def test_sample_weight_samples_equal_per_seed_calls(ops, shape):
+    mu, rho = _params(shape, torch.float32)
+    seeds = _seeds(3, -5, 2 ** 62, 11)
+    w, log_q, log_p = ops.sample_weight_samples(mu, rho, seeds, 1, 0.5, 0.3, 1.2)
+    assert w.shape == (4,) + shape and log_q.shape == log_p.shape == (4,)
+    for s in range(4):
+        w_s, q_s, p_s = ops.sample_weight(mu, rho, seeds[s], 1, 0.5, 0.3, 1.2)
+        assert torch.equal(w[s], w_s) and torch.equal(log_q[s], q_s) and torch.equal(log_p[s], p_s)
+
+
+@pytest.mark.parametrize("shape", [(37, 41), (130, 300)])
+def test_sample_weight_samples_backward_sums_per_seed_gradients(ops, shape):
+    mu, rho = _params(shape, torch.float64)
+    seeds = _seeds(9, 10, 12)
+    gen = torch.Generator().manual_seed(2)
+    grad_w = torch.randn((3,) + shape, generator=gen, dtype=torch.float64)
+    glq, glp = torch.tensor([0.2, -0.1, 0.5], dtype=torch.float64), torch.tensor([1.0, 0.3, -0.7], dtype=torch.float64)
+    grad_mu, grad_rho, w = ops.sample_weight_samples_backward(grad_w, glq, glp, mu, rho, seeds, 0, 1.0, 0.4, 0.4, True)
+    expected_mu = expected_rho = 0
+    for s in range(3):
+        g_mu, g_rho, w_s = ops.sample_weight_backward(grad_w[s], glq[s], glp[s], mu, rho, seeds[s], 0, 1.0, 0.4, 0.4,
+                                                      True)
+        expected_mu, expected_rho = expected_mu + g_mu, expected_rho + g_rho
+        assert torch.equal(w[s], w_s)
+    torch.testing.assert_close(grad_mu, expected_mu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_rho, expected_rho, rtol=1e-12, atol=1e-12)
+    no_w = ops.sample_weight_samples_backward(None, glq, glp, mu, rho, seeds, 0, 1.0, 0.4, 0.4, False)
+    assert no_w[2].numel() == 0
+
+
+def test_sample_weight_samples_autograd_opcheck_gradcheck(ops):
+    mu, rho = _params((5, 7), torch.float64)
+    mu.requires_grad_()
+    rho.requires_grad_()
+    seeds = _seeds(1, 2)
+    result = torch.library.opcheck(ops.sample_weight_samples, (mu, rho, seeds, 3, 0.5, 0.3, 1.2))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    fn = lambda m, r: ops.sample_weight_samples(m, r, seeds, 0, 0.5, 0.5, 2.0)
+    assert torch.autograd.gradcheck(fn, (mu, rho), eps=1e-6, atol=1e-6, rtol=1e-5)
+    args = (None, torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), mu.detach(), rho.detach(),
+            seeds, 0, 0.5, 0.3, 1.2, True)
+    result = torch.library.opcheck(ops.sample_weight_samples_backward, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_sample_weight_samples_bad_inputs(ops):
+    mu, rho = torch.zeros(3, 2), torch.zeros(3, 2)
+    with pytest.raises(TypeError, match="seeds must be an int64"):
+        ops.sample_weight_samples(mu, rho, torch.tensor([1, 2], dtype=torch.int32), 0, 1.0, 0.1, 0.1)
+    with pytest.raises(ValueError, match="seeds must be a 1-D"):
+        ops.sample_weight_samples(mu, rho, torch.tensor([[1, 2]]), 0, 1.0, 0.1, 0.1)
+    with pytest.raises(ValueError, match="seeds must be a 1-D"):
+        ops.sample_weight_samples(mu, rho, torch.tensor([], dtype=torch.int64), 0, 1.0, 0.1, 0.1)
+    seeds = _seeds(1, 2)
+    with pytest.raises(ValueError, match="grad_log_q must have shape"):
+        ops.sample_weight_samples_backward(None, torch.zeros(3), torch.zeros(2), mu, rho, seeds, 0, 1.0, 0.1, 0.1,
+                                           False)
+    with pytest.raises(ValueError, match="grad_w must"):
+        ops.sample_weight_samples_backward(torch.zeros(2, 3, 3), torch.zeros(2), torch.zeros(2), mu, rho, seeds, 0, 1.0,
+                                           0.1, 0.1, False)

@@ -13,6 +13,7 @@
 
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
+#include "chunks.h"
 #include "kernel_dispatch.h"
 #include "range_kernels_api.h"
 
@@ -21,9 +22,6 @@ namespace {
 
 using namespace cpu_kernel;
 
-// Fixed chunks: partial sums are added in chunk order, so the sum does not depend on the threads.
-constexpr int64_t kKlChunk = 16384;
-
 at::Tensor gaussian_kl_cpu(const at::Tensor& mu_in, const at::Tensor& rho_in, double prior_sigma) {
   check_posterior_params(mu_in, rho_in);
   check_prior_sigma(prior_sigma);
@@ -31,7 +29,7 @@ at::Tensor gaussian_kl_cpu(const at::Tensor& mu_in, const at::Tensor& rho_in, do
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   const int64_t n = mu.numel();
-  const int64_t chunks = (n + kKlChunk - 1) / kKlChunk;
+  const int64_t chunks = num_chunks(n);
   std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "gaussian_kl_cpu", [&] {
     const scalar_t* mu_p = mu.data_ptr<scalar_t>();
@@ -39,7 +37,7 @@ at::Tensor gaussian_kl_cpu(const at::Tensor& mu_in, const at::Tensor& rho_in, do
     const scalar_t inv_two_var = static_cast<scalar_t>(0.5 / (prior_sigma * prior_sigma));
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        KlRange<scalar_t> a{mu_p, rho_p, c * kKlChunk, std::min(n, (c + 1) * kKlChunk), inv_two_var, &partial[c]};
+        KlRange<scalar_t> a{mu_p, rho_p, c * kChunk, std::min(n, (c + 1) * kChunk), inv_two_var, &partial[c]};
         run_kl_forward(a);
       }
     });
@@ -69,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kl_backward_cpu(const at::Tensor& gr
     scalar_t* gmu_p = grad_mu.data_ptr<scalar_t>();
     scalar_t* grho_p = grad_rho.data_ptr<scalar_t>();
     const scalar_t inv_var = static_cast<scalar_t>(1.0 / (prior_sigma * prior_sigma));
-    at::parallel_for(0, n, kKlChunk, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
       KlBackwardRange<scalar_t> a{mu_p, rho_p, gmu_p, grho_p, begin, end, static_cast<scalar_t>(g), inv_var};
       run_kl_backward(a);
     });

@@ -12,6 +12,7 @@
 
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
+#include "chunks.h"
 #include "kernel_dispatch.h"
 #include "range_kernels_api.h"
 
@@ -19,9 +20,6 @@ namespace bayes_ext {
 namespace {
 
 using namespace cpu_kernel;
-
-// Fixed chunks: KL partial sums are added in chunk order, independent of the thread count.
-constexpr int64_t kLrtChunk = 16384;
 
 void check_cpu(const at::Tensor& mu) {
   TORCH_CHECK_VALUE(mu.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu.device());
@@ -37,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> lrt_weight_forward_cpu(const at::Tensor& mu_i
   const int64_t n = mu.numel();
   const bool with_kl = prior_sigma > 0.0;
   at::Tensor sigma2 = at::empty(mu.sizes(), mu.options());
-  const int64_t chunks = (n + kLrtChunk - 1) / kLrtChunk;
+  const int64_t chunks = num_chunks(n);
   std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "lrt_weight_forward_cpu", [&] {
     const scalar_t* mu_p = mu.data_ptr<scalar_t>();
@@ -46,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> lrt_weight_forward_cpu(const at::Tensor& mu_i
     const scalar_t inv_two_var = with_kl ? static_cast<scalar_t>(0.5 / (prior_sigma * prior_sigma)) : scalar_t(0);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        LrtForwardRange<scalar_t> a{mu_p, rho_p, s2_p, c * kLrtChunk, std::min(n, (c + 1) * kLrtChunk),
+        LrtForwardRange<scalar_t> a{mu_p, rho_p, s2_p, c * kChunk, std::min(n, (c + 1) * kChunk),
                                     inv_two_var, with_kl ? &partial[c] : nullptr};
         run_lrt_forward(a);
       }
@@ -80,7 +78,7 @@ at::Tensor lrt_weight_backward_cpu(at::Tensor& grad_mu, at::Tensor& grad_rho, co
     scalar_t* grho_p = grad_rho.data_ptr<scalar_t>();
     scalar_t* s2_p = sigma2.data_ptr<scalar_t>();
     const scalar_t inv_var = prior_sigma > 0.0 ? static_cast<scalar_t>(1.0 / (prior_sigma * prior_sigma)) : scalar_t(0);
-    at::parallel_for(0, n, kLrtChunk, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
       LrtBackwardRange<scalar_t> a{mu_p, rho_p, gmu_p, grho_p, s2_p, begin, end, static_cast<scalar_t>(g_kl), inv_var};
       run_lrt_backward(a);
     });

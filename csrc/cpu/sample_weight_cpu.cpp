@@ -13,6 +13,7 @@
 
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
+#include "chunks.h"
 #include "kernel_dispatch.h"
 #include "range_kernels_api.h"
 
@@ -20,12 +21,6 @@ namespace bayes_ext {
 namespace {
 
 using namespace cpu_kernel;
-
-// Fixed chunk size: partial sums are per chunk and added in chunk order, so log q and log p do
-// not depend on the number of threads.
-constexpr int64_t kChunk = 16384;
-
-int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
 template <typename scalar_t>
 void forward_cpu(const at::Tensor& mu, const at::Tensor& rho, at::Tensor& w, uint64_t seed, uint64_t offset,

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
@@ -227,12 +228,60 @@ at::Tensor philox_normal_cuda(const at::Tensor& like, const at::Tensor& seed, in
   return out;
 }
 
+// The multi-seed ops (see cpu/sample_samples_cpu.cpp) as N launches of the single-seed kernels:
+// on a GPU a launch costs microseconds, the per-call Python cost they save is on the host side.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_samples_cuda(const at::Tensor& mu, const at::Tensor& rho,
+                                                                          const at::Tensor& seeds, int64_t offset,
+                                                                          double prior_pi, double prior_sigma1,
+                                                                          double prior_sigma2) {
+  check_seeds(seeds, mu);
+  std::vector<at::Tensor> ws, qs, ps;
+  for (int64_t s = 0; s < seeds.numel(); ++s) {
+    const auto out = sample_cuda(mu, rho, seeds[s], offset, prior_pi, prior_sigma1, prior_sigma2, 0, true);
+    ws.push_back(std::get<0>(out));
+    qs.push_back(std::get<1>(out));
+    ps.push_back(std::get<2>(out));
+  }
+  return {at::stack(ws), at::stack(qs), at::stack(ps)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_samples_backward_cuda(
+    const c10::optional<at::Tensor>& grad_w, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
+    const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seeds, int64_t offset, double prior_pi,
+    double prior_sigma1, double prior_sigma2, bool return_weight) {
+  check_posterior_params(mu, rho);
+  check_seeds(seeds, mu);
+  const int64_t samples = seeds.numel();
+  check_samples_grad_w(grad_w, mu, samples);
+  check_per_sample(grad_log_q, mu, samples, "grad_log_q");
+  check_per_sample(grad_log_p, mu, samples, "grad_log_p");
+  const bool has_grad_w = grad_w.has_value() && grad_w->defined();
+  at::Tensor grad_mu, grad_rho;
+  std::vector<at::Tensor> ws;
+  for (int64_t s = 0; s < samples; ++s) {
+    const c10::optional<at::Tensor> gw_s = has_grad_w ? c10::optional<at::Tensor>((*grad_w)[s]) : c10::nullopt;
+    const auto out = sample_weight_backward_cuda(gw_s, grad_log_q[s], grad_log_p[s], mu, rho, seeds[s], offset,
+                                                 prior_pi, prior_sigma1, prior_sigma2, return_weight, 0);
+    if (s == 0) {
+      grad_mu = std::get<0>(out);
+      grad_rho = std::get<1>(out);
+    } else {  // in sample order: deterministic
+      grad_mu.add_(std::get<0>(out));
+      grad_rho.add_(std::get<1>(out));
+    }
+    if (return_weight) ws.push_back(std::get<2>(out));
+  }
+  return {grad_mu, grad_rho, return_weight ? at::stack(ws) : at::empty({0}, mu.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bayes_ext, CUDA, m) {
   m.impl("sample_weight", &sample_weight_cuda);
   m.impl("sample_weight_backward", &sample_weight_backward_cuda);
   m.impl("sample_kl", &sample_kl_cuda);
+  m.impl("sample_weight_samples", &sample_weight_samples_cuda);
+  m.impl("sample_weight_samples_backward", &sample_weight_samples_backward_cuda);
   m.impl("philox_normal", &philox_normal_cuda);
 }
 

@@ -34,6 +34,35 @@ inline void check_seed(const at::Tensor& seed, const at::Tensor& like) {
                     seed.device());
 }
 
+// The N seeds of the multi-sample ops: a non-empty 1-D int64 tensor on the CPU or mu's device.
+inline void check_seeds(const at::Tensor& seeds, const at::Tensor& like) {
+  TORCH_CHECK_TYPE(seeds.scalar_type() == at::kLong, "seeds must be an int64 tensor, got ", seeds.scalar_type());
+  TORCH_CHECK_VALUE(seeds.dim() == 1 && seeds.numel() >= 1, "seeds must be a 1-D tensor of N >= 1 seeds, got shape ",
+                    seeds.sizes());
+  TORCH_CHECK_VALUE(seeds.device().is_cpu() || seeds.device() == like.device(),
+                    "seeds must be on the CPU or on the device of mu (", like.device(), "), got ", seeds.device());
+}
+
+// One value per sample (grad_log_q / grad_log_p of the multi-sample ops).
+inline void check_per_sample(const at::Tensor& t, const at::Tensor& like, int64_t samples, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == samples, name, " must have shape (", samples, ",), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device() == like.device(), name,
+                    " must be on the CPU or on the device of mu (", like.device(), "), got ", t.device());
+}
+
+// grad_w of the multi-sample backward: (N, *mu.shape), mu's dtype and device.
+inline void check_samples_grad_w(const c10::optional<at::Tensor>& grad_w, const at::Tensor& mu, int64_t samples) {
+  if (!grad_w.has_value() || !grad_w->defined()) return;
+  std::vector<int64_t> shape{samples};
+  for (int64_t d : mu.sizes()) shape.push_back(d);
+  TORCH_CHECK_VALUE(grad_w->sizes() == at::IntArrayRef(shape), "grad_w must have shape (N, *mu.shape) = ", shape,
+                    ", got ", grad_w->sizes());
+  TORCH_CHECK_TYPE(grad_w->scalar_type() == mu.scalar_type(), "grad_w must have the dtype of mu (",
+                   mu.scalar_type(), "), got ", grad_w->scalar_type());
+  TORCH_CHECK_VALUE(grad_w->device() == mu.device(), "grad_w must be on the device of mu (", mu.device(), "), got ",
+                    grad_w->device());
+}
+
 inline void check_offset(int64_t offset) {
   TORCH_CHECK_VALUE(offset >= 0, "offset must be non-negative, got ", offset);
 }
