@@ -52,9 +52,17 @@ def softplus(rho: torch.Tensor) -> torch.Tensor:
     return rho.clamp_min(0) + torch.log1p(torch.exp(-rho.abs()))
 
 
+def _any_tiny(rho: torch.Tensor) -> bool:
+    """Whether the exact-limit branch is needed (always assumed on a GPU: asking would sync)."""
+    return rho.device.type != "cpu" or (rho.numel() > 0 and float(rho.amin()) < SOFTPLUS_TINY_RHO)
+
+
 def softplus_terms(rho: torch.Tensor):
     """(sigma, log sigma, sigmoid(rho), sigmoid(rho) / sigma) with exact limits for very negative rho."""
     sigma = softplus(rho)
+    if not _any_tiny(rho):  # the usual case: no selects (each a full pass in eager torch)
+        sig = torch.sigmoid(rho)
+        return sigma, torch.log(sigma), sig, sig / sigma
     tiny = rho < SOFTPLUS_TINY_RHO
     log_sigma = torch.where(tiny, rho, torch.log(sigma))
     sig = torch.sigmoid(rho)
@@ -92,7 +100,7 @@ def sample_weight(mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offse
         eps = _philox.normal(e - b, seed_value, offset, dtype=mu.dtype, device=mu.device, start=start + b)
         r = rho_flat[b:e]
         sigma = softplus(r)
-        log_sigma = torch.where(r < SOFTPLUS_TINY_RHO, r, sigma.log())
+        log_sigma = torch.where(r < SOFTPLUS_TINY_RHO, r, sigma.log()) if _any_tiny(r) else sigma.log()
         w_chunk = torch.addcmul(mu_flat[b:e], sigma, eps, out=w[b:e])
         log_q -= log_sigma.sum(dtype=acc) + 0.5 * (eps * eps).sum(dtype=acc)
         log_p += log_prior_terms(w_chunk, prior_pi, prior_sigma1, prior_sigma2).sum(dtype=acc)

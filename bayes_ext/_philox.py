@@ -24,23 +24,23 @@ def as_uint64(value: int) -> int:
     return int(value) & 0xFFFFFFFFFFFFFFFF
 
 
-def _mulhilo(a: torch.Tensor, m: int):
-    """(hi, lo) 32-bit halves of a * m for 32-bit words a (int64 tensor) and constant m."""
-    p = a * m  # wraps modulo 2^64: still the exact 64-bit product's bits
-    lo = p & MASK32
-    hi = p.bitwise_right_shift_(32).bitwise_and_(MASK32)  # & undoes the arithmetic shift's sign fill
-    return hi, lo
-
-
 def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
-    """Ten Philox rounds on counter words c0..c3 (int64 tensors of 32-bit values), key (k0, k1)."""
+    """Ten Philox rounds on counter words c0..c3 (int64 tensors of 32-bit values), key (k0, k1).
+
+    Each round is hi/lo of two 32x32-bit products. The lo words are kept as the whole 64-bit
+    products: their upper bits only ever meet XORs before the mask that cleans the next multiplier,
+    so one mask per product (the hi word's, after the XORs) is all the bookkeeping needed.
+    """
     for _ in range(10):
-        hi0, lo0 = _mulhilo(c0, M0)
-        hi1, lo1 = _mulhilo(c2, M1)
-        c0, c1, c2, c3 = hi1.bitwise_xor_(c1).bitwise_xor_(k0), lo1, hi0.bitwise_xor_(c3).bitwise_xor_(k1), lo0
+        p0 = c0 * M0  # wraps modulo 2^64: still the exact product's bits
+        p1 = c2 * M1
+        # >> is arithmetic (sign fill above bit 31 for products >= 2^63): masked after the XORs
+        c0 = (p1 >> 32).bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(MASK32)
+        c2 = (p0 >> 32).bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(MASK32)
+        c1, c3 = p1, p0  # lo words with garbage above bit 31
         k0 = (k0 + W0) & MASK32
         k1 = (k1 + W1) & MASK32
-    return c0, c1, c2, c3
+    return c0, c1.bitwise_and_(MASK32), c2, c3.bitwise_and_(MASK32)
 
 
 def philox_blocks(seed: int, offset: int, first_block: int, num_blocks: int, device=None):
@@ -57,14 +57,38 @@ def philox_blocks(seed: int, offset: int, first_block: int, num_blocks: int, dev
     return philox4x32_10(c0, c1, c2, c3, seed & MASK32, seed >> 32)
 
 
-def normal_from_words(x0, x1, x2, x3, dtype: torch.dtype) -> torch.Tensor:
-    """Box-Muller on the words of each block; returns the normals in element order, flattened."""
-    radius = lambda x: torch.sqrt(-2.0 * torch.log((((x >> 9) << 1) | 1).to(torch.float64) * TWO_POW_M24))
-    angle = lambda x: (x >> 8).to(torch.float64) * (TWO_POW_M24 * 2.0 * math.pi)
-    r01, r23 = radius(x0), radius(x2)
-    a01, a23 = angle(x1), angle(x3)
-    eps = torch.stack([r01 * torch.cos(a01), r01 * torch.sin(a01), r23 * torch.cos(a23), r23 * torch.sin(a23)], dim=-1)
-    return eps.reshape(-1).to(dtype)
+def _radius(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sqrt(-2 log u), u = (2 (x >> 9) + 1) 2^-24 in (0, 1): exact in float32 and float64."""
+    u = ((x >> 9) << 1 | 1).to(dtype).mul_(TWO_POW_M24)
+    return u.log_().mul_(-2.0).sqrt_()
+
+
+def _angle(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2 pi v, v = (x >> 8) 2^-24 in [0, 1)."""
+    return (x >> 8).to(dtype).mul_(TWO_POW_M24 * 2.0 * math.pi)
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Always float64: torch's vectorised and scalar (tail) log / cos / sin can differ by an ulp, so
+    # float32 math would make normal_at's values depend on where an element falls in a vector;
+    # rounded from float64 they agree (a one-ulp float64 difference almost never survives).
+    return torch.float64
+
+
+def normal_from_words(x0, x1, x2, x3, dtype: torch.dtype, out: torch.Tensor = None) -> torch.Tensor:
+    """Box-Muller on the words of each block; the normals in element order, flattened (into `out`,
+    a contiguous (4 * blocks,) tensor of dtype, when given)."""
+    math_dtype = _math_dtype(dtype)
+    result = out if out is not None and out.dtype == math_dtype else \
+        torch.empty(4 * x0.numel(), dtype=math_dtype, device=x0.device)
+    lanes = result.view(-1, 4)
+    for pair, (xr, xa) in enumerate(((x0, x1), (x2, x3))):
+        r, a = _radius(xr, math_dtype), _angle(xa, math_dtype)
+        torch.mul(r, torch.cos(a), out=lanes[:, 2 * pair])
+        torch.mul(r, a.sin_(), out=lanes[:, 2 * pair + 1])
+    if out is not None and out is not result:
+        return out.copy_(result)  # rounds to out's dtype
+    return result if result.dtype == dtype else result.to(dtype)
 
 
 CHUNK_BLOCKS = 1 << 16  # Philox blocks per chunk: the int64 word arrays (512 KB each) stay in cache
@@ -81,9 +105,12 @@ def normal(numel: int, seed: int, offset: int, dtype=torch.float32, device=None,
     chunk = CHUNK_BLOCKS if out.device.type == "cpu" else num_blocks  # GPUs prefer one big launch
     for begin in range(0, num_blocks, chunk):
         blocks = min(chunk, num_blocks - begin)
-        eps = normal_from_words(*philox_blocks(seed, offset, first_block + begin, blocks, device=out.device),
-                                dtype=dtype)
         lo = 4 * begin - skip  # position of this chunk's first element in `out`
+        words = philox_blocks(seed, offset, first_block + begin, blocks, device=out.device)
+        if lo >= 0 and lo + 4 * blocks <= numel:  # a whole chunk: Box-Muller writes straight into out
+            normal_from_words(*words, dtype=dtype, out=out[lo:lo + 4 * blocks])
+            continue
+        eps = normal_from_words(*words, dtype=dtype)
         out[max(lo, 0):lo + eps.numel()] = eps[max(-lo, 0):numel - lo]
     return out
 
@@ -105,6 +132,6 @@ def normal_at(elements: torch.Tensor, seed: int, offset: int, dtype=torch.float3
     x_even = torch.where(high_pair, x2, x0)
     x_odd = torch.where(high_pair, x3, x1)
     # The expressions of normal_from_words, so the values are bit-identical to normal()'s.
-    r = torch.sqrt(-2.0 * torch.log((((x_even >> 9) << 1) | 1).to(torch.float64) * TWO_POW_M24))
-    a = (x_odd >> 8).to(torch.float64) * (TWO_POW_M24 * 2.0 * math.pi)
+    math_dtype = _math_dtype(dtype)
+    r, a = _radius(x_even, math_dtype), _angle(x_odd, math_dtype)
     return torch.where((lane & 1) == 0, r * torch.cos(a), r * torch.sin(a)).to(dtype)
