@@ -54,7 +54,8 @@ def softplus(rho: torch.Tensor) -> torch.Tensor:
 
 def _any_tiny(rho: torch.Tensor) -> bool:
     """Whether the exact-limit branch is needed (always assumed on a GPU: asking would sync)."""
-    return rho.device.type != "cpu" or (rho.numel() > 0 and float(rho.amin()) < SOFTPLUS_TINY_RHO)
+    # a comparison, not amin: a NaN would hide the minimum from amin
+    return rho.device.type != "cpu" or bool((rho < SOFTPLUS_TINY_RHO).any())
 
 
 def softplus_terms(rho: torch.Tensor):

@@ -193,14 +193,9 @@ def linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Option
     return fused_linear_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
 
 
-def bayesian_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,
-                    bias_rho: Optional[Tensor] = None, seed: Optional[Tensor] = None,
-                    prior: ScaleMixture = (1.0, 0.1, 0.4)) -> Tuple[Tensor, Tensor, Tensor]:
-    """y = x W^T + b with W ~ N(weight_mu, softplus(weight_rho)^2), b likewise; returns (y, log_q, log_p).
-
-    The weight uses Philox stream (seed, 0) and the bias (seed, 1). A fresh seed is drawn when
-    ``seed`` is None.
-    """
+def check_linear_params(weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+                        bias_rho: Optional[Tensor]) -> None:
+    """Shapes, dtypes and devices of a linear layer's posterior parameters (clear errors)."""
     _checks.check_posterior_params(weight_mu, weight_rho)
     if weight_mu.dim() != 2:
         raise ValueError(f"weight_mu must be 2-D (out_features, in_features), got shape {tuple(weight_mu.shape)}")
@@ -210,12 +205,31 @@ def bayesian_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
         _checks.check_posterior_params(bias_mu, bias_rho)
         if bias_mu.shape != (weight_mu.shape[0],):
             raise ValueError(f"bias_mu must have shape ({weight_mu.shape[0]},), got {tuple(bias_mu.shape)}")
+
+
+def prepare_linear_call(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+                        bias_rho: Optional[Tensor], seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Validate a linear layer call, cast x to the active autocast dtype and draw a seed if none is
+    given: (x, seed), what every fused linear op takes."""
+    check_linear_params(weight_mu, weight_rho, bias_mu, bias_rho)
     check_input(x, weight_mu, weight_mu.shape[1])
     low_precision = autocast_dtype(x)
     if low_precision is not None:
         x = x.to(low_precision)
     seed = draw_seed() if seed is None else seed
     _checks.check_seed(seed, weight_mu)
+    return x, seed
+
+
+def bayesian_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,
+                    bias_rho: Optional[Tensor] = None, seed: Optional[Tensor] = None,
+                    prior: ScaleMixture = (1.0, 0.1, 0.4)) -> Tuple[Tensor, Tensor, Tensor]:
+    """y = x W^T + b with W ~ N(weight_mu, softplus(weight_rho)^2), b likewise; returns (y, log_q, log_p).
+
+    The weight uses Philox stream (seed, 0) and the bias (seed, 1). A fresh seed is drawn when
+    ``seed`` is None.
+    """
+    x, seed = prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     pi, sigma1, sigma2 = (float(v) for v in prior)
     _checks.check_prior(pi, sigma1, sigma2)
     return _linear_reparam(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1, sigma2)

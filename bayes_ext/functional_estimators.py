@@ -214,33 +214,13 @@ _linear_flipout.register_autograd(_linear_flipout_backward, setup_context=_linea
 
 # ---- entry points ---------------------------------------------------------------------------------
 
-def _check_linear_args(x, weight_mu, weight_rho, bias_mu, bias_rho, seed) -> Tuple[Tensor, Tensor]:
-    """Validate, apply autocast to x and draw a seed if none is given: (x, seed)."""
-    _checks.check_posterior_params(weight_mu, weight_rho)
-    if weight_mu.dim() != 2:
-        raise ValueError(f"weight_mu must be 2-D (out_features, in_features), got shape {tuple(weight_mu.shape)}")
-    if (bias_mu is None) != (bias_rho is None):
-        raise ValueError("bias_mu and bias_rho must both be given or both be None")
-    if bias_mu is not None:
-        _checks.check_posterior_params(bias_mu, bias_rho)
-        if bias_mu.shape != (weight_mu.shape[0],):
-            raise ValueError(f"bias_mu must have shape ({weight_mu.shape[0]},), got {tuple(bias_mu.shape)}")
-    BF.check_input(x, weight_mu, weight_mu.shape[1])
-    low_precision = BF.autocast_dtype(x)
-    if low_precision is not None:
-        x = x.to(low_precision)
-    seed = BF.draw_seed() if seed is None else seed
-    _checks.check_seed(seed, weight_mu)
-    return x, seed
-
-
 def linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,
                bias_rho: Optional[Tensor] = None, seed: Optional[Tensor] = None) -> Tensor:
     """Local reparameterisation: y = x mu^T + b_mu + sqrt(x^2 (sigma^2)^T + sigma_b^2) * eps, eps of
     y's shape from Philox stream (seed, 2); sigma = softplus(rho). Never materialises O x I noise;
     backward regenerates eps. The KL is not part of it (``linear_lrt_with_kl``, or an MC estimate
     on the weight's stream: see the layers)."""
-    x, seed = _check_linear_args(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
+    x, seed = BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     return _linear_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, 0.0)[0]
 
 
@@ -251,7 +231,7 @@ def linear_lrt_with_kl(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu
     in the same fused pass over the parameters as sigma^2 (and its gradient in the backward's)."""
     if not (isinstance(prior_sigma, (int, float)) and prior_sigma > 0 and math.isfinite(prior_sigma)):
         raise ValueError(f"prior_sigma must be positive and finite, got {prior_sigma}")
-    x, seed = _check_linear_args(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
+    x, seed = BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     y, _, kl = _linear_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, float(prior_sigma))
     return y, kl
 
@@ -264,7 +244,7 @@ def linear_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Op
     dW = softplus(rho) * eps from stream (seed, 0) (W's own sample), b from (seed, 1); S (x's
     shape) and R (y's shape) are +-1 signs from streams 3 and 4. Each output has the marginal of
     the weight-noise model; backward regenerates dW, S and R."""
-    x, seed = _check_linear_args(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
+    x, seed = BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     pi, sigma1, sigma2 = (float(v) for v in prior)
     _checks.check_prior(pi, sigma1, sigma2)
     return _linear_flipout(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1, sigma2)

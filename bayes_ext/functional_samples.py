@@ -224,15 +224,7 @@ def bayesian_linear_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bi
     ``bayesian_linear(x[s], ..., seed=seeds[s])``. Backward regenerates each W_s from its seed, so
     only x and the seeds are saved. ``seeds=None`` draws N fresh ones.
     """
-    _checks.check_posterior_params(weight_mu, weight_rho)
-    if weight_mu.dim() != 2:
-        raise ValueError(f"weight_mu must be 2-D (out_features, in_features), got shape {tuple(weight_mu.shape)}")
-    if (bias_mu is None) != (bias_rho is None):
-        raise ValueError("bias_mu and bias_rho must both be given or both be None")
-    if bias_mu is not None:
-        _checks.check_posterior_params(bias_mu, bias_rho)
-        if bias_mu.shape != (weight_mu.shape[0],):
-            raise ValueError(f"bias_mu must have shape ({weight_mu.shape[0]},), got {tuple(bias_mu.shape)}")
+    BF.check_linear_params(weight_mu, weight_rho, bias_mu, bias_rho)
     BF.check_input(x, weight_mu, weight_mu.shape[1])
     if x.dim() < 2:
         raise ValueError(f"input must be (N, ..., in_features) with the samples in dim 0, got shape {tuple(x.shape)}")

@@ -25,7 +25,7 @@ using namespace cpu_kernel;
 at::Tensor gaussian_kl_cpu(const at::Tensor& mu_in, const at::Tensor& rho_in, double prior_sigma) {
   check_posterior_params(mu_in, rho_in);
   check_prior_sigma(prior_sigma);
-  TORCH_CHECK_VALUE(mu_in.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu_in.device());
+  check_cpu(mu_in);
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   const int64_t n = mu.numel();
@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kl_backward_cpu(const at::Tensor& gr
   check_posterior_params(mu_in, rho_in);
   check_prior_sigma(prior_sigma);
   check_scalar_grad(grad, mu_in, "grad");
-  TORCH_CHECK_VALUE(mu_in.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu_in.device());
+  check_cpu(mu_in);
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   const int64_t n = mu.numel();

@@ -21,10 +21,6 @@ namespace {
 
 using namespace cpu_kernel;
 
-void check_cpu(const at::Tensor& mu) {
-  TORCH_CHECK_VALUE(mu.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu.device());
-}
-
 std::tuple<at::Tensor, at::Tensor> lrt_weight_forward_cpu(const at::Tensor& mu_in, const at::Tensor& rho_in,
                                                           double prior_sigma) {
   check_posterior_params(mu_in, rho_in);

@@ -24,10 +24,6 @@ constexpr int64_t kRowChunk = 16384;  // elements per parallel task (rows are gr
 
 int64_t rows_grain(int64_t dim) { return std::max<int64_t>(1, kRowChunk / std::max<int64_t>(dim, 1)); }
 
-void check_cpu(const at::Tensor& mu) {
-  TORCH_CHECK_VALUE(mu.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu.device());
-}
-
 // indices (contiguous, CPU) must lie in [0, num_rows).
 void check_index_range(const at::Tensor& idx, int64_t num_rows) {
   const int64_t* p = idx.data_ptr<int64_t>();

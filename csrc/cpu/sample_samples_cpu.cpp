@@ -36,10 +36,6 @@ std::vector<double> per_sample_values(const at::Tensor& t) {
   return std::vector<double>(p, p + d.numel());
 }
 
-void check_cpu(const at::Tensor& mu) {
-  TORCH_CHECK_VALUE(mu.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu.device());
-}
-
 std::vector<int64_t> stacked_shape(int64_t samples, const at::Tensor& mu) {
   std::vector<int64_t> shape{samples};
   for (int64_t d : mu.sizes()) shape.push_back(d);

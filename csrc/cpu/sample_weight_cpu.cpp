@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cpu(const at::Tenso
   check_offset(offset);
   check_start(start, mu_in.numel());
   check_prior(prior_pi, prior_sigma1, prior_sigma2);
-  TORCH_CHECK_VALUE(mu_in.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu_in.device());
+  check_cpu(mu_in);
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   at::Tensor w = at::empty(mu.sizes(), mu.options());
@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> sample_kl_cpu(const at::Tensor& mu_in, const 
   check_offset(offset);
   check_start(start, mu_in.numel());
   check_prior(prior_pi, prior_sigma1, prior_sigma2);
-  TORCH_CHECK_VALUE(mu_in.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu_in.device());
+  check_cpu(mu_in);
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   at::Tensor no_weight;  // undefined: the kernel only sums

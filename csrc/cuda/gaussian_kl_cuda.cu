@@ -12,17 +12,10 @@
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
 #include "block_sum.cuh"
+#include "launch.cuh"
 
 namespace bayes_ext {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 4096;
-
-int64_t grid_for(int64_t n) {
-  const int64_t g = (n + kThreads - 1) / kThreads;
-  return g < 1 ? 1 : (g > kMaxBlocks ? kMaxBlocks : g);
-}
 
 template <typename T>
 __global__ void kl_kernel(const T* __restrict__ mu, const T* __restrict__ rho, int64_t n, T inv_two_var,
@@ -45,10 +38,6 @@ __global__ void kl_backward_kernel(const T* __restrict__ grad, const T* __restri
     gaussian_kl_grads(g, mu[i], rho[i], inv_var, grad_mu + i, grad_rho + i);
 }
 
-void check_cuda(const at::Tensor& mu) {
-  TORCH_CHECK_VALUE(mu.device().is_cuda(), "mu must be a CUDA tensor for the CUDA kernel, got ", mu.device());
-}
-
 at::Tensor gaussian_kl_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in, double prior_sigma) {
   check_posterior_params(mu_in, rho_in);
   check_prior_sigma(prior_sigma);
@@ -57,7 +46,7 @@ at::Tensor gaussian_kl_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in, d
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   const int64_t n = mu.numel();
-  const int64_t grid = grid_for(n);
+  const int64_t grid = capped_grid(n);
   at::Tensor partials = at::zeros({grid}, mu.options().dtype(at::kDouble));
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "gaussian_kl_cuda", [&] {
@@ -86,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kl_backward_cuda(const at::Tensor& g
   at::Tensor grad_rho = at::empty(mu.sizes(), mu.options());
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "gaussian_kl_backward_cuda", [&] {
-      kl_backward_kernel<scalar_t><<<grid_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      kl_backward_kernel<scalar_t><<<capped_grid(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           g.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(),
           grad_rho.data_ptr<scalar_t>(), n, static_cast<scalar_t>(1.0 / (prior_sigma * prior_sigma)));
       C10_CUDA_KERNEL_LAUNCH_CHECK();

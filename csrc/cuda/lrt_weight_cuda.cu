@@ -12,17 +12,10 @@
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
 #include "block_sum.cuh"
+#include "launch.cuh"
 
 namespace bayes_ext {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 4096;
-
-int64_t grid_for(int64_t n) {
-  const int64_t g = (n + kThreads - 1) / kThreads;
-  return g < 1 ? 1 : (g > kMaxBlocks ? kMaxBlocks : g);
-}
 
 template <typename T, bool WithKl>
 __global__ void lrt_forward_kernel(const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ sigma2,
@@ -57,10 +50,6 @@ __global__ void lrt_backward_kernel(const T* __restrict__ grad_kl, const T* __re
   }
 }
 
-void check_cuda(const at::Tensor& mu) {
-  TORCH_CHECK_VALUE(mu.device().is_cuda(), "mu must be a CUDA tensor for the CUDA kernel, got ", mu.device());
-}
-
 std::tuple<at::Tensor, at::Tensor> lrt_weight_forward_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in,
                                                            double prior_sigma) {
   check_posterior_params(mu_in, rho_in);
@@ -71,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> lrt_weight_forward_cuda(const at::Tensor& mu_
   const at::Tensor rho = rho_in.contiguous();
   const int64_t n = mu.numel();
   const bool with_kl = prior_sigma > 0.0;
-  const int64_t grid = grid_for(n);
+  const int64_t grid = capped_grid(n);
   at::Tensor sigma2 = at::empty(mu.sizes(), mu.options());
   at::Tensor partials = at::zeros({grid}, mu.options().dtype(at::kDouble));
   if (n > 0) {
@@ -106,7 +95,7 @@ at::Tensor lrt_weight_backward_cuda(at::Tensor& grad_mu, at::Tensor& grad_rho, c
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "lrt_weight_backward_cuda", [&] {
       const scalar_t inv_var = with_kl ? static_cast<scalar_t>(1.0 / (prior_sigma * prior_sigma)) : scalar_t(0);
-      lrt_backward_kernel<scalar_t><<<grid_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      lrt_backward_kernel<scalar_t><<<capped_grid(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           with_kl ? g.data_ptr<scalar_t>() : nullptr, mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(),
           grad_mu.data_ptr<scalar_t>(), grad_rho.data_ptr<scalar_t>(), sigma2.data_ptr<scalar_t>(), n, inv_var);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -13,21 +13,17 @@
 
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
+#include "launch.cuh"
 #include "seed_arg.cuh"
 
 namespace bayes_ext {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
 
 // Philox blocks a row of `dim` elements can span: its first block may start mid-block.
 __host__ __device__ __forceinline__ int64_t blocks_per_row(int64_t dim) { return (dim + 3) / 4 + 1; }
 
-int64_t grid_for_items(int64_t items) {
-  const int64_t g = (items + kThreads - 1) / kThreads;
-  return g < 1 ? 1 : (g > kMaxBlocks ? kMaxBlocks : g);
-}
+int64_t grid_for_items(int64_t items) { return capped_grid(items, 65535); }
 
 template <typename T>
 __global__ void rows_forward_kernel(const T* __restrict__ mu, const T* __restrict__ rho,
@@ -97,10 +93,6 @@ __global__ void rows_backward_kernel(const T* __restrict__ grad_rows, const T* _
       }
     }
   }
-}
-
-void check_cuda(const at::Tensor& mu) {
-  TORCH_CHECK_VALUE(mu.device().is_cuda(), "mu must be a CUDA tensor for the CUDA kernel, got ", mu.device());
 }
 
 at::Tensor sample_rows_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in, const at::Tensor& indices,

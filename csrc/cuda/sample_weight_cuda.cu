@@ -14,23 +14,19 @@
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
 #include "block_sum.cuh"
+#include "launch.cuh"
 #include "seed_arg.cuh"
 
 namespace bayes_ext {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 4096;
 
 // Philox blocks covering stream elements [start, start + n).
 __host__ __device__ __forceinline__ int64_t philox_blocks_spanned(int64_t n, int64_t start) {
   return n == 0 ? 0 : (start + n + 3) / 4 - start / 4;
 }
 
-int64_t grid_for(int64_t num_philox_blocks) {
-  const int64_t g = (num_philox_blocks + kThreads - 1) / kThreads;
-  return g < 1 ? 1 : (g > kMaxBlocks ? kMaxBlocks : g);
-}
+int64_t grid_for(int64_t num_philox_blocks) { return capped_grid(num_philox_blocks); }
 
 template <typename T>
 __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ w, int64_t n,
@@ -114,17 +110,13 @@ __global__ void normal_kernel(T* __restrict__ out, int64_t n, int64_t start, See
   }
 }
 
-void check_cuda_inputs(const at::Tensor& mu) {
-  TORCH_CHECK_VALUE(mu.device().is_cuda(), "mu must be a CUDA tensor for the CUDA kernel, got ", mu.device());
-}
-
 // (w, log_q, log_p); with write_weight false w is left undefined and only the sums are computed.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in,
                                                            const at::Tensor& seed, int64_t offset, double prior_pi,
                                                            double prior_sigma1, double prior_sigma2, int64_t start,
                                                            bool write_weight) {
   check_posterior_params(mu_in, rho_in);
-  check_cuda_inputs(mu_in);
+  check_cuda(mu_in);
   check_seed(seed, mu_in);
   check_offset(offset);
   check_start(start, mu_in.numel());
@@ -173,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cuda(
     const at::Tensor& mu_in, const at::Tensor& rho_in, const at::Tensor& seed, int64_t offset, double prior_pi,
     double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start) {
   check_posterior_params(mu_in, rho_in);
-  check_cuda_inputs(mu_in);
+  check_cuda(mu_in);
   check_seed(seed, mu_in);
   check_offset(offset);
   check_start(start, mu_in.numel());
@@ -210,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cuda(
 
 at::Tensor philox_normal_cuda(const at::Tensor& like, const at::Tensor& seed, int64_t offset, int64_t start) {
   check_floating(like, "like");
-  check_cuda_inputs(like);
+  check_cuda(like);
   check_seed(seed, like);
   check_offset(offset);
   check_start(start, like.numel());

@@ -14,6 +14,16 @@ inline void check_floating(const at::Tensor& t, const char* name) {
                    " must be a float32 or float64 tensor, got ", t.scalar_type());
 }
 
+// The device a kernel file serves (the dispatcher routes by the tensors' device; a direct call of a
+// kernel with another device's tensors gets this error instead of a crash).
+inline void check_cpu(const at::Tensor& mu) {
+  TORCH_CHECK_VALUE(mu.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu.device());
+}
+
+inline void check_cuda(const at::Tensor& mu) {
+  TORCH_CHECK_VALUE(mu.device().is_cuda(), "mu must be a CUDA tensor for the CUDA kernel, got ", mu.device());
+}
+
 inline void check_posterior_params(const at::Tensor& mu, const at::Tensor& rho) {
   TORCH_CHECK_TYPE(mu.defined() && rho.defined(), "mu and rho must be tensors");
   check_floating(mu, "mu");
