@@ -677,3 +677,22 @@ def test_load_blitz_model_in_one_call():
             m.freeze = True
     x = torch.randn(3, 6, 3)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+
+
+def test_unfused_lstm_loop_equals_the_fused_kernel(backend):
+    """The loop compiled graphs use for LSTM training (inductor cannot lower the fused kernel
+    there) computes what torch's fused LSTM computes, values and gradients."""
+    layer = make("lstm", dtype=torch.float64)
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    h0, c0 = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    weights = [w.detach().clone().requires_grad_() for w in layer.get_frozen_weights()]
+    seq, (h, c) = layer._run(x, *weights, (h0, c0))
+    (seq.sum() + c.sum()).backward()
+    fused_grads = [w.grad for w in weights]
+    weights2 = [w.detach().clone().requires_grad_() for w in weights]
+    seq2, (h2, c2) = layer._run_unfused(x, *weights2, h0, c0)
+    (seq2.sum() + c2.sum()).backward()
+    torch.testing.assert_close(seq2, seq)
+    torch.testing.assert_close((h2, c2), (h, c))
+    for a, b in zip(weights2, fused_grads):
+        torch.testing.assert_close(a.grad, b)

@@ -59,12 +59,33 @@ class BayesianLSTM(BayesianRNN):
         h0, c0 = self._states(x, hidden_states)
         if self.peephole:
             return self._run_peephole(x, weight_ih, weight_hh, bias, c0[0])
+        if torch.compiler.is_compiling() and torch.is_grad_enabled() and x.device.type == "cpu":
+            # inductor's CPU lowering of the fused LSTM (mkldnn_rnn_layer) fails in training
+            # (torch 2.13: "expected Tensor() for op ... mkldnn_rnn_layer"); the same equations as
+            # a loop over time compile (unrolled) and give the same values
+            return self._run_unfused(x, weight_ih, weight_hh, bias, h0[0], c0[0])
         # nn.LSTM's layouts are the transposes of BLiTZ's: (4H, in) and (4H, H); same gate order.
         params = [weight_ih.t(), weight_hh.t()]
         if bias is not None:
             params += [bias, torch.zeros_like(bias)]
         seq, h, c = self._fused(torch._VF.lstm, x, (h0, c0), params, bias is not None)
         return seq, (h[0], c[0])
+
+    def _run_unfused(self, x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Tensor], h: Tensor,
+                     c: Tensor):
+        """The plain LSTM as a loop over time (the input projection of all steps in one matmul)."""
+        H = self.out_features
+        xw = torch.matmul(x, weight_ih)
+        if bias is not None:
+            xw = xw + bias
+        outputs = []
+        for t in range(x.shape[1]):
+            gates = xw[:, t] + h.matmul(weight_hh)
+            i, f, g, o = gates.split(H, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), (h, c)
 
     def _run_peephole(self, x: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Tensor], c: Tensor):
         H = self.out_features
