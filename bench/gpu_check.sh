@@ -44,7 +44,9 @@ step build 300 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-d
 "$PY" -c 'import bayes_ext, torch; assert bayes_ext.extension_available(); print(torch.ops.bayes_ext.sample_weight.default)' \
   >> "$SUMMARY" 2>&1 || { echo "extension did not load" | tee -a "$SUMMARY"; exit 1; }
 
-step cuda-tests 150 "$OUT/cuda_tests.log" "$PY" -m pytest -q -x tests/test_cuda.py -p no:cacheprovider
+# no -x: one failure must not hide the others (the GPU time is too short for a second look)
+step cuda-tests 150 "$OUT/cuda_tests.log" "$PY" -m pytest -q tests/test_cuda.py tests/test_cuda_layers.py \
+  -p no:cacheprovider
 step gpu-bench 240 "$OUT/bench.log" "$PY" bench/bench_layers.py --device cuda --out "$OUT"
 case "${GPU_CHECK_SANITIZER:-memcheck}" in
   none) ;;

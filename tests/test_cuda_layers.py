@@ -1,0 +1,161 @@
+"""CUDA, beyond the core op (tests/test_cuda.py): the other ops against their CPU results on the
+same seeds, CPU-GPU parity of every layer and estimator, and mixed precision (fp16 / bf16 autocast)
+on the GPU. Skipped without a GPU; bench/gpu_check.sh runs them on the GPU machine."""
+import pytest
+import torch
+
+from bayes_ext import _backend
+from bayes_ext.modules import (BayesianConv2d, BayesianEmbedding, BayesianGRU, BayesianLinear, BayesianLSTM)
+from helpers import seed_tensor
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")]
+DEV = "cuda"
+F32 = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def cuda_ops(backend):
+    if backend == "compiled" and not torch._C._dispatch_has_kernel_for_dispatch_key("bayes_ext::gaussian_kl", "CUDA"):
+        pytest.skip("the compiled extension was built without CUDA kernels")
+    return _backend.ops()
+
+
+def _params(shape, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=dtype) * 0.5, torch.randn(shape, generator=gen, dtype=dtype) - 3
+
+
+def _cpu_gpu(fn, *cpu_args):
+    """fn on the CPU tensors and on their CUDA copies."""
+    return fn(*cpu_args), fn(*(a.to(DEV) for a in cpu_args))
+
+
+def _close(a, b, **tol):
+    if isinstance(a, (tuple, list)):
+        for x, y in zip(a, b):
+            _close(x, y, **tol)
+    elif isinstance(a, torch.Tensor) and a.numel():
+        torch.testing.assert_close(b.cpu(), a, **tol)
+
+
+def test_closed_form_kl_ops(cuda_ops):
+    mu, rho = _params((300, 70))
+    _close(*_cpu_gpu(lambda m, r: cuda_ops.gaussian_kl(m, r, 0.3), mu, rho), rtol=1e-5, atol=1e-3)
+    g = torch.tensor(0.7)
+    _close(*_cpu_gpu(lambda m, r: cuda_ops.gaussian_kl_backward(g.to(m.device), m, r, 0.3), mu, rho), **F32)
+    _close(*_cpu_gpu(lambda m, r: cuda_ops.lrt_weight_forward(m, r, 0.3), mu, rho), rtol=1e-5, atol=1e-3)
+
+    def lrt_backward(m, r):
+        gm, gr = torch.ones_like(m), torch.full_like(m, 0.5)
+        s2 = cuda_ops.lrt_weight_backward_(gm, gr, g.to(m.device), m, r, 0.3)
+        return gm, gr, s2
+    _close(*_cpu_gpu(lrt_backward, mu, rho), **F32)
+
+
+def test_sample_kl_and_multi_seed_ops(cuda_ops):
+    mu, rho = _params((65, 33))
+    seed, seeds = seed_tensor(5), torch.tensor([3, 4, 5], dtype=torch.int64)
+    _close(*_cpu_gpu(lambda m, r: cuda_ops.sample_kl(m, r, seed.to(m.device), 0, 0.5, 0.3, 1.2), mu, rho),
+           rtol=1e-5, atol=1e-3)
+    _close(*_cpu_gpu(lambda m, r: cuda_ops.sample_weight_samples(m, r, seeds, 0, 0.5, 0.3, 1.2), mu, rho),
+           rtol=1e-5, atol=1e-3)
+    grad_w = torch.randn(3, 65, 33)
+    glq, glp = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([1.0, -1.0, 0.5])
+    _close(*_cpu_gpu(lambda gw, m, r, q, p: cuda_ops.sample_weight_samples_backward(gw, q, p, m, r, seeds, 0, 0.5, 0.3,
+                                                                                     1.2, True),
+                     grad_w, mu, rho, glq, glp), **F32)
+
+
+def test_rows_backward_add(cuda_ops):
+    mu, rho = _params((50, 12))
+    idx = torch.tensor([[3, 7, 3], [49, 0, 7]])
+    grad_rows = torch.randn(2, 3, 12)
+
+    def add(m, r, i, g):
+        gm, gr = torch.ones_like(m), torch.ones_like(m)
+        cuda_ops.sample_rows_backward_add_(gm, gr, g, m, r, i, seed_tensor(9).to(m.device), 0)
+        return gm, gr
+    _close(*_cpu_gpu(add, mu, rho, idx, grad_rows), **F32)
+
+
+def _layer_parity(make, x, extra_loss=None, tol=F32):
+    torch.manual_seed(0)
+    cpu_layer = make()
+    gpu_layer = make().to(DEV)
+    gpu_layer.load_state_dict(cpu_layer.state_dict())
+    results = []
+    for layer, dev in ((cpu_layer, "cpu"), (gpu_layer, DEV)):
+        torch.manual_seed(42)  # seeds come from the CPU generator on every device
+        out = layer(x.to(dev))
+        y = out[0] if isinstance(out, tuple) else out
+        (y.float().pow(2).sum() + 0.1 * layer.kl_divergence()).backward()
+        results.append((y.detach().cpu(), layer.kl_divergence().detach().cpu(),
+                        [p.grad.detach().cpu() for p in layer.parameters()]))
+    _close(results[0], results[1], **tol)
+
+
+@pytest.mark.parametrize("estimator,kl", [("reparam", "mc"), ("lrt", "closed_form"), ("lrt", "mc"),
+                                          ("flipout", "mc"), ("flipout", "closed_form")])
+def test_linear_estimators_cpu_gpu_parity(cuda_ops, estimator, kl):
+    prior = {"prior_pi": 0.5} if (estimator, kl) == ("lrt", "mc") else {}
+    _layer_parity(lambda: BayesianLinear(33, 17, estimator=estimator, kl=kl, posterior_rho_init=-3.0, **prior),
+                  torch.randn(6, 33))
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "lrt", "flipout"])
+def test_conv_cpu_gpu_parity(cuda_ops, estimator):
+    # cuDNN and the CPU convolution sum in other orders: a looser tolerance than the linear layer
+    _layer_parity(lambda: BayesianConv2d(3, 5, 3, padding=1, estimator=estimator, posterior_rho_init=-3.0),
+                  torch.randn(2, 3, 8, 8), tol=dict(rtol=1e-4, atol=1e-4))
+
+
+@pytest.mark.parametrize("cls", [BayesianLSTM, BayesianGRU])
+def test_rnn_cpu_gpu_parity(cuda_ops, cls):
+    _layer_parity(lambda: cls(6, 8, posterior_rho_init=-3.0), torch.randn(3, 7, 6), tol=dict(rtol=1e-4, atol=1e-4))
+
+
+@pytest.mark.parametrize("kl", ["mc", "closed_form"])
+def test_embedding_cpu_gpu_parity(cuda_ops, kl):
+    torch.manual_seed(0)
+    cpu_layer = BayesianEmbedding(40, 6, kl=kl, padding_idx=0)
+    gpu_layer = BayesianEmbedding(40, 6, kl=kl, padding_idx=0).to(DEV)
+    gpu_layer.load_state_dict(cpu_layer.state_dict())
+    idx = torch.tensor([[0, 5, 5], [39, 2, 0]])
+    results = []
+    for layer, dev in ((cpu_layer, "cpu"), (gpu_layer, DEV)):
+        torch.manual_seed(42)
+        y = layer(idx.to(dev))
+        (y.pow(2).sum() + 0.1 * layer.kl_divergence()).backward()
+        results.append((y.detach().cpu(), layer.kl_divergence().detach().cpu(),
+                        [p.grad.detach().cpu() for p in layer.parameters()]))
+    _close(results[0], results[1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "lrt", "conv", "lstm"])
+def test_autocast_on_cuda(cuda_ops, dtype, kind):
+    """Under CUDA autocast the layer computes in the autocast dtype (like its nn layer), mu / rho and
+    their gradients stay float32, the KL is float32, and the result is close to the float32 run."""
+    make = {"linear": lambda: BayesianLinear(16, 8, posterior_rho_init=-3.0),
+            "lrt": lambda: BayesianLinear(16, 8, estimator="lrt", posterior_rho_init=-3.0),
+            "conv": lambda: BayesianConv2d(4, 6, 3, posterior_rho_init=-3.0),
+            "lstm": lambda: BayesianLSTM(16, 8, posterior_rho_init=-3.0)}[kind]
+    x = (torch.randn(2, 4, 9, 9) if kind == "conv" else torch.randn(3, 5, 16)).to(DEV)
+    torch.manual_seed(0)
+    layer = make().to(DEV)
+    outs = []
+    for enabled in (True, False):
+        layer.zero_grad()
+        torch.manual_seed(7)
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled):
+            out = layer(x)
+            y = out[0] if isinstance(out, tuple) else out
+            kl = layer.kl_divergence()
+        assert y.dtype == (dtype if enabled else torch.float32)
+        assert kl.dtype == torch.float32
+        (y.float().sum() + kl).backward()
+        assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in layer.parameters())
+        outs.append(y.float())
+    tol = 2e-2 if dtype == torch.float16 else 8e-2
+    torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
