@@ -419,6 +419,30 @@ def test_batch_not_in_dim_0_runs_the_loop(monkeypatch):
     assert "_sample_batch" not in model.l1.__dict__
 
 
+@variational_estimator
+class HardCodedBatch(nn.Module):
+    """A forward that only works for its own batch size (a view with the batch written in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = BayesianLinear(5, 2, dtype=F64)
+
+    def forward(self, x):  # (4, 5) -> (4, 2)
+        return self.l1(x).view(4, 2)
+
+
+def test_a_forward_that_fails_batched_runs_the_loop():
+    """Automatic selection never breaks a model the loop runs: it falls back (same loss, gradients
+    and generator state as the loop); vectorized=True lets the model's own error through."""
+    model = HardCodedBatch()
+    x, y = torch.randn(4, 5, dtype=F64), torch.randn(4, 2, dtype=F64)
+    _assert_same(_elbo_step(model, x, y, nn.MSELoss(), 3, vectorized=None),
+                 _elbo_step(model, x, y, nn.MSELoss(), 3, vectorized=False))
+    with pytest.raises(RuntimeError, match="shape"):
+        model.sample_elbo(x, y, nn.MSELoss(), 3, vectorized=True)
+    assert "_sample_batch" not in model.l1.__dict__
+
+
 def test_layer_state_restored_after_an_error():
     @variational_estimator
     class Failing(nn.Module):

@@ -168,7 +168,10 @@ def run_samples(model: nn.Module, inputs, sample_nbr: int, vectorized: Optional[
                     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                     raise NotVectorisable(f"the model's output must hold the {sample_nbr} samples x {batch} "
                                           f"examples in dim 0, got {shape}")
-            except NotVectorisable:
+            except Exception:
+                # Automatic selection never turns a model that works in the loop into an error: a
+                # forward that fails on the N*B batch (a hard-coded batch size in a view, say) runs
+                # as the loop, which raises again if the model is broken either way.
                 torch.set_rng_state(rng_state)
                 if strict:
                     return None
