@@ -44,7 +44,8 @@ def check_indices(input: Tensor, weight_mu: Tensor, name: str = "input") -> Tens
     if input.device != weight_mu.device:
         raise ValueError(f"{name} must be on the device of the embedding table ({weight_mu.device}), "
                          f"got {input.device}")
-    if input.device.type == "cpu" and input.numel() > 0:
+    # torch.compile: a value read here would break the graph; the ops check the range themselves
+    if input.device.type == "cpu" and input.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(input.min()), int(input.max())
         if low < 0 or high >= weight_mu.shape[0]:
             raise ValueError(f"{name} must hold indices in [0, {weight_mu.shape[0]}), got {low if low < 0 else high}")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from bayes_ext.modules import (BayesianConv1d, BayesianConv2d, BayesianConvTranspose2d, BayesianGRU, BayesianLinear,
-                               BayesianLSTM)
+from bayes_ext.modules import (BayesianConv1d, BayesianConv2d, BayesianConvTranspose2d, BayesianEmbedding, BayesianGRU,
+                               BayesianLinear, BayesianLSTM)
 from bayes_ext.utils import variational_estimator
 
 
@@ -51,6 +51,17 @@ class Recurrent(nn.Module):
     def forward(self, x):
         seq, _ = self.rnn(x)
         return self.head(seq[:, -1])
+
+
+@variational_estimator
+class Embedded(nn.Module):
+    def __init__(self, kl):
+        super().__init__()
+        self.emb = BayesianEmbedding(50, 8, padding_idx=0, kl=kl, posterior_rho_init=-3.0)
+        self.head = BayesianLinear(8, 2)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
 
 
 def _step(model, x, seed):
@@ -107,6 +118,14 @@ def test_compile_conv(backend):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kl", ["mc", "closed_form"])
+def test_compile_embedding(backend, kl):
+    """The index checks read no values while compiling (the ops check the range), so no graph break."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (4, 6))
+    _check_same_as_eager(Embedded(kl), ids)
+
+
 def test_compile_gru(backend):
     torch.manual_seed(0)
     _check_same_as_eager(Recurrent(BayesianGRU).train(), torch.randn(2, 4, 3))
