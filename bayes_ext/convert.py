@@ -1,8 +1,7 @@
 """Turn a trained deterministic model into a Bayesian one: ``bayesianize(model)``.
 
-Every ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.LSTM`` and ``nn.GRU``
-(and ``nn.Embedding`` when ``bayes_ext.modules.BayesianEmbedding`` exists) is replaced by its
-Bayesian layer, with the posterior mean set to the trained weights and the posterior scale from
+Every ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.LSTM``, ``nn.GRU`` and
+``nn.Embedding`` is replaced by its Bayesian layer, with the posterior mean set to the trained weights and the posterior scale from
 MOPED (``sigma = delta * |w|``, Krishnan et al. 2019) or a constant ``sigma``. Everything else
 (BatchNorm, activations, pooling, custom modules) is left as it is, parameters and buffers included.
 
@@ -118,19 +117,13 @@ _BUILDERS = {
     nn.ConvTranspose3d: _conv(M.BayesianConvTranspose3d),
     nn.LSTM: _lstm,
     nn.GRU: _gru,
+    nn.Embedding: _embedding,
 }
-
-
-def _builders() -> Dict[Type[nn.Module], object]:
-    builders = dict(_BUILDERS)
-    if hasattr(M, "BayesianEmbedding"):  # added by another part of the project; converted when present
-        builders[nn.Embedding] = _embedding
-    return builders
 
 
 def convertible_types():
     """The module types ``bayesianize`` converts (with this build of bayes_ext)."""
-    return tuple(_builders())
+    return tuple(_BUILDERS)
 
 
 # ---- the conversion ---------------------------------------------------------------------------------------
@@ -161,7 +154,7 @@ def _convert_module(m: nn.Module, build, delta: float, sigma: Optional[float], p
 def bayesianize(model: nn.Module, inplace: bool = False, delta: float = 0.1, sigma: Optional[float] = None,
                 types: Optional[Iterable[Type[nn.Module]]] = None, strict: bool = True,
                 **prior_kwargs) -> nn.Module:
-    """Replace the Linear / Conv / ConvTranspose / LSTM / GRU (/ Embedding) modules of ``model`` by
+    """Replace the Linear / Conv / ConvTranspose / LSTM / GRU / Embedding modules of ``model`` by
     Bayesian layers whose posterior mean is the trained weight.
 
     Args:
@@ -190,7 +183,7 @@ def bayesianize(model: nn.Module, inplace: bool = False, delta: float = 0.1, sig
     if unknown:
         raise TypeError(f"bayesianize got unexpected keyword arguments {sorted(unknown)}; "
                         f"prior arguments are {list(_PRIOR_KEYS)}")
-    builders = _builders()
+    builders = _BUILDERS
     if types is not None:
         types = tuple(types)
         bad = [t for t in types if t not in builders]
