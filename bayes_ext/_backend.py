@@ -21,7 +21,7 @@ FORCE_PYTHON = os.environ.get("BAYES_EXT_FORCE_PYTHON", "0").strip().lower() not
 _extension_loaded = False
 _load_error = None
 # The ops csrc/ops.cpp defines (bayes_ext/_ops.py gives each a pure-PyTorch twin).
-OP_NAMES = ("sample_weight", "sample_weight_backward", "sample_kl", "sample_weight_samples",
+OP_NAMES = ("sample_weight", "sample_weight_backward", "sample_weight_backward_into", "sample_kl", "sample_weight_samples",
             "sample_weight_samples_backward", "philox_normal", "sample_rows", "sample_rows_backward",
             "sample_rows_backward_add_", "gaussian_kl", "gaussian_kl_backward", "lrt_weight_forward",
             "lrt_weight_backward_")

@@ -16,6 +16,10 @@ SCHEMAS = {
     "sample_weight_backward": "(Tensor? grad_w, Tensor grad_log_q, Tensor grad_log_p, Tensor mu, Tensor rho, "
                               "Tensor seed, int offset, float prior_pi, float prior_sigma1, float prior_sigma2, "
                               "bool return_weight, int start=0) -> (Tensor, Tensor, Tensor)",
+    "sample_weight_backward_into": "(Tensor(a!) grad_mu, Tensor(b!) grad_rho, Tensor? grad_w, Tensor grad_log_q, "
+                                   "Tensor grad_log_p, Tensor mu, Tensor rho, Tensor seed, int offset, "
+                                   "float prior_pi, float prior_sigma1, float prior_sigma2, bool return_weight, "
+                                   "int start=0) -> Tensor",
     "sample_kl": "(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
                  "float prior_sigma2, int start=0) -> (Tensor, Tensor)",
     "sample_weight_samples": "(Tensor mu, Tensor rho, Tensor seeds, int offset, float prior_pi, float prior_sigma1, "
@@ -46,6 +50,17 @@ def _checked_sample_kl(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigm
     _checks.check_sample_args(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start)
     _, log_q, log_p = _fallback.sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start)
     return log_q, log_p
+
+
+def _checked_sample_weight_backward_into(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset,
+                                         prior_pi, prior_sigma1, prior_sigma2, return_weight, start=0):
+    _check_accumulator(grad_mu, mu, "grad_mu")
+    _check_accumulator(grad_rho, mu, "grad_rho")
+    g_mu, g_rho, w = _checked_sample_weight_backward(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi,
+                                                     prior_sigma1, prior_sigma2, return_weight, start)
+    grad_mu.copy_(g_mu)
+    grad_rho.copy_(g_rho)
+    return w
 
 
 def _check_seeds(seeds, mu) -> None:
@@ -220,6 +235,7 @@ def _checked_lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sig
 _python_lib = torch.library.Library("bayes_ext_py", "DEF")
 for _name, _impl in (("sample_weight", _checked_sample_weight),
                      ("sample_weight_backward", _checked_sample_weight_backward),
+                     ("sample_weight_backward_into", _checked_sample_weight_backward_into),
                      ("sample_kl", _checked_sample_kl),
                      ("sample_weight_samples", _checked_sample_weight_samples),
                      ("sample_weight_samples_backward", _checked_sample_weight_samples_backward),
@@ -265,6 +281,11 @@ def _make_sample_weight_backward(namespace):
             mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, False, start)
         return grad_mu, grad_rho, None, None, None, None, None, None
     return backward
+
+
+def _fake_sample_weight_backward_into(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset,
+                                      prior_pi, prior_sigma1, prior_sigma2, return_weight, start=0):
+    return torch.empty_like(mu, memory_format=torch.contiguous_format) if return_weight else mu.new_empty(0)
 
 
 def _fake_sample_kl(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start=0):
@@ -335,6 +356,7 @@ def _register(namespace_name: str) -> None:
     torch.library.register_autograd(f"{namespace_name}::sample_weight_samples",
                                     _make_sample_weight_samples_backward(namespace),
                                     setup_context=_sample_weight_samples_setup_context)
+    torch.library.register_fake(f"{namespace_name}::sample_weight_backward_into")(_fake_sample_weight_backward_into)
     torch.library.register_fake(f"{namespace_name}::sample_kl")(_fake_sample_kl)
     torch.library.register_autograd(f"{namespace_name}::sample_kl", _make_sample_kl_backward(namespace),
                                     setup_context=_sample_weight_setup_context)

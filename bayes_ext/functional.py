@@ -159,9 +159,10 @@ def _linear_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
             grad_x = x_2d.new_zeros(x_2d.shape) if need_x else None
             for r0, r1 in blocks:
                 grad_w = grad_out_2d[:, r0:r1].t().mm(x_2d).to(weight_mu.dtype)
-                grad_mu[r0:r1], grad_rho[r0:r1], w = ops.sample_weight_backward(
-                    grad_w, grad_log_q, grad_log_p, weight_mu[r0:r1], weight_rho[r0:r1], seed, 0, *prior, need_x,
-                    r0 * in_features)
+                # written straight into the rows of the whole gradients (no block-sized copies)
+                w = ops.sample_weight_backward_into(grad_mu[r0:r1], grad_rho[r0:r1], grad_w, grad_log_q, grad_log_p,
+                                                    weight_mu[r0:r1], weight_rho[r0:r1], seed, 0, *prior, need_x,
+                                                    r0 * in_features)
                 if need_x:
                     grad_x.addmm_(grad_out_2d[:, r0:r1], w.to(x.dtype))
         if grad_x is not None:

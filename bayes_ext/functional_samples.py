@@ -153,9 +153,8 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
                     gx_s.zero_()
                 for r0, r1 in blocks:
                     grad_w = g_s[:, r0:r1].t().mm(x_s).to(w_dtype)
-                    g_mu[r0:r1], g_rho[r0:r1], w = ops.sample_weight_backward(
-                        grad_w, g_q, g_p, weight_mu[r0:r1], weight_rho[r0:r1], seed, 0, *prior, need_x,
-                        r0 * in_features)
+                    w = ops.sample_weight_backward_into(g_mu[r0:r1], g_rho[r0:r1], grad_w, g_q, g_p, weight_mu[r0:r1],
+                                                        weight_rho[r0:r1], seed, 0, *prior, need_x, r0 * in_features)
                     if need_x:
                         gx_s.addmm_(g_s[:, r0:r1], w.to(x.dtype))
             grads = [g_mu, g_rho]

@@ -21,6 +21,11 @@ TORCH_LIBRARY(bayes_ext, m) {
   m.def("sample_weight_backward(Tensor? grad_w, Tensor grad_log_q, Tensor grad_log_p, Tensor mu, "
         "Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, float prior_sigma2, "
         "bool return_weight, int start=0) -> (Tensor, Tensor, Tensor)");
+  // sample_weight_backward writing its gradients into grad_mu / grad_rho (contiguous, mu's shape,
+  // e.g. a block of rows of whole-weight gradients) instead of fresh tensors; returns w or empty.
+  m.def("sample_weight_backward_into(Tensor(a!) grad_mu, Tensor(b!) grad_rho, Tensor? grad_w, Tensor grad_log_q, "
+        "Tensor grad_log_p, Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
+        "float prior_sigma2, bool return_weight, int start=0) -> Tensor");
   // (log_q, log_p) of sample_weight's w without writing w: the MC KL of layers that sample no
   // weight (local reparameterisation with a scale-mixture prior). Backward: sample_weight_backward
   // with grad_w = None.

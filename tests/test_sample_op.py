@@ -600,3 +600,40 @@ def test_sample_weight_samples_bad_inputs(ops):
     with pytest.raises(ValueError, match="grad_w must"):
         ops.sample_weight_samples_backward(torch.zeros(2, 3, 3), torch.zeros(2), torch.zeros(2), mu, rho, seeds, 0, 1.0,
                                            0.1, 0.1, False)
+
+
+# ---- sample_weight_backward_into: the blocked linear backward's writer ------------------------------
+
+def test_backward_into_writes_what_backward_returns_into_row_blocks(ops):
+    mu, rho = _params((12, 7), torch.float64)
+    seed = seed_tensor(31)
+    gen = torch.Generator().manual_seed(4)
+    grad_w = torch.randn(12, 7, generator=gen, dtype=torch.float64)
+    glq, glp = _scalar(0.4, torch.float64), _scalar(-1.1, torch.float64)
+    g_mu, g_rho, w = ops.sample_weight_backward(grad_w, glq, glp, mu, rho, seed, 2, 0.5, 0.3, 1.2, True)
+    out_mu, out_rho = torch.full_like(mu, float("nan")), torch.full_like(rho, float("nan"))
+    blocks = []
+    for r0, r1 in ((0, 5), (5, 12)):  # each block with the noise it has in the whole weight
+        blocks.append(ops.sample_weight_backward_into(out_mu[r0:r1], out_rho[r0:r1], grad_w[r0:r1], glq, glp,
+                                                      mu[r0:r1], rho[r0:r1], seed, 2, 0.5, 0.3, 1.2, True, r0 * 7))
+    assert torch.equal(out_mu, g_mu) and torch.equal(out_rho, g_rho)
+    assert torch.equal(torch.cat(blocks), w)
+    empty = ops.sample_weight_backward_into(out_mu, out_rho, None, glq, glp, mu, rho, seed, 2, 0.5, 0.3, 1.2, False)
+    assert empty.numel() == 0
+
+
+def test_backward_into_opcheck_and_bad_outputs(ops):
+    mu, rho = _params((5, 7), torch.float64)
+    args = (torch.zeros(5, 7, dtype=torch.float64), torch.zeros(5, 7, dtype=torch.float64),
+            torch.randn(5, 7, dtype=torch.float64), _scalar(0.7, torch.float64), _scalar(-0.3, torch.float64), mu, rho,
+            seed_tensor(123), 3, 0.5, 0.3, 1.2, True)
+    result = torch.library.opcheck(ops.sample_weight_backward_into, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+    z = _scalar(0.0, torch.float64)
+    with pytest.raises(ValueError, match="grad_mu must have the shape"):
+        ops.sample_weight_backward_into(torch.zeros(4, 7, dtype=torch.float64), torch.zeros(5, 7, dtype=torch.float64),
+                                        None, z, z, mu, rho, seed_tensor(1), 0, 1.0, 0.1, 0.1, False)
+    with pytest.raises(ValueError, match="grad_rho must be contiguous"):
+        ops.sample_weight_backward_into(torch.zeros(5, 7, dtype=torch.float64),
+                                        torch.zeros(7, 5, dtype=torch.float64).t(), None, z, z, mu, rho,
+                                        seed_tensor(1), 0, 1.0, 0.1, 0.1, False)

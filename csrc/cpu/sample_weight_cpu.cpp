@@ -89,25 +89,16 @@ std::tuple<at::Tensor, at::Tensor> sample_kl_cpu(const at::Tensor& mu_in, const 
   return {at::scalar_tensor(log_q, mu.options()), at::scalar_tensor(log_p, mu.options())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cpu(
-    const c10::optional<at::Tensor>& grad_w_in, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
-    const at::Tensor& mu_in, const at::Tensor& rho_in, const at::Tensor& seed, int64_t offset, double prior_pi,
-    double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start) {
-  check_posterior_params(mu_in, rho_in);
-  check_seed(seed, mu_in);
-  check_offset(offset);
-  check_start(start, mu_in.numel());
-  check_prior(prior_pi, prior_sigma1, prior_sigma2);
-  check_grad_w(grad_w_in, mu_in);
-  check_scalar_grad(grad_log_q, mu_in, "grad_log_q");
-  check_scalar_grad(grad_log_p, mu_in, "grad_log_p");
+// The backward pass writing into grad_mu / grad_rho (contiguous, mu's shape): fresh tensors for
+// sample_weight_backward, slices of whole-weight gradients for sample_weight_backward_into.
+void backward_into(at::Tensor& grad_mu, at::Tensor& grad_rho, const c10::optional<at::Tensor>& grad_w_in,
+                   const at::Tensor& grad_log_q, const at::Tensor& grad_log_p, const at::Tensor& mu_in,
+                   const at::Tensor& rho_in, const at::Tensor& seed, int64_t offset, double prior_pi,
+                   double prior_sigma1, double prior_sigma2, at::Tensor& w, int64_t start) {
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   const bool has_grad_w = grad_w_in.has_value() && grad_w_in->defined();
   const at::Tensor grad_w = has_grad_w ? grad_w_in->contiguous() : at::Tensor();
-  at::Tensor grad_mu = at::empty(mu.sizes(), mu.options());
-  at::Tensor grad_rho = at::empty(mu.sizes(), mu.options());
-  at::Tensor w = return_weight ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
   const uint64_t s = seed_value(seed);
   const int64_t n = mu.numel();
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_backward_cpu", [&] {
@@ -115,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cpu(
     const scalar_t glq = grad_log_q.item<scalar_t>();
     const scalar_t glp = grad_log_p.item<scalar_t>();
     const scalar_t* gw_p = has_grad_w ? grad_w.data_ptr<scalar_t>() : nullptr;
-    scalar_t* w_p = return_weight ? w.data_ptr<scalar_t>() : nullptr;
+    scalar_t* w_p = w.defined() && w.numel() ? w.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, num_chunks(n), 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         BackwardRange<scalar_t> a{gw_p,   glq,      glp, mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(),
@@ -126,7 +117,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cpu(
       }
     });
   });
+}
+
+void check_backward_args(const c10::optional<at::Tensor>& grad_w, const at::Tensor& grad_log_q,
+                         const at::Tensor& grad_log_p, const at::Tensor& mu, const at::Tensor& rho,
+                         const at::Tensor& seed, int64_t offset, double prior_pi, double prior_sigma1,
+                         double prior_sigma2, int64_t start) {
+  check_posterior_params(mu, rho);
+  check_cpu(mu);
+  check_seed(seed, mu);
+  check_offset(offset);
+  check_start(start, mu.numel());
+  check_prior(prior_pi, prior_sigma1, prior_sigma2);
+  check_grad_w(grad_w, mu);
+  check_scalar_grad(grad_log_q, mu, "grad_log_q");
+  check_scalar_grad(grad_log_p, mu, "grad_log_p");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cpu(
+    const c10::optional<at::Tensor>& grad_w, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
+    const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed, int64_t offset, double prior_pi,
+    double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start) {
+  check_backward_args(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2,
+                      start);
+  at::Tensor grad_mu = at::empty(mu.sizes(), mu.options());
+  at::Tensor grad_rho = at::empty(mu.sizes(), mu.options());
+  at::Tensor w = return_weight ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
+  backward_into(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi, prior_sigma1,
+                prior_sigma2, w, start);
   return {grad_mu, grad_rho, w};
+}
+
+at::Tensor sample_weight_backward_into_cpu(at::Tensor& grad_mu, at::Tensor& grad_rho,
+                                           const c10::optional<at::Tensor>& grad_w, const at::Tensor& grad_log_q,
+                                           const at::Tensor& grad_log_p, const at::Tensor& mu, const at::Tensor& rho,
+                                           const at::Tensor& seed, int64_t offset, double prior_pi,
+                                           double prior_sigma1, double prior_sigma2, bool return_weight,
+                                           int64_t start) {
+  check_backward_args(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2,
+                      start);
+  check_accumulator(grad_mu, mu, "grad_mu");
+  check_accumulator(grad_rho, mu, "grad_rho");
+  at::Tensor w = return_weight ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
+  backward_into(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi, prior_sigma1,
+                prior_sigma2, w, start);
+  return w;
 }
 
 at::Tensor philox_normal_cpu(const at::Tensor& like, const at::Tensor& seed, int64_t offset, int64_t start) {
@@ -168,6 +203,7 @@ std::string cpu_kernel_isa() { return float_kernels().name; }
 TORCH_LIBRARY_IMPL(bayes_ext, CPU, m) {
   m.impl("sample_weight", &sample_weight_cpu);
   m.impl("sample_weight_backward", &sample_weight_backward_cpu);
+  m.impl("sample_weight_backward_into", &sample_weight_backward_into_cpu);
   m.impl("sample_kl", &sample_kl_cpu);
   m.impl("philox_normal", &philox_normal_cpu);
 }

@@ -200,6 +200,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cuda(
   return {grad_mu, grad_rho, w};
 }
 
+// The blocked (cache-sized rows) linear backward that needs it runs on the CPU only; on a GPU the
+// whole weight is one block, so writing through a copy costs nothing that matters.
+at::Tensor sample_weight_backward_into_cuda(at::Tensor& grad_mu, at::Tensor& grad_rho,
+                                            const c10::optional<at::Tensor>& grad_w, const at::Tensor& grad_log_q,
+                                            const at::Tensor& grad_log_p, const at::Tensor& mu, const at::Tensor& rho,
+                                            const at::Tensor& seed, int64_t offset, double prior_pi,
+                                            double prior_sigma1, double prior_sigma2, bool return_weight,
+                                            int64_t start) {
+  check_accumulator(grad_mu, mu, "grad_mu");
+  check_accumulator(grad_rho, mu, "grad_rho");
+  const auto out = sample_weight_backward_cuda(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi,
+                                               prior_sigma1, prior_sigma2, return_weight, start);
+  grad_mu.copy_(std::get<0>(out));
+  grad_rho.copy_(std::get<1>(out));
+  return std::get<2>(out);
+}
+
 at::Tensor philox_normal_cuda(const at::Tensor& like, const at::Tensor& seed, int64_t offset, int64_t start) {
   check_floating(like, "like");
   check_cuda(like);
@@ -271,6 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_samples_backward_cu
 TORCH_LIBRARY_IMPL(bayes_ext, CUDA, m) {
   m.impl("sample_weight", &sample_weight_cuda);
   m.impl("sample_weight_backward", &sample_weight_backward_cuda);
+  m.impl("sample_weight_backward_into", &sample_weight_backward_into_cuda);
   m.impl("sample_kl", &sample_kl_cuda);
   m.impl("sample_weight_samples", &sample_weight_samples_cuda);
   m.impl("sample_weight_samples_backward", &sample_weight_samples_backward_cuda);
