@@ -53,9 +53,11 @@ def softplus(rho: torch.Tensor) -> torch.Tensor:
 
 
 def _any_tiny(rho: torch.Tensor) -> bool:
-    """Whether the exact-limit branch is needed (always assumed on a GPU: asking would sync)."""
-    # a comparison, not amin: a NaN would hide the minimum from amin
-    return rho.device.type != "cpu" or bool((rho < SOFTPLUS_TINY_RHO).any())
+    """Whether the exact-limit branch is needed (always assumed on a GPU, where asking would sync,
+    and while torch.compile traces, where reading a value would break the graph)."""
+    if rho.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    return bool((rho < SOFTPLUS_TINY_RHO).any())  # a comparison, not amin: a NaN hides amin's minimum
 
 
 def softplus_terms(rho: torch.Tensor):

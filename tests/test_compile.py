@@ -156,3 +156,16 @@ def test_compile_lstm_inference(backend):
         y_e, after_e = model(x), torch.randint(0, 2 ** 62, (4,))
     assert torch.equal(after_c, after_e)
     torch.testing.assert_close(y_c, y_e, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wrapper", ["Flipout", "Radial"])
+@pytest.mark.parametrize("cls", [BayesianLinear, BayesianLSTM])
+def test_wrapped_layers_trace_without_graph_breaks(backend, wrapper, cls):
+    """Flipout / Radial layers read no tensor values in their forward (the fallback's exact-limit
+    test of rho, which does, is skipped while tracing)."""
+    from bayes_ext import utils
+    layer = getattr(utils, wrapper)(cls)(3, 4)
+    x = torch.randn(2, 5, 3) if cls is BayesianLSTM else torch.randn(2, 3)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
