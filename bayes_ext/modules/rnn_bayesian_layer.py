@@ -131,17 +131,23 @@ class BayesianRNN(GaussianPosteriorMixin, BayesianModule):
     def _weights_tuple(self, values: dict) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         return values["weight_ih"], values["weight_hh"], values.get("bias")
 
-    def sample_weights(self) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """(weight_ih, weight_hh, bias) drawn once with one seed (offsets 0, 1, 2); sets the KL terms."""
+    def _draw_samples(self):
+        """({name: sample}, log q, log p) of one draw of every posterior (one seed, offsets 0, 1, 2);
+        the Radial wrapper overrides it."""
         seed = BF.draw_seed()
-        if self.prior_dist is None:
-            samples, log_q, log_p = {}, 0, 0
-            for offset, (name, mu, rho) in enumerate(self._posterior_pairs()):
-                w, q, p = BF.sample_weight(mu, rho, seed, offset, self.prior)
-                samples[name] = w
-                log_q, log_p = log_q + q, log_p + p
-        else:
-            samples, log_q, log_p = self._sample_with_prior_dist(seed)
+        if self.prior_dist is not None:
+            return self._sample_with_prior_dist(seed)
+        samples, log_q, log_p = {}, 0, 0
+        for offset, (name, mu, rho) in enumerate(self._posterior_pairs()):
+            w, q, p = BF.sample_weight(mu, rho, seed, offset, self.prior)
+            samples[name] = w
+            log_q, log_p = log_q + q, log_p + p
+        return samples, log_q, log_p
+
+    def sample_weights(self) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(weight_ih, weight_hh, bias) drawn once per call; sets the KL terms (and keeps the sample
+        for posterior sharpening)."""
+        samples, log_q, log_p = self._draw_samples()
         self._set_kl_terms(log_q, log_p)
         weights = self._weights_tuple(samples)
         if self.sharpen:

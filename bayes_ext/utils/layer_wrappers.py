@@ -171,16 +171,9 @@ def Radial(nn_module):
 
     if issubclass(nn_module, BayesianRNN):
         class RadialRNN(nn_module):
-            def sample_weights(self):
-                """Radial samples of (weight_ih, weight_hh, bias), drawn once per call; sets the KL terms."""
-                samples, log_q, log_p = _radial_samples(self)
-                self._set_kl_terms(log_q, log_p)
-                weights = self._weights_tuple(samples)
-                if self.sharpen:
-                    self.ff_parameters = weights
-                    self._theta_kl_terms = (log_q, log_p)
-                self.sharpening_kl = 0
-                return weights
+            def _draw_samples(self):
+                """Radial samples of (weight_ih, weight_hh, bias) and their KL terms."""
+                return _radial_samples(self)
 
         RadialRNN.__name__ = RadialRNN.__qualname__ = f"Radial{nn_module.__name__}"
         return RadialRNN
