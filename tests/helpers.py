@@ -9,6 +9,7 @@ import math
 import numpy as np
 import torch
 
+from bayes_ext import _backend
 from bayes_ext import functional as BF
 import torch.nn.functional as F
 
@@ -137,3 +138,22 @@ class SeedRecorder:
             return seed
 
         monkeypatch.setattr(BF, "draw_seed", draw_seed)
+
+
+class OpsRecorder:
+    """Routes bayes_ext._backend.ops() through a proxy that records the name of every op looked up
+    (in order), to assert which kernels a forward / backward uses. ``real`` is the active backend's
+    namespace itself."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        self.real = _backend.ops()
+        calls, real = self.calls, self.real
+
+        class Proxy:
+            def __getattr__(self, name):
+                calls.append(name)
+                return getattr(real, name)
+
+        proxy = Proxy()
+        monkeypatch.setattr(_backend, "ops", lambda: proxy)

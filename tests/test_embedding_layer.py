@@ -6,13 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import bayes_ext
 from bayes_ext import functional as BF
 from bayes_ext import functional_embedding as BFE
 from bayes_ext.losses import kl_divergence_from_nn
 from bayes_ext.modules import BayesianEmbedding
 from bayes_ext.utils import variational_estimator
-from helpers import np_design_normals
+from helpers import OpsRecorder, np_design_normals
 
 PRIOR = (1.0, 0.1, 0.4)
 
@@ -270,15 +269,7 @@ def test_freeze_uses_the_means(backend):
 
 def test_closed_form_forward_never_samples_the_whole_table(backend, monkeypatch):
     """The lookup samples only its rows; with kl="closed_form" nothing samples the table."""
-    real_ops = bayes_ext._backend.ops()
-    calls = []
-
-    class Recorder:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(real_ops, name)
-
-    monkeypatch.setattr(bayes_ext._backend, "ops", lambda: Recorder())
+    calls = OpsRecorder(monkeypatch).calls
     layer = BayesianEmbedding(50_000, 16, kl="closed_form")
     y = layer(torch.randint(0, 50_000, (4, 3)))
     (y.sum() + layer.kl_divergence()).backward()

@@ -13,14 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import bayes_ext
 from bayes_ext import functional as BF
 from bayes_ext import functional_conv_estimators as BFCE
 from bayes_ext import functional_estimators as BFE
 from bayes_ext.losses import kl_divergence_from_nn
 from bayes_ext.modules import (BayesianConv1d, BayesianConv2d, BayesianConvTranspose1d, BayesianConvTranspose2d,
                                BayesianLinear)
-from helpers import SeedRecorder, ref_sample, seed_tensor
+from helpers import OpsRecorder, SeedRecorder, ref_sample, seed_tensor
 
 MIXTURE = (0.5, 1.0, 0.3)
 F64 = dict(dtype=torch.float64)
@@ -465,21 +464,14 @@ def test_compile_fullgraph_matches_eager(backend):
 def test_lrt_mixture_prior_kl_never_writes_the_weight(backend, monkeypatch):
     """lrt with a scale-mixture prior: the MC KL of the weight's own stream comes from sample_kl
     (one pass, no O x I sample written), equal to sample_weight's terms."""
-    real_ops = bayes_ext._backend.ops()
-    calls = []
-
-    class Recorder:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(real_ops, name)
-
     torch.manual_seed(0)
     lin = BayesianLinear(6, 4, estimator="lrt", prior_pi=0.5, posterior_rho_init=-2.0)
-    monkeypatch.setattr(bayes_ext._backend, "ops", lambda: Recorder())
+    recorder = OpsRecorder(monkeypatch)
+    real_ops = recorder.real
     x = torch.randn(3, 6)
     torch.manual_seed(1)
     lin(x)
-    assert "sample_kl" in calls and "sample_weight" not in calls
+    assert "sample_kl" in recorder.calls and "sample_weight" not in recorder.calls
     torch.manual_seed(1)
     seed = BF.draw_seed()
     expected_q = expected_p = 0
