@@ -73,8 +73,18 @@ def softplus_terms(rho: torch.Tensor):
     return sigma, log_sigma, sig, dlog_sigma
 
 
+def host_seed(seed: torch.Tensor) -> int:
+    """The seed as a Python int. This backend draws its noise with host-side arithmetic on the seed,
+    which a CUDA graph would freeze at capture: refuse capture with a clear error instead."""
+    if seed.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("bayes_ext: the pure-PyTorch backend cannot run inside CUDA graph capture (it reads "
+                           "the seed on the host, so every replay would draw the same noise); build the "
+                           "compiled extension with CUDA kernels to capture Bayesian layers")
+    return int(seed.item())
+
+
 def eps_like(t: torch.Tensor, seed: torch.Tensor, offset: int, start: int = 0) -> torch.Tensor:
-    return _philox.normal(t.numel(), int(seed.item()), offset, dtype=t.dtype, device=t.device,
+    return _philox.normal(t.numel(), host_seed(seed), offset, dtype=t.dtype, device=t.device,
                           start=start).reshape(t.shape)
 
 
@@ -98,7 +108,7 @@ def sample_weight(mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offse
     acc = torch.float64  # sum in double like the kernels
     log_q = torch.zeros((), dtype=acc, device=mu.device)
     log_p = torch.zeros((), dtype=acc, device=mu.device)
-    seed_value = int(seed.item())
+    seed_value = host_seed(seed)
     for b, e in _chunks(mu_flat):
         eps = _philox.normal(e - b, seed_value, offset, dtype=mu.dtype, device=mu.device, start=start + b)
         r = rho_flat[b:e]
@@ -120,7 +130,7 @@ def sample_weight_backward(grad_w: Optional[torch.Tensor], grad_log_q: torch.Ten
     glp = grad_log_p.reshape(()).to(device=mu.device, dtype=mu.dtype)
     grad_mu, grad_rho = torch.empty_like(mu_flat), torch.empty_like(mu_flat)
     w = torch.empty_like(mu_flat) if return_weight else mu.new_empty(0)
-    seed_value = int(seed.item())
+    seed_value = host_seed(seed)
     for b, e in _chunks(mu_flat):
         eps = _philox.normal(e - b, seed_value, offset, dtype=mu.dtype, device=mu.device, start=start + b)
         sigma, _, sig, dlog_sigma = softplus_terms(rho_flat[b:e])
@@ -143,7 +153,7 @@ def _row_eps(mu: torch.Tensor, rows: torch.Tensor, seed: torch.Tensor, offset: i
     """eps of rows `rows` (1-D int64) of the (V, D) table mu, as the whole table has them: (len(rows), D)."""
     dim = mu.shape[1]
     elements = rows.reshape(-1, 1) * dim + torch.arange(dim, dtype=torch.int64, device=rows.device)
-    return _philox.normal_at(elements, int(seed.item()), offset, dtype=mu.dtype)
+    return _philox.normal_at(elements, host_seed(seed), offset, dtype=mu.dtype)
 
 
 def sample_rows(mu: torch.Tensor, rho: torch.Tensor, indices: torch.Tensor, seed: torch.Tensor,

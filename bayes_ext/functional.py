@@ -23,9 +23,19 @@ def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
     """A 63-bit seed from `generator` (default: torch's default CPU generator).
 
     Drawing from the CPU generator means ``torch.manual_seed(s)`` fixes every sample on every
-    device and backend.
+    device and backend. Inside CUDA graph capture a host seed would be frozen into the graph (every
+    replay the same noise), so there the seed comes from torch's CUDA generator, which advances its
+    Philox offset on every replay the way PyTorch's own random kernels do: fresh noise per replay.
     """
+    if generator is None and _capturing_cuda_graph():
+        return torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device="cuda")
     return torch.randint(0, SEED_HIGH, (), dtype=torch.int64, generator=generator)
+
+
+def _capturing_cuda_graph() -> bool:
+    # is_initialized first: asking a CUDA build about capture must not create a CUDA context on CPU runs
+    return (not torch.compiler.is_compiling() and torch.cuda.is_initialized()
+            and torch.cuda.is_current_stream_capturing())
 
 
 def sample_weight(mu: Tensor, rho: Tensor, seed: Tensor, offset: int = 0,

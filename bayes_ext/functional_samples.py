@@ -210,7 +210,10 @@ def check_seeds(seeds, like: Tensor, sample_nbr: Optional[int] = None) -> None:
 
 
 def draw_seeds(n: int, generator: Optional[torch.Generator] = None) -> Tensor:
-    """n seeds as n successive ``functional.draw_seed()`` calls would give them (one randint call)."""
+    """n seeds as n successive ``functional.draw_seed()`` calls would give them (one randint call);
+    from the CUDA generator inside CUDA graph capture, as ``draw_seed``."""
+    if generator is None and BF._capturing_cuda_graph():
+        return torch.randint(0, BF.SEED_HIGH, (n,), dtype=torch.int64, device="cuda")
     return torch.randint(0, BF.SEED_HIGH, (n,), dtype=torch.int64, generator=generator)
 
 

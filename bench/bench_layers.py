@@ -37,6 +37,7 @@ ALL = list(cases.CASES)
 MULTI = ["linear", "bayes_ext", "bayes_ext_py", "blitz"]  # cases also run with sample_nbr=3
 TF_CASES = ["linear", "bayes_ext", "blitz"]
 TF_FULL = dict(n_blocks=4, d_model=512, n_heads=8, d_mlp=2048, batch=8, tokens=128)
+TF_GPT2 = dict(n_blocks=12, d_model=768, n_heads=12, d_mlp=3072, batch=8, tokens=1024)  # issue 8: GPT-2 small
 
 # Per mode: shapes, which cases run at sample_nbr 3, timing effort, where memory is measured.
 # The default fits 5 minutes on 2 cores: BLiTZ at 16x4096x4096 takes 1.3-3 s a step (4-9 s at
@@ -59,6 +60,12 @@ PLANS = {
                  mem_s3=True, tf=TF_FULL, tf_cases=TF_CASES + ["bayes_ext_py"],
                  ops=[(4096, 4096), (1024, 1024)], op_reps=30,
                  other=dict(warmup=3, budget_s=4.0, min_reps=7, max_reps=100, cap_s=30.0)),
+    # --device cuda without --quick/--full (issue 8's shapes and model): steps take milliseconds, so
+    # a short budget still gives dozens of repeats; the whole run fits bench/gpu_check.sh's 4 minutes.
+    "gpu": dict(shapes=[(64, 4096, 4096), (4096, 4096, 4096)], s3_cases=MULTI, warmup=3, budget_s=0.4,
+                min_reps=5, max_reps=40, cap_s=4.0, mem_shapes="all", mem_s3=True,
+                tf=TF_GPT2, tf_cases=TF_CASES, ops=[(8192, 8192), (4096, 4096)], op_reps=20,
+                other=dict(warmup=3, budget_s=0.3, min_reps=5, max_reps=40, cap_s=3.0)),
 }
 
 
@@ -330,7 +337,7 @@ class Bench:
 def main():
     args = parse_args()
     mode = "quick" if args.quick else "full" if args.full else "default"
-    plan = PLANS[mode]
+    plan = PLANS["gpu" if mode == "default" and args.device == "cuda" else mode]
     # nn.Linear always runs: every ratio divides by it.
     args.only = (set(args.cases.split(",")) | {"linear"}) if args.cases else set(ALL)
     unknown = args.only - set(ALL)

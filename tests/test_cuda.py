@@ -212,3 +212,44 @@ def test_sequential_model_on_cuda(cuda_ops):
     (y.sum() + bayes_ext.losses.kl_divergence_from_nn(model)).backward()
     assert y.device.type == "cuda" and x.grad is not None
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _capture(fn):
+    """fn() captured into a CUDA graph after one warm-up call on a side stream (as torch's docs do)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def test_captured_layer_draws_fresh_noise_on_every_replay(backend):
+    """A layer's seed is drawn inside the graph (torch's CUDA generator, graph-safe), so replays are
+    new Monte Carlo samples, each one a valid sample: within 6 sd of the mean-weight output."""
+    torch.manual_seed(0)
+    layer = BayesianLinear(32, 16, posterior_rho_init=-2.0).to(DEV)
+    x = torch.randn(4, 32, device=DEV)
+    with torch.no_grad():
+        if backend == "python":
+            with pytest.raises(RuntimeError, match="pure-PyTorch backend cannot run inside CUDA graph capture"):
+                _capture(lambda: layer(x))
+            return
+        if not _has_cuda_kernels():
+            pytest.skip("the compiled extension was built without CUDA kernels")
+        graph, y = _capture(lambda: layer(x))
+        outs = []
+        for _ in range(3):
+            graph.replay()
+            outs.append(y.clone())
+        torch.cuda.synchronize()
+        mean = F.linear(x, layer.weight_mu, layer.bias_mu)
+        sd = (F.linear(x * x, F.softplus(layer.weight_rho) ** 2) + F.softplus(layer.bias_rho) ** 2).sqrt()
+    for a, b in zip(outs, outs[1:]):
+        assert not torch.equal(a, b), "two replays drew the same noise"
+    for out in outs:
+        assert torch.isfinite(out).all()
+        assert ((out - mean).abs() < 6 * sd).all()
