@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import _backend, _checks, _fallback
 from . import _ops  # noqa: F401  (registers fake kernels and autograd)
+from ._fused_op import fused_custom_op
 
 ScaleMixture = Tuple[float, float, float]  # (pi, sigma1, sigma2)
 SEED_HIGH = 2 ** 63 - 1
@@ -104,7 +105,7 @@ def _row_blocks(weight: Tensor):
     return [(r, min(r + step, out_features)) for r in range(0, out_features, step)]
 
 
-@torch.library.custom_op("bayes_ext::linear_reparam", mutates_args=())
+@fused_custom_op("bayes_ext::linear_reparam")
 def _linear_reparam(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                     bias_rho: Optional[Tensor], seed: Tensor, prior_pi: float, prior_sigma1: float,
                     prior_sigma2: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -159,7 +160,15 @@ def _linear_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
         grad_out_2d = grad_out.reshape(-1, out_features).to(x.dtype)
         x_2d = x.reshape(-1, in_features)
         blocks = _row_blocks(weight_mu)
-        if len(blocks) == 1:
+        if len(blocks) == 1 and weight_mu.is_cuda:
+            # In place: the CUDA kernel turns the grad_w buffer into grad_mu (each element read before
+            # it is written), so the step holds one weight-sized gradient fewer.
+            grad_mu = grad_out_2d.t().mm(x_2d).to(weight_mu.dtype)
+            grad_rho = torch.empty_like(grad_mu)
+            w = ops.sample_weight_backward_into(grad_mu, grad_rho, grad_mu, grad_log_q, grad_log_p, weight_mu,
+                                                weight_rho, seed, 0, *prior, need_x, 0)
+            grad_x = grad_out_2d.mm(w.to(x.dtype)) if need_x else None
+        elif len(blocks) == 1:
             grad_w = grad_out_2d.t().mm(x_2d).to(weight_mu.dtype)
             grad_mu, grad_rho, w = ops.sample_weight_backward(grad_w, grad_log_q, grad_log_p, weight_mu, weight_rho,
                                                               seed, 0, *prior, need_x)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import _backend, _checks
 from . import functional as BF
+from ._fused_op import fused_custom_op
 
 ScaleMixture = Tuple[float, float, float]  # (pi, sigma1, sigma2)
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -236,7 +237,7 @@ def check_conv_params(weight_mu, weight_rho, bias_mu, bias_rho, spec: ConvSpec) 
 
 # ---- the fused op -------------------------------------------------------------------------------
 
-@torch.library.custom_op("bayes_ext::conv_reparam", mutates_args=())
+@fused_custom_op("bayes_ext::conv_reparam")
 def _conv_reparam(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                   bias_rho: Optional[Tensor], seed: Tensor, stride: List[int], padding: List[int],
                   dilation: List[int], transposed: bool, output_padding: List[int], groups: int,

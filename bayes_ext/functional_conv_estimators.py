@@ -19,6 +19,7 @@ from torch import Tensor
 from . import _backend, _checks
 from . import functional as BF
 from . import functional_conv as BFC
+from ._fused_op import fused_custom_op
 from .functional_estimators import (LRT_NOISE_OFFSET, SIGN_IN_OFFSET, SIGN_OUT_OFFSET, lrt_noise_grad, normal,
                                     signs, zero_if_none)
 
@@ -49,7 +50,7 @@ def _conv_grads(grad_out, x, weight, conv, need_x: bool, need_w: bool):
 
 # ---- local reparameterisation -------------------------------------------------------------------
 
-@torch.library.custom_op("bayes_ext::conv_lrt", mutates_args=())
+@fused_custom_op("bayes_ext::conv_lrt")
 def _conv_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
               bias_rho: Optional[Tensor], seed: Tensor, stride: List[int], padding: List[int],
               dilation: List[int], transposed: bool, output_padding: List[int],
@@ -127,7 +128,7 @@ _conv_lrt.register_autograd(_conv_lrt_backward, setup_context=_conv_lrt_setup_co
 
 # ---- Flipout ------------------------------------------------------------------------------------
 
-@torch.library.custom_op("bayes_ext::conv_flipout", mutates_args=())
+@fused_custom_op("bayes_ext::conv_flipout")
 def _conv_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                   bias_rho: Optional[Tensor], seed: Tensor, stride: List[int], padding: List[int],
                   dilation: List[int], transposed: bool, output_padding: List[int], groups: int,

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import _backend, _checks
 from . import functional as BF
+from ._fused_op import fused_custom_op
 
 ScaleMixture = Tuple[float, float, float]  # (pi, sigma1, sigma2)
 LRT_NOISE_OFFSET = BF.LRT_NOISE_OFFSET  # 2
@@ -60,7 +61,7 @@ def zero_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
 
 # ---- local reparameterisation -------------------------------------------------------------------
 
-@torch.library.custom_op("bayes_ext::linear_lrt", mutates_args=())
+@fused_custom_op("bayes_ext::linear_lrt")
 def _linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                 bias_rho: Optional[Tensor], seed: Tensor, prior_sigma: float) -> Tuple[Tensor, Tensor, Tensor]:
     # Two GEMMs (mean, variance) around the fused weight pass (sigma^2 and, when prior_sigma > 0,
@@ -133,7 +134,7 @@ _linear_lrt.register_autograd(_linear_lrt_backward, setup_context=_linear_lrt_se
 
 # ---- Flipout ------------------------------------------------------------------------------------
 
-@torch.library.custom_op("bayes_ext::linear_flipout", mutates_args=())
+@fused_custom_op("bayes_ext::linear_flipout")
 def _linear_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                     bias_rho: Optional[Tensor], seed: Tensor, prior_pi: float, prior_sigma1: float,
                     prior_sigma2: float) -> Tuple[Tensor, Tensor, Tensor]:

@@ -18,6 +18,7 @@ from torch import Tensor
 from . import _backend, _checks
 from . import functional as BF
 from .functional import ScaleMixture, _row_blocks
+from ._fused_op import fused_custom_op
 
 
 # Small weights (N samples together at most STACKED_ELEMENTS elements) take the multi-seed ops:
@@ -87,7 +88,7 @@ def _linear_reparam_samples_impl(x: Tensor, weight_mu: Tensor, weight_rho: Tenso
         return y, log_q, log_p
 
 
-_linear_reparam_samples = torch.library.custom_op("bayes_ext::linear_reparam_samples", mutates_args=())(
+_linear_reparam_samples = fused_custom_op("bayes_ext::linear_reparam_samples")(
     _linear_reparam_samples_impl)
 
 

@@ -63,6 +63,9 @@ grep -iE 'warning' "$OUT/build.log" | grep -viE 'setuptools|deprecat' | head -n 
 step cuda-tests 150 "$OUT/cuda_tests.log" "$PY" -m pytest -q -rfE tests/test_cuda.py tests/test_cuda_layers.py \
   -p no:cacheprovider
 step gpu-bench "${GPU_CHECK_BENCH_S:-220}" "$OUT/bench.log" "$PY" bench/bench_layers.py --device cuda --out "$OUT/bench"
+# where the bf16 steps spend their time (appended to the summary: at most 8 files come back)
+step profile 90 "$OUT/profile.log" "$PY" bench/profile_gpu.py --amp bf16
+cat "$OUT/profile.log" >> "$SUMMARY" && rm -f "$OUT/profile.log"
 case "${GPU_CHECK_SANITIZER:-memcheck}" in
   none) ;;
   # the compiled kernels only (the fallback runs torch's own kernels), no graph capture (unsupported there)

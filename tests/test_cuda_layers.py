@@ -159,3 +159,18 @@ def test_autocast_on_cuda(cuda_ops, dtype, kind):
         outs.append(y.float())
     tol = 2e-2 if dtype == torch.float16 else 8e-2
     torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
+
+
+def test_backward_into_may_overwrite_grad_w(cuda_ops):
+    """The linear backward passes its grad_w buffer as grad_mu (one weight-sized gradient fewer):
+    the result must equal the out-of-place backward's."""
+    mu, rho = (t.to(DEV) for t in _params((129, 67)))
+    grad_w = torch.randn(129, 67, device=DEV)
+    glq, glp = torch.tensor(0.3, device=DEV), torch.tensor(-0.7, device=DEV)
+    seed = seed_tensor(11)
+    ref_mu, ref_rho, ref_w = cuda_ops.sample_weight_backward(grad_w, glq, glp, mu, rho, seed, 0, 0.5, 0.3, 1.2, True)
+    buf, grad_rho = grad_w.clone(), torch.empty_like(grad_w)
+    w = cuda_ops.sample_weight_backward_into(buf, grad_rho, buf, glq, glp, mu, rho, seed, 0, 0.5, 0.3, 1.2, True, 0)
+    torch.testing.assert_close(buf, ref_mu, rtol=0, atol=0)
+    torch.testing.assert_close(grad_rho, ref_rho, rtol=0, atol=0)
+    torch.testing.assert_close(w, ref_w, rtol=0, atol=0)

@@ -259,9 +259,12 @@ class BayesianRNN(GaussianPosteriorMixin, BayesianModule):
         copies them (the copy is part of the price of sampling); its "weights are not part of single
         contiguous chunk of memory" warning, meant for nn.LSTM modules, is silenced here.
         """
-        args = (x, hx, params, has_biases, 1, 0.0, torch.is_grad_enabled(), False, True)
         if not x.is_cuda:
-            return kernel(*args)
+            return kernel(x, hx, params, has_biases, 1, 0.0, torch.is_grad_enabled(), False, True)
+        # cuDNN packs the weights with view(): the transposed (BLiTZ-layout) weights must be made
+        # contiguous first (the CPU kernels take the strided views as they are)
+        params = [p.contiguous() for p in params]
+        args = (x, hx, params, has_biases, 1, 0.0, torch.is_grad_enabled(), False, True)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not part of single contiguous chunk of memory.*")
             return kernel(*args)

@@ -8,7 +8,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "bayes_ext/op_checks.h"
@@ -28,10 +30,34 @@ __host__ __device__ __forceinline__ int64_t philox_blocks_spanned(int64_t n, int
 
 int64_t grid_for(int64_t num_philox_blocks) { return capped_grid(num_philox_blocks); }
 
-template <typename T>
+// The vectorised kernels (Vec = true, float only) move a whole Philox block, 4 consecutive
+// elements, with one 16-byte access per tensor instead of four strided 4-byte ones. They need the
+// stream to start on a block boundary (start % 4 == 0, so thread j owns elements 4j..4j+3) and
+// 16-byte aligned pointers; a partial last block falls back to the element loop.
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename... P>
+bool can_vectorise(c10::ScalarType dtype, int64_t start, const P*... ptrs) {
+  return dtype == at::kFloat && start % 4 == 0 && (aligned16(ptrs) && ...);
+}
+
+__device__ __forceinline__ void load4(const float* p, int64_t j, float v[4]) {
+  const float4 q = reinterpret_cast<const float4*>(p)[j];
+  v[0] = q.x;
+  v[1] = q.y;
+  v[2] = q.z;
+  v[3] = q.w;
+}
+
+__device__ __forceinline__ void store4(float* p, int64_t j, const float v[4]) {
+  reinterpret_cast<float4*>(p)[j] = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+template <typename T, bool Vec>
 __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ w, int64_t n,
                                int64_t start, SeedArg seed_arg, uint64_t offset, ScaleMixturePrior<T> prior,
                                double* __restrict__ partials) {
+  static_assert(!Vec || std::is_same<T, float>::value, "the vectorised kernel is float only");
   __shared__ T shared[32];
   const uint64_t seed = load_seed(seed_arg);
   const int64_t first_block = start / 4;
@@ -42,6 +68,22 @@ __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ r
     const int64_t b = first_block + j;
     T eps[4];
     block_normals<T>(seed, offset, static_cast<uint64_t>(b), eps);
+    if constexpr (Vec) {
+      if (4 * j + 4 <= n) {  // a whole block: elements 4j..4j+3
+        float m[4], r[4], wv[4];
+        load4(mu, j, m);
+        load4(rho, j, r);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const Softplus<float> sp = softplus_terms(r[k]);
+          wv[k] = m[k] + sp.sigma * eps[k];
+          lq += -sp.log_sigma - 0.5f * eps[k] * eps[k];
+          lp += log_prior(wv[k], prior);
+        }
+        if (w != nullptr) store4(w, j, wv);
+        continue;
+      }
+    }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t i = 4 * b + k - start;  // array index of stream element 4b + k
@@ -62,12 +104,15 @@ __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ r
   }
 }
 
-template <typename T>
-__global__ void backward_kernel(const T* __restrict__ grad_w, const T* __restrict__ grad_log_q,
+// grad_mu may be grad_w itself (the linear backward's in-place call): each element is read before
+// it is written, by the same thread, so neither pointer is __restrict__.
+template <typename T, bool Vec>
+__global__ void backward_kernel(const T* grad_w, const T* __restrict__ grad_log_q,
                                 const T* __restrict__ grad_log_p, const T* __restrict__ mu,
-                                const T* __restrict__ rho, T* __restrict__ grad_mu, T* __restrict__ grad_rho,
+                                const T* __restrict__ rho, T* grad_mu, T* __restrict__ grad_rho,
                                 T* __restrict__ w_out, int64_t n, int64_t start, SeedArg seed_arg, uint64_t offset,
                                 ScaleMixturePrior<T> prior) {
+  static_assert(!Vec || std::is_same<T, float>::value, "the vectorised kernel is float only");
   const uint64_t seed = load_seed(seed_arg);
   const T glq = *grad_log_q, glp = *grad_log_p;
   const int64_t first_block = start / 4;
@@ -77,6 +122,25 @@ __global__ void backward_kernel(const T* __restrict__ grad_w, const T* __restric
     const int64_t b = first_block + j;
     T eps[4];
     block_normals<T>(seed, offset, static_cast<uint64_t>(b), eps);
+    if constexpr (Vec) {
+      if (4 * j + 4 <= n) {  // a whole block: elements 4j..4j+3
+        float m[4], r[4], gw[4] = {0.f, 0.f, 0.f, 0.f}, gm[4], gr[4], wv[4];
+        load4(mu, j, m);
+        load4(rho, j, r);
+        if (grad_w != nullptr) load4(grad_w, j, gw);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const Softplus<float> sp = softplus_terms(r[k]);
+          wv[k] = m[k] + sp.sigma * eps[k];
+          gm[k] = gw[k] + glp * dlog_prior(wv[k], prior);
+          gr[k] = gm[k] * eps[k] * sp.sigmoid - glq * sp.dlog_sigma;
+        }
+        store4(grad_mu, j, gm);
+        store4(grad_rho, j, gr);
+        if (w_out != nullptr) store4(w_out, j, wv);
+        continue;
+      }
+    }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t i = 4 * b + k - start;  // array index of stream element 4b + k
@@ -131,15 +195,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(const at::Tensor& mu_
   const SeedArg seed_arg = make_seed_arg(seed);
   auto stream = at::cuda::getCurrentCUDAStream();
   if (n > 0) {
-    AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_cuda", [&] {
-      const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
-      forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(),
-                                                              write_weight ? w.data_ptr<scalar_t>() : nullptr, n,
-                                                              start, seed_arg,
-                                                              static_cast<uint64_t>(offset), prior,
-                                                              partials.data_ptr<double>());
+    const void* w_ptr = write_weight ? w.data_ptr() : nullptr;
+    if (can_vectorise(mu.scalar_type(), start, mu.data_ptr(), rho.data_ptr(), w_ptr)) {
+      forward_kernel<float, true><<<grid, kThreads, 0, stream>>>(
+          mu.data_ptr<float>(), rho.data_ptr<float>(), write_weight ? w.data_ptr<float>() : nullptr, n, start,
+          seed_arg, static_cast<uint64_t>(offset), make_prior<float>(prior_pi, prior_sigma1, prior_sigma2),
+          partials.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_cuda", [&] {
+        const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
+        forward_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+            mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(), write_weight ? w.data_ptr<scalar_t>() : nullptr, n,
+            start, seed_arg, static_cast<uint64_t>(offset), prior, partials.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
   }
   const at::Tensor sums = partials.sum(0);
   const at::Tensor log_q = (sums[0] - 0.91893853320467274178 * static_cast<double>(n)).to(mu.scalar_type());
@@ -160,10 +231,12 @@ std::tuple<at::Tensor, at::Tensor> sample_kl_cuda(const at::Tensor& mu, const at
   return {std::get<1>(out), std::get<2>(out)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cuda(
-    const c10::optional<at::Tensor>& grad_w_in, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
-    const at::Tensor& mu_in, const at::Tensor& rho_in, const at::Tensor& seed, int64_t offset, double prior_pi,
-    double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start) {
+// The backward into given contiguous gradients (grad_mu may alias grad_w); returns w (empty unless
+// return_weight).
+at::Tensor backward_cuda(at::Tensor& grad_mu, at::Tensor& grad_rho, const c10::optional<at::Tensor>& grad_w_in,
+                         const at::Tensor& grad_log_q, const at::Tensor& grad_log_p, const at::Tensor& mu_in,
+                         const at::Tensor& rho_in, const at::Tensor& seed, int64_t offset, double prior_pi,
+                         double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start) {
   check_posterior_params(mu_in, rho_in);
   check_cuda(mu_in);
   check_seed(seed, mu_in);
@@ -181,40 +254,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cuda(
   const at::Tensor glq = grad_log_q.reshape({}).to(mu.device(), mu.scalar_type());
   const at::Tensor glp = grad_log_p.reshape({}).to(mu.device(), mu.scalar_type());
   const int64_t n = mu.numel();
-  at::Tensor grad_mu = at::empty(mu.sizes(), mu.options());
-  at::Tensor grad_rho = at::empty(mu.sizes(), mu.options());
   at::Tensor w = return_weight ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
   const SeedArg seed_arg = make_seed_arg(seed);
   auto stream = at::cuda::getCurrentCUDAStream();
   if (n > 0) {
-    AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_backward_cuda", [&] {
-      const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
-      backward_kernel<scalar_t><<<grid_for(philox_blocks_spanned(n, start)), kThreads, 0, stream>>>(
-          has_grad_w ? grad_w.data_ptr<scalar_t>() : nullptr, glq.data_ptr<scalar_t>(), glp.data_ptr<scalar_t>(),
-          mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(),
-          grad_rho.data_ptr<scalar_t>(), return_weight ? w.data_ptr<scalar_t>() : nullptr, n, start, seed_arg,
-          static_cast<uint64_t>(offset), prior);
+    const int64_t grid = grid_for(philox_blocks_spanned(n, start));
+    const void* gw_ptr = has_grad_w ? grad_w.data_ptr() : nullptr;
+    const void* w_ptr = return_weight ? w.data_ptr() : nullptr;
+    if (can_vectorise(mu.scalar_type(), start, mu.data_ptr(), rho.data_ptr(), gw_ptr, w_ptr, grad_mu.data_ptr(),
+                      grad_rho.data_ptr())) {
+      backward_kernel<float, true><<<grid, kThreads, 0, stream>>>(
+          has_grad_w ? grad_w.data_ptr<float>() : nullptr, glq.data_ptr<float>(), glp.data_ptr<float>(),
+          mu.data_ptr<float>(), rho.data_ptr<float>(), grad_mu.data_ptr<float>(), grad_rho.data_ptr<float>(),
+          return_weight ? w.data_ptr<float>() : nullptr, n, start, seed_arg, static_cast<uint64_t>(offset),
+          make_prior<float>(prior_pi, prior_sigma1, prior_sigma2));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_backward_cuda", [&] {
+        const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
+        backward_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+            has_grad_w ? grad_w.data_ptr<scalar_t>() : nullptr, glq.data_ptr<scalar_t>(), glp.data_ptr<scalar_t>(),
+            mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(),
+            grad_rho.data_ptr<scalar_t>(), return_weight ? w.data_ptr<scalar_t>() : nullptr, n, start, seed_arg,
+            static_cast<uint64_t>(offset), prior);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
   }
+  return w;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cuda(
+    const c10::optional<at::Tensor>& grad_w, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
+    const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed, int64_t offset, double prior_pi,
+    double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start) {
+  check_posterior_params(mu, rho);
+  at::Tensor grad_mu = at::empty(mu.sizes(), mu.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_rho = at::empty_like(grad_mu);
+  at::Tensor w = backward_cuda(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi,
+                               prior_sigma1, prior_sigma2, return_weight, start);
   return {grad_mu, grad_rho, w};
 }
 
-// The blocked (cache-sized rows) linear backward that needs it runs on the CPU only; on a GPU the
-// whole weight is one block, so writing through a copy costs nothing that matters.
+// Writes straight into the given gradients (no copies): the linear backward passes its grad_w
+// buffer as grad_mu, so a training step holds one weight-sized gradient fewer.
 at::Tensor sample_weight_backward_into_cuda(at::Tensor& grad_mu, at::Tensor& grad_rho,
                                             const c10::optional<at::Tensor>& grad_w, const at::Tensor& grad_log_q,
                                             const at::Tensor& grad_log_p, const at::Tensor& mu, const at::Tensor& rho,
                                             const at::Tensor& seed, int64_t offset, double prior_pi,
                                             double prior_sigma1, double prior_sigma2, bool return_weight,
                                             int64_t start) {
+  check_posterior_params(mu, rho);
   check_accumulator(grad_mu, mu, "grad_mu");
   check_accumulator(grad_rho, mu, "grad_rho");
-  const auto out = sample_weight_backward_cuda(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi,
-                                               prior_sigma1, prior_sigma2, return_weight, start);
-  grad_mu.copy_(std::get<0>(out));
-  grad_rho.copy_(std::get<1>(out));
-  return std::get<2>(out);
+  return backward_cuda(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi,
+                       prior_sigma1, prior_sigma2, return_weight, start);
 }
 
 at::Tensor philox_normal_cuda(const at::Tensor& like, const at::Tensor& seed, int64_t offset, int64_t start) {
