@@ -116,16 +116,18 @@ def _linear_reparam(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
         blocks = _row_blocks(weight_mu)
         if len(blocks) == 1:
             w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
-            y = F.linear(x, w.to(x.dtype))
-        else:
-            x_2d = x.reshape(-1, in_features)
-            y = x.new_empty(x_2d.shape[0], out_features)
-            log_q = log_p = 0
-            for r0, r1 in blocks:
-                w, q, p = ops.sample_weight(weight_mu[r0:r1], weight_rho[r0:r1], seed, 0, *prior, r0 * in_features)
-                y[:, r0:r1] = x_2d.mm(w.t().to(x.dtype))
-                log_q, log_p = log_q + q, log_p + p
-            y = y.reshape(x.shape[:-1] + (out_features,))
+            if bias_mu is not None:  # the bias added by the matmul itself (one launch fewer on a GPU)
+                b, log_q_b, log_p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
+                return F.linear(x, w.to(x.dtype), b.to(x.dtype)), log_q + log_q_b, log_p + log_p_b
+            return F.linear(x, w.to(x.dtype)), log_q, log_p
+        x_2d = x.reshape(-1, in_features)
+        y = x.new_empty(x_2d.shape[0], out_features)
+        log_q = log_p = 0
+        for r0, r1 in blocks:
+            w, q, p = ops.sample_weight(weight_mu[r0:r1], weight_rho[r0:r1], seed, 0, *prior, r0 * in_features)
+            y[:, r0:r1] = x_2d.mm(w.t().to(x.dtype))
+            log_q, log_p = log_q + q, log_p + p
+        y = y.reshape(x.shape[:-1] + (out_features,))
         if bias_mu is not None:
             b, log_q_b, log_p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
             y = y + b.to(x.dtype)
@@ -150,9 +152,10 @@ def _linear_reparam_setup_context(ctx, inputs, output):
 def _linear_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
     x, weight_mu, weight_rho, bias_mu, bias_rho, seed = ctx.saved_tensors
     ops, prior = ctx.ops, ctx.prior
-    zero = weight_mu.new_zeros(())
-    grad_log_q = zero if grad_log_q is None else grad_log_q
-    grad_log_p = zero if grad_log_p is None else grad_log_p
+    if grad_log_q is None or grad_log_p is None:  # (a CUDA launch: only when an output went unused)
+        zero = weight_mu.new_zeros(())
+        grad_log_q = zero if grad_log_q is None else grad_log_q
+        grad_log_p = zero if grad_log_p is None else grad_log_p
     out_features, in_features = weight_mu.shape
     weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
     need_x = ctx.needs_input_grad[0]

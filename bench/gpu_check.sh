@@ -66,6 +66,10 @@ step gpu-bench "${GPU_CHECK_BENCH_S:-220}" "$OUT/bench.log" "$PY" bench/bench_la
 # where the bf16 steps spend their time (appended to the summary: at most 8 files come back)
 step profile 90 "$OUT/profile.log" "$PY" bench/profile_gpu.py --amp bf16
 cat "$OUT/profile.log" >> "$SUMMARY" && rm -f "$OUT/profile.log"
+# Nsight Compute's speed-of-light of the sampling kernels (second launch of each: after warm-up)
+step ncu 60 "$OUT/ncu.log" ncu --clock-control none --section SpeedOfLight --section Occupancy \
+  -k "regex:forward_kernel|backward_kernel" --launch-skip 2 --launch-count 2 "$PY" bench/ncu_sample_op.py
+cat "$OUT/ncu.log" >> "$SUMMARY" && rm -f "$OUT/ncu.log"
 case "${GPU_CHECK_SANITIZER:-memcheck}" in
   none) ;;
   # the compiled kernels only (the fallback runs torch's own kernels), no graph capture (unsupported there)

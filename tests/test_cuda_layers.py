@@ -110,8 +110,18 @@ def test_conv_cpu_gpu_parity(cuda_ops, estimator):
                   torch.randn(2, 3, 8, 8), tol=dict(rtol=1e-4, atol=1e-4))
 
 
+@pytest.fixture
+def no_tf32():
+    """cuDNN's RNNs run fp32 matmuls in TF32 by default (10-bit mantissa: 1e-3 off the CPU); the
+    parity tests compare full fp32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("cls", [BayesianLSTM, BayesianGRU])
-def test_rnn_cpu_gpu_parity(cuda_ops, cls):
+def test_rnn_cpu_gpu_parity(cuda_ops, no_tf32, cls):
     _layer_parity(lambda: cls(6, 8, posterior_rho_init=-3.0), torch.randn(3, 7, 6), tol=dict(rtol=1e-4, atol=1e-4))
 
 
@@ -142,6 +152,13 @@ def test_autocast_on_cuda(cuda_ops, dtype, kind):
             "conv": lambda: BayesianConv2d(4, 6, 3, posterior_rho_init=-3.0),
             "lstm": lambda: BayesianLSTM(16, 8, posterior_rho_init=-3.0)}[kind]
     x = (torch.randn(2, 4, 9, 9) if kind == "conv" else torch.randn(3, 5, 16)).to(DEV)
+    # the dtype the torch.nn layer returns under this autocast (cuDNN's LSTM answers float16 under
+    # bf16 autocast in torch 2.11): the Bayesian layer must match its nn counterpart
+    nn_layer = {"conv": lambda: torch.nn.Conv2d(4, 6, 3), "lstm": lambda: torch.nn.LSTM(16, 8, batch_first=True)}.get(
+        kind, lambda: torch.nn.Linear(16, 8))().to(DEV)
+    with torch.autocast("cuda", dtype=dtype):
+        nn_out = nn_layer(x)
+    nn_dtype = (nn_out[0] if isinstance(nn_out, tuple) else nn_out).dtype
     torch.manual_seed(0)
     layer = make().to(DEV)
     outs = []
@@ -152,7 +169,7 @@ def test_autocast_on_cuda(cuda_ops, dtype, kind):
             out = layer(x)
             y = out[0] if isinstance(out, tuple) else out
             kl = layer.kl_divergence()
-        assert y.dtype == (dtype if enabled else torch.float32)
+        assert y.dtype == (nn_dtype if enabled else torch.float32)
         assert kl.dtype == torch.float32
         (y.float().sum() + kl).backward()
         assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in layer.parameters())

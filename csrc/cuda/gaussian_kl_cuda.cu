@@ -1,6 +1,6 @@
 // CUDA implementation of the closed-form KL ops (see cpu/gaussian_kl_cpu.cpp). The sum is reduced
-// per CUDA block into a partials buffer summed by ATen (a fixed grid for a given size keeps it
-// deterministic); the backward reads the incoming gradient on the device (no host sync).
+// per CUDA block into a partials buffer summed in a fixed order by finalize.cuh (a fixed grid for a
+// given size keeps it deterministic); the backward reads the incoming gradient on the device (no host sync).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +12,7 @@
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
 #include "block_sum.cuh"
+#include "finalize.cuh"
 #include "launch.cuh"
 
 namespace bayes_ext {
@@ -47,7 +48,7 @@ at::Tensor gaussian_kl_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in, d
   const at::Tensor rho = rho_in.contiguous();
   const int64_t n = mu.numel();
   const int64_t grid = capped_grid(n);
-  at::Tensor partials = at::zeros({grid}, mu.options().dtype(at::kDouble));
+  at::Tensor partials = partials_for(grid, 1, mu);
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "gaussian_kl_cuda", [&] {
       kl_kernel<scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
@@ -57,7 +58,7 @@ at::Tensor gaussian_kl_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in, d
     });
   }
   const double constant = (std::log(prior_sigma) - 0.5) * static_cast<double>(n);
-  return (partials.sum() + constant).to(mu.scalar_type());
+  return finalize_partials(partials, n > 0 ? grid : 0, constant, 0.0, mu).first;
 }
 
 std::tuple<at::Tensor, at::Tensor> gaussian_kl_backward_cuda(const at::Tensor& grad, const at::Tensor& mu_in,

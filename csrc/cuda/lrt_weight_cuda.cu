@@ -1,6 +1,7 @@
 // CUDA implementation of local reparameterisation's weight-sized passes (see
-// cpu/lrt_weight_cpu.cpp). The KL is reduced per CUDA block into partials summed by ATen (a fixed
-// grid for a given size keeps it deterministic); the backward reads grad_kl on the device.
+// cpu/lrt_weight_cpu.cpp). The KL is reduced per CUDA block into partials summed in a fixed order
+// by finalize.cuh (a fixed grid for a given size keeps it deterministic); the backward reads
+// grad_kl on the device.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +13,7 @@
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
 #include "block_sum.cuh"
+#include "finalize.cuh"
 #include "launch.cuh"
 
 namespace bayes_ext {
@@ -62,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> lrt_weight_forward_cuda(const at::Tensor& mu_
   const bool with_kl = prior_sigma > 0.0;
   const int64_t grid = capped_grid(n);
   at::Tensor sigma2 = at::empty(mu.sizes(), mu.options());
-  at::Tensor partials = at::zeros({grid}, mu.options().dtype(at::kDouble));
+  at::Tensor partials = partials_for(grid, 1, mu);
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "lrt_weight_forward_cuda", [&] {
       auto kernel = with_kl ? lrt_forward_kernel<scalar_t, true> : lrt_forward_kernel<scalar_t, false>;
@@ -74,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> lrt_weight_forward_cuda(const at::Tensor& mu_
     });
   }
   const double constant = with_kl ? (std::log(prior_sigma) - 0.5) * static_cast<double>(n) : 0.0;
-  return {sigma2, (partials.sum() + constant).to(mu.scalar_type())};
+  return {sigma2, finalize_partials(partials, n > 0 && with_kl ? grid : 0, constant, 0.0, mu).first};
 }
 
 at::Tensor lrt_weight_backward_cuda(at::Tensor& grad_mu, at::Tensor& grad_rho, const at::Tensor& grad_kl,

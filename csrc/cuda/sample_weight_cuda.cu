@@ -1,8 +1,8 @@
 // CUDA implementation of the sampling ops. Each thread owns whole Philox blocks (4 elements), so
 // the noise is the same as on the CPU whatever the launch geometry. The seed may live on the
 // device (read in the kernel, so CUDA graph replays pick up a freshly drawn seed) or on the host.
-// log q / log p are reduced per CUDA block into a partials buffer and summed by ATen: a fixed grid
-// for a given size keeps the result deterministic.
+// log q / log p are reduced per CUDA block into a partials buffer and summed in a fixed order by
+// finalize.cuh: a fixed grid for a given size keeps the result deterministic.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +16,7 @@
 #include "bayes_ext/op_checks.h"
 #include "bayes_ext/posterior_math.h"
 #include "block_sum.cuh"
+#include "finalize.cuh"
 #include "launch.cuh"
 #include "seed_arg.cuh"
 
@@ -191,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(const at::Tensor& mu_
   const int64_t n = mu.numel();
   at::Tensor w = write_weight ? at::empty(mu.sizes(), mu.options()) : at::Tensor();
   const int64_t grid = grid_for(philox_blocks_spanned(n, start));
-  at::Tensor partials = at::zeros({grid, 2}, mu.options().dtype(at::kDouble));
+  at::Tensor partials = partials_for(grid, 2, mu);
   const SeedArg seed_arg = make_seed_arg(seed);
   auto stream = at::cuda::getCurrentCUDAStream();
   if (n > 0) {
@@ -212,9 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(const at::Tensor& mu_
       });
     }
   }
-  const at::Tensor sums = partials.sum(0);
-  const at::Tensor log_q = (sums[0] - 0.91893853320467274178 * static_cast<double>(n)).to(mu.scalar_type());
-  const at::Tensor log_p = sums[1].to(mu.scalar_type());
+  auto [log_q, log_p] = finalize_partials(partials, n > 0 ? grid : 0, -0.91893853320467274178 * static_cast<double>(n),
+                                          0.0, mu);
   return {w, log_q, log_p};
 }
 
