@@ -16,8 +16,14 @@ def _functorch_active() -> bool:
     return bool(active and active())
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain(args) -> bool:
-    return all(type(a) in (torch.Tensor, torch.nn.Parameter) for a in args if isinstance(a, torch.Tensor))
+    for a in args:
+        if isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TYPES:
+            return False
+    return True
 
 
 class FusedOp:

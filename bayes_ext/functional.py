@@ -6,6 +6,7 @@
   training forward keeps only the input alive (like nn.Linear), whatever ``sample_nbr`` is.
 - ``mean_weight_kl_terms``: log q and log p evaluated at w = mu (what frozen layers report).
 """
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -74,6 +75,15 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, or a no-op context when autocast is off
+    anyway: entering an autocast context costs ~5 us, a noticeable share of a small layer's step."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _NO_CONTEXT
+
+
 def check_input(x: Tensor, weight: Tensor, feature_dim: int, name: str = "input") -> None:
     """Clear errors for a layer input: type, dtype, device, feature size."""
     _checks.check_tensor(x, name)
@@ -112,7 +122,7 @@ def _linear_reparam(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
     ops, prior = _backend.ops(), (prior_pi, prior_sigma1, prior_sigma2)
     out_features, in_features = weight_mu.shape
     weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         blocks = _row_blocks(weight_mu)
         if len(blocks) == 1:
             w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
@@ -159,7 +169,7 @@ def _linear_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
     out_features, in_features = weight_mu.shape
     weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
     need_x = ctx.needs_input_grad[0]
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         grad_out_2d = grad_out.reshape(-1, out_features).to(x.dtype)
         x_2d = x.reshape(-1, in_features)
         blocks = _row_blocks(weight_mu)

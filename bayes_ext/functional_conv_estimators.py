@@ -61,7 +61,7 @@ def _conv_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optiona
     # and KL in the parameters' dtype.
     ops, conv, dtype, low = (_backend.ops(), (stride, padding, dilation, transposed, output_padding, groups),
                              weight_mu.dtype, x.dtype)
-    with torch.autocast(x.device.type, enabled=False):
+    with BF.autocast_off(x.device.type):
         sigma2, kl = ops.lrt_weight_forward(weight_mu, weight_rho, prior_sigma)
         bias_var = None
         if bias_rho is not None:
@@ -100,7 +100,7 @@ def _conv_lrt_backward(ctx, grad_y, grad_std, grad_kl):
     need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     need_b = bias_mu is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
     grad_kl = zero_if_none(grad_kl, mu)
-    with torch.autocast(x.device.type, enabled=False):
+    with BF.autocast_off(x.device.type):
         g = torch.zeros_like(std) if grad_y is None else grad_y
         half_u = lrt_noise_grad(g, std, seed).mul_(0.5)  # dL/dvar
         grad_x, grad_mu = _conv_grads(g.to(low), x, mu, ctx.conv, need_x, need_w)
@@ -135,7 +135,7 @@ def _conv_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Opt
                   prior_pi: float, prior_sigma1: float, prior_sigma2: float) -> Tuple[Tensor, Tensor, Tensor]:
     ops, prior, low = _backend.ops(), (prior_pi, prior_sigma1, prior_sigma2), x.dtype
     conv = (stride, padding, dilation, transposed, output_padding, groups)
-    with torch.autocast(x.device.type, enabled=False):
+    with BF.autocast_off(x.device.type):
         # W = mu + dW from the weight's own stream, so log q / log p are the MC KL terms of W
         w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
         b = None
@@ -173,7 +173,7 @@ def _conv_flipout_backward(ctx, grad_y, grad_log_q, grad_log_p):
     need_x = ctx.needs_input_grad[0]
     need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     need_b = bias_mu is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-    with torch.autocast(x.device.type, enabled=False):
+    with BF.autocast_off(x.device.type):
         if grad_y is None:  # only the KL was used
             grad_y = torch.ops.aten.convolution(x, mu.to(low), None, *conv).zero_()
         g = grad_y.to(low)

@@ -69,7 +69,7 @@ def _linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optio
     # Returns (y, std, kl): std (batch-sized) is kept for backward, eps is not. Under autocast the
     # GEMMs run in x's dtype, the rest in the parameters'.
     ops, dtype, low = _backend.ops(), weight_mu.dtype, x.dtype
-    with torch.autocast(x.device.type, enabled=False):
+    with BF.autocast_off(x.device.type):
         sigma2, kl = ops.lrt_weight_forward(weight_mu, weight_rho, prior_sigma)
         mean = F.linear(x, weight_mu.to(low), None if bias_mu is None else bias_mu.to(low)).to(dtype)
         var = F.linear(x * x, sigma2.to(low)).to(dtype)
@@ -104,7 +104,7 @@ def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
     need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     need_b = bias_mu is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
     grad_kl = zero_if_none(grad_kl, mu)
-    with torch.autocast(x.device.type, enabled=False):
+    with BF.autocast_off(x.device.type):
         std = std.reshape(-1, out_features)
         g = (torch.zeros_like(std) if grad_y is None else grad_y).reshape(-1, out_features)
         x_2d = x.reshape(-1, in_features)
@@ -139,7 +139,7 @@ def _linear_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
                     bias_rho: Optional[Tensor], seed: Tensor, prior_pi: float, prior_sigma1: float,
                     prior_sigma2: float) -> Tuple[Tensor, Tensor, Tensor]:
     ops, prior, low = _backend.ops(), (prior_pi, prior_sigma1, prior_sigma2), x.dtype
-    with torch.autocast(x.device.type, enabled=False):
+    with BF.autocast_off(x.device.type):
         # W = mu + dW from the weight's own stream, so log q / log p are the MC KL terms of W
         w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
         dw = w.sub_(weight_mu).to(low)
@@ -184,7 +184,7 @@ def _linear_flipout_backward(ctx, grad_y, grad_log_q, grad_log_p):
     need_x = ctx.needs_input_grad[0]
     need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     need_b = bias_mu is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-    with torch.autocast(x.device.type, enabled=False):
+    with BF.autocast_off(x.device.type):
         x_2d = x.reshape(-1, in_features)
         g = x_2d.new_zeros(x_2d.shape[0], out_features) if grad_y is None else grad_y.reshape(-1, out_features)
         g = g.to(low)

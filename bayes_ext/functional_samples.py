@@ -56,7 +56,7 @@ def _linear_reparam_samples_impl(x: Tensor, weight_mu: Tensor, weight_rho: Tenso
     out_features, in_features = weight_mu.shape
     weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
     blocks = _row_blocks(weight_mu)
-    with torch.autocast(x.device.type, enabled=False):
+    with BF.autocast_off(x.device.type):
         y = x.new_empty(x.shape[:-1] + (out_features,))  # the output itself, not a view of it
         x3, y3 = x.reshape(n, -1, in_features), y.view(n, -1, out_features)
         if _stacked(x, weight_mu, n, blocks):
@@ -119,7 +119,7 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
     need_x = ctx.needs_input_grad[0]
     blocks = _row_blocks(weight_mu)
     w_dtype = weight_mu.dtype
-    with torch.autocast(x.device.type, enabled=False):
+    with BF.autocast_off(x.device.type):
         x3 = x.reshape(n, -1, in_features)
         grad_out3 = grad_out.reshape(n, -1, out_features)
         if grad_out3.dtype != x.dtype:

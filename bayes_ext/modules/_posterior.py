@@ -54,8 +54,9 @@ class GaussianPosteriorMixin:
     # KL terms: set by every forward. A frozen forward uses w = mu, so its terms are those of mu,
     # computed when read rather than on every inference forward.
     def _set_kl_terms(self, log_q, log_p) -> None:
-        self._kl_terms = (log_q, log_p)
-        self._kl_at_mean = False
+        # plain attributes: object.__setattr__ skips nn.Module's parameter/buffer bookkeeping (~5 us)
+        object.__setattr__(self, "_kl_terms", (log_q, log_p))
+        object.__setattr__(self, "_kl_at_mean", False)
 
     def _set_kl_at_mean(self) -> None:
         self._kl_at_mean = True
