@@ -115,6 +115,20 @@ def _row_blocks(weight: Tensor):
     return [(r, min(r + step, out_features)) for r in range(0, out_features, step)]
 
 
+_MM_OUT_DTYPE = [True]  # aten::mm.dtype usable here (CUDA, torch >= 2.8); cleared on first failure
+
+
+def mm_in_dtype(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """a @ b as a `dtype` tensor. Under CUDA autocast the bf16 / fp16 operands accumulate straight
+    into an fp32 result (aten::mm.dtype): no low-precision product to write, read back and cast."""
+    if a.dtype != dtype and a.is_cuda and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except (RuntimeError, TypeError):  # an older torch, or a dtype pair cuBLAS lacks
+            _MM_OUT_DTYPE[0] = False
+    return a.mm(b).to(dtype)
+
+
 @fused_custom_op("bayes_ext::linear_reparam")
 def _linear_reparam(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                     bias_rho: Optional[Tensor], seed: Tensor, prior_pi: float, prior_sigma1: float,
@@ -176,7 +190,7 @@ def _linear_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
         if len(blocks) == 1 and weight_mu.is_cuda:
             # In place: the CUDA kernel turns the grad_w buffer into grad_mu (each element read before
             # it is written), so the step holds one weight-sized gradient fewer.
-            grad_mu = grad_out_2d.t().mm(x_2d).to(weight_mu.dtype)
+            grad_mu = mm_in_dtype(grad_out_2d.t(), x_2d, weight_mu.dtype)
             grad_rho = torch.empty_like(grad_mu)
             w = ops.sample_weight_backward_into(grad_mu, grad_rho, grad_mu, grad_log_q, grad_log_p, weight_mu,
                                                 weight_rho, seed, 0, *prior, need_x, 0)

@@ -191,3 +191,16 @@ def test_backward_into_may_overwrite_grad_w(cuda_ops):
     torch.testing.assert_close(buf, ref_mu, rtol=0, atol=0)
     torch.testing.assert_close(grad_rho, ref_rho, rtol=0, atol=0)
     torch.testing.assert_close(w, ref_w, rtol=0, atol=0)
+
+
+def test_mm_in_dtype(no_tf32):
+    """The linear backward's grad_W under CUDA autocast: bf16 operands, an fp32 product accumulated
+    without rounding to bf16 where torch has aten::mm.dtype (else the bf16 product, cast)."""
+    from bayes_ext import functional as BF
+    a = torch.randn(64, 33, device=DEV).bfloat16()
+    b = torch.randn(33, 17, device=DEV).bfloat16()
+    out = BF.mm_in_dtype(a, b, torch.float32)
+    assert out.dtype == torch.float32
+    exact = a.float() @ b.float()
+    tol = 1e-5 if BF._MM_OUT_DTYPE[0] else 1e-2  # the fallback rounds the product to bf16 first
+    torch.testing.assert_close(out, exact, rtol=tol, atol=tol)
