@@ -176,26 +176,6 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
 _linear_reparam_samples.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerSamples(torch.autograd.Function):
-    """The same op (same implementation, setup_context and backward) as a plain autograd.Function, for
-    eager calls: torch.library's per-call Python (schema default filling, alias checks) costs tens
-    of microseconds per call, a sizeable part of a small model's step. Compiled graphs (and no_grad
-    calls) use the custom op."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        # Below autograd, as the custom op's own forward runs: the inner sample_weight calls would
-        # otherwise each pass through that op's Python autograd registration (~5 us a call).
-        with torch._C._AutoDispatchBelowAutograd():
-            output = _linear_reparam_samples_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
-
-
 def check_seeds(seeds, like: Tensor, sample_nbr: Optional[int] = None) -> None:
     """seeds: a 1-D int64 tensor of N >= 1 values, on the CPU or the parameters' device."""
     _checks.check_tensor(seeds, "seeds")
@@ -243,7 +223,5 @@ def linear_samples_unchecked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds,
     low_precision = BF.autocast_dtype(x)
     if low_precision is not None:
         x = x.to(low_precision)
-    args = (x, weight_mu, weight_rho, bias_mu, bias_rho, seeds.contiguous(), *prior)
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return _linear_reparam_samples(*args)
-    return _EagerSamples.apply(*args)
+    # eager calls take the fused op's autograd.Function fast path (see _fused_op.py)
+    return _linear_reparam_samples(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds.contiguous(), *prior)
