@@ -196,7 +196,7 @@ def _linear_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
                                                 weight_rho, seed, 0, *prior, need_x, 0)
             grad_x = grad_out_2d.mm(w.to(x.dtype)) if need_x else None
         elif len(blocks) == 1:
-            grad_w = grad_out_2d.t().mm(x_2d).to(weight_mu.dtype)
+            grad_w = mm_in_dtype(grad_out_2d.t(), x_2d, weight_mu.dtype)
             grad_mu, grad_rho, w = ops.sample_weight_backward(grad_w, grad_log_q, grad_log_p, weight_mu, weight_rho,
                                                               seed, 0, *prior, need_x)
             grad_x = grad_out_2d.mm(w.to(x.dtype)) if need_x else None

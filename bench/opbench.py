@@ -33,7 +33,6 @@ def _time(fn, device, warmup, reps):
 
 def _time_cuda(fn, warmup, reps, inner=10):
     """CUDA events around `inner` back-to-back calls: a 100 us kernel is not lost in host syncs."""
-    import torch
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
