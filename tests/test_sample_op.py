@@ -550,7 +550,8 @@ def test_sample_weight_samples_equal_per_seed_calls(ops, shape):
         assert torch.equal(w[s], w_s) and torch.equal(log_q[s], q_s) and torch.equal(log_p[s], p_s)
 
 
-@pytest.mark.parametrize("shape", [(37, 41), (130, 300)])
+# (64, 200): one chunk and >= 32768 sample-elements, the CPU kernel's sample-parallel path
+@pytest.mark.parametrize("shape", [(37, 41), (64, 200), (130, 300)])
 def test_sample_weight_samples_backward_sums_per_seed_gradients(ops, shape):
     mu, rho = _params(shape, torch.float64)
     seeds = _seeds(9, 10, 12)
@@ -568,6 +569,24 @@ def test_sample_weight_samples_backward_sums_per_seed_gradients(ops, shape):
     torch.testing.assert_close(grad_rho, expected_rho, rtol=1e-12, atol=1e-12)
     no_w = ops.sample_weight_samples_backward(None, glq, glp, mu, rho, seeds, 0, 1.0, 0.4, 0.4, False)
     assert no_w[2].numel() == 0
+
+
+@pytest.mark.parametrize("shape", [(64, 200), (130, 300)])
+def test_sample_weight_samples_backward_same_for_any_thread_count(compiled, shape):
+    """The compiled kernel runs the samples (small weights) or the chunks (large ones) in parallel
+    and adds the sums in sample order either way: bitwise the same on 1 and 3 threads. (The
+    fallback's torch ops need not be: their vector/scalar split moves with the thread count.)"""
+    ops = compiled
+    mu, rho = _params(shape, torch.float32)
+    seeds = _seeds(4, 5, 6, 7)
+    grad_w = torch.randn((4,) + shape, generator=torch.Generator().manual_seed(3))
+    glq, glp = torch.tensor([0.2, -0.1, 0.5, 0.3]), torch.tensor([1.0, 0.3, -0.7, 0.1])
+    results = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        results.append(ops.sample_weight_samples_backward(grad_w, glq, glp, mu, rho, seeds, 0, 0.5, 0.3, 1.2, True))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_sample_weight_samples_autograd_opcheck_gradcheck(ops):

@@ -23,6 +23,8 @@ using namespace cpu_kernel;
 
 // Below this many elements in all, one thread: an OpenMP region costs more than the work.
 constexpr int64_t kParallelElements = 32768;
+// Scratch the backward may take to run the samples of a one-chunk weight in parallel (4 MB).
+constexpr int64_t kScratchElements = 1 << 19;
 
 std::vector<uint64_t> seed_values(const at::Tensor& seeds) {
   const at::Tensor s = seeds.to(at::kCPU).contiguous();
@@ -121,6 +123,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_samples_backward_cp
     scalar_t* gmu_p = grad_mu.data_ptr<scalar_t>();
     scalar_t* grho_p = grad_rho.data_ptr<scalar_t>();
     scalar_t* w_p = return_weight ? w.data_ptr<scalar_t>() : nullptr;
+    auto sample_range = [&](int64_t s, int64_t c0, int64_t len, scalar_t* out_mu, scalar_t* out_rho) {
+      BackwardRange<scalar_t> a{gw_p == nullptr ? nullptr : gw_p + s * n + c0,
+                                static_cast<scalar_t>(glq[s]), static_cast<scalar_t>(glp[s]), mu_p + c0,
+                                rho_p + c0, out_mu, out_rho, w_p == nullptr ? nullptr : w_p + s * n + c0, 0, len,
+                                c0, seed[s], static_cast<uint64_t>(offset), prior};
+      run_backward(a);
+    };
+    if (chunks == 1 && samples > 1 && samples * n >= kParallelElements && (samples - 1) * n <= kScratchElements) {
+      // A small weight (one chunk): the samples, not the chunks, are the parallel tasks. Sample 0
+      // writes the sums, each other sample its own scratch slice, then the slices are added in
+      // sample order: the same sums in the same order as the loop below.
+      std::vector<scalar_t> scratch(static_cast<size_t>(2 * (samples - 1) * n));
+      at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t s = begin; s < end; ++s) {
+          scalar_t* part = scratch.data() + 2 * (s - 1) * n;
+          sample_range(s, 0, n, s == 0 ? gmu_p : part, s == 0 ? grho_p : part + n);
+        }
+      });
+      at::parallel_for(0, n, kChunk / 4, [&](int64_t begin, int64_t end) {
+        for (int64_t s = 1; s < samples; ++s) {
+          const scalar_t* part = scratch.data() + 2 * (s - 1) * n;
+          for (int64_t i = begin; i < end; ++i) {
+            gmu_p[i] += part[i];
+            grho_p[i] += part[n + i];
+          }
+        }
+      });
+      return;
+    }
     const int64_t grain = std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, samples * std::min(n, kChunk)));
     at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> part_mu(static_cast<size_t>(kChunk)), part_rho(part_mu.size());
@@ -130,11 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_samples_backward_cp
           // sample 0 writes the chunk of the sums, the others add to it in sample order
           scalar_t* out_mu = s == 0 ? gmu_p + c0 : part_mu.data();
           scalar_t* out_rho = s == 0 ? grho_p + c0 : part_rho.data();
-          BackwardRange<scalar_t> a{gw_p == nullptr ? nullptr : gw_p + s * n + c0,
-                                    static_cast<scalar_t>(glq[s]), static_cast<scalar_t>(glp[s]), mu_p + c0,
-                                    rho_p + c0, out_mu, out_rho, w_p == nullptr ? nullptr : w_p + s * n + c0, 0, len,
-                                    c0, seed[s], static_cast<uint64_t>(offset), prior};
-          run_backward(a);
+          sample_range(s, c0, len, out_mu, out_rho);
           if (s > 0) {
             for (int64_t i = 0; i < len; ++i) {
               gmu_p[c0 + i] += part_mu[i];
