@@ -28,3 +28,14 @@ def test_quick_benchmark_runs_and_reports_every_bayes_ext_case(tmp_path):
     for r in rows:
         if (r["section"], r["case"]) in expected:
             assert r["train"]["median_ms"] > 0, r
+
+
+def test_overhead_script_reports_both_layers():
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "overhead.py"), "--steps", "50"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["nn.Linear", "BayesianLinear"]
+    for line in lines:
+        train_us, infer_us = float(line.split()[3]), float(line.split()[7])
+        assert train_us > 0 and infer_us > 0
