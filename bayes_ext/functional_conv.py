@@ -366,6 +366,23 @@ def conv_with_weight(x: Tensor, weight: Tensor, bias: Optional[Tensor], spec: Co
     return y if batched else y.squeeze(0)
 
 
+def validated_spec(weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, groups, transposed,
+                   output_padding):
+    """(ConvSpec, seed) of a functional conv call, its parameters checked; a seed drawn if None."""
+    _checks.check_tensor(weight_mu, "weight_mu")
+    if weight_mu.dim() not in (3, 4, 5):
+        raise ValueError(f"weight_mu must be 3-, 4- or 5-D (a 1-d, 2-d or 3-d convolution weight), "
+                         f"got shape {tuple(weight_mu.shape)}")
+    if not isinstance(transposed, bool):
+        raise TypeError(f"transposed must be a bool, got {transposed!r}")
+    spec = conv_spec(weight_mu.dim() - 2, tuple(weight_mu.shape[2:]), stride, padding, dilation, groups, transposed,
+                     output_padding)
+    check_conv_params(weight_mu, weight_rho, bias_mu, bias_rho, spec)
+    seed = BF.draw_seed() if seed is None else seed
+    _checks.check_seed(seed, weight_mu)
+    return spec, seed
+
+
 def bayesian_conv(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,
                   bias_rho: Optional[Tensor] = None, seed: Optional[Tensor] = None,
                   stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int], str] = 0,
@@ -381,17 +398,8 @@ def bayesian_conv(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Opt
     for a non-transposed convolution. The backward regenerates W from the seed, so only the
     input is kept for it.
     """
-    _checks.check_tensor(weight_mu, "weight_mu")
-    if weight_mu.dim() not in (3, 4, 5):
-        raise ValueError(f"weight_mu must be 3-, 4- or 5-D (a 1-d, 2-d or 3-d convolution weight), "
-                         f"got shape {tuple(weight_mu.shape)}")
-    if not isinstance(transposed, bool):
-        raise TypeError(f"transposed must be a bool, got {transposed!r}")
-    spec = conv_spec(weight_mu.dim() - 2, tuple(weight_mu.shape[2:]), stride, padding, dilation, groups, transposed,
-                     output_padding)
-    check_conv_params(weight_mu, weight_rho, bias_mu, bias_rho, spec)
-    seed = BF.draw_seed() if seed is None else seed
-    _checks.check_seed(seed, weight_mu)
+    spec, seed = validated_spec(weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, groups,
+                                transposed, output_padding)
     pi, sigma1, sigma2 = (float(v) for v in prior)
     _checks.check_prior(pi, sigma1, sigma2)
     return bayesian_conv_spec(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, spec, (pi, sigma1, sigma2))

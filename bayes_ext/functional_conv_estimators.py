@@ -234,22 +234,6 @@ def conv_flipout_spec(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu:
     return (y if batched else y.squeeze(0)), log_q, log_p
 
 
-def _validated_spec(weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, groups, transposed,
-                    output_padding):
-    _checks.check_tensor(weight_mu, "weight_mu")
-    if weight_mu.dim() not in (3, 4, 5):
-        raise ValueError(f"weight_mu must be 3-, 4- or 5-D (a 1-d, 2-d or 3-d convolution weight), "
-                         f"got shape {tuple(weight_mu.shape)}")
-    if not isinstance(transposed, bool):
-        raise TypeError(f"transposed must be a bool, got {transposed!r}")
-    spec = BFC.conv_spec(weight_mu.dim() - 2, tuple(weight_mu.shape[2:]), stride, padding, dilation, groups,
-                         transposed, output_padding)
-    BFC.check_conv_params(weight_mu, weight_rho, bias_mu, bias_rho, spec)
-    seed = BF.draw_seed() if seed is None else seed
-    _checks.check_seed(seed, weight_mu)
-    return spec, seed
-
-
 def conv_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,
              bias_rho: Optional[Tensor] = None, seed: Optional[Tensor] = None,
              stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int], str] = 0,
@@ -257,7 +241,7 @@ def conv_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional
              output_padding: Union[int, Sequence[int]] = 0) -> Tensor:
     """Local reparameterisation of ``bayesian_conv``'s convolution (same arguments, no prior: the
     KL is the caller's): y = conv(x, mu, b_mu) + sqrt(conv(x^2, sigma^2) + sigma_b^2) * eps."""
-    spec, seed = _validated_spec(weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, groups,
+    spec, seed = BFC.validated_spec(weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, groups,
                                  transposed, output_padding)
     return conv_lrt_spec(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, spec)[0]
 
@@ -270,7 +254,7 @@ def conv_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Opti
                  prior: ScaleMixture = (1.0, 0.1, 0.002)) -> Tuple[Tensor, Tensor, Tensor]:
     """Flipout of ``bayesian_conv``'s convolution: y = conv(x, mu, b) + conv(x * S, dW) * R; returns
     (y, log_q, log_p) of W = mu + dW (stream (seed, 0)) and b (stream (seed, 1))."""
-    spec, seed = _validated_spec(weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, groups,
+    spec, seed = BFC.validated_spec(weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, groups,
                                  transposed, output_padding)
     pi, sigma1, sigma2 = (float(v) for v in prior)
     _checks.check_prior(pi, sigma1, sigma2)
