@@ -293,14 +293,11 @@ def _fake_sample_kl(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2,
 
 
 def _make_sample_kl_backward(namespace):
+    """sample_kl's (log_q, log_p) are sample_weight's without w: the same backward with no grad_w."""
+    weight_backward = _make_sample_weight_backward(namespace)
+
     def backward(ctx, grad_log_q, grad_log_p):
-        mu, rho, seed = ctx.saved_tensors
-        offset, prior_pi, prior_sigma1, prior_sigma2, start = ctx.stream_and_prior
-        zero = mu.new_zeros(())
-        grad_mu, grad_rho, _ = namespace.sample_weight_backward(
-            None, zero if grad_log_q is None else grad_log_q, zero if grad_log_p is None else grad_log_p,
-            mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, False, start)
-        return grad_mu, grad_rho, None, None, None, None, None, None
+        return weight_backward(ctx, None, grad_log_q, grad_log_p)
     return backward
 
 
