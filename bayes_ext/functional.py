@@ -160,14 +160,17 @@ def _linear_reparam(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
 
 
 @_linear_reparam.register_fake
-def _(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_pi, prior_sigma1, prior_sigma2):
+def linear_op_fake(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_pi, prior_sigma1, prior_sigma2):
+    """Fake kernel of the linear ops returning (y, log_q, log_p) (reparam, flipout)."""
     out = x.new_empty(x.shape[:-1] + (weight_mu.shape[0],))
     return out, weight_mu.new_empty(()), weight_mu.new_empty(())
 
 
-def _linear_reparam_setup_context(ctx, inputs, output):
+def linear_op_setup_context(ctx, inputs, output):
+    """setup_context of the linear ops taking (x, weight_mu, weight_rho, bias_mu, bias_rho, seed or
+    seeds, pi, sigma1, sigma2): only the input is new memory, the backward rebuilds the noise (W,
+    dW and the signs, or each sample's W) from the seed(s)."""
     x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_pi, prior_sigma1, prior_sigma2 = inputs
-    # Only the input is new memory; W is rebuilt from (seed, offset 0) in backward.
     ctx.save_for_backward(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     ctx.prior = (prior_pi, prior_sigma1, prior_sigma2)
     ctx.ops = _backend.ops()
@@ -223,7 +226,7 @@ def _linear_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
     return grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho, None, None, None, None
 
 
-_linear_reparam.register_autograd(_linear_reparam_backward, setup_context=_linear_reparam_setup_context)
+_linear_reparam.register_autograd(_linear_reparam_backward, setup_context=linear_op_setup_context)
 
 
 LRT_NOISE_OFFSET = 2  # Philox stream of the output noise (0 and 1 are the weight's and the bias's)

@@ -155,18 +155,7 @@ def _linear_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
     return y, log_q, log_p
 
 
-@_linear_flipout.register_fake
-def _(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_pi, prior_sigma1, prior_sigma2):
-    out = x.new_empty(x.shape[:-1] + (weight_mu.shape[0],))
-    return out, weight_mu.new_empty(()), weight_mu.new_empty(())
-
-
-def _linear_flipout_setup_context(ctx, inputs, output):
-    x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_pi, prior_sigma1, prior_sigma2 = inputs
-    # only the input is new memory: dW, S and R are regenerated from the seed
-    ctx.save_for_backward(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
-    ctx.prior = (prior_pi, prior_sigma1, prior_sigma2)
-    ctx.ops = _backend.ops()
+_linear_flipout.register_fake(BF.linear_op_fake)
 
 
 def _add_mm(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -210,7 +199,7 @@ def _linear_flipout_backward(ctx, grad_y, grad_log_q, grad_log_p):
     return grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho, None, None, None, None
 
 
-_linear_flipout.register_autograd(_linear_flipout_backward, setup_context=_linear_flipout_setup_context)
+_linear_flipout.register_autograd(_linear_flipout_backward, setup_context=BF.linear_op_setup_context)
 
 
 # ---- entry points ---------------------------------------------------------------------------------

@@ -99,14 +99,6 @@ def _(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, prior_pi, prior_sigma1
     return out, weight_mu.new_empty((n,)), weight_mu.new_empty((n,))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, prior_pi, prior_sigma1, prior_sigma2 = inputs
-    # x and N seeds are the only new memory: every W_s is rebuilt from seeds[s] in backward.
-    ctx.save_for_backward(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds)
-    ctx.prior = (prior_pi, prior_sigma1, prior_sigma2)
-    ctx.ops = _backend.ops()
-
-
 def _backward(ctx, grad_out, grad_log_q, grad_log_p):
     x, weight_mu, weight_rho, bias_mu, bias_rho, seeds = ctx.saved_tensors
     ops, prior = ctx.ops, ctx.prior
@@ -173,7 +165,8 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
     return (grad_x, *totals, None, None, None, None)
 
 
-_linear_reparam_samples.register_autograd(_backward, setup_context=_setup_context)
+# x and N seeds are the only new memory: every W_s is rebuilt from seeds[s] in backward
+_linear_reparam_samples.register_autograd(_backward, setup_context=BF.linear_op_setup_context)
 
 
 def check_seeds(seeds, like: Tensor, sample_nbr: Optional[int] = None) -> None:
