@@ -32,7 +32,34 @@ def log_prior_terms(w: torch.Tensor, pi: float, sigma1: float, sigma2: float) ->
         return a1 - b1 * w2
     if mode == 2:
         return a2 - b2 * w2
-    return torch.logaddexp(a1 - b1 * w2, a2 - b2 * w2)
+    larger, log1p_term = _mixture_parts(w2, a1, b1, a2, b2)
+    return larger.add_(log1p_term)
+
+
+def log_prior_sum(w: torch.Tensor, pi: float, sigma1: float, sigma2: float) -> torch.Tensor:
+    """sum of log_prior_terms(w) as a float64 scalar. The sums run in w's dtype (cascade summation,
+    ~1e-7 relative in float32) and are added in float64: a float64 sum of float32 data converts it
+    all first, at 10x the cost."""
+    a1, b1, a2, b2, mode = prior_constants(pi, sigma1, sigma2)
+    if mode != 0:
+        a, b = (a1, b1) if mode == 1 else (a2, b2)
+        return a * w.numel() - b * torch.dot(w, w).to(torch.float64)
+    larger, log1p_term = _mixture_parts(w * w, a1, b1, a2, b2)
+    return larger.sum().to(torch.float64) + log1p_term.sum().to(torch.float64)
+
+
+def _mixture_parts(w2: torch.Tensor, a1: float, b1: float, a2: float, b2: float):
+    """(max(x1, x2), log1p(exp(-|x1 - x2|))) for the components' logs x_k = a_k - b_k w^2: their sum
+    is logaddexp(x1, x2), written out because torch.logaddexp is not vectorised on the CPU (1.5 ms
+    per 256K elements, a quarter of the fallback's forward). x1 - x2 is formed from w^2 directly
+    (no cancellation between two large logs)."""
+    x1 = torch.mul(w2, -b1).add_(a1)
+    x2 = torch.mul(w2, -b2).add_(a2)
+    gap = torch.mul(w2, b2 - b1).add_(a1 - a2)
+    # |gap| capped at 80: exp(-80) = 2e-35 is already below either dtype's resolution next to
+    # max(x1, x2), and beyond it exp and log1p meet subnormals (20x slower on the CPU). In place
+    # only where autograd keeps no operand (log_prior_terms is differentiated through).
+    return torch.maximum(x1, x2), torch.log1p(gap.abs().clamp_max_(80.0).neg_().exp_())
 
 
 def dlog_prior(w: torch.Tensor, pi: float, sigma1: float, sigma2: float) -> torch.Tensor:
@@ -41,36 +68,73 @@ def dlog_prior(w: torch.Tensor, pi: float, sigma1: float, sigma2: float) -> torc
         return -2.0 * b1 * w
     if mode == 2:
         return -2.0 * b2 * w
+    # -2 w (r1 b1 + (1 - r1) b2), r1 = sigmoid(x1 - x2) the first component's responsibility: a
+    # sum of two non-negative terms (no cancellation), x1 - x2 formed from w^2 directly
     w2 = w * w
-    r1 = torch.sigmoid((a1 - b1 * w2) - (a2 - b2 * w2))
-    return -2.0 * w * (r1 * b1 + (1.0 - r1) * b2)
+    r1 = torch.mul(w2, b2 - b1).add_(a1 - a2).sigmoid_()
+    factor = torch.rsub(r1, 1.0).mul_(-2.0 * b2).add_(r1.mul_(-2.0 * b1))
+    return factor.mul_(w)
 
 
-def softplus(rho: torch.Tensor) -> torch.Tensor:
-    """max(rho, 0) + log1p(exp(-|rho|)): exact for every rho (F.softplus returns rho itself above 20,
-    off by up to 2e-9, which float64 resolves)."""
+SOFTPLUS_DIRECT_MAX_RHO = 30.0  # log1p(exp(rho)) is exact to rounding below it in either dtype
+
+
+def softplus(rho: torch.Tensor, extremes: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+    """log(1 + exp(rho)), exact to rounding for every rho and rounded the same at every position.
+
+    Not F.softplus: its threshold (20) returns rho itself above it (off by up to 2e-9, which float64
+    resolves), and its vector body and scalar tail use different exp/log1p, so an element's value
+    would depend on where it falls in a vector. exp and log1p alone are consistent; when every rho
+    is at most 30 (the usual case, checked with one reduction on the CPU) two passes suffice,
+    otherwise max(rho, 0) + log1p(exp(-|rho|)) avoids the overflow in five.
+    """
+    if (extremes or _rho_extremes(rho))[1] <= SOFTPLUS_DIRECT_MAX_RHO:
+        return torch.log1p(torch.exp(rho))
     return rho.clamp_min(0) + torch.log1p(torch.exp(-rho.abs()))
 
 
-def _any_tiny(rho: torch.Tensor) -> bool:
-    """Whether the exact-limit branch is needed (always assumed on a GPU, where asking would sync,
-    and while torch.compile traces, where reading a value would break the graph)."""
-    if rho.device.type != "cpu" or torch.compiler.is_compiling():
-        return True
-    return bool((rho < SOFTPLUS_TINY_RHO).any())  # a comparison, not amin: a NaN hides amin's minimum
+def _rho_extremes(rho: torch.Tensor) -> Tuple[float, float]:
+    """(min, max) of rho for choosing a formula, one pass; (-inf, inf) where asking is not cheap or
+    not possible (on a GPU it would sync; while torch.compile traces it would break the graph) or
+    when rho holds a NaN, so that the exact branches are taken."""
+    if rho.device.type != "cpu" or torch.compiler.is_compiling() or rho.numel() == 0:
+        return -math.inf, math.inf
+    low, high = (float(v) for v in torch.aminmax(rho.detach()))
+    if math.isnan(low) or math.isnan(high):
+        return -math.inf, math.inf
+    return low, high
+
+
+def _any_tiny(rho: torch.Tensor, extremes: Optional[Tuple[float, float]] = None) -> bool:
+    """Whether some rho is below SOFTPLUS_TINY_RHO (or that cannot be ruled out cheaply), where the
+    exact limits log sigma -> rho and sigmoid / sigma -> 1 take over."""
+    return rho.numel() > 0 and (extremes or _rho_extremes(rho))[0] < SOFTPLUS_TINY_RHO
+
+
+def softplus_grad_terms(rho: torch.Tensor, extremes: Optional[Tuple[float, float]] = None):
+    """(sigma, sigmoid(rho), sigmoid(rho) / sigma = d log sigma / d rho), exact for very negative rho."""
+    extremes = extremes or _rho_extremes(rho)
+    sigma = softplus(rho, extremes)
+    sig = torch.sigmoid(rho)
+    if not _any_tiny(rho, extremes):  # the usual case: no selects (each a full pass in eager torch)
+        return sigma, sig, sig / sigma
+    tiny = rho < SOFTPLUS_TINY_RHO
+    dlog_sigma = torch.where(tiny, 1.0 - 0.5 * torch.exp(rho), sig / torch.where(tiny, torch.ones_like(sigma), sigma))
+    return sigma, sig, dlog_sigma
+
+
+def log_softplus(rho: torch.Tensor, sigma: torch.Tensor, extremes: Optional[Tuple[float, float]] = None):
+    """log sigma for sigma = softplus(rho), exact where sigma underflows (log softplus(rho) -> rho)."""
+    if not _any_tiny(rho, extremes):
+        return torch.log(sigma)
+    return torch.where(rho < SOFTPLUS_TINY_RHO, rho, torch.log(sigma))
 
 
 def softplus_terms(rho: torch.Tensor):
     """(sigma, log sigma, sigmoid(rho), sigmoid(rho) / sigma) with exact limits for very negative rho."""
-    sigma = softplus(rho)
-    if not _any_tiny(rho):  # the usual case: no selects (each a full pass in eager torch)
-        sig = torch.sigmoid(rho)
-        return sigma, torch.log(sigma), sig, sig / sigma
-    tiny = rho < SOFTPLUS_TINY_RHO
-    log_sigma = torch.where(tiny, rho, torch.log(sigma))
-    sig = torch.sigmoid(rho)
-    dlog_sigma = torch.where(tiny, 1.0 - 0.5 * torch.exp(rho), sig / torch.where(tiny, torch.ones_like(sigma), sigma))
-    return sigma, log_sigma, sig, dlog_sigma
+    extremes = _rho_extremes(rho)
+    sigma, sig, dlog_sigma = softplus_grad_terms(rho, extremes)
+    return sigma, log_softplus(rho, sigma, extremes), sig, dlog_sigma
 
 
 def host_seed(seed: torch.Tensor) -> int:
@@ -100,6 +164,13 @@ def _chunks(t: torch.Tensor):
     return [(b, min(b + step, n)) for b in range(0, n, step)]
 
 
+def _reparameterise(mu: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, out=None) -> torch.Tensor:
+    """mu + sigma * eps, rounded the same at every position. Not addcmul: its vector body may fuse
+    the multiply-add while its scalar tail does not, so an element's value would depend on where it
+    falls in a vector, and a block of the weight would not reproduce the whole weight's values."""
+    return torch.mul(sigma, eps, out=out).add_(mu)
+
+
 def sample_weight(mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offset: int, prior_pi: float,
                   prior_sigma1: float, prior_sigma2: float, start: int = 0
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,11 +183,13 @@ def sample_weight(mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offse
     for b, e in _chunks(mu_flat):
         eps = _philox.normal(e - b, seed_value, offset, dtype=mu.dtype, device=mu.device, start=start + b)
         r = rho_flat[b:e]
-        sigma = softplus(r)
-        log_sigma = torch.where(r < SOFTPLUS_TINY_RHO, r, sigma.log()) if _any_tiny(r) else sigma.log()
-        w_chunk = torch.addcmul(mu_flat[b:e], sigma, eps, out=w[b:e])
-        log_q -= log_sigma.sum(dtype=acc) + 0.5 * (eps * eps).sum(dtype=acc)
-        log_p += log_prior_terms(w_chunk, prior_pi, prior_sigma1, prior_sigma2).sum(dtype=acc)
+        extremes = _rho_extremes(r)
+        sigma = softplus(r, extremes)
+        w_chunk = _reparameterise(mu_flat[b:e], sigma, eps, out=w[b:e])
+        # float32 chunk sums (cascade summation, ~1e-7 relative) added in float64: a float64 sum
+        # converts the whole chunk first, 10x the cost
+        log_q -= log_softplus(r, sigma, extremes).sum().to(acc) + 0.5 * torch.dot(eps, eps).to(acc)
+        log_p += log_prior_sum(w_chunk, prior_pi, prior_sigma1, prior_sigma2)
     log_q -= HALF_LOG_2PI * mu.numel()
     return w.reshape(mu.shape), log_q.to(mu.dtype), log_p.to(mu.dtype)
 
@@ -133,12 +206,14 @@ def sample_weight_backward(grad_w: Optional[torch.Tensor], grad_log_q: torch.Ten
     seed_value = host_seed(seed)
     for b, e in _chunks(mu_flat):
         eps = _philox.normal(e - b, seed_value, offset, dtype=mu.dtype, device=mu.device, start=start + b)
-        sigma, _, sig, dlog_sigma = softplus_terms(rho_flat[b:e])
-        w_chunk = torch.addcmul(mu_flat[b:e], sigma, eps, out=w[b:e] if return_weight else None)
+        sigma, sig, dlog_sigma = softplus_grad_terms(rho_flat[b:e])
+        w_chunk = _reparameterise(mu_flat[b:e], sigma, eps, out=w[b:e] if return_weight else None)
         g = torch.mul(dlog_prior(w_chunk, prior_pi, prior_sigma1, prior_sigma2), glp, out=grad_mu[b:e])
         if grad_w_flat is not None:
             g += grad_w_flat[b:e]
-        torch.sub(g * eps * sig, dlog_sigma * glq, out=grad_rho[b:e])
+        # g eps sigmoid(rho) - glq dlog_sigma in the chunk's own temporaries (not addcmul: see
+        # _reparameterise)
+        torch.sub(eps.mul_(g).mul_(sig), dlog_sigma.mul_(glq), out=grad_rho[b:e])
     out_shape = mu.shape
     return grad_mu.reshape(out_shape), grad_rho.reshape(out_shape), w.reshape(out_shape) if return_weight else w
 
