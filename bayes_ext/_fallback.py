@@ -5,6 +5,7 @@ gives the same model with or without a compiler. Registered as the kernels of th
 ``bayes_ext_py::`` ops by bayes_ext/_ops.py.
 """
 import math
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -36,51 +37,52 @@ def log_prior_terms(w: torch.Tensor, pi: float, sigma1: float, sigma2: float) ->
     return larger.add_(log1p_term)
 
 
-def log_prior_sum(w: torch.Tensor, pi: float, sigma1: float, sigma2: float) -> torch.Tensor:
-    """sum of log_prior_terms(w) as a float64 scalar. The sums run in w's dtype (cascade summation,
-    ~1e-7 relative in float32) and are added in float64: a float64 sum of float32 data converts it
-    all first, at 10x the cost."""
+def log_prior_sum(w: torch.Tensor, pi: float, sigma1: float, sigma2: float, out=(None, None, None)) -> torch.Tensor:
+    """sum of log_prior_terms(w) as a float64 scalar (its temporaries in `out`, three scratch vectors
+    of w's size, when given). The sums run in w's dtype (cascade summation, ~1e-7 relative in
+    float32) and are added in float64: a float64 sum of float32 data converts it all first, at 10x
+    the cost."""
     a1, b1, a2, b2, mode = prior_constants(pi, sigma1, sigma2)
     if mode != 0:
         a, b = (a1, b1) if mode == 1 else (a2, b2)
         return a * w.numel() - b * torch.dot(w, w).to(torch.float64)
-    larger, log1p_term = _mixture_parts(w * w, a1, b1, a2, b2)
+    larger, log1p_term = _mixture_parts(torch.mul(w, w, out=out[2]), a1, b1, a2, b2, out)
     return larger.sum().to(torch.float64) + log1p_term.sum().to(torch.float64)
 
 
-def _mixture_parts(w2: torch.Tensor, a1: float, b1: float, a2: float, b2: float):
+def _mixture_parts(w2: torch.Tensor, a1: float, b1: float, a2: float, b2: float, out=(None, None, None)):
     """(max(x1, x2), log1p(exp(-|x1 - x2|))) for the components' logs x_k = a_k - b_k w^2: their sum
     is logaddexp(x1, x2), written out because torch.logaddexp is not vectorised on the CPU (1.5 ms
     per 256K elements, a quarter of the fallback's forward). x1 - x2 is formed from w^2 directly
-    (no cancellation between two large logs)."""
-    x1 = torch.mul(w2, -b1).add_(a1)
-    x2 = torch.mul(w2, -b2).add_(a2)
-    gap = torch.mul(w2, b2 - b1).add_(a1 - a2)
-    # |gap| capped at 80: exp(-80) = 2e-35 is already below either dtype's resolution next to
-    # max(x1, x2), and beyond it exp and log1p meet subnormals (20x slower on the CPU). In place
-    # only where autograd keeps no operand (log_prior_terms is differentiated through).
-    return torch.maximum(x1, x2), torch.log1p(gap.abs().clamp_max_(80.0).neg_().exp_())
+    (no cancellation between two large logs). |x1 - x2| is capped at 80: exp(-80) = 2e-35 is below
+    either dtype's resolution next to max(x1, x2), and beyond it exp and log1p meet subnormals (20x
+    slower on the CPU). With out (three scratch vectors, w2 may be one of them) nothing is allocated;
+    without, every op is out of place (log_prior_terms is differentiated through)."""
+    x1 = torch.add(torch.mul(w2, -b1, out=out[0]), a1, out=out[0])
+    x2 = torch.add(torch.mul(w2, -b2, out=out[1]), a2, out=out[1])
+    gap = torch.add(torch.mul(w2, b2 - b1, out=out[2]), a1 - a2, out=out[2])
+    small = torch.exp(torch.neg(torch.clamp_max(torch.abs(gap, out=out[2]), 80.0, out=out[2]), out=out[2]), out=out[2])
+    return torch.maximum(x1, x2, out=out[0]), torch.log1p(small, out=out[2])
 
 
-def dlog_prior(w: torch.Tensor, pi: float, sigma1: float, sigma2: float) -> torch.Tensor:
+def dlog_prior(w: torch.Tensor, pi: float, sigma1: float, sigma2: float, out=(None, None)) -> torch.Tensor:
+    """d log p / dw elementwise (into out[0], with out[1] as scratch, when given)."""
     a1, b1, a2, b2, mode = prior_constants(pi, sigma1, sigma2)
-    if mode == 1:
-        return -2.0 * b1 * w
-    if mode == 2:
-        return -2.0 * b2 * w
+    if mode != 0:
+        return torch.mul(w, -2.0 * (b1 if mode == 1 else b2), out=out[0])
     # -2 w (r1 b1 + (1 - r1) b2), r1 = sigmoid(x1 - x2) the first component's responsibility: a
     # sum of two non-negative terms (no cancellation), x1 - x2 formed from w^2 directly
-    w2 = w * w
-    r1 = torch.mul(w2, b2 - b1).add_(a1 - a2).sigmoid_()
-    factor = torch.rsub(r1, 1.0).mul_(-2.0 * b2).add_(r1.mul_(-2.0 * b1))
+    r1 = torch.mul(w, w, out=out[1]).mul_(b2 - b1).add_(a1 - a2).sigmoid_()
+    factor = torch.sub(1.0, r1, out=out[0]).mul_(-2.0 * b2).add_(r1.mul_(-2.0 * b1))
     return factor.mul_(w)
 
 
 SOFTPLUS_DIRECT_MAX_RHO = 30.0  # log1p(exp(rho)) is exact to rounding below it in either dtype
 
 
-def softplus(rho: torch.Tensor, extremes: Optional[Tuple[float, float]] = None) -> torch.Tensor:
-    """log(1 + exp(rho)), exact to rounding for every rho and rounded the same at every position.
+def softplus(rho: torch.Tensor, extremes: Optional[Tuple[float, float]] = None, out=None) -> torch.Tensor:
+    """log(1 + exp(rho)), exact to rounding for every rho and rounded the same at every position
+    (into `out` when given).
 
     Not F.softplus: its threshold (20) returns rho itself above it (off by up to 2e-9, which float64
     resolves), and its vector body and scalar tail use different exp/log1p, so an element's value
@@ -89,8 +91,8 @@ def softplus(rho: torch.Tensor, extremes: Optional[Tuple[float, float]] = None) 
     otherwise max(rho, 0) + log1p(exp(-|rho|)) avoids the overflow in five.
     """
     if (extremes or _rho_extremes(rho))[1] <= SOFTPLUS_DIRECT_MAX_RHO:
-        return torch.log1p(torch.exp(rho))
-    return rho.clamp_min(0) + torch.log1p(torch.exp(-rho.abs()))
+        return torch.log1p(torch.exp(rho, out=out), out=out)
+    return torch.add(rho.clamp_min(0), torch.log1p(torch.exp(-rho.abs())), out=out)
 
 
 def _rho_extremes(rho: torch.Tensor) -> Tuple[float, float]:
@@ -111,22 +113,23 @@ def _any_tiny(rho: torch.Tensor, extremes: Optional[Tuple[float, float]] = None)
     return rho.numel() > 0 and (extremes or _rho_extremes(rho))[0] < SOFTPLUS_TINY_RHO
 
 
-def softplus_grad_terms(rho: torch.Tensor, extremes: Optional[Tuple[float, float]] = None):
-    """(sigma, sigmoid(rho), sigmoid(rho) / sigma = d log sigma / d rho), exact for very negative rho."""
+def softplus_grad_terms(rho: torch.Tensor, extremes: Optional[Tuple[float, float]] = None, out=(None, None, None)):
+    """(sigma, sigmoid(rho), sigmoid(rho) / sigma = d log sigma / d rho), exact for very negative rho
+    (into the three vectors of `out` when given)."""
     extremes = extremes or _rho_extremes(rho)
-    sigma = softplus(rho, extremes)
-    sig = torch.sigmoid(rho)
+    sigma = softplus(rho, extremes, out=out[0])
+    sig = torch.sigmoid(rho, out=out[1])
     if not _any_tiny(rho, extremes):  # the usual case: no selects (each a full pass in eager torch)
-        return sigma, sig, sig / sigma
+        return sigma, sig, torch.div(sig, sigma, out=out[2])
     tiny = rho < SOFTPLUS_TINY_RHO
     dlog_sigma = torch.where(tiny, 1.0 - 0.5 * torch.exp(rho), sig / torch.where(tiny, torch.ones_like(sigma), sigma))
     return sigma, sig, dlog_sigma
 
 
-def log_softplus(rho: torch.Tensor, sigma: torch.Tensor, extremes: Optional[Tuple[float, float]] = None):
+def log_softplus(rho: torch.Tensor, sigma: torch.Tensor, extremes: Optional[Tuple[float, float]] = None, out=None):
     """log sigma for sigma = softplus(rho), exact where sigma underflows (log softplus(rho) -> rho)."""
     if not _any_tiny(rho, extremes):
-        return torch.log(sigma)
+        return torch.log(sigma, out=out)
     return torch.where(rho < SOFTPLUS_TINY_RHO, rho, torch.log(sigma))
 
 
@@ -156,6 +159,7 @@ def eps_like(t: torch.Tensor, seed: torch.Tensor, offset: int, start: int = 0) -
 # torch's dozen passes stay in cache instead of streaming weight-sized temporaries (CPU only:
 # a GPU prefers one large launch).
 CHUNK_ELEMENTS = 1 << 18
+_THREAD_STATE = threading.local()
 
 
 def _chunks(t: torch.Tensor):
@@ -164,11 +168,21 @@ def _chunks(t: torch.Tensor):
     return [(b, min(b + step, n)) for b in range(0, n, step)]
 
 
-def _reparameterise(mu: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, out=None) -> torch.Tensor:
-    """mu + sigma * eps, rounded the same at every position. Not addcmul: its vector body may fuse
-    the multiply-add while its scalar tail does not, so an element's value would depend on where it
-    falls in a vector, and a block of the weight would not reproduce the whole weight's values."""
-    return torch.mul(sigma, eps, out=out).add_(mu)
+def _scratch(count: int, n: int, dtype: torch.dtype, device: torch.device):
+    """`count` scratch vectors of n elements for one chunk's temporaries. On the CPU they are views
+    of buffers kept per thread between calls: a fresh 1 MB temporary per op page-faults its memory
+    in again (glibc returns freed blocks of that size to the kernel), ~10% of a fallback train step.
+    Nothing a caller receives may be a view of them."""
+    if device.type != "cpu" or n > CHUNK_ELEMENTS:
+        return [torch.empty(n, dtype=dtype, device=device) for _ in range(count)]
+    pool = getattr(_THREAD_STATE, "scratch", None)
+    if pool is None:
+        pool = _THREAD_STATE.scratch = {}
+    buffers = pool.get(dtype, [])
+    while len(buffers) < count:
+        buffers.append(torch.empty(CHUNK_ELEMENTS, dtype=dtype))
+    pool[dtype] = buffers
+    return [b[:n] for b in buffers[:count]]
 
 
 def sample_weight(mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offset: int, prior_pi: float,
@@ -181,15 +195,18 @@ def sample_weight(mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offse
     log_p = torch.zeros((), dtype=acc, device=mu.device)
     seed_value = host_seed(seed)
     for b, e in _chunks(mu_flat):
-        eps = _philox.normal(e - b, seed_value, offset, dtype=mu.dtype, device=mu.device, start=start + b)
+        eps, sigma, spare = _scratch(3, e - b, mu.dtype, mu.device)
+        _philox.normal(e - b, seed_value, offset, dtype=mu.dtype, device=mu.device, start=start + b, out=eps)
         r = rho_flat[b:e]
         extremes = _rho_extremes(r)
-        sigma = softplus(r, extremes)
-        w_chunk = _reparameterise(mu_flat[b:e], sigma, eps, out=w[b:e])
+        softplus(r, extremes, out=sigma)
+        # w = mu + sigma eps (mul + add, not addcmul: its vector body may fuse the multiply-add
+        # while its scalar tail does not, so a block of the weight would not reproduce the whole)
+        w_chunk = torch.mul(sigma, eps, out=w[b:e]).add_(mu_flat[b:e])
         # float32 chunk sums (cascade summation, ~1e-7 relative) added in float64: a float64 sum
         # converts the whole chunk first, 10x the cost
-        log_q -= log_softplus(r, sigma, extremes).sum().to(acc) + 0.5 * torch.dot(eps, eps).to(acc)
-        log_p += log_prior_sum(w_chunk, prior_pi, prior_sigma1, prior_sigma2)
+        log_q -= 0.5 * torch.dot(eps, eps).to(acc) + log_softplus(r, sigma, extremes, out=spare).sum().to(acc)
+        log_p += log_prior_sum(w_chunk, prior_pi, prior_sigma1, prior_sigma2, out=(eps, sigma, spare))
     log_q -= HALF_LOG_2PI * mu.numel()
     return w.reshape(mu.shape), log_q.to(mu.dtype), log_p.to(mu.dtype)
 
@@ -205,14 +222,15 @@ def sample_weight_backward(grad_w: Optional[torch.Tensor], grad_log_q: torch.Ten
     w = torch.empty_like(mu_flat) if return_weight else mu.new_empty(0)
     seed_value = host_seed(seed)
     for b, e in _chunks(mu_flat):
-        eps = _philox.normal(e - b, seed_value, offset, dtype=mu.dtype, device=mu.device, start=start + b)
-        sigma, sig, dlog_sigma = softplus_grad_terms(rho_flat[b:e])
-        w_chunk = _reparameterise(mu_flat[b:e], sigma, eps, out=w[b:e] if return_weight else None)
-        g = torch.mul(dlog_prior(w_chunk, prior_pi, prior_sigma1, prior_sigma2), glp, out=grad_mu[b:e])
+        eps, sigma, sig, dlog_sigma, w_scratch, spare = _scratch(6, e - b, mu.dtype, mu.device)
+        _philox.normal(e - b, seed_value, offset, dtype=mu.dtype, device=mu.device, start=start + b, out=eps)
+        sigma, sig, dlog_sigma = softplus_grad_terms(rho_flat[b:e], out=(sigma, sig, dlog_sigma))
+        w_chunk = torch.mul(sigma, eps, out=w[b:e] if return_weight else w_scratch).add_(mu_flat[b:e])
+        g = dlog_prior(w_chunk, prior_pi, prior_sigma1, prior_sigma2, out=(sigma, spare))  # sigma is spent
+        g = torch.mul(g, glp, out=grad_mu[b:e])
         if grad_w_flat is not None:
             g += grad_w_flat[b:e]
-        # g eps sigmoid(rho) - glq dlog_sigma in the chunk's own temporaries (not addcmul: see
-        # _reparameterise)
+        # g eps sigmoid(rho) - glq dlog_sigma in the chunk's temporaries (not addcmul: see above)
         torch.sub(eps.mul_(g).mul_(sig), dlog_sigma.mul_(glq), out=grad_rho[b:e])
     out_shape = mu.shape
     return grad_mu.reshape(out_shape), grad_rho.reshape(out_shape), w.reshape(out_shape) if return_weight else w
