@@ -52,6 +52,7 @@ def test_op_equals_single_sample_op(backend, monkeypatch, path, bias):
     gradients (whole weights, and blocks of rows as for large weights on the CPU)."""
     if path == "blocks":
         monkeypatch.setattr(BF, "BLOCK_ELEMENTS", 16)  # 7 x 9 weight -> blocks of one row
+        monkeypatch.setattr(BF, "FALLBACK_BLOCK_ELEMENTS", 16)
     params = _params(7, 9, bias)
     x = torch.randn(3, 2, 5, 9, dtype=F64, requires_grad=True)
     seeds = torch.tensor([5, -2 ** 62, 2 ** 62 + 123], dtype=torch.int64)
