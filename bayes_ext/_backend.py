@@ -25,6 +25,8 @@ OP_NAMES = ("sample_weight", "sample_weight_backward", "sample_weight_backward_i
             "sample_weight_samples_backward", "philox_normal", "sample_rows", "sample_rows_backward",
             "sample_rows_backward_add_", "gaussian_kl", "gaussian_kl_backward", "lrt_weight_forward",
             "lrt_weight_backward_")
+# Compiled-only ops (no pure-PyTorch twin: their callers run the same steps in Python otherwise).
+COMPILED_ONLY_OP_NAMES = ("linear_samples_stacked", "linear_samples_stacked_backward")
 
 
 def _same_torch_build(built_for: str) -> bool:
@@ -53,7 +55,7 @@ def _load_extension() -> None:
         _load_error = f"could not load the compiled kernels: {exc}"
         warnings.warn(f"bayes_ext: {_load_error}. Using the pure-PyTorch backend.", RuntimeWarning, stacklevel=3)
         return
-    missing = [name for name in OP_NAMES if not hasattr(torch.ops.bayes_ext, name)]
+    missing = [name for name in OP_NAMES + COMPILED_ONLY_OP_NAMES if not hasattr(torch.ops.bayes_ext, name)]
     if missing:  # a stale build of an older checkout
         _load_error = (f"the compiled kernels lack the ops {missing} (built from an older version); rebuild with "
                        "`pip install --no-build-isolation .`")

@@ -436,6 +436,29 @@ def _register_kl(namespace_name: str) -> None:
                                     setup_context=_gaussian_kl_setup_context)
 
 
+def _fake_linear_samples_stacked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, prior_pi, prior_sigma1,
+                                 prior_sigma2):
+    n = seeds.shape[0]
+    return x.new_empty(x.shape[:-1] + (weight_mu.shape[0],)), weight_mu.new_empty((n,)), weight_mu.new_empty((n,))
+
+
+def _fake_linear_samples_stacked_backward(grad_out, grad_log_q, grad_log_p, x, weight_mu, weight_rho, bias_mu,
+                                          bias_rho, seeds, prior_pi, prior_sigma1, prior_sigma2, need_x):
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    grad_x = like(x) if need_x else x.new_empty(0)
+    if bias_mu is None:
+        return grad_x, like(weight_mu), like(weight_rho), weight_mu.new_empty(0), weight_mu.new_empty(0)
+    return grad_x, like(weight_mu), like(weight_rho), like(bias_mu), like(bias_rho)
+
+
+def _register_compiled_only() -> None:
+    """Fake kernels of the ops with no pure-PyTorch twin (_backend.COMPILED_ONLY_OP_NAMES): called
+    inside other ops' implementations and backwards, which torch.compile and opcheck trace."""
+    torch.library.register_fake("bayes_ext::linear_samples_stacked")(_fake_linear_samples_stacked)
+    torch.library.register_fake("bayes_ext::linear_samples_stacked_backward")(_fake_linear_samples_stacked_backward)
+
+
 _register("bayes_ext_py")
 _register_rows("bayes_ext_py")
 _register_kl("bayes_ext_py")
@@ -443,3 +466,4 @@ if _backend.extension_available():
     _register("bayes_ext")
     _register_rows("bayes_ext")
     _register_kl("bayes_ext")
+    _register_compiled_only()

@@ -32,6 +32,13 @@ def _stacked(x: Tensor, weight_mu: Tensor, n: int, blocks) -> bool:
     return len(blocks) == 1 and x.dtype == weight_mu.dtype and n * weight_mu.numel() <= STACKED_ELEMENTS
 
 
+def _whole_layer_op(x: Tensor, ops) -> bool:
+    """Whether the stacked layer runs as one compiled op each way (bayes_ext::linear_samples_stacked,
+    csrc/cpu/linear_samples_cpu.cpp: the same ops as the Python below, without the Python between
+    them). CPU only for now; elsewhere, and on the pure-PyTorch backend, the Python steps run."""
+    return x.device.type == "cpu" and ops is torch.ops.bayes_ext
+
+
 def _sample_matmul(ops, y_s: Tensor, x_s: Tensor, weight_mu: Tensor, weight_rho: Tensor, seed: Tensor, prior,
                    blocks) -> Tuple[Tensor, Tensor]:
     """y_s = x_s W^T for W from (seed, 0), written into y_s (2-D); returns (log_q, log_p) of W."""
@@ -59,6 +66,8 @@ def _linear_reparam_samples_impl(x: Tensor, weight_mu: Tensor, weight_rho: Tenso
     with BF.autocast_off(x.device.type):
         y = x.new_empty(x.shape[:-1] + (out_features,))  # the output itself, not a view of it
         x3, y3 = x.reshape(n, -1, in_features), y.view(n, -1, out_features)
+        if _stacked(x, weight_mu, n, blocks) and _whole_layer_op(x, ops):
+            return ops.linear_samples_stacked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, *prior)
         if _stacked(x, weight_mu, n, blocks):
             w, log_q, log_p = ops.sample_weight_samples(weight_mu, weight_rho, seeds, 0, *prior)
             torch.bmm(x3, w.transpose(1, 2), out=y3)
@@ -116,6 +125,14 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
         grad_out3 = grad_out.reshape(n, -1, out_features)
         if grad_out3.dtype != x.dtype:
             grad_out3 = grad_out3.to(x.dtype)
+        if _stacked(x, weight_mu, n, blocks) and _whole_layer_op(x, ops):
+            grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho = ops.linear_samples_stacked_backward(
+                grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype), grad_log_q, grad_log_p, x, weight_mu, weight_rho, bias_mu, bias_rho,
+                seeds, *prior, need_x)
+            if bias_mu is None:
+                grad_bias_mu = grad_bias_rho = None
+            return (grad_x if need_x else None, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho,
+                    None, None, None, None)
         if _stacked(x, weight_mu, n, blocks):
             grad_w = torch.bmm(grad_out3.transpose(1, 2), x3)
             grad_mu, grad_rho, w = ops.sample_weight_samples_backward(grad_w, grad_log_q, grad_log_p, weight_mu,

@@ -40,6 +40,17 @@ TORCH_LIBRARY(bayes_ext, m) {
   m.def("sample_weight_samples_backward(Tensor? grad_w, Tensor grad_log_q, Tensor grad_log_p, Tensor mu, "
         "Tensor rho, Tensor seeds, int offset, float prior_pi, float prior_sigma1, float prior_sigma2, "
         "bool return_weight) -> (Tensor, Tensor, Tensor)");
+  // The vectorised ELBO's whole layer for small weights in one call (CPU only; the Python path in
+  // bayes_ext/functional_samples.py does the same elsewhere): y[s] = x[s] W_s^T + b_s for x
+  // (N, ..., I) and seeds (N,), with W_s, b_s on streams (seeds[s], 0) and (seeds[s], 1). Returns
+  // (y, log_q (N,), log_p (N,)). Impl: cpu/linear_samples_cpu.cpp.
+  m.def("linear_samples_stacked(Tensor x, Tensor weight_mu, Tensor weight_rho, Tensor? bias_mu, Tensor? bias_rho, "
+        "Tensor seeds, float prior_pi, float prior_sigma1, float prior_sigma2) -> (Tensor, Tensor, Tensor)");
+  // Its backward: (grad_x (empty unless need_x), grad_weight_mu, grad_weight_rho, grad_bias_mu,
+  // grad_bias_rho (both empty without a bias)), the gradients summed over the samples.
+  m.def("linear_samples_stacked_backward(Tensor grad_out, Tensor grad_log_q, Tensor grad_log_p, Tensor x, "
+        "Tensor weight_mu, Tensor weight_rho, Tensor? bias_mu, Tensor? bias_rho, Tensor seeds, float prior_pi, "
+        "float prior_sigma1, float prior_sigma2, bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The standard normals of stream (seed, offset) in the shape, dtype and device of `like`.
   m.def("philox_normal(Tensor like, Tensor seed, int offset, int start=0) -> Tensor");
   // Rows `indices` (int64, any shape, values in [0, V)) of a sample of the (V, D) table

@@ -76,6 +76,67 @@ def test_op_equals_single_sample_op(backend, monkeypatch, path, bias):
             torch.testing.assert_close(g, t.grad, rtol=1e-12, atol=1e-10)
 
 
+@pytest.mark.parametrize("need_x", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_whole_layer_op_equals_the_python_steps(compiled, bias, need_x, dtype):
+    """bayes_ext::linear_samples_stacked (the CPU's one-call layer) runs the same ops in the same
+    order as the Python steps of the stacked path: bit-identical outputs and gradients."""
+    wm, wr, bm, br = (None if t is None else t.detach() for t in _params(6, 5, bias, dtype))
+    x = torch.randn(4, 3, 2, 5, dtype=dtype)
+    seeds = torch.tensor([3, -9, 2 ** 62, 0], dtype=torch.int64)
+    y, log_q, log_p = compiled.linear_samples_stacked(x, wm, wr, bm, br, seeds, *PRIOR)
+    w, q, p = compiled.sample_weight_samples(wm, wr, seeds, 0, *PRIOR)
+    ref = torch.bmm(x.reshape(4, -1, 5), w.transpose(1, 2))
+    if bias:
+        b, qb, pb = compiled.sample_weight_samples(bm, br, seeds, 1, *PRIOR)
+        ref.add_(b.unsqueeze(1))
+        q, p = q + qb, p + pb
+    assert y.shape == (4, 3, 2, 6)
+    assert torch.equal(y, ref.view(4, 3, 2, 6)) and torch.equal(log_q, q) and torch.equal(log_p, p)
+
+    g = torch.randn_like(y)
+    glq, glp = torch.randn(4, dtype=dtype), torch.randn(4, dtype=dtype)
+    gx, gmu, grho, gbm, gbr = compiled.linear_samples_stacked_backward(g, glq, glp, x, wm, wr, bm, br, seeds, *PRIOR,
+                                                                       need_x)
+    g3 = g.reshape(4, -1, 6)
+    rmu, rrho, rw = compiled.sample_weight_samples_backward(torch.bmm(g3.transpose(1, 2), x.reshape(4, -1, 5)), glq,
+                                                            glp, wm, wr, seeds, 0, *PRIOR, need_x)
+    assert torch.equal(gmu, rmu) and torch.equal(grho, rrho)
+    if need_x:
+        assert torch.equal(gx, torch.bmm(g3, rw).view(x.shape))
+    else:
+        assert gx.numel() == 0
+    if bias:
+        rbm, rbr, _ = compiled.sample_weight_samples_backward(g3.sum(1), glq, glp, bm, br, seeds, 1, *PRIOR, False)
+        assert torch.equal(gbm, rbm) and torch.equal(gbr, rbr)
+    else:
+        assert gbm.numel() == 0 and gbr.numel() == 0
+
+
+def test_whole_layer_op_rejects_bad_arguments(compiled):
+    wm, wr, bm, br = (t.detach() for t in _params(6, 5, True, torch.float32))
+    seeds = torch.tensor([1, 2], dtype=torch.int64)
+    x = torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="x must be"):
+        compiled.linear_samples_stacked(torch.randn(3, 3, 5), wm, wr, bm, br, seeds, *PRIOR)  # 3 samples, 2 seeds
+    with pytest.raises(ValueError, match="x must be"):
+        compiled.linear_samples_stacked(torch.randn(2, 3, 4), wm, wr, bm, br, seeds, *PRIOR)  # in_features
+    with pytest.raises(TypeError, match="x must have the dtype"):
+        compiled.linear_samples_stacked(x.double(), wm, wr, bm, br, seeds, *PRIOR)
+    with pytest.raises(ValueError, match="bias_mu and bias_rho"):
+        compiled.linear_samples_stacked(x, wm, wr, bm, None, seeds, *PRIOR)
+    with pytest.raises(TypeError, match="seeds must be an int64"):
+        compiled.linear_samples_stacked(x, wm, wr, bm, br, seeds.float(), *PRIOR)
+    y = compiled.linear_samples_stacked(x, wm, wr, bm, br, seeds, *PRIOR)[0]
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        compiled.linear_samples_stacked_backward(y[:, :2], torch.ones(2), torch.ones(2), x, wm, wr, bm, br, seeds,
+                                                 *PRIOR, True)
+    with pytest.raises(TypeError, match="grad_out must have the dtype"):
+        compiled.linear_samples_stacked_backward(y.double(), torch.ones(2), torch.ones(2), x, wm, wr, bm, br, seeds,
+                                                 *PRIOR, True)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_op_gradcheck(backend, bias):
     params = _params(3, 4, bias)
