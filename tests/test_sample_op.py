@@ -550,14 +550,16 @@ def test_sample_weight_samples_equal_per_seed_calls(ops, shape):
         assert torch.equal(w[s], w_s) and torch.equal(log_q[s], q_s) and torch.equal(log_p[s], p_s)
 
 
-# (64, 200): one chunk and >= 32768 sample-elements, the CPU kernel's sample-parallel path
+# (64, 200): one chunk and >= 32768 sample-elements, the CPU kernel's sample-parallel path.
+# float32 runs the vectorised (AVX2 / AVX-512) kernels with softplus shared between the samples.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(37, 41), (64, 200), (130, 300)])
-def test_sample_weight_samples_backward_sums_per_seed_gradients(ops, shape):
-    mu, rho = _params(shape, torch.float64)
+def test_sample_weight_samples_backward_sums_per_seed_gradients(ops, shape, dtype):
+    mu, rho = _params(shape, dtype)
     seeds = _seeds(9, 10, 12)
     gen = torch.Generator().manual_seed(2)
-    grad_w = torch.randn((3,) + shape, generator=gen, dtype=torch.float64)
-    glq, glp = torch.tensor([0.2, -0.1, 0.5], dtype=torch.float64), torch.tensor([1.0, 0.3, -0.7], dtype=torch.float64)
+    grad_w = torch.randn((3,) + shape, generator=gen, dtype=torch.float64).to(dtype)
+    glq, glp = torch.tensor([0.2, -0.1, 0.5], dtype=dtype), torch.tensor([1.0, 0.3, -0.7], dtype=dtype)
     grad_mu, grad_rho, w = ops.sample_weight_samples_backward(grad_w, glq, glp, mu, rho, seeds, 0, 1.0, 0.4, 0.4, True)
     expected_mu = expected_rho = 0
     for s in range(3):
@@ -565,8 +567,9 @@ def test_sample_weight_samples_backward_sums_per_seed_gradients(ops, shape):
                                                       True)
         expected_mu, expected_rho = expected_mu + g_mu, expected_rho + g_rho
         assert torch.equal(w[s], w_s)
-    torch.testing.assert_close(grad_mu, expected_mu, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad_rho, expected_rho, rtol=1e-12, atol=1e-12)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6  # float32: the same sums, summed in the same order
+    torch.testing.assert_close(grad_mu, expected_mu, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad_rho, expected_rho, rtol=tol, atol=tol)
     no_w = ops.sample_weight_samples_backward(None, glq, glp, mu, rho, seeds, 0, 1.0, 0.4, 0.4, False)
     assert no_w[2].numel() == 0
 

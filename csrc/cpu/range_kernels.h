@@ -152,13 +152,15 @@ static inline TileSpan tile_span(int64_t i, int64_t end, int64_t stream_start) {
 // Each tile is a function of its own because GCC honours __restrict__ on parameters (kept through
 // inlining) but not on local pointers; without it the loops need more run-time alias checks than
 // GCC will emit.
-template <typename T, int Mode, bool WriteW>
+// Pre: sigma (and log sigma) come from arrays filled by softplus_range instead of rho.
+template <typename T, int Mode, bool WriteW, bool Pre>
 static inline __attribute__((always_inline)) void forward_tile(
     int64_t n, const T* __restrict__ e, const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ w,
-    T* __restrict__ lq_acc, T* __restrict__ lp_acc, const ScaleMixturePrior<T>& prior_in) {
+    T* __restrict__ lq_acc, T* __restrict__ lp_acc, const ScaleMixturePrior<T>& prior_in,
+    const T* __restrict__ sigma_pre, const T* __restrict__ log_sigma_pre) {
   const ScaleMixturePrior<T> prior = prior_in;
   for (int64_t i = 0; i < n; ++i) {
-    const Softplus<T> sp = softplus_terms(rho[i]);
+    const Softplus<T> sp = Pre ? Softplus<T>{sigma_pre[i], log_sigma_pre[i], T(0), T(0)} : softplus_terms(rho[i]);
     const T wi = mu[i] + sp.sigma * e[i];
     if (WriteW) w[i] = wi;
     lq_acc[i] += -sp.log_sigma - T(0.5) * e[i] * e[i];
@@ -166,7 +168,7 @@ static inline __attribute__((always_inline)) void forward_tile(
   }
 }
 
-template <typename T, int Mode, bool WriteW>
+template <typename T, int Mode, bool WriteW, bool Pre>
 static inline void forward_range_loop(const ForwardRange<T>& a) {
   T lq_acc[kTile], lp_acc[kTile], eps[kTile];
   for (int64_t i = 0; i < kTile; ++i) {
@@ -176,8 +178,9 @@ static inline void forward_range_loop(const ForwardRange<T>& a) {
   for (int64_t i = a.begin; i < a.end;) {
     const TileSpan span = tile_span(i, a.end, a.stream_start);
     tile_normals<T>(a.seed, a.offset, span.aligned, eps);
-    forward_tile<T, Mode, WriteW>(span.stop - i, eps + span.skip, a.mu + i, a.rho + i, WriteW ? a.w + i : nullptr,
-                                  lq_acc, lp_acc, a.prior);
+    forward_tile<T, Mode, WriteW, Pre>(span.stop - i, eps + span.skip, a.mu + i, a.rho + i,
+                                       WriteW ? a.w + i : nullptr, lq_acc, lp_acc, a.prior,
+                                       Pre ? a.sigma + i : nullptr, Pre ? a.log_sigma + i : nullptr);
     i = span.stop;
   }
   double lq = 0.0, lp = 0.0;
@@ -190,29 +193,32 @@ static inline void forward_range_loop(const ForwardRange<T>& a) {
 }
 
 // w == nullptr: only the log q / log p sums (a KL estimate without writing the sample).
-template <typename T, bool WriteW>
+template <typename T, bool WriteW, bool Pre>
 static inline void forward_range_write(const ForwardRange<T>& a) {
   switch (a.prior.mode) {
-    case 1: return forward_range_loop<T, 1, WriteW>(a);
-    case 2: return forward_range_loop<T, 2, WriteW>(a);
-    default: return forward_range_loop<T, 0, WriteW>(a);
+    case 1: return forward_range_loop<T, 1, WriteW, Pre>(a);
+    case 2: return forward_range_loop<T, 2, WriteW, Pre>(a);
+    default: return forward_range_loop<T, 0, WriteW, Pre>(a);
   }
 }
 
 template <typename T>
 static inline void forward_range_impl(const ForwardRange<T>& a) {
-  if (a.w != nullptr) return forward_range_write<T, true>(a);
-  return forward_range_write<T, false>(a);
+  const bool pre = a.sigma != nullptr && a.log_sigma != nullptr;
+  if (a.w != nullptr) return pre ? forward_range_write<T, true, true>(a) : forward_range_write<T, true, false>(a);
+  return pre ? forward_range_write<T, false, true>(a) : forward_range_write<T, false, false>(a);
 }
 
-template <typename T, int Mode, bool HasGradW, bool WriteW>
+template <typename T, int Mode, bool HasGradW, bool WriteW, bool Pre>
 static inline __attribute__((always_inline)) void backward_tile(
     int64_t n, const T* __restrict__ e, const T* __restrict__ mu, const T* __restrict__ rho,
     const T* __restrict__ gw, T* __restrict__ gmu, T* __restrict__ grho, T* __restrict__ w_out, T glq, T glp,
-    const ScaleMixturePrior<T>& prior_in) {
+    const ScaleMixturePrior<T>& prior_in, const T* __restrict__ sigma_pre, const T* __restrict__ sigmoid_pre,
+    const T* __restrict__ dlog_sigma_pre) {
   const ScaleMixturePrior<T> prior = prior_in;
   for (int64_t i = 0; i < n; ++i) {
-    const Softplus<T> sp = softplus_terms(rho[i]);
+    const Softplus<T> sp = Pre ? Softplus<T>{sigma_pre[i], T(0), sigmoid_pre[i], dlog_sigma_pre[i]}
+                               : softplus_terms(rho[i]);
     const T wi = mu[i] + sp.sigma * e[i];
     T g = glp * dlog_prior_mode<Mode>(wi, prior);
     if (HasGradW) g += gw[i];
@@ -222,34 +228,80 @@ static inline __attribute__((always_inline)) void backward_tile(
   }
 }
 
-template <typename T, int Mode, bool HasGradW, bool WriteW>
+template <typename T, int Mode, bool HasGradW, bool WriteW, bool Pre>
 static inline void backward_range_loop(const BackwardRange<T>& a) {
   T eps[kTile];
   for (int64_t i = a.begin; i < a.end;) {
     const TileSpan span = tile_span(i, a.end, a.stream_start);
     tile_normals<T>(a.seed, a.offset, span.aligned, eps);
-    backward_tile<T, Mode, HasGradW, WriteW>(span.stop - i, eps + span.skip, a.mu + i, a.rho + i,
-                                             HasGradW ? a.grad_w + i : nullptr, a.grad_mu + i, a.grad_rho + i,
-                                             WriteW ? a.w + i : nullptr, a.grad_log_q, a.grad_log_p, a.prior);
+    backward_tile<T, Mode, HasGradW, WriteW, Pre>(
+        span.stop - i, eps + span.skip, a.mu + i, a.rho + i, HasGradW ? a.grad_w + i : nullptr, a.grad_mu + i,
+        a.grad_rho + i, WriteW ? a.w + i : nullptr, a.grad_log_q, a.grad_log_p, a.prior, Pre ? a.sigma + i : nullptr,
+        Pre ? a.sigmoid + i : nullptr, Pre ? a.dlog_sigma + i : nullptr);
     i = span.stop;
   }
 }
 
-template <typename T, int Mode>
+template <typename T, int Mode, bool Pre>
 static inline void backward_range_mode(const BackwardRange<T>& a) {
   const bool has_gw = a.grad_w != nullptr, write_w = a.w != nullptr;
-  if (has_gw && write_w) return backward_range_loop<T, Mode, true, true>(a);
-  if (has_gw) return backward_range_loop<T, Mode, true, false>(a);
-  if (write_w) return backward_range_loop<T, Mode, false, true>(a);
-  return backward_range_loop<T, Mode, false, false>(a);
+  if (has_gw && write_w) return backward_range_loop<T, Mode, true, true, Pre>(a);
+  if (has_gw) return backward_range_loop<T, Mode, true, false, Pre>(a);
+  if (write_w) return backward_range_loop<T, Mode, false, true, Pre>(a);
+  return backward_range_loop<T, Mode, false, false, Pre>(a);
+}
+
+template <typename T, bool Pre>
+static inline void backward_range_pre(const BackwardRange<T>& a) {
+  switch (a.prior.mode) {
+    case 1: return backward_range_mode<T, 1, Pre>(a);
+    case 2: return backward_range_mode<T, 2, Pre>(a);
+    default: return backward_range_mode<T, 0, Pre>(a);
+  }
 }
 
 template <typename T>
 static inline void backward_range_impl(const BackwardRange<T>& a) {
-  switch (a.prior.mode) {
-    case 1: return backward_range_mode<T, 1>(a);
-    case 2: return backward_range_mode<T, 2>(a);
-    default: return backward_range_mode<T, 0>(a);
+  if (a.sigma != nullptr && a.sigmoid != nullptr && a.dlog_sigma != nullptr) return backward_range_pre<T, true>(a);
+  return backward_range_pre<T, false>(a);
+}
+
+// softplus_terms once per element for the multi-sample ops (Forward/BackwardRange's arrays); the
+// same function as inside the sampling loops, compiled for the same ISA, so the same values.
+template <typename T>
+static inline __attribute__((always_inline)) void softplus_tile(int64_t n, const T* __restrict__ rho,
+                                                                T* __restrict__ sigma, T* __restrict__ log_sigma,
+                                                                T* __restrict__ sigmoid, T* __restrict__ dlog_sigma) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Softplus<T> sp = softplus_terms(rho[i]);
+    sigma[i] = sp.sigma;
+    log_sigma[i] = sp.log_sigma;
+    sigmoid[i] = sp.sigmoid;
+    dlog_sigma[i] = sp.dlog_sigma;
+  }
+}
+
+template <typename T>
+static inline __attribute__((always_inline)) void softplus_forward_tile(int64_t n, const T* __restrict__ rho,
+                                                                        T* __restrict__ sigma,
+                                                                        T* __restrict__ log_sigma) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Softplus<T> sp = softplus_terms(rho[i]);
+    sigma[i] = sp.sigma;
+    log_sigma[i] = sp.log_sigma;
+  }
+}
+
+template <typename T>
+static inline void softplus_range_impl(const SoftplusRange<T>& a) {
+  const bool grads = a.sigmoid != nullptr && a.dlog_sigma != nullptr;
+  for (int64_t i = a.begin; i < a.end; i += kTile) {
+    const int64_t n = a.end - i < kTile ? a.end - i : kTile;
+    if (grads) {
+      softplus_tile<T>(n, a.rho + i, a.sigma + i, a.log_sigma + i, a.sigmoid + i, a.dlog_sigma + i);
+    } else {
+      softplus_forward_tile<T>(n, a.rho + i, a.sigma + i, a.log_sigma + i);
+    }
   }
 }
 
@@ -371,6 +423,7 @@ static inline void normals_range_impl(uint64_t seed, uint64_t offset, int64_t st
   void kl_backward_range_##ISA(const KlBackwardRange<T>& a) { kl_backward_range_impl<T>(a); }     \
   void forward_range_##ISA(const ForwardRange<T>& a) { forward_range_impl<T>(a); }                \
   void backward_range_##ISA(const BackwardRange<T>& a) { backward_range_impl<T>(a); }             \
+  void softplus_range_##ISA(const SoftplusRange<T>& a) { softplus_range_impl<T>(a); }             \
   void normals_range_##ISA(uint64_t seed, uint64_t offset, int64_t stream_start, int64_t begin,   \
                            int64_t end, T* out) {                                                  \
     normals_range_impl<T>(seed, offset, stream_start, begin, end, out);                            \

@@ -26,6 +26,10 @@ struct ForwardRange {
   ScaleMixturePrior<T> prior;
   double* log_q_partial;
   double* log_p_partial;
+  // Optional softplus_range results for the same array elements (the multi-sample ops draw N
+  // samples of one rho: its sigma and log sigma are computed once, not N times).
+  const T* sigma = nullptr;
+  const T* log_sigma = nullptr;
 };
 
 // Gradients for elements [begin, end); grad_w may be null (treated as zero); w, if not null,
@@ -42,6 +46,21 @@ struct BackwardRange {
   int64_t begin, end, stream_start;
   uint64_t seed, offset;
   ScaleMixturePrior<T> prior;
+  // Optional softplus_range results for the same array elements, as in ForwardRange.
+  const T* sigma = nullptr;
+  const T* sigmoid = nullptr;
+  const T* dlog_sigma = nullptr;
+};
+
+// softplus_terms of rho over [begin, end), written to the arrays that are not null.
+template <typename T>
+struct SoftplusRange {
+  const T* rho;
+  T* sigma;
+  T* log_sigma;
+  T* sigmoid;
+  T* dlog_sigma;
+  int64_t begin, end;
 };
 
 // Closed-form Gaussian KL over elements [begin, end): *partial = sum of gaussian_kl_term.
@@ -98,6 +117,7 @@ struct LrtBackwardRange {
   void kl_backward_range_##ISA(const KlBackwardRange<T>& a);                                   \
   void forward_range_##ISA(const ForwardRange<T>& a);                                          \
   void backward_range_##ISA(const BackwardRange<T>& a);                                        \
+  void softplus_range_##ISA(const SoftplusRange<T>& a);                                        \
   void normals_range_##ISA(uint64_t seed, uint64_t offset, int64_t stream_start, int64_t begin, int64_t end,  \
                            T* out);
 

@@ -18,6 +18,7 @@ void kl_forward_range_avx2(const KlRange<float>& a) { kl_forward_range_portable(
 void kl_backward_range_avx2(const KlBackwardRange<float>& a) { kl_backward_range_portable(a); }
 void forward_range_avx2(const ForwardRange<float>& a) { forward_range_portable(a); }
 void backward_range_avx2(const BackwardRange<float>& a) { backward_range_portable(a); }
+void softplus_range_avx2(const SoftplusRange<float>& a) { softplus_range_portable(a); }
 void normals_range_avx2(uint64_t s, uint64_t o, int64_t st, int64_t b, int64_t e, float* out) {
   normals_range_portable(s, o, st, b, e, out);
 }
