@@ -18,7 +18,7 @@ from torch import Tensor
 from . import _backend, _checks
 from . import functional as BF
 from .functional import ScaleMixture, _row_blocks
-from ._fused_op import fused_custom_op
+from ._fused_op import _functorch_active, _plain, fused_custom_op
 
 
 # Small weights (N samples together at most STACKED_ELEMENTS elements) take the multi-seed ops:
@@ -63,12 +63,13 @@ def _linear_reparam_samples_impl(x: Tensor, weight_mu: Tensor, weight_rho: Tenso
     out_features, in_features = weight_mu.shape
     weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
     blocks = _row_blocks(weight_mu)
+    stacked = _stacked(x, weight_mu, n, blocks)
     with BF.autocast_off(x.device.type):
+        if stacked and _whole_layer_op(x, ops):
+            return ops.linear_samples_stacked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, *prior)
         y = x.new_empty(x.shape[:-1] + (out_features,))  # the output itself, not a view of it
         x3, y3 = x.reshape(n, -1, in_features), y.view(n, -1, out_features)
-        if _stacked(x, weight_mu, n, blocks) and _whole_layer_op(x, ops):
-            return ops.linear_samples_stacked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, *prior)
-        if _stacked(x, weight_mu, n, blocks):
+        if stacked:
             w, log_q, log_p = ops.sample_weight_samples(weight_mu, weight_rho, seeds, 0, *prior)
             torch.bmm(x3, w.transpose(1, 2), out=y3)
             if bias_mu is not None:
@@ -119,21 +120,21 @@ def _backward(ctx, grad_out, grad_log_q, grad_log_p):
     weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
     need_x = ctx.needs_input_grad[0]
     blocks = _row_blocks(weight_mu)
+    stacked = _stacked(x, weight_mu, n, blocks)
     w_dtype = weight_mu.dtype
+    if grad_out.dtype != x.dtype:
+        grad_out = grad_out.to(x.dtype)
     with BF.autocast_off(x.device.type):
-        x3 = x.reshape(n, -1, in_features)
-        grad_out3 = grad_out.reshape(n, -1, out_features)
-        if grad_out3.dtype != x.dtype:
-            grad_out3 = grad_out3.to(x.dtype)
-        if _stacked(x, weight_mu, n, blocks) and _whole_layer_op(x, ops):
+        if stacked and _whole_layer_op(x, ops):
             grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho = ops.linear_samples_stacked_backward(
-                grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype), grad_log_q, grad_log_p, x, weight_mu, weight_rho, bias_mu, bias_rho,
-                seeds, *prior, need_x)
+                grad_out, grad_log_q, grad_log_p, x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, *prior, need_x)
             if bias_mu is None:
                 grad_bias_mu = grad_bias_rho = None
             return (grad_x if need_x else None, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho,
                     None, None, None, None)
-        if _stacked(x, weight_mu, n, blocks):
+        x3 = x.reshape(n, -1, in_features)
+        grad_out3 = grad_out.reshape(n, -1, out_features)
+        if stacked:
             grad_w = torch.bmm(grad_out3.transpose(1, 2), x3)
             grad_mu, grad_rho, w = ops.sample_weight_samples_backward(grad_w, grad_log_q, grad_log_p, weight_mu,
                                                                       weight_rho, seeds, 0, *prior, need_x)
@@ -233,5 +234,18 @@ def linear_samples_unchecked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds,
     low_precision = BF.autocast_dtype(x)
     if low_precision is not None:
         x = x.to(low_precision)
+    seeds = seeds.contiguous()
+    if _eager_whole_layer(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds):
+        # the compiled op with its autograd in C++ (csrc/cpu/linear_samples_cpu.cpp)
+        return torch.ops.bayes_ext.linear_samples_stacked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, *prior)
     # eager calls take the fused op's autograd.Function fast path (see _fused_op.py)
-    return _linear_reparam_samples(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds.contiguous(), *prior)
+    return _linear_reparam_samples(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, *prior)
+
+
+def _eager_whole_layer(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds) -> bool:
+    """An eager CPU call of a small layer on the compiled backend, on plain tensors: the whole
+    layer op with its C++ autograd applies. torch.compile, tensor subclasses and functorch
+    transforms keep the Python custom op (its fake kernel, its registered autograd)."""
+    return (x.device.type == "cpu" and _backend.get_backend() == "compiled" and not torch.compiler.is_compiling()
+            and _stacked(x, weight_mu, seeds.shape[0], _row_blocks(weight_mu))
+            and _plain((x, weight_mu, weight_rho, bias_mu, bias_rho, seeds)) and not _functorch_active())

@@ -114,6 +114,32 @@ def test_whole_layer_op_equals_the_python_steps(compiled, bias, need_x, dtype):
         assert gbm.numel() == 0 and gbr.numel() == 0
 
 
+@pytest.mark.parametrize("used", ["output", "log_q", "log_p"])
+def test_backward_through_one_output_only(backend, used):
+    """An unused output gets no gradient from autograd (the compiled path's C++ autograd and the
+    Python one both fill in zeros): the gradients equal those of the same loss with the other
+    outputs multiplied by zero."""
+    params = _params(6, 5, True)
+    x = torch.randn(3, 4, 5, dtype=F64, requires_grad=True)
+    seeds = torch.tensor([7, 8, 9], dtype=torch.int64)
+    pick = {"output": lambda y, q, p: y.sum(), "log_q": lambda y, q, p: q.sum(), "log_p": lambda y, q, p: p.sum()}
+    pick[used](*FS.bayesian_linear_samples(x, *params, seeds, PRIOR)).backward()
+    got = _grads((x,) + params)
+    _clear((x,) + params)
+    y, q, p = FS.bayesian_linear_samples(x, *params, seeds, PRIOR)
+    (pick[used](y, q, p) + 0 * (y.sum() + q.sum() + p.sum())).backward()
+    for a, t in zip(got, (x,) + params):
+        torch.testing.assert_close(a if a is not None else torch.zeros_like(t), t.grad, rtol=0, atol=0)
+
+
+def test_eager_cpu_calls_take_the_compiled_autograd(compiled):
+    """On the compiled backend an eager CPU call of a small layer runs the whole-layer op with its
+    C++ autograd (one node, no Python in forward or backward)."""
+    params = _params(6, 5, True, torch.float32)
+    y, _, _ = FS.bayesian_linear_samples(torch.randn(2, 3, 5), *params, torch.tensor([1, 2]), PRIOR)
+    assert type(y.grad_fn).__name__ == "CppFunction"
+
+
 def test_whole_layer_op_rejects_bad_arguments(compiled):
     wm, wr, bm, br = (t.detach() for t in _params(6, 5, True, torch.float32))
     seeds = torch.tensor([1, 2], dtype=torch.int64)

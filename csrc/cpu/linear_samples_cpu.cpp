@@ -3,8 +3,12 @@
 // backward (grad_W by bmm, the multi-seed backward, grad_x by bmm, the bias). The same ops in the
 // same order as the Python path of bayes_ext/functional_samples.py (so the same values); one call
 // instead of a dozen saves the Python and dispatcher cost between them, which is most of a small
-// layer's step (the seed's 13 -> 512 -> 1 model).
+// layer's step (the seed's 13 -> 512 -> 1 model). Eager calls also get their autograd here, in
+// C++ (LinearSamplesStackedFunction): the Python autograd.Function around the op cost ~50 us a
+// layer, forward and backward; torch.compile and the other paths use the Python custom op, whose
+// implementation calls these ops below autograd.
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -115,11 +119,104 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_sa
   return {grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho};
 }
 
+using LinearSamplesOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using LinearSamplesGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Through the dispatcher (not the functions above): below autograd the call reaches the CPU kernel,
+// or a fake kernel for fake tensors.
+LinearSamplesOutputs call_linear_samples_stacked(const at::Tensor& x, const at::Tensor& weight_mu,
+                                                 const at::Tensor& weight_rho, const c10::optional<at::Tensor>& bias_mu,
+                                                 const c10::optional<at::Tensor>& bias_rho, const at::Tensor& seeds,
+                                                 double pi, double sigma1, double sigma2) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bayes_ext::linear_samples_stacked", "")
+                       .typed<LinearSamplesOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const c10::optional<at::Tensor>&,
+                                                   const c10::optional<at::Tensor>&, const at::Tensor&, double, double,
+                                                   double)>();
+  return op.call(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, pi, sigma1, sigma2);
+}
+
+LinearSamplesGrads call_linear_samples_stacked_backward(
+    const at::Tensor& grad_out, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p, const at::Tensor& x,
+    const at::Tensor& weight_mu, const at::Tensor& weight_rho, const c10::optional<at::Tensor>& bias_mu,
+    const c10::optional<at::Tensor>& bias_rho, const at::Tensor& seeds, double pi, double sigma1, double sigma2,
+    bool need_x) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bayes_ext::linear_samples_stacked_backward", "")
+                       .typed<LinearSamplesGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                                                 const at::Tensor&, double, double, double, bool)>();
+  return op.call(grad_out, grad_log_q, grad_log_p, x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, pi, sigma1,
+                 sigma2, need_x);
+}
+
+c10::optional<at::Tensor> maybe(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+// Saves what the Python path saves: x, the parameters and the seeds (every W_s is rebuilt from its
+// seed in backward). Like the Python path, the backward itself is not differentiable again.
+class LinearSamplesStackedFunction : public torch::autograd::Function<LinearSamplesStackedFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& weight_mu, const at::Tensor& weight_rho,
+                                                const c10::optional<at::Tensor>& bias_mu,
+                                                const c10::optional<at::Tensor>& bias_rho, const at::Tensor& seeds,
+                                                double pi, double sigma1, double sigma2) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, log_q, log_p] =
+        call_linear_samples_stacked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, pi, sigma1, sigma2);
+    ctx->save_for_backward({x, weight_mu, weight_rho, bias_mu.value_or(at::Tensor()),
+                            bias_rho.value_or(at::Tensor()), seeds});
+    ctx->saved_data["prior"] = std::vector<double>{pi, sigma1, sigma2};
+    return {y, log_q, log_p};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight_mu = saved[1], &weight_rho = saved[2], &seeds = saved[5];
+    const std::vector<double> prior = ctx->saved_data["prior"].toDoubleVector();
+    const bool has_bias = saved[3].defined();
+    const int64_t n = seeds.numel();
+    // an output that was not used gets no gradient from autograd: zeros of its shape
+    const at::Tensor grad_out = grads[0].defined()
+                                    ? grads[0].to(x.scalar_type())
+                                    : at::zeros(with_last(x.sizes(), weight_mu.size(0)), x.options());
+    const at::Tensor grad_log_q = grads[1].defined() ? grads[1] : at::zeros({n}, weight_mu.options());
+    const at::Tensor grad_log_p = grads[2].defined() ? grads[2] : at::zeros({n}, weight_mu.options());
+    const bool need_x = ctx->needs_input_grad(0);
+    auto [grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho] = call_linear_samples_stacked_backward(
+        grad_out, grad_log_q, grad_log_p, x, weight_mu, weight_rho, maybe(saved[3]), maybe(saved[4]), seeds,
+        prior[0], prior[1], prior[2], need_x);
+    const at::Tensor none;
+    return {need_x ? grad_x : none, grad_mu, grad_rho, has_bias ? grad_bias_mu : none,
+            has_bias ? grad_bias_rho : none, none, none, none, none};
+  }
+};
+
+LinearSamplesOutputs linear_samples_stacked_autograd(const at::Tensor& x, const at::Tensor& weight_mu,
+                                                     const at::Tensor& weight_rho,
+                                                     const c10::optional<at::Tensor>& bias_mu,
+                                                     const c10::optional<at::Tensor>& bias_rho,
+                                                     const at::Tensor& seeds, double pi, double sigma1,
+                                                     double sigma2) {
+  auto out = LinearSamplesStackedFunction::apply(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, pi, sigma1,
+                                                 sigma2);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bayes_ext, CPU, m) {
   m.impl("linear_samples_stacked", &linear_samples_stacked);
   m.impl("linear_samples_stacked_backward", &linear_samples_stacked_backward);
+}
+
+TORCH_LIBRARY_IMPL(bayes_ext, AutogradCPU, m) {
+  m.impl("linear_samples_stacked", &linear_samples_stacked_autograd);
 }
 
 }  // namespace bayes_ext
