@@ -35,7 +35,7 @@ def sample_elbo(self, inputs, labels, criterion, sample_nbr, complexity_cost_wei
     if batched is not None:
         outputs, kl = batched
         likelihood = _vec.summed_criterion(criterion, outputs, labels)
-        return (likelihood + _vec.summed_kl(kl, sample_nbr) * complexity_cost_weight) / sample_nbr
+        return (likelihood + _vec.summed_kl(kl, sample_nbr, complexity_cost_weight)) / sample_nbr
     loss = 0
     for _ in range(sample_nbr):
         outputs = self(inputs)
@@ -54,7 +54,7 @@ def sample_elbo_detailed_loss(self, inputs, labels, criterion, sample_nbr, compl
     if batched is not None:
         outputs, kl = batched
         likelihood_cost = _vec.summed_criterion(criterion, outputs, labels)
-        complexity_cost = _vec.summed_kl(kl, sample_nbr) * complexity_cost_weight
+        complexity_cost = _vec.summed_kl(kl, sample_nbr, complexity_cost_weight)
         return (outputs.detach().cpu().numpy(), (likelihood_cost + complexity_cost) / sample_nbr,
                 likelihood_cost / sample_nbr, complexity_cost / sample_nbr)
     predictions = []

@@ -64,28 +64,34 @@ def _draws_noise(m: nn.Module) -> bool:
 def unsupported_reason(model: nn.Module, inputs, strict: bool) -> Optional[str]:
     """Why the vectorised path cannot run ``model(inputs)`` (None when it can). ``strict`` (the
     automatic choice) also refuses what would only change the noise (dropout)."""
+    return _inspect(model, inputs, strict)[0]
+
+
+def _inspect(model: nn.Module, inputs, strict: bool):
+    """(unsupported_reason, the model's Bayesian layers) from one walk over its modules (names are
+    only looked up to word an error: building them is most of a walk's cost)."""
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1 or inputs.shape[0] < 1:
-        return "the input is not a tensor with a non-empty batch in dim 0"
-    any_layer = False
-    for name, m in model.named_modules():
-        label = f"{name or 'the model'} ({type(m).__name__})"
+        return "the input is not a tensor with a non-empty batch in dim 0", []
+    layers = []
+    for m in model.modules():
         if isinstance(m, BayesianModule):
             supports = getattr(m, "_supports_sample_batch", None)
             if supports is None or not supports():
-                return f"Bayesian layer {label} does not support vectorised samples"
-            any_layer = True
+                return f"Bayesian layer {_label(model, m)} does not support vectorised samples", layers
+            layers.append(m)
         reason = _mixes_samples(m)
         if reason:
-            return f"{label} {reason}"
+            return f"{_label(model, m)} {reason}", layers
         if strict and _draws_noise(m):
-            return f"{label} draws its own noise (the loop's masks would differ)"
-    if not any_layer:
-        return "the model has no Bayesian layer"
-    return None
+            return f"{_label(model, m)} draws its own noise (the loop's masks would differ)", layers
+    if not layers:
+        return "the model has no Bayesian layer", layers
+    return None, layers
 
 
-def _supported_layers(model):
-    return [m for m in model.modules() if isinstance(m, BayesianModule)]
+def _label(model: nn.Module, module: nn.Module) -> str:
+    name = next((n for n, m in model.named_modules() if m is module), "")
+    return f"{name or 'the model'} ({type(module).__name__})"
 
 
 class SampleBatch:
@@ -153,12 +159,11 @@ def run_samples(model: nn.Module, inputs, sample_nbr: int, vectorized: Optional[
     if vectorized is False:
         return None
     strict = vectorized is None
-    reason = unsupported_reason(model, inputs, strict)
+    reason, layers = _inspect(model, inputs, strict)
     if reason is not None:
         if strict:
             return None
         raise ValueError(f"vectorized=True, but {reason}; use vectorized=None (auto) or False (the loop)")
-    layers = _supported_layers(model)
     batch = inputs.shape[0]
     repeated = _stack_copies(inputs, sample_nbr)
     rng_state = torch.get_rng_state()
@@ -231,8 +236,13 @@ def summed_criterion(criterion, outputs: torch.Tensor, labels):
     return total
 
 
-def summed_kl(kl, sample_nbr: int):
-    """sum over the samples of the per-sample KL (N,) (or N times a KL that is the same for all)."""
+def summed_kl(kl, sample_nbr: int, weight=1):
+    """weight times the sum over the samples of the per-sample KL (N,) (or N times a KL that is the
+    same for all); a plain weight of 1 adds no multiplication to the graph."""
     if isinstance(kl, torch.Tensor) and kl.dim() == 1 and kl.shape[0] == sample_nbr:
-        return kl.sum()
-    return kl * sample_nbr
+        total = kl.sum()
+    else:
+        total = kl * sample_nbr
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight == 1:
+        return total
+    return total * weight
