@@ -69,10 +69,14 @@ def _linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optio
     # Returns (y, std, kl): std (batch-sized) is kept for backward, eps is not. Under autocast the
     # GEMMs run in x's dtype, the rest in the parameters'.
     ops, dtype, low = _backend.ops(), weight_mu.dtype, x.dtype
+    blocks = BF._row_blocks(weight_mu)
     with BF.autocast_off(x.device.type):
-        sigma2, kl = ops.lrt_weight_forward(weight_mu, weight_rho, prior_sigma)
         mean = F.linear(x, weight_mu.to(low), None if bias_mu is None else bias_mu.to(low)).to(dtype)
-        var = F.linear(x * x, sigma2.to(low)).to(dtype)
+        if len(blocks) == 1:
+            sigma2, kl = ops.lrt_weight_forward(weight_mu, weight_rho, prior_sigma)
+            var = F.linear(x * x, sigma2.to(low)).to(dtype)
+        else:
+            var, kl = _blocked_variance(ops, x, weight_mu.contiguous(), weight_rho.contiguous(), prior_sigma, blocks)
         if bias_rho is not None:
             bias_sigma2, bias_kl = ops.lrt_weight_forward(bias_mu, bias_rho, prior_sigma)
             var += bias_sigma2
@@ -80,6 +84,22 @@ def _linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optio
         std = var.clamp_min_(0).sqrt_()
         y = torch.addcmul(mean, std, normal(std.shape, seed, LRT_NOISE_OFFSET, std))
     return y.to(low), std, kl
+
+
+def _blocked_variance(ops, x: Tensor, mu: Tensor, rho: Tensor, prior_sigma: float, blocks):
+    """x^2 (sigma^2)^T (in the parameters' dtype, x's shape with out_features last) and the KL, one
+    cache-sized block of rows of sigma^2 at a time: a large CPU weight's sigma^2 is never allocated
+    whole (a fresh weight-sized tensor costs its page faults each step, ~35% of the LRT step at
+    64x1024x1024; see bench/README.md)."""
+    x_2d = x.reshape(-1, mu.shape[1])
+    x2 = x_2d * x_2d
+    var = torch.empty(x_2d.shape[0], mu.shape[0], dtype=mu.dtype, device=mu.device)
+    kl = 0
+    for r0, r1 in blocks:
+        sigma2, block_kl = ops.lrt_weight_forward(mu[r0:r1], rho[r0:r1], prior_sigma)
+        var[:, r0:r1] = x2.mm(sigma2.t().to(x.dtype))
+        kl = kl + block_kl
+    return var.reshape(x.shape[:-1] + (mu.shape[0],)), kl
 
 
 @_linear_lrt.register_fake
@@ -111,13 +131,20 @@ def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
         half_u = lrt_noise_grad(g, std, seed).mul_(0.5)  # dL/dvar
         g, half_u_low = g.to(low), half_u.to(low)
         grad_x = grad_mu = grad_rho = grad_bmu = grad_brho = sigma2 = None
-        if need_w:
+        blocks = BF._row_blocks(mu)
+        if need_w and len(blocks) > 1:
+            grad_mu, grad_rho, grad_x = _blocked_lrt_weight_grads(ops, g, half_u_low, x_2d, mu.contiguous(),
+                                                                  rho.contiguous(), grad_kl, prior_sigma, blocks,
+                                                                  need_x)
+            if need_x:
+                grad_x = grad_x.reshape(x.shape)
+        elif need_w:
             # the GEMMs give dL/dmu and dL/dsigma2 of the data term; one fused pass adds the KL's
             # gradients, turns dL/dsigma2 into dL/drho and rebuilds sigma2 for grad_x
             grad_mu = g.t().mm(x_2d).to(mu.dtype).contiguous()
             grad_rho = half_u_low.t().mm(x_2d * x_2d).to(rho.dtype).contiguous()
             sigma2 = ops.lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma)
-        if need_x:  # d/dx of x mu^T and of x^2 (sigma^2)^T
+        if need_x and grad_x is None:  # d/dx of x mu^T and of x^2 (sigma^2)^T
             if sigma2 is None:
                 sigma2 = ops.lrt_weight_forward(mu, rho, 0.0)[0]
             grad_x = torch.addcmul(g.mm(mu.to(low)), x_2d, half_u_low.mm(sigma2.to(low)), value=2)
@@ -127,6 +154,31 @@ def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
             grad_brho = half_u.sum(0).to(bias_rho.dtype)
             ops.lrt_weight_backward_(grad_bmu, grad_brho, grad_kl, bias_mu, bias_rho, prior_sigma)
     return grad_x, grad_mu, grad_rho, grad_bmu, grad_brho, None, None
+
+
+def _blocked_lrt_weight_grads(ops, g: Tensor, half_u: Tensor, x_2d: Tensor, mu: Tensor, rho: Tensor, grad_kl: Tensor,
+                              prior_sigma: float, blocks, need_x: bool):
+    """(grad_mu, grad_rho, grad_x or None) of the LRT backward for a large CPU weight, block by block
+    of rows: each block's data gradients are written into the rows of the whole gradients, turned
+    into the full ones in place (lrt_weight_backward_, KL included) and its sigma^2 consumed by
+    dL/dx while in cache, so no weight-sized temporary besides the gradients themselves."""
+    grad_mu, grad_rho = torch.empty_like(mu), torch.empty_like(rho)
+    x2 = x_2d * x_2d
+    var_grad_x = x_2d.new_zeros(x_2d.shape) if need_x else None  # half_u (sigma^2), summed over blocks
+    same_dtype = x_2d.dtype == mu.dtype  # else (autocast) each block's GEMM is cast into the rows
+    for r0, r1 in blocks:
+        if same_dtype:
+            torch.mm(g[:, r0:r1].t(), x_2d, out=grad_mu[r0:r1])
+            torch.mm(half_u[:, r0:r1].t(), x2, out=grad_rho[r0:r1])
+        else:
+            grad_mu[r0:r1] = g[:, r0:r1].t().mm(x_2d)
+            grad_rho[r0:r1] = half_u[:, r0:r1].t().mm(x2)
+        sigma2 = ops.lrt_weight_backward_(grad_mu[r0:r1], grad_rho[r0:r1], grad_kl, mu[r0:r1], rho[r0:r1],
+                                          prior_sigma)
+        if need_x:
+            var_grad_x.addmm_(half_u[:, r0:r1], sigma2.to(x_2d.dtype))
+    grad_x = torch.addcmul(g.mm(mu.to(x_2d.dtype)), x_2d, var_grad_x, value=2) if need_x else None
+    return grad_mu, grad_rho, grad_x
 
 
 _linear_lrt.register_autograd(_linear_lrt_backward, setup_context=_linear_lrt_setup_context)
