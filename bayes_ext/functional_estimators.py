@@ -191,12 +191,16 @@ def _linear_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
                     bias_rho: Optional[Tensor], seed: Tensor, prior_pi: float, prior_sigma1: float,
                     prior_sigma2: float) -> Tuple[Tensor, Tensor, Tensor]:
     ops, prior, low = _backend.ops(), (prior_pi, prior_sigma1, prior_sigma2), x.dtype
+    blocks = BF._row_blocks(weight_mu)
     with BF.autocast_off(x.device.type):
-        # W = mu + dW from the weight's own stream, so log q / log p are the MC KL terms of W
-        w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
-        dw = w.sub_(weight_mu).to(low)
         x_signed = x * signs(x.shape, seed, SIGN_IN_OFFSET, weight_mu, low)
-        perturbation = F.linear(x_signed, dw)
+        if len(blocks) == 1:
+            # W = mu + dW from the weight's own stream, so log q / log p are the MC KL terms of W
+            w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
+            perturbation = F.linear(x_signed, w.sub_(weight_mu).to(low))
+        else:
+            perturbation, log_q, log_p = _blocked_perturbation(ops, x_signed, weight_mu.contiguous(),
+                                                               weight_rho.contiguous(), seed, prior, blocks)
         perturbation *= signs(perturbation.shape, seed, SIGN_OUT_OFFSET, weight_mu, low)
         y = torch.addmm(perturbation.reshape(-1, weight_mu.shape[0]), x.reshape(-1, weight_mu.shape[1]),
                         weight_mu.t().to(low)).reshape(perturbation.shape)
@@ -208,6 +212,21 @@ def _linear_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
 
 
 _linear_flipout.register_fake(BF.linear_op_fake)
+
+
+def _blocked_perturbation(ops, x_signed: Tensor, mu: Tensor, rho: Tensor, seed: Tensor, prior, blocks):
+    """(x_signed dW^T, log q, log p) for a large CPU weight, one block of rows of W at a time (each
+    with the noise it has in the whole weight, consumed by its GEMM while in cache): no weight-sized
+    temporary, whose page faults cost more than a pass over it."""
+    in_features = mu.shape[1]
+    x_2d = x_signed.reshape(-1, in_features)
+    out = x_2d.new_empty(x_2d.shape[0], mu.shape[0])
+    log_q = log_p = 0
+    for r0, r1 in blocks:
+        w, q, p = ops.sample_weight(mu[r0:r1], rho[r0:r1], seed, 0, *prior, r0 * in_features)
+        out[:, r0:r1] = x_2d.mm(w.sub_(mu[r0:r1]).t().to(x_2d.dtype))
+        log_q, log_p = log_q + q, log_p + p
+    return out.reshape(x_signed.shape[:-1] + (mu.shape[0],)), log_q, log_p
 
 
 def _add_mm(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -232,7 +251,14 @@ def _linear_flipout_backward(ctx, grad_y, grad_log_q, grad_log_p):
         g_signed = g * signs(g.shape, seed, SIGN_OUT_OFFSET, mu, low)
         s_in = signs(x_2d.shape, seed, SIGN_IN_OFFSET, mu, low)
         grad_x = grad_mu = grad_rho = w = None
-        if need_w:
+        blocks = BF._row_blocks(mu)
+        if need_w and len(blocks) > 1:
+            grad_mu, grad_rho, grad_x = _blocked_flipout_grads(ops, g, g_signed, s_in, x_2d, mu.contiguous(),
+                                                               rho.contiguous(), grad_log_q, grad_log_p, seed, prior,
+                                                               blocks, need_x)
+            if need_x:
+                grad_x = grad_x.reshape(x.shape)
+        elif need_w:
             grad_dw = g_signed.t().mm(x_2d * s_in).to(mu.dtype)
             # sample_weight_backward differentiates W = mu + dW: its grad_mu holds grad_dw (which
             # belongs to dW = sigma * eps only) plus the KL's; mu's own term is g^T x
@@ -241,7 +267,7 @@ def _linear_flipout_backward(ctx, grad_y, grad_log_q, grad_log_p):
             grad_mu = _add_mm(grad_mu.sub_(grad_dw), g.t(), x_2d)
         elif need_x:
             w = ops.sample_weight(mu, rho, seed, 0, *prior)[0]
-        if need_x:
+        if need_x and grad_x is None:
             dw = w.sub_(mu).to(low)
             grad_x = torch.addcmul(g.mm(mu.to(low)), g_signed.mm(dw), s_in).reshape(x.shape)
         grad_bias_mu = grad_bias_rho = None
@@ -249,6 +275,28 @@ def _linear_flipout_backward(ctx, grad_y, grad_log_q, grad_log_p):
             grad_bias_mu, grad_bias_rho, _ = ops.sample_weight_backward(
                 g.sum(0, dtype=bias_mu.dtype), grad_log_q, grad_log_p, bias_mu, bias_rho, seed, 1, *prior, False)
     return grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho, None, None, None, None
+
+
+def _blocked_flipout_grads(ops, g: Tensor, g_signed: Tensor, s_in: Tensor, x_2d: Tensor, mu: Tensor, rho: Tensor,
+                           grad_log_q: Tensor, grad_log_p: Tensor, seed: Tensor, prior, blocks, need_x: bool):
+    """(grad_mu, grad_rho, grad_x or None) of the Flipout backward for a large CPU weight, block by
+    block of rows: each block's dW is regenerated, differentiated straight into the rows of the whole
+    gradients and consumed by dL/dx while in cache."""
+    in_features = mu.shape[1]
+    grad_mu, grad_rho = torch.empty_like(mu), torch.empty_like(rho)
+    x_in = x_2d * s_in
+    signed_grad_x = x_2d.new_zeros(x_2d.shape) if need_x else None  # g_signed dW, summed over blocks
+    for r0, r1 in blocks:
+        grad_dw = g_signed[:, r0:r1].t().mm(x_in).to(mu.dtype)
+        # as in the one-block path: W = mu + dW's backward gives grad_dw plus the KL's in grad_mu;
+        # mu's own term is g^T x instead of grad_dw
+        w = ops.sample_weight_backward_into(grad_mu[r0:r1], grad_rho[r0:r1], grad_dw, grad_log_q, grad_log_p,
+                                            mu[r0:r1], rho[r0:r1], seed, 0, *prior, need_x, r0 * in_features)
+        _add_mm(grad_mu[r0:r1].sub_(grad_dw), g[:, r0:r1].t(), x_2d)
+        if need_x:
+            signed_grad_x.addmm_(g_signed[:, r0:r1], w.sub_(mu[r0:r1]).to(x_2d.dtype))
+    grad_x = torch.addcmul(g.mm(mu.to(x_2d.dtype)), signed_grad_x, s_in) if need_x else None
+    return grad_mu, grad_rho, grad_x
 
 
 _linear_flipout.register_autograd(_linear_flipout_backward, setup_context=BF.linear_op_setup_context)
