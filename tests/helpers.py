@@ -157,3 +157,36 @@ class OpsRecorder:
 
         proxy = Proxy()
         monkeypatch.setattr(_backend, "ops", lambda: proxy)
+
+
+# ---- blocked CPU paths ----------------------------------------------------------------------------
+
+def posterior_7x9(seed: int, bias: bool = True):
+    """(mu, rho, bias_mu, bias_rho) of a 7 x 9 float64 linear weight, requiring grad (bias: None)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def param(shape, shift, scale):
+        return (scale * torch.randn(shape, generator=g, dtype=torch.float64) + shift).requires_grad_()
+    mu, rho = param((7, 9), 0.0, 0.3), param((7, 9), -2.0, 1.0)
+    if not bias:
+        return mu, rho, None, None
+    return mu, rho, param((7,), 0.0, 0.3), param((7,), -2.0, 1.0)
+
+
+def assert_row_blocks_match_whole(monkeypatch, weight_mu, run, tensors):
+    """run() -> (outputs, loss) once with the whole weight in one block and once in blocks of one
+    row (both backends' block sizes forced down): the outputs and the gradients of loss w.r.t.
+    `tensors` must agree to float64 rounding (each block draws the noise it has in the whole weight)."""
+    results = []
+    for elements, blocks in ((1 << 30, 1), (weight_mu.shape[1] + 1, weight_mu.shape[0])):
+        monkeypatch.setattr(BF, "BLOCK_ELEMENTS", elements)
+        monkeypatch.setattr(BF, "FALLBACK_BLOCK_ELEMENTS", elements)
+        assert len(BF._row_blocks(weight_mu)) == blocks
+        outputs, loss = run()
+        grads = torch.autograd.grad(loss, tensors)
+        results.append(([o.detach() for o in outputs], grads))
+    (outs1, grads1), (outs2, grads2) = results
+    for a, b in zip(outs2, outs1):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-11)
+    for a, b in zip(grads2, grads1):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

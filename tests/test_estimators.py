@@ -19,7 +19,7 @@ from bayes_ext import functional_estimators as BFE
 from bayes_ext.losses import kl_divergence_from_nn
 from bayes_ext.modules import (BayesianConv1d, BayesianConv2d, BayesianConvTranspose1d, BayesianConvTranspose2d,
                                BayesianLinear)
-from helpers import OpsRecorder, SeedRecorder, ref_sample, seed_tensor
+from helpers import OpsRecorder, SeedRecorder, assert_row_blocks_match_whole, posterior_7x9, ref_sample, seed_tensor
 
 MIXTURE = (0.5, 1.0, 0.3)
 F64 = dict(dtype=torch.float64)
@@ -486,25 +486,11 @@ def test_lrt_mixture_prior_kl_never_writes_the_weight(backend, monkeypatch):
 def test_flipout_row_blocks_give_the_whole_weights_values_and_gradients(backend, monkeypatch, need_x):
     """A large CPU weight's dW is regenerated block by block of rows (forward and backward), each
     block with its noise in the whole weight: output, KL terms and gradients equal one block's."""
-    torch.manual_seed(5)
-    mu = (0.3 * torch.randn(7, 9, dtype=torch.float64)).requires_grad_()
-    rho = (torch.randn(7, 9, dtype=torch.float64) - 2).requires_grad_()
-    b_mu = (0.3 * torch.randn(7, dtype=torch.float64)).requires_grad_()
-    b_rho = (torch.randn(7, dtype=torch.float64) - 2).requires_grad_()
+    params = posterior_7x9(5)
     x = torch.randn(4, 3, 9, dtype=torch.float64, requires_grad=need_x)
     g = torch.randn(4, 3, 7, dtype=torch.float64)
-    tensors = [t for t in (x, mu, rho, b_mu, b_rho) if t.requires_grad]
-    results = []
-    for elements, blocks in ((1 << 30, 1), (16, 7)):  # one block; one row of 9 per block
-        monkeypatch.setattr(BF, "BLOCK_ELEMENTS", elements)
-        monkeypatch.setattr(BF, "FALLBACK_BLOCK_ELEMENTS", elements)
-        assert len(BF._row_blocks(mu)) == blocks
-        y, log_q, log_p = BFE.linear_flipout(x, mu, rho, b_mu, b_rho, seed=seed_tensor(13), prior=(0.5, 0.3, 1.5))
-        grads = torch.autograd.grad((y * g).sum() + 0.3 * log_q - 0.7 * log_p, tensors)
-        results.append((y.detach(), log_q.detach(), log_p.detach(), grads))
-    (y1, q1, p1, g1), (y2, q2, p2, g2) = results
-    torch.testing.assert_close(y2, y1, rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(q2, q1, rtol=1e-13, atol=1e-11)
-    torch.testing.assert_close(p2, p1, rtol=1e-13, atol=1e-11)
-    for a, b in zip(g2, g1):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    def run():
+        y, log_q, log_p = BFE.linear_flipout(x, *params, seed=seed_tensor(13), prior=(0.5, 0.3, 1.5))
+        return (y, log_q, log_p), (y * g).sum() + 0.3 * log_q - 0.7 * log_p
+    assert_row_blocks_match_whole(monkeypatch, params[0], run, [t for t in (x,) + params if t.requires_grad])

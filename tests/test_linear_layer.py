@@ -11,7 +11,8 @@ import bayes_ext
 from bayes_ext import _backend
 from bayes_ext import functional as BF
 from bayes_ext.modules import BayesianLinear
-from helpers import SeedRecorder, ref_log_prior_terms, ref_sample, seed_tensor, to64
+from helpers import (SeedRecorder, assert_row_blocks_match_whole, posterior_7x9, ref_log_prior_terms, ref_sample,
+                     seed_tensor, to64)
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -148,39 +149,18 @@ def test_gradients_match_unfused_reference(backend, monkeypatch):
         torch.testing.assert_close(param.grad, params[name].grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def _force_row_blocks(monkeypatch, elements):
-    """Make every CPU weight above 2 * elements take the blocked path (both backends' block sizes)."""
-    monkeypatch.setattr(BF, "BLOCK_ELEMENTS", elements)
-    monkeypatch.setattr(BF, "FALLBACK_BLOCK_ELEMENTS", elements)
-
-
 @pytest.mark.parametrize("bias", [True, False])
 def test_row_blocks_give_the_whole_weights_values_and_gradients(backend, monkeypatch, bias):
     # Large CPU weights are sampled and differentiated in blocks of rows, each block with the noise
     # it has in the whole weight: outputs, KL terms and gradients equal the one-block computation.
-    layer = make_layer(in_f=9, out_f=7, bias=bias, prior_pi=0.5, prior_sigma_1=0.3, prior_sigma_2=1.5,
-                       dtype=torch.float64)
-    params = [p for p in (layer.weight_mu, layer.weight_rho, layer.bias_mu, layer.bias_rho)]
+    params = posterior_7x9(1, bias)
     x = torch.randn(4, 3, 9, dtype=torch.float64, requires_grad=True)
     g_out = torch.randn(4, 3, 7, dtype=torch.float64)
-    seed = seed_tensor(2 ** 62 + 77)
-    results = []
-    for elements, blocks in ((1 << 30, 1), (16, 7)):  # one block; one row of 9 per block
-        _force_row_blocks(monkeypatch, elements)
-        assert len(BF._row_blocks(layer.weight_mu)) == blocks
-        y, log_q, log_p = BF.bayesian_linear(x, *params, seed=seed, prior=layer.prior)
-        ((y * g_out).sum() + 0.3 * log_q - 0.7 * log_p).backward()
-        grads = [x.grad.clone()] + [p.grad.clone() for p in params if p is not None]
-        for t in [x] + params:
-            if t is not None:
-                t.grad = None
-        results.append((y.detach(), log_q.detach(), log_p.detach(), grads))
-    (y1, q1, p1, g1), (y2, q2, p2, g2) = results
-    torch.testing.assert_close(y2, y1, rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(q2, q1, rtol=1e-13, atol=1e-11)
-    torch.testing.assert_close(p2, p1, rtol=1e-13, atol=1e-11)
-    for a, b in zip(g2, g1):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    def run():
+        y, log_q, log_p = BF.bayesian_linear(x, *params, seed=seed_tensor(2 ** 62 + 77), prior=(0.5, 0.3, 1.5))
+        return (y, log_q, log_p), (y * g_out).sum() + 0.3 * log_q - 0.7 * log_p
+    assert_row_blocks_match_whole(monkeypatch, params[0], run, [x] + [p for p in params if p is not None])
 
 
 @pytest.mark.parametrize("which", ["output", "kl"])

@@ -7,7 +7,7 @@ import bayes_ext
 from bayes_ext import functional as BF
 from bayes_ext import functional_estimators as BFE
 from bayes_ext.modules import BayesianLinear
-from helpers import seed_tensor
+from helpers import assert_row_blocks_match_whole, posterior_7x9, seed_tensor
 
 
 def layer(**kwargs):
@@ -86,24 +86,11 @@ def test_freeze_and_errors(backend):
 def test_row_blocks_give_the_whole_weights_values_and_gradients(backend, monkeypatch, need_x):
     """A large CPU weight's sigma^2 is built block by block of rows (forward and backward): the
     output, the closed-form KL and every gradient equal the one-block computation."""
-    torch.manual_seed(3)
-    mu = (0.3 * torch.randn(7, 9, dtype=torch.float64)).requires_grad_()
-    rho = (torch.randn(7, 9, dtype=torch.float64) - 2).requires_grad_()
-    b_mu = (0.3 * torch.randn(7, dtype=torch.float64)).requires_grad_()
-    b_rho = (torch.randn(7, dtype=torch.float64) - 2).requires_grad_()
+    params = posterior_7x9(3)
     x = torch.randn(4, 3, 9, dtype=torch.float64, requires_grad=need_x)
     g = torch.randn(4, 3, 7, dtype=torch.float64)
-    tensors = [t for t in (x, mu, rho, b_mu, b_rho) if t.requires_grad]
-    results = []
-    for elements, blocks in ((1 << 30, 1), (16, 7)):  # one block; one row of 9 per block
-        monkeypatch.setattr(BF, "BLOCK_ELEMENTS", elements)
-        monkeypatch.setattr(BF, "FALLBACK_BLOCK_ELEMENTS", elements)
-        assert len(BF._row_blocks(mu)) == blocks
-        y, kl = BFE.linear_lrt_with_kl(x, mu, rho, b_mu, b_rho, seed=seed_tensor(11), prior_sigma=0.7)
-        grads = torch.autograd.grad((y * g).sum() + 0.3 * kl, tensors)
-        results.append((y.detach(), kl.detach(), grads))
-    (y1, kl1, g1), (y2, kl2, g2) = results
-    torch.testing.assert_close(y2, y1, rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(kl2, kl1, rtol=1e-13, atol=1e-11)
-    for a, b in zip(g2, g1):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    def run():
+        y, kl = BFE.linear_lrt_with_kl(x, *params, seed=seed_tensor(11), prior_sigma=0.7)
+        return (y, kl), (y * g).sum() + 0.3 * kl
+    assert_row_blocks_match_whole(monkeypatch, params[0], run, [t for t in (x,) + params if t.requires_grad])
