@@ -70,7 +70,7 @@ class _Workspace:
         self.angle = torch.empty(blocks, dtype=math_dtype, device=device)
         self.trig = torch.empty(4, blocks, dtype=math_dtype, device=device)
         self.arange = torch.arange(blocks, dtype=torch.int64, device=device)
-        self.capacity, self.math_dtype = blocks, math_dtype
+        self.math_dtype = math_dtype
 
     def blocks(self, seed: int, offset: int, first_block: int, num_blocks: int):
         """The four words of blocks [first_block, first_block + num_blocks) of stream (seed, offset)."""
