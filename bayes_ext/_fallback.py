@@ -61,7 +61,8 @@ def _mixture_parts(w2: torch.Tensor, a1: float, b1: float, a2: float, b2: float,
     x1 = torch.add(torch.mul(w2, -b1, out=out[0]), a1, out=out[0])
     x2 = torch.add(torch.mul(w2, -b2, out=out[1]), a2, out=out[1])
     gap = torch.add(torch.mul(w2, b2 - b1, out=out[2]), a1 - a2, out=out[2])
-    small = torch.exp(torch.neg(torch.clamp_max(torch.abs(gap, out=out[2]), 80.0, out=out[2]), out=out[2]), out=out[2])
+    gap = torch.clamp_max(torch.abs(gap, out=out[2]), 80.0, out=out[2])
+    small = torch.exp(torch.neg(gap, out=out[2]), out=out[2])  # exp(-|x1 - x2|)
     return torch.maximum(x1, x2, out=out[0]), torch.log1p(small, out=out[2])
 
 

@@ -57,7 +57,8 @@ std::vector<int64_t> stacked_shape(int64_t samples, const at::Tensor& mu) {
 
 // softplus(rho) and the terms derived from it are the same for every sample: with N > 1 they are
 // computed once per element (softplus_range) and the N sampling passes read them, instead of N
-// times exp, log1p, log and a division per element (about half of a pass's arithmetic).
+// times exp, log1p, log and a division per element (about half of a pass's arithmetic). Only for
+// weights up to kScratchElements: beyond, the shared terms would be weight-sized temporaries.
 template <typename scalar_t>
 struct SharedSoftplus {
   std::vector<scalar_t> sigma, log_sigma, sigmoid, dlog_sigma;
@@ -99,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_samples_cpu(const a
     scalar_t* w_p = w.data_ptr<scalar_t>();
     const int64_t task_elements = std::max<int64_t>(1, std::min(n, kChunk));
     const int64_t grain = std::max<int64_t>(1, kParallelElements / task_elements);
-    const bool share = samples > 1 && n > 0;
+    const bool share = samples > 1 && n > 0 && n <= kScratchElements;  // no weight-sized temporaries
     const SharedSoftplus<scalar_t> shared(rho_p, share ? n : 0, false);
     at::parallel_for(0, samples * chunks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
@@ -161,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_samples_backward_cp
     scalar_t* gmu_p = grad_mu.data_ptr<scalar_t>();
     scalar_t* grho_p = grad_rho.data_ptr<scalar_t>();
     scalar_t* w_p = return_weight ? w.data_ptr<scalar_t>() : nullptr;
-    const bool share = samples > 1 && n > 0;
+    const bool share = samples > 1 && n > 0 && n <= kScratchElements;  // no weight-sized temporaries
     const SharedSoftplus<scalar_t> shared(rho_p, share ? n : 0, true);
     auto sample_range = [&](int64_t s, int64_t c0, int64_t len, scalar_t* out_mu, scalar_t* out_rho) {
       BackwardRange<scalar_t> a{gw_p == nullptr ? nullptr : gw_p + s * n + c0,
