@@ -246,6 +246,6 @@ def _eager_whole_layer(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds) -> bo
     """An eager CPU call of a small layer on the compiled backend, on plain tensors: the whole
     layer op with its C++ autograd applies. torch.compile, tensor subclasses and functorch
     transforms keep the Python custom op (its fake kernel, its registered autograd)."""
-    return (x.device.type == "cpu" and _backend.get_backend() == "compiled" and not torch.compiler.is_compiling()
+    return (_whole_layer_op(x, _backend.ops()) and not torch.compiler.is_compiling()
             and _stacked(x, weight_mu, seeds.shape[0], _row_blocks(weight_mu))
             and _plain((x, weight_mu, weight_rho, bias_mu, bias_rho, seeds)) and not _functorch_active())
