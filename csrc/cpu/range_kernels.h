@@ -4,7 +4,7 @@
 // declarations in range_kernels_api.h. Nothing here touches ATen, so no ATen inline function is
 // ever compiled with a wider ISA than the portable build.
 //
-// Work is done in tiles of 64 elements (16 Philox blocks): first the Philox words for the tile,
+// Work is done in tiles of 256 elements (64 Philox blocks): first the Philox words for the tile,
 // then Box-Muller into a small buffer, then one elementwise pass. Each loop is branch-free so the
 // compiler vectorises it; reductions go into per-lane accumulators to stay vectorisable and to
 // make the summation order independent of the thread count.
@@ -21,7 +21,7 @@
 namespace bayes_ext {
 namespace cpu_kernel {
 
-constexpr int64_t kTile = 64;
+constexpr int64_t kTile = 256;
 constexpr int64_t kBlocksPerTile = kTile / 4;
 
 #if defined(BAYES_EXT_CPU_AVX512)
@@ -56,10 +56,22 @@ static inline void vmulhilo(PhiloxVec a, PhiloxVec m, PhiloxVec* hi, PhiloxVec* 
 
 // Philox words of blocks [first_block, first_block + 16), one lane per block: with AVX2 / AVX-512
 // in 32-bit lanes (compilers widen the scalar code to 64-bit lanes, twice the work), otherwise the
-// scalar header function.
-static inline void philox_tile(uint64_t seed, uint64_t offset, uint64_t first_block, uint32_t* x0, uint32_t* x1,
-                               uint32_t* x2, uint32_t* x3) {
+// scalar header function. Several vectors of blocks at a time hide the multiplies' latency
+// (rounds depend on each other); four AVX-512 vectors, two AVX2 ones (more would not stay in
+// AVX2's 16 registers).
+#if defined(BAYES_EXT_CPU_AVX512)
+constexpr int64_t kPhiloxGroup = 4 * kPhiloxLanes;
+#elif defined(BAYES_EXT_CPU_AVX2)
+constexpr int64_t kPhiloxGroup = 2 * kPhiloxLanes;
+#else
+constexpr int64_t kPhiloxGroup = 16;
+#endif
+static_assert(kBlocksPerTile % kPhiloxGroup == 0, "a tile is a whole number of Philox groups");
+
+static inline void philox_group(uint64_t seed, uint64_t offset, uint64_t first_block, uint32_t* x0, uint32_t* x1,
+                                uint32_t* x2, uint32_t* x3) {
 #if defined(BAYES_EXT_CPU_AVX512) || defined(BAYES_EXT_CPU_AVX2)
+  constexpr int64_t kBlocksPerTile = kPhiloxGroup;
   alignas(64) uint32_t lo_words[kBlocksPerTile], hi_words[kBlocksPerTile];
   for (int64_t j = 0; j < kBlocksPerTile; ++j) {
     const uint64_t block = first_block + static_cast<uint64_t>(j);
@@ -98,7 +110,7 @@ static inline void philox_tile(uint64_t seed, uint64_t offset, uint64_t first_bl
     vstore(x3 + v * kLanes, c3[v]);
   }
 #else
-  for (int64_t j = 0; j < kBlocksPerTile; ++j) {
+  for (int64_t j = 0; j < kPhiloxGroup; ++j) {
     const PhiloxOut x = philox_block(seed, offset, first_block + static_cast<uint64_t>(j));
     x0[j] = x.x[0];
     x1[j] = x.x[1];
@@ -108,15 +120,22 @@ static inline void philox_tile(uint64_t seed, uint64_t offset, uint64_t first_bl
 #endif
 }
 
-// eps for stream elements [base, base + 64) of stream (seed, offset); base is a multiple of 4.
+// Philox words of the tile's blocks [first_block, first_block + kBlocksPerTile).
+static inline void philox_tile(uint64_t seed, uint64_t offset, uint64_t first_block, uint32_t* x0, uint32_t* x1,
+                               uint32_t* x2, uint32_t* x3) {
+  for (int64_t g = 0; g < kBlocksPerTile; g += kPhiloxGroup)
+    philox_group(seed, offset, first_block + static_cast<uint64_t>(g), x0 + g, x1 + g, x2 + g, x3 + g);
+}
+
+// eps for stream elements [base, base + kTile) of stream (seed, offset); base is a multiple of 4.
 template <typename T>
 static inline void tile_normals(uint64_t seed, uint64_t offset, int64_t base, T* eps) {
   alignas(64) uint32_t x0[kBlocksPerTile], x1[kBlocksPerTile], x2[kBlocksPerTile], x3[kBlocksPerTile];
   philox_tile(seed, offset, static_cast<uint64_t>(base) / 4, x0, x1, x2, x3);
   T e0[kBlocksPerTile], e1[kBlocksPerTile], e2[kBlocksPerTile], e3[kBlocksPerTile];
   for (int64_t j = 0; j < kBlocksPerTile; ++j) {
-    const T r01 = bx_sqrt(T(-2) * bx_log(radius_uniform<T>(x0[j])));
-    const T r23 = bx_sqrt(T(-2) * bx_log(radius_uniform<T>(x2[j])));
+    const T r01 = bx_sqrt(T(-2) * bx_log_positive(radius_uniform<T>(x0[j])));
+    const T r23 = bx_sqrt(T(-2) * bx_log_positive(radius_uniform<T>(x2[j])));
     T s01, c01, s23, c23;
     bx_sincos_2pi(angle_uniform<T>(x1[j]), &s01, &c01);
     bx_sincos_2pi(angle_uniform<T>(x3[j]), &s23, &c23);

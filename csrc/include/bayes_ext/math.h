@@ -42,17 +42,22 @@ static inline float host_log_reduced(float m, float e) {
   return m + y + 0.693359375f * e;
 }
 
-// log (Cephes logf) for positive normal x; denormals are read as tiny normals (callers never pass
-// them: uniforms are >= 2^-24 and log sigma switches to rho before sigma gets that small).
-// NaN, negative values, 0 and inf give NaN, NaN, -inf and inf like libm, with selects.
+// log (Cephes logf) of a positive, normal, finite x. The reduction 1 + m = x / 2^e with
+// 1 + m in [sqrt(1/2), sqrt(2)) is done in the integers (musl's): adding 1 - sqrt(1/2) in the bit
+// pattern carries into the exponent exactly when the mantissa is >= sqrt(2). A float select
+// between m and 2m there made GCC evaluate the polynomial for both sides (2x the instructions).
+static inline float host_log_positive(float x) {
+  const uint32_t shifted = float_as_bits(x) + (0x3F800000u - 0x3F3504F3u);
+  const float e = static_cast<float>(static_cast<int32_t>(shifted >> 23) - 0x7F);
+  const float m = bits_as_float((shifted & 0x007FFFFFu) + 0x3F3504F3u) - 1.0f;
+  return host_log_reduced(m, e);
+}
+
+// log for every float: denormals are read as tiny normals (callers never pass them: uniforms
+// are >= 2^-24 and log sigma switches to rho before sigma gets that small). NaN, negative values,
+// 0 and inf give NaN, NaN, -inf and inf like libm, with selects.
 static inline float host_logf(float x) {
-  const uint32_t bits = float_as_bits(x);
-  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);
-  float m = bits_as_float((bits & 0x007FFFFFu) | 0x3F000000u);  // in [0.5, 1)
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1.0f : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
-  const float r = host_log_reduced(m, e);
+  const float r = host_log_positive(x);
   const float special = x == 0.0f ? -__builtin_inff() : (x > 0.0f ? x : __builtin_nanf(""));
   return (x > 0.0f && x <= 3.40282347e+38f) ? r : special;
 }
@@ -119,6 +124,17 @@ BAYES_HOST_DEVICE float bx_log(float x) {
 #endif
 }
 BAYES_HOST_DEVICE double bx_log(double x) { return ::log(x); }
+
+// log of a positive, normal, finite x (anything else gives an unspecified value on the host):
+// the Box-Muller radius's uniform and a sigma known to be in range skip bx_log's special cases.
+BAYES_HOST_DEVICE float bx_log_positive(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  return host_log_positive(x);
+#endif
+}
+BAYES_HOST_DEVICE double bx_log_positive(double x) { return ::log(x); }
 
 // log(1 + x) for x in [0, 1] (host float is only accurate there).
 BAYES_HOST_DEVICE float bx_log1p(float x) {

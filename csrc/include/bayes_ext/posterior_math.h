@@ -87,7 +87,9 @@ BAYES_HOST_DEVICE Softplus<T> softplus_terms(T rho) {
   // Below the threshold sigma is exp(rho) to within exp(2 rho) (and 0 in fp32 below -87): use the
   // limits, log sigma = rho and sigmoid / sigma = 1 - t / 2.
   const bool tiny = rho < T(kSoftplusTinyRho);
-  s.log_sigma = tiny ? rho : bx_log(s.sigma);
+  // sigma >= softplus(-20) is normal here; inf and NaN (from rho) pass through unchanged.
+  const bool finite = s.sigma <= T(3.4028234663852886e+38);
+  s.log_sigma = tiny ? rho : (finite ? bx_log_positive(s.sigma) : s.sigma);
   // sigmoid = num / (1 + t) and sigmoid / sigma from one division (divisions are the slowest
   // vector instructions in the backward pass).
   const T num = rho > T(0) ? T(1) : t;
@@ -124,7 +126,7 @@ BAYES_HOST_DEVICE void block_normals(uint64_t seed, uint64_t offset, uint64_t bl
   for (int pair = 0; pair < 2; ++pair) {
     const T u = radius_uniform<T>(x.x[2 * pair]);
     const T v = angle_uniform<T>(x.x[2 * pair + 1]);
-    const T r = bx_sqrt(T(-2) * bx_log(u));
+    const T r = bx_sqrt(T(-2) * bx_log_positive(u));  // u in [2^-24, 1]
     T s, c;
     bx_sincos_2pi(v, &s, &c);
     eps[2 * pair] = r * c;
