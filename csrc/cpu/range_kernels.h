@@ -172,14 +172,29 @@ static inline TileSpan tile_span(int64_t i, int64_t end, int64_t stream_start) {
 // inlining) but not on local pointers; without it the loops need more run-time alias checks than
 // GCC will emit.
 // Pre: sigma (and log sigma) come from arrays filled by softplus_range instead of rho.
-template <typename T, int Mode, bool WriteW, bool Pre>
+// Whether every rho[0, n) is <= 0 (NaN is not), so the tile may use softplus_terms_nonpositive.
+template <typename T>
+static inline __attribute__((always_inline)) bool all_nonpositive(int64_t n, const T* __restrict__ rho) {
+  int ok = 1;
+  for (int64_t i = 0; i < n; ++i) ok &= rho[i] <= T(0);
+  return ok != 0;
+}
+
+// sigma and log sigma of rho; NonPos: the caller checked rho <= 0 for the whole tile.
+template <bool NonPos, typename T>
+static inline __attribute__((always_inline)) Softplus<T> softplus_sigma_terms(T rho) {
+  return NonPos ? softplus_terms_nonpositive(rho) : softplus_terms(rho);
+}
+
+template <typename T, int Mode, bool WriteW, bool Pre, bool NonPos>
 static inline __attribute__((always_inline)) void forward_tile(
     int64_t n, const T* __restrict__ e, const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ w,
     T* __restrict__ lq_acc, T* __restrict__ lp_acc, const ScaleMixturePrior<T>& prior_in,
     const T* __restrict__ sigma_pre, const T* __restrict__ log_sigma_pre) {
   const ScaleMixturePrior<T> prior = prior_in;
   for (int64_t i = 0; i < n; ++i) {
-    const Softplus<T> sp = Pre ? Softplus<T>{sigma_pre[i], log_sigma_pre[i], T(0), T(0)} : softplus_terms(rho[i]);
+    const Softplus<T> sp =
+        Pre ? Softplus<T>{sigma_pre[i], log_sigma_pre[i], T(0), T(0)} : softplus_sigma_terms<NonPos>(rho[i]);
     const T wi = mu[i] + sp.sigma * e[i];
     if (WriteW) w[i] = wi;
     lq_acc[i] += -sp.log_sigma - T(0.5) * e[i] * e[i];
@@ -197,9 +212,15 @@ static inline void forward_range_loop(const ForwardRange<T>& a) {
   for (int64_t i = a.begin; i < a.end;) {
     const TileSpan span = tile_span(i, a.end, a.stream_start);
     tile_normals<T>(a.seed, a.offset, span.aligned, eps);
-    forward_tile<T, Mode, WriteW, Pre>(span.stop - i, eps + span.skip, a.mu + i, a.rho + i,
-                                       WriteW ? a.w + i : nullptr, lq_acc, lp_acc, a.prior,
-                                       Pre ? a.sigma + i : nullptr, Pre ? a.log_sigma + i : nullptr);
+    const int64_t n = span.stop - i;
+    if (!Pre && all_nonpositive(n, a.rho + i)) {
+      forward_tile<T, Mode, WriteW, false, true>(n, eps + span.skip, a.mu + i, a.rho + i, WriteW ? a.w + i : nullptr,
+                                                 lq_acc, lp_acc, a.prior, nullptr, nullptr);
+    } else {
+      forward_tile<T, Mode, WriteW, Pre, false>(n, eps + span.skip, a.mu + i, a.rho + i, WriteW ? a.w + i : nullptr,
+                                                lq_acc, lp_acc, a.prior, Pre ? a.sigma + i : nullptr,
+                                                Pre ? a.log_sigma + i : nullptr);
+    }
     i = span.stop;
   }
   double lq = 0.0, lp = 0.0;
@@ -300,12 +321,12 @@ static inline __attribute__((always_inline)) void softplus_tile(int64_t n, const
   }
 }
 
-template <typename T>
+template <typename T, bool NonPos>
 static inline __attribute__((always_inline)) void softplus_forward_tile(int64_t n, const T* __restrict__ rho,
                                                                         T* __restrict__ sigma,
                                                                         T* __restrict__ log_sigma) {
   for (int64_t i = 0; i < n; ++i) {
-    const Softplus<T> sp = softplus_terms(rho[i]);
+    const Softplus<T> sp = softplus_sigma_terms<NonPos>(rho[i]);
     sigma[i] = sp.sigma;
     log_sigma[i] = sp.log_sigma;
   }
@@ -318,18 +339,20 @@ static inline void softplus_range_impl(const SoftplusRange<T>& a) {
     const int64_t n = a.end - i < kTile ? a.end - i : kTile;
     if (grads) {
       softplus_tile<T>(n, a.rho + i, a.sigma + i, a.log_sigma + i, a.sigmoid + i, a.dlog_sigma + i);
+    } else if (all_nonpositive(n, a.rho + i)) {
+      softplus_forward_tile<T, true>(n, a.rho + i, a.sigma + i, a.log_sigma + i);
     } else {
-      softplus_forward_tile<T>(n, a.rho + i, a.sigma + i, a.log_sigma + i);
+      softplus_forward_tile<T, false>(n, a.rho + i, a.sigma + i, a.log_sigma + i);
     }
   }
 }
 
 // Closed-form KL: the same per-lane accumulators as the forward, no noise.
-template <typename T>
+template <typename T, bool NonPos>
 static inline __attribute__((always_inline)) void kl_forward_tile(int64_t n, const T* __restrict__ mu,
                                                                   const T* __restrict__ rho, T* __restrict__ acc,
                                                                   T inv_two_var) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += gaussian_kl_term(mu[i], rho[i], inv_two_var);
+  for (int64_t i = 0; i < n; ++i) acc[i] += gaussian_kl_term_of(mu[i], softplus_sigma_terms<NonPos>(rho[i]), inv_two_var);
 }
 
 template <typename T>
@@ -338,7 +361,11 @@ static inline void kl_forward_range_impl(const KlRange<T>& a) {
   for (int64_t i = 0; i < kTile; ++i) acc[i] = T(0);
   for (int64_t i = a.begin; i < a.end; i += kTile) {
     const int64_t n = a.end - i < kTile ? a.end - i : kTile;
-    kl_forward_tile<T>(n, a.mu + i, a.rho + i, acc, a.inv_two_var);
+    if (all_nonpositive(n, a.rho + i)) {
+      kl_forward_tile<T, true>(n, a.mu + i, a.rho + i, acc, a.inv_two_var);
+    } else {
+      kl_forward_tile<T, false>(n, a.mu + i, a.rho + i, acc, a.inv_two_var);
+    }
   }
   double sum = 0.0;
   for (int64_t i = 0; i < kTile; ++i) sum += static_cast<double>(acc[i]);
@@ -361,12 +388,12 @@ static inline void kl_backward_range_impl(const KlBackwardRange<T>& a) {
 }
 
 // Local reparameterisation: sigma^2 for the variance GEMM and, optionally, the closed-form KL.
-template <typename T, bool WithKl>
+template <typename T, bool WithKl, bool NonPos>
 static inline __attribute__((always_inline)) void lrt_forward_tile(int64_t n, const T* __restrict__ mu,
                                                                    const T* __restrict__ rho, T* __restrict__ s2,
                                                                    T* __restrict__ acc, T inv_two_var) {
   for (int64_t i = 0; i < n; ++i) {
-    const Softplus<T> sp = softplus_terms(rho[i]);
+    const Softplus<T> sp = softplus_sigma_terms<NonPos>(rho[i]);
     const T sigma2 = sp.sigma * sp.sigma;
     s2[i] = sigma2;
     if (WithKl) acc[i] += (sigma2 + mu[i] * mu[i]) * inv_two_var - sp.log_sigma;
@@ -379,7 +406,11 @@ static inline void lrt_forward_loop(const LrtForwardRange<T>& a) {
   for (int64_t i = 0; i < kTile; ++i) acc[i] = T(0);
   for (int64_t i = a.begin; i < a.end; i += kTile) {
     const int64_t n = a.end - i < kTile ? a.end - i : kTile;
-    lrt_forward_tile<T, WithKl>(n, a.mu + i, a.rho + i, a.sigma2 + i, acc, a.inv_two_var);
+    if (WithKl && all_nonpositive(n, a.rho + i)) {  // (without the KL no log is taken)
+      lrt_forward_tile<T, WithKl, true>(n, a.mu + i, a.rho + i, a.sigma2 + i, acc, a.inv_two_var);
+    } else {
+      lrt_forward_tile<T, WithKl, false>(n, a.mu + i, a.rho + i, a.sigma2 + i, acc, a.inv_two_var);
+    }
   }
   if (WithKl) {
     double sum = 0.0;

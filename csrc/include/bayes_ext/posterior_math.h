@@ -79,11 +79,20 @@ struct Softplus {
   T sigma, log_sigma, sigmoid, dlog_sigma;  // dlog_sigma = sigmoid(rho) / softplus(rho)
 };
 
+// sigma = softplus(rho) = max(rho, 0) + log1p(t), t = exp(-|rho|) in (0, 1]: the one expression
+// every variant below uses, so the forward's sigma and the backward's agree bit for bit.
+template <typename T>
+BAYES_HOST_DEVICE T softplus_sigma(T rho, T* t_out) {
+  const T t = bx_exp(rho > T(0) ? -rho : rho);
+  *t_out = t;
+  return (rho > T(0) ? rho : T(0)) + bx_log1p(t);
+}
+
 template <typename T>
 BAYES_HOST_DEVICE Softplus<T> softplus_terms(T rho) {
-  const T t = bx_exp(rho > T(0) ? -rho : rho);  // exp(-|rho|), in (0, 1]
+  T t;
   Softplus<T> s;
-  s.sigma = (rho > T(0) ? rho : T(0)) + bx_log1p(t);
+  s.sigma = softplus_sigma(rho, &t);
   // Below the threshold sigma is exp(rho) to within exp(2 rho) (and 0 in fp32 below -87): use the
   // limits, log sigma = rho and sigmoid / sigma = 1 - t / 2.
   const bool tiny = rho < T(kSoftplusTinyRho);
@@ -100,12 +109,42 @@ BAYES_HOST_DEVICE Softplus<T> softplus_terms(T rho) {
   return s;
 }
 
+// sigma and log sigma for rho <= 0 (the usual range: rho is initialised well below 0), where
+// softplus(rho) = log1p(t) with t = exp(rho) in (0, 1] and log sigma = rho + log(log1p(t) / t):
+// the second term is a smooth function of t on [0, 1], here a degree-8 polynomial (least-squares
+// fit, max error 1e-8, below fp32's rounding of log sigma), which costs half a log. Exact limits:
+// t -> 0 gives log sigma = rho, and exp(rho) = 0 below -87 gives sigma = 0. The polynomial is
+// for fp32; double (gradcheck, references) keeps the exact formula.
+template <typename T>
+BAYES_HOST_DEVICE Softplus<T> softplus_terms_nonpositive(T rho) {
+  if (sizeof(T) > sizeof(float)) return softplus_terms(rho);
+  T t;  // exp(rho) here
+  Softplus<T> s;
+  s.sigma = softplus_sigma(rho, &t);
+  T p = T(0.002048094);
+  p = p * t + T(-0.011564141);
+  p = p * t + T(0.031046841);
+  p = p * t + T(-0.056129634);
+  p = p * t + T(0.0843194);
+  p = p * t + T(-0.12452917);
+  p = p * t + T(0.2082946);
+  p = p * t + T(-0.4999989);
+  s.log_sigma = rho + t * p;
+  s.sigmoid = T(0);
+  s.dlog_sigma = T(0);
+  return s;
+}
+
 // Closed-form KL(N(mu, sigma^2) || N(0, s^2)) = log s - 1/2 + (sigma^2 + mu^2) / (2 s^2) - log sigma
 // per element, without the constant log s - 1/2 (added once per tensor); sigma = softplus(rho).
 template <typename T>
-BAYES_HOST_DEVICE T gaussian_kl_term(T mu, T rho, T inv_two_var) {
-  const Softplus<T> sp = softplus_terms(rho);
+BAYES_HOST_DEVICE T gaussian_kl_term_of(T mu, const Softplus<T>& sp, T inv_two_var) {
   return (sp.sigma * sp.sigma + mu * mu) * inv_two_var - sp.log_sigma;
+}
+
+template <typename T>
+BAYES_HOST_DEVICE T gaussian_kl_term(T mu, T rho, T inv_two_var) {
+  return gaussian_kl_term_of(mu, softplus_terms(rho), inv_two_var);
 }
 
 // g times its gradients: d/dmu = mu / s^2, d/drho = (sigma / s^2 - 1 / sigma) sigmoid(rho).
