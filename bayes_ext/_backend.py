@@ -26,7 +26,8 @@ OP_NAMES = ("sample_weight", "sample_weight_backward", "sample_weight_backward_i
             "sample_rows_backward_add_", "gaussian_kl", "gaussian_kl_backward", "lrt_weight_forward",
             "lrt_weight_backward_")
 # Compiled-only ops (no pure-PyTorch twin: their callers run the same steps in Python otherwise).
-COMPILED_ONLY_OP_NAMES = ("linear_samples_stacked", "linear_samples_stacked_backward")
+COMPILED_ONLY_OP_NAMES = ("linear_samples_stacked", "linear_samples_stacked_backward", "linear_reparam_rows",
+                          "linear_reparam_rows_backward")
 
 
 def _same_torch_build(built_for: str) -> bool:

@@ -452,11 +452,25 @@ def _fake_linear_samples_stacked_backward(grad_out, grad_log_q, grad_log_p, x, w
     return grad_x, like(weight_mu), like(weight_rho), like(bias_mu), like(bias_rho)
 
 
+def _fake_linear_reparam_rows(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_pi, prior_sigma1,
+                              prior_sigma2, block_rows):
+    return x.new_empty(x.shape[:-1] + (weight_mu.shape[0],)), weight_mu.new_empty(()), weight_mu.new_empty(())
+
+
+def _fake_linear_reparam_rows_backward(grad_out, grad_log_q, grad_log_p, x, weight_mu, weight_rho, bias_mu,
+                                       bias_rho, seed, prior_pi, prior_sigma1, prior_sigma2, block_rows, need_x):
+    # the same outputs as the stacked layer's backward
+    return _fake_linear_samples_stacked_backward(grad_out, grad_log_q, grad_log_p, x, weight_mu, weight_rho, bias_mu,
+                                                 bias_rho, seed, prior_pi, prior_sigma1, prior_sigma2, need_x)
+
+
 def _register_compiled_only() -> None:
     """Fake kernels of the ops with no pure-PyTorch twin (_backend.COMPILED_ONLY_OP_NAMES): called
     inside other ops' implementations and backwards, which torch.compile and opcheck trace."""
     torch.library.register_fake("bayes_ext::linear_samples_stacked")(_fake_linear_samples_stacked)
     torch.library.register_fake("bayes_ext::linear_samples_stacked_backward")(_fake_linear_samples_stacked_backward)
+    torch.library.register_fake("bayes_ext::linear_reparam_rows")(_fake_linear_reparam_rows)
+    torch.library.register_fake("bayes_ext::linear_reparam_rows_backward")(_fake_linear_reparam_rows_backward)
 
 
 _register("bayes_ext_py")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _backend, _checks, _fallback
 from . import _ops  # noqa: F401  (registers fake kernels and autograd)
-from ._fused_op import fused_custom_op
+from ._fused_op import _functorch_active, _plain, fused_custom_op
 
 ScaleMixture = Tuple[float, float, float]  # (pi, sigma1, sigma2)
 SEED_HIGH = 2 ** 63 - 1
@@ -114,12 +114,17 @@ BLOCK_ELEMENTS = 1 << 18  # weight elements per block: 1 MB in fp32
 FALLBACK_BLOCK_ELEMENTS = 1 << 22
 
 
-def _row_blocks(weight: Tensor):
+def _block_rows(weight: Tensor) -> int:
+    """Rows per block of a (out_features, in_features) weight; out_features: one block."""
     out_features, in_features = weight.shape
     block_elements = BLOCK_ELEMENTS if _backend.get_backend() == "compiled" else FALLBACK_BLOCK_ELEMENTS
     if weight.device.type != "cpu" or weight.numel() <= 2 * block_elements:
-        return [(0, out_features)]
-    step = max(1, block_elements // in_features)
+        return out_features
+    return max(1, block_elements // in_features)
+
+
+def _row_blocks(weight: Tensor):
+    out_features, step = weight.shape[0], _block_rows(weight)
     return [(r, min(r + step, out_features)) for r in range(0, out_features, step)]
 
 
@@ -292,5 +297,20 @@ def bayesian_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
     x, seed = prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     pi, sigma1, sigma2 = (float(v) for v in prior)
     _checks.check_prior(pi, sigma1, sigma2)
+    if _eager_cpu_layer(x, weight_mu, weight_rho, bias_mu, bias_rho, seed):
+        # the same computation as _linear_reparam in one compiled call each way, its autograd in C++
+        # (csrc/cpu/linear_reparam_cpu.cpp)
+        return torch.ops.bayes_ext.linear_reparam_rows(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1,
+                                                       sigma2, _block_rows(weight_mu))
     return _linear_reparam(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1, sigma2)
+
+
+def _eager_cpu_layer(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+                     bias_rho: Optional[Tensor], seed: Tensor) -> bool:
+    """An eager call on the CPU with the compiled kernels, on plain tensors of one dtype (no
+    autocast cast): bayes_ext::linear_reparam_rows applies. torch.compile, tensor subclasses and
+    functorch transforms keep the Python custom op (its fake kernel, its registered autograd)."""
+    return (x.device.type == "cpu" and x.dtype == weight_mu.dtype and _backend.ops() is torch.ops.bayes_ext
+            and not torch.compiler.is_compiling() and _plain((x, weight_mu, weight_rho, bias_mu, bias_rho, seed))
+            and not _functorch_active())
 

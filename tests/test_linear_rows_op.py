@@ -1,0 +1,116 @@
+"""bayes_ext::linear_reparam_rows, the CPU's one-call reparameterised linear layer with its autograd
+in C++ (csrc/cpu/linear_reparam_cpu.cpp): eager CPU calls of bayesian_linear take it; it must give
+the Python custom op's values and gradients bit for bit, whole and in row blocks, and reject bad
+input with errors that name the argument."""
+import pytest
+import torch
+
+from bayes_ext import functional as BF
+
+PRIOR = (0.5, 0.3, 1.5)
+F64 = torch.float64
+
+
+def _params(out_f, in_f, bias, dtype=F64):
+    g = torch.Generator().manual_seed(out_f * 100 + in_f)
+
+    def param(shape, shift):
+        return (0.3 * torch.randn(shape, generator=g, dtype=dtype) + shift).requires_grad_()
+    if not bias:
+        return param((out_f, in_f), 0.0), param((out_f, in_f), -2.0), None, None
+    return param((out_f, in_f), 0.0), param((out_f, in_f), -2.0), param((out_f,), 0.0), param((out_f,), -2.0)
+
+
+def _run(fn, x, params, g_out, glq, glp, need_x):
+    """(outputs, gradients w.r.t. x (if need_x) and the parameters) of one call of fn."""
+    inputs = ([x] if need_x else []) + [p for p in params if p is not None]
+    y, log_q, log_p = fn()
+    loss = (y * g_out).sum() + glq * log_q + glp * log_p
+    return (y.detach(), log_q.detach(), log_p.detach()), torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("need_x", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("block_rows", [None, 1, 3])  # None: the whole weight in one block
+def test_equals_the_python_custom_op(compiled, monkeypatch, block_rows, dtype, bias, need_x):
+    params = _params(7, 9, bias, dtype)
+    if block_rows is not None:  # the Python op's blocks must be the ones the C++ op is given
+        monkeypatch.setattr(BF, "BLOCK_ELEMENTS", block_rows * 9)
+    rows = BF._block_rows(params[0])
+    assert rows == (7 if block_rows is None else block_rows)
+    x = torch.randn(4, 3, 9, dtype=dtype, requires_grad=need_x)
+    g_out = torch.randn(4, 3, 7, dtype=dtype)
+    seed = torch.tensor([2 ** 62 + 5])
+    got = _run(lambda: compiled.linear_reparam_rows(x, *params, seed, *PRIOR, rows), x, params, g_out, 0.3, -0.7,
+               need_x)
+    ref = _run(lambda: BF._linear_reparam.op(x, *params, seed, *PRIOR), x, params, g_out, 0.3, -0.7, need_x)
+    for a, b in zip(got[0] + got[1], ref[0] + ref[1]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+
+
+def test_bayesian_linear_takes_it_in_eager_cpu_calls(compiled):
+    params = _params(4, 5, True)
+    x = torch.randn(3, 5, dtype=F64)
+
+    def ops_called(x, params):
+        with torch.profiler.profile() as prof:
+            BF.bayesian_linear(x, *params, seed=torch.tensor([1]), prior=PRIOR)
+        return {e.key for e in prof.key_averages()}
+    assert "bayes_ext::linear_reparam_rows" in ops_called(x, params)
+    assert "bayes_ext::linear_reparam_rows" in ops_called(x.float(), [p.detach().float() for p in params])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # x cast to bf16: the Python op's mixed precision
+        names = ops_called(x.float(), [p.detach().float() for p in params])
+    assert "bayes_ext::linear_reparam_rows" not in names and "bayes_ext::sample_weight" in names
+
+
+@pytest.mark.parametrize("which", ["output", "log_q", "log_p"])
+def test_backward_through_one_output_only(compiled, which):
+    """An output that is not used gets no gradient from autograd; the C++ backward fills in zeros."""
+    params = _params(5, 4, True)
+    x = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    seed = torch.tensor([9])
+    pick = {"output": lambda y, q, p: y.sum(), "log_q": lambda y, q, p: q, "log_p": lambda y, q, p: p}[which]
+    inputs = (x,) + params
+    got = torch.autograd.grad(pick(*compiled.linear_reparam_rows(x, *params, seed, *PRIOR, 2)), inputs)
+    y, q, p = compiled.linear_reparam_rows(x, *params, seed, *PRIOR, 2)
+    ref = torch.autograd.grad(pick(y, q, p) + 0 * (y.sum() + q + p), inputs)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("block_rows", [1, 5])
+def test_gradcheck(compiled, block_rows):
+    params = _params(5, 3, True)
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    seed = torch.tensor([4])
+
+    def fn(x, *p):
+        y, log_q, log_p = compiled.linear_reparam_rows(x, *p, seed, *PRIOR, block_rows)
+        return y, log_q, log_p
+    assert torch.autograd.gradcheck(fn, (x,) + params, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_inputs_name_the_argument(compiled):
+    wm, wr, bm, br = (p.detach() for p in _params(4, 5, True, torch.float32))
+    seed = torch.tensor([1])
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="x must be"):
+        compiled.linear_reparam_rows(torch.randn(3, 4), wm, wr, bm, br, seed, *PRIOR, 4)
+    with pytest.raises(TypeError, match="x must have the dtype"):
+        compiled.linear_reparam_rows(x.double(), wm, wr, bm, br, seed, *PRIOR, 4)
+    with pytest.raises(ValueError, match="bias_mu and bias_rho"):
+        compiled.linear_reparam_rows(x, wm, wr, bm, None, seed, *PRIOR, 4)
+    with pytest.raises(ValueError, match="weight_mu must be"):
+        compiled.linear_reparam_rows(x, wm[0], wr[0], None, None, seed, *PRIOR, 4)
+    with pytest.raises(ValueError, match="block_rows must be positive"):
+        compiled.linear_reparam_rows(x, wm, wr, bm, br, seed, *PRIOR, 0)
+    with pytest.raises(TypeError, match="seed"):
+        compiled.linear_reparam_rows(x, wm, wr, bm, br, seed.float(), *PRIOR, 4)
+    y = compiled.linear_reparam_rows(x, wm, wr, bm, br, seed, *PRIOR, 2)[0]
+    one = torch.ones(())
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        compiled.linear_reparam_rows_backward(y[:, :2], one, one, x, wm, wr, bm, br, seed, *PRIOR, 2, True)
+    with pytest.raises(TypeError, match="grad_out must have the dtype"):
+        compiled.linear_reparam_rows_backward(y.double(), one, one, x, wm, wr, bm, br, seed, *PRIOR, 2, True)
