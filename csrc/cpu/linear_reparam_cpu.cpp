@@ -15,9 +15,14 @@
 #include <vector>
 
 #include "bayes_ext/op_checks.h"
+#include "layer_op_helpers.h"
 
 namespace bayes_ext {
 namespace {
+
+using layer_op::has;
+using layer_op::maybe;
+using layer_op::with_last;
 
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -55,8 +60,6 @@ at::Tensor sample_weight_backward_into(at::Tensor& grad_mu, at::Tensor& grad_rho
                  return_weight, start);
 }
 
-bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 void check_layer_args(const at::Tensor& x, const at::Tensor& weight_mu, const c10::optional<at::Tensor>& bias_mu,
                       const c10::optional<at::Tensor>& bias_rho, int64_t block_rows) {
   TORCH_CHECK_VALUE(weight_mu.dim() == 2, "weight_mu must be (out_features, in_features), got shape ",
@@ -69,12 +72,6 @@ void check_layer_args(const at::Tensor& x, const at::Tensor& weight_mu, const c1
                     "), got ", x.device());
   TORCH_CHECK_VALUE(has(bias_mu) == has(bias_rho), "bias_mu and bias_rho must be given together");
   TORCH_CHECK_VALUE(block_rows >= 1, "block_rows must be positive, got ", block_rows);
-}
-
-std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
-  std::vector<int64_t> out = shape.vec();
-  out.back() = last;
-  return out;
 }
 
 // (y (x.shape[:-1] + (out_features,)), log_q, log_p): W on stream (seed, 0) in blocks of
@@ -184,10 +181,6 @@ Grads call_backward(const at::Tensor& grad_out, const at::Tensor& grad_log_q, co
                                     int64_t, bool)>();
   return op.call(grad_out, grad_log_q, grad_log_p, x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1,
                  sigma2, block_rows, need_x);
-}
-
-c10::optional<at::Tensor> maybe(const at::Tensor& t) {
-  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
 // Saves what the Python op saves: x, the parameters and the seed (W is rebuilt in backward). Like

@@ -15,9 +15,14 @@
 #include <vector>
 
 #include "bayes_ext/op_checks.h"
+#include "layer_op_helpers.h"
 
 namespace bayes_ext {
 namespace {
+
+using layer_op::has;
+using layer_op::maybe;
+using layer_op::with_last;
 
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
@@ -42,8 +47,6 @@ Triple sample_weight_samples_backward(const at::Tensor& grad_w, const at::Tensor
   return op.call(grad_w, grad_log_q, grad_log_p, mu, rho, seeds, offset, pi, sigma1, sigma2, return_weight);
 }
 
-bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 // x: (N, ..., in_features) with N = seeds.numel(), weight_mu's dtype and device.
 void check_samples_input(const at::Tensor& x, const at::Tensor& weight_mu, const at::Tensor& seeds) {
   TORCH_CHECK_VALUE(weight_mu.dim() == 2, "weight_mu must be (out_features, in_features), got shape ",
@@ -59,12 +62,6 @@ void check_samples_input(const at::Tensor& x, const at::Tensor& weight_mu, const
 
 void check_bias(const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho) {
   TORCH_CHECK_VALUE(has(bias_mu) == has(bias_rho), "bias_mu and bias_rho must be given together");
-}
-
-std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
-  std::vector<int64_t> out = shape.vec();
-  out.back() = last;
-  return out;
 }
 
 // (y (x.shape[:-1] + (out_features,)), log_q (N,), log_p (N,)), sample s with seeds[s]'s streams 0
@@ -150,10 +147,6 @@ LinearSamplesGrads call_linear_samples_stacked_backward(
                                                  const at::Tensor&, double, double, double, bool)>();
   return op.call(grad_out, grad_log_q, grad_log_p, x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, pi, sigma1,
                  sigma2, need_x);
-}
-
-c10::optional<at::Tensor> maybe(const at::Tensor& t) {
-  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
 // Saves what the Python path saves: x, the parameters and the seeds (every W_s is rebuilt from its

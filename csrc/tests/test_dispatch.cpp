@@ -19,19 +19,11 @@
 #include <vector>
 
 #include "bayes_ext/philox.h"
+#include "check.h"
 
 namespace {
 
-int g_failures = 0;
-int g_checks = 0;
-
-void check(bool ok, const std::string& what) {
-  ++g_checks;
-  if (!ok) {
-    ++g_failures;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
+using bayes_ext_test::check;
 
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
@@ -315,10 +307,5 @@ int main() {
     std::printf("FAIL: exception: %s\n", e.what());
     return 1;
   }
-  if (g_failures != 0) {
-    std::printf("test_dispatch: %d of %d checks failed\n", g_failures, g_checks);
-    return 1;
-  }
-  std::printf("test_dispatch: all %d checks passed\n", g_checks);
-  return 0;
+  return bayes_ext_test::finish("test_dispatch");
 }

@@ -12,19 +12,11 @@
 #include <cstring>
 
 #include "bayes_ext/posterior_math.h"
+#include "check.h"
 
 namespace {
 
-int g_failures = 0;
-int g_checks = 0;
-
-void check(bool ok, const char* what) {
-  ++g_checks;
-  if (!ok) {
-    ++g_failures;
-    std::printf("FAIL: %s\n", what);
-  }
-}
+using bayes_ext_test::check;
 
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 
@@ -81,10 +73,5 @@ void test_softplus_nonpositive() {
 int main() {
   test_log();
   test_softplus_nonpositive();
-  if (g_failures != 0) {
-    std::printf("test_host_math: %d of %d checks failed\n", g_failures, g_checks);
-    return 1;
-  }
-  std::printf("test_host_math: all %d checks passed\n", g_checks);
-  return 0;
+  return bayes_ext_test::finish("test_host_math");
 }

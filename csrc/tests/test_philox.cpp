@@ -11,19 +11,11 @@
 #include <cstdio>
 
 #include "bayes_ext/philox.h"
+#include "check.h"
 
 namespace {
 
-int g_failures = 0;
-int g_checks = 0;
-
-void check(bool ok, const char* what) {
-  ++g_checks;
-  if (!ok) {
-    ++g_failures;
-    std::printf("FAIL: %s\n", what);
-  }
-}
+using bayes_ext_test::check;
 
 bool same_words(const bayes_ext::PhiloxOut& got, const uint32_t (&want)[4], const char* name) {
   bool ok = true;
@@ -165,10 +157,5 @@ int main() {
   test_known_answers();
   test_stream_layout();
   test_uniforms();
-  if (g_failures != 0) {
-    std::printf("test_philox: %d of %d checks failed\n", g_failures, g_checks);
-    return 1;
-  }
-  std::printf("test_philox: all %d checks passed\n", g_checks);
-  return 0;
+  return bayes_ext_test::finish("test_philox");
 }
