@@ -232,6 +232,17 @@ def _checked_lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sig
     return _fallback.lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma)
 
 
+def _kernel(impl):
+    """A pure-PyTorch kernel as the op's implementation: run without autograd, like the compiled
+    kernels (its in-place and out= steps would otherwise fail when a backward is itself recorded,
+    create_graph=True; the ops' derivatives are registered separately)."""
+    def kernel(*args):
+        with torch.no_grad():
+            return impl(*args)
+    kernel.__name__ = impl.__name__
+    return kernel
+
+
 _python_lib = torch.library.Library("bayes_ext_py", "DEF")
 for _name, _impl in (("sample_weight", _checked_sample_weight),
                      ("sample_weight_backward", _checked_sample_weight_backward),
@@ -248,7 +259,7 @@ for _name, _impl in (("sample_weight", _checked_sample_weight),
                      ("lrt_weight_forward", _checked_lrt_weight_forward),
                      ("lrt_weight_backward_", _checked_lrt_weight_backward_)):
     _python_lib.define(_name + SCHEMAS[_name])
-    _python_lib.impl(_name, _impl, "CompositeExplicitAutograd")
+    _python_lib.impl(_name, _kernel(_impl), "CompositeExplicitAutograd")
 
 
 def _fake_sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start=0):

@@ -216,9 +216,25 @@ class LinearReparamFunction : public torch::autograd::Function<LinearReparamFunc
     const at::Tensor grad_log_q = grads[1].defined() ? grads[1] : at::zeros({}, weight_mu.options());
     const at::Tensor grad_log_p = grads[2].defined() ? grads[2] : at::zeros({}, weight_mu.options());
     const bool need_x = ctx->needs_input_grad(0);
-    auto [grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho] =
-        call_backward(grad_out, grad_log_q, grad_log_p, x, weight_mu, weight_rho, maybe(saved[3]), maybe(saved[4]),
-                      seed, prior[0], prior[1], prior[2], block_rows, need_x);
+    // create_graph=True records this backward. The kernels have no derivatives of their own; as
+    // in the Python op, dL/dx = grad_out W is kept differentiable in grad_out (W a constant), the
+    // parameters' gradients are first-order only.
+    const bool record = at::GradMode::is_enabled();
+    Grads computed;
+    {
+      at::NoGradGuard kernels_only;
+      computed = call_backward(grad_out.detach(), grad_log_q, grad_log_p, x, weight_mu, weight_rho, maybe(saved[3]),
+                               maybe(saved[4]), seed, prior[0], prior[1], prior[2], block_rows, need_x && !record);
+    }
+    auto [grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho] = computed;
+    if (need_x && record) {
+      at::Tensor w;
+      {
+        at::NoGradGuard kernels_only;
+        w = std::get<0>(sample_weight(weight_mu, weight_rho, seed, 0, prior[0], prior[1], prior[2], 0));
+      }
+      grad_x = at::matmul(grad_out, w);
+    }
     const at::Tensor none;
     return {need_x ? grad_x : none, grad_mu, grad_rho, has_bias ? grad_bias_mu : none,
             has_bias ? grad_bias_rho : none, none, none, none, none, none};

@@ -181,9 +181,26 @@ class LinearSamplesStackedFunction : public torch::autograd::Function<LinearSamp
     const at::Tensor grad_log_q = grads[1].defined() ? grads[1] : at::zeros({n}, weight_mu.options());
     const at::Tensor grad_log_p = grads[2].defined() ? grads[2] : at::zeros({n}, weight_mu.options());
     const bool need_x = ctx->needs_input_grad(0);
-    auto [grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho] = call_linear_samples_stacked_backward(
-        grad_out, grad_log_q, grad_log_p, x, weight_mu, weight_rho, maybe(saved[3]), maybe(saved[4]), seeds,
-        prior[0], prior[1], prior[2], need_x);
+    // create_graph=True records this backward: dL/dx = grad_out W_s is kept differentiable in
+    // grad_out (the W_s constants), the parameters' gradients are first-order only, as in the
+    // Python path.
+    const bool record = at::GradMode::is_enabled();
+    LinearSamplesGrads computed;
+    {
+      at::NoGradGuard kernels_only;
+      computed = call_linear_samples_stacked_backward(grad_out.detach(), grad_log_q, grad_log_p, x, weight_mu,
+                                                      weight_rho, maybe(saved[3]), maybe(saved[4]), seeds, prior[0],
+                                                      prior[1], prior[2], need_x && !record);
+    }
+    auto [grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho] = computed;
+    if (need_x && record) {
+      at::Tensor w;
+      {
+        at::NoGradGuard kernels_only;
+        w = std::get<0>(sample_weight_samples(weight_mu, weight_rho, seeds, 0, prior[0], prior[1], prior[2]));
+      }
+      grad_x = at::bmm(grad_out.reshape({n, -1, weight_mu.size(0)}), w).view(x.sizes());
+    }
     const at::Tensor none;
     return {need_x ? grad_x : none, grad_mu, grad_rho, has_bias ? grad_bias_mu : none,
             has_bias ? grad_bias_rho : none, none, none, none, none};
