@@ -23,7 +23,7 @@ def sample_elbo(self, inputs, labels, criterion, sample_nbr, complexity_cost_wei
     """Mean over ``sample_nbr`` weight samples of criterion(self(inputs), labels) + KL * weight.
 
     ``vectorized``: None (auto) runs the samples as one batched forward when every layer supports it
-    (bayes_ext/utils/vectorised.py; same noise, loss and gradients as the loop, several times faster
+    (bayes_ext/utils/vectorised.py; same noise, loss and gradients as the loop, about twice as fast
     for small models), False always loops, True requires the batched path (ValueError otherwise).
     The criterion sees one sample's outputs at a time, so any criterion gives the loop's loss (built-in
     losses whose value on the stacked samples is that same sum get them in one call).
