@@ -54,11 +54,11 @@ static inline void vmulhilo(PhiloxVec a, PhiloxVec m, PhiloxVec* hi, PhiloxVec* 
 }
 #endif
 
-// Philox words of blocks [first_block, first_block + 16), one lane per block: with AVX2 / AVX-512
-// in 32-bit lanes (compilers widen the scalar code to 64-bit lanes, twice the work), otherwise the
-// scalar header function. Several vectors of blocks at a time hide the multiplies' latency
-// (rounds depend on each other); four AVX-512 vectors, two AVX2 ones (more would not stay in
-// AVX2's 16 registers).
+// Philox words of blocks [first_block, first_block + kPhiloxGroup), one lane per block: with AVX2 /
+// AVX-512 in 32-bit lanes (compilers widen the scalar code to 64-bit lanes, twice the work),
+// otherwise the scalar header function. Several vectors of blocks at a time hide the multiplies'
+// latency (rounds depend on each other); four AVX-512 vectors, two AVX2 ones (more would not stay
+// in AVX2's 16 registers).
 #if defined(BAYES_EXT_CPU_AVX512)
 constexpr int64_t kPhiloxGroup = 4 * kPhiloxLanes;
 #elif defined(BAYES_EXT_CPU_AVX2)
@@ -71,15 +71,14 @@ static_assert(kBlocksPerTile % kPhiloxGroup == 0, "a tile is a whole number of P
 static inline void philox_group(uint64_t seed, uint64_t offset, uint64_t first_block, uint32_t* x0, uint32_t* x1,
                                 uint32_t* x2, uint32_t* x3) {
 #if defined(BAYES_EXT_CPU_AVX512) || defined(BAYES_EXT_CPU_AVX2)
-  constexpr int64_t kBlocksPerTile = kPhiloxGroup;
-  alignas(64) uint32_t lo_words[kBlocksPerTile], hi_words[kBlocksPerTile];
-  for (int64_t j = 0; j < kBlocksPerTile; ++j) {
+  alignas(64) uint32_t lo_words[kPhiloxGroup], hi_words[kPhiloxGroup];
+  for (int64_t j = 0; j < kPhiloxGroup; ++j) {
     const uint64_t block = first_block + static_cast<uint64_t>(j);
     lo_words[j] = static_cast<uint32_t>(block);
     hi_words[j] = static_cast<uint32_t>(block >> 32);
   }
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  constexpr int kVecs = kBlocksPerTile / kPhiloxLanes;
+  constexpr int kVecs = kPhiloxGroup / kPhiloxLanes;
   constexpr int kLanes = kPhiloxLanes;
   PhiloxVec c0[kVecs], c1[kVecs], c2[kVecs], c3[kVecs];
   for (int v = 0; v < kVecs; ++v) {
@@ -166,12 +165,6 @@ static inline TileSpan tile_span(int64_t i, int64_t end, int64_t stream_start) {
   return {aligned, s - aligned, stop < end ? stop : end};
 }
 
-// The elementwise loops are templated on everything that would otherwise be a loop-invariant
-// branch (prior mode, optional grad_w / w), because GCC does not vectorise loops that keep them.
-// Each tile is a function of its own because GCC honours __restrict__ on parameters (kept through
-// inlining) but not on local pointers; without it the loops need more run-time alias checks than
-// GCC will emit.
-// Pre: sigma (and log sigma) come from arrays filled by softplus_range instead of rho.
 // Whether every rho[0, n) is <= 0 (NaN is not), so the tile may use softplus_terms_nonpositive.
 template <typename T>
 static inline __attribute__((always_inline)) bool all_nonpositive(int64_t n, const T* __restrict__ rho) {
@@ -186,6 +179,13 @@ static inline __attribute__((always_inline)) Softplus<T> softplus_sigma_terms(T 
   return NonPos ? softplus_terms_nonpositive(rho) : softplus_terms(rho);
 }
 
+// The elementwise loops are templated on everything that would otherwise be a loop-invariant
+// branch (prior mode, optional grad_w / w), because GCC does not vectorise loops that keep them.
+// Each tile is a function of its own because GCC honours __restrict__ on parameters (kept through
+// inlining) but not on local pointers; without it the loops need more run-time alias checks than
+// GCC will emit.
+// Pre: sigma (and log sigma) come from arrays filled by softplus_range instead of rho. NonPos:
+// every rho of the tile is <= 0 (all_nonpositive), log sigma comes from the polynomial.
 template <typename T, int Mode, bool WriteW, bool Pre, bool NonPos>
 static inline __attribute__((always_inline)) void forward_tile(
     int64_t n, const T* __restrict__ e, const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ w,
@@ -352,7 +352,9 @@ template <typename T, bool NonPos>
 static inline __attribute__((always_inline)) void kl_forward_tile(int64_t n, const T* __restrict__ mu,
                                                                   const T* __restrict__ rho, T* __restrict__ acc,
                                                                   T inv_two_var) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += gaussian_kl_term_of(mu[i], softplus_sigma_terms<NonPos>(rho[i]), inv_two_var);
+  for (int64_t i = 0; i < n; ++i) {
+    acc[i] += gaussian_kl_term_of(mu[i], softplus_sigma_terms<NonPos>(rho[i]), inv_two_var);
+  }
 }
 
 template <typename T>
