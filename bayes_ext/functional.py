@@ -305,12 +305,19 @@ def bayesian_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
     return _linear_reparam(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1, sigma2)
 
 
+def eager_compiled_cpu_call(x: Tensor, tensors) -> bool:
+    """An eager call on the CPU with the compiled kernels, on plain tensors: where the one-call C++
+    layer ops (csrc/cpu/linear_*_cpu.cpp, autograd in C++) may replace a Python custom op.
+    torch.compile, tensor subclasses and functorch transforms keep the custom op (its fake kernel,
+    its registered autograd)."""
+    return (x.device.type == "cpu" and _backend.ops() is torch.ops.bayes_ext and not torch.compiler.is_compiling()
+            and _plain(tensors) and not _functorch_active())
+
+
 def _eager_cpu_layer(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                      bias_rho: Optional[Tensor], seed: Tensor) -> bool:
-    """An eager call on the CPU with the compiled kernels, on plain tensors of one dtype (no
-    autocast cast): bayes_ext::linear_reparam_rows applies. torch.compile, tensor subclasses and
-    functorch transforms keep the Python custom op (its fake kernel, its registered autograd)."""
-    return (x.device.type == "cpu" and x.dtype == weight_mu.dtype and _backend.ops() is torch.ops.bayes_ext
-            and not torch.compiler.is_compiling() and _plain((x, weight_mu, weight_rho, bias_mu, bias_rho, seed))
-            and not _functorch_active())
+    """bayes_ext::linear_reparam_rows applies: an eager compiled CPU call with x in the weights'
+    dtype (no autocast cast)."""
+    return x.dtype == weight_mu.dtype and eager_compiled_cpu_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho,
+                                                                     seed))
 

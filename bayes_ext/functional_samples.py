@@ -18,7 +18,7 @@ from torch import Tensor
 from . import _backend, _checks
 from . import functional as BF
 from .functional import ScaleMixture, _row_blocks
-from ._fused_op import _functorch_active, _plain, fused_custom_op
+from ._fused_op import fused_custom_op
 
 
 # Small weights (N samples together at most STACKED_ELEMENTS elements) take the multi-seed ops:
@@ -243,9 +243,7 @@ def linear_samples_unchecked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds,
 
 
 def _eager_whole_layer(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds) -> bool:
-    """An eager CPU call of a small layer on the compiled backend, on plain tensors: the whole
-    layer op with its C++ autograd applies. torch.compile, tensor subclasses and functorch
-    transforms keep the Python custom op (its fake kernel, its registered autograd)."""
-    return (_whole_layer_op(x, _backend.ops()) and not torch.compiler.is_compiling()
-            and _stacked(x, weight_mu, seeds.shape[0], _row_blocks(weight_mu))
-            and _plain((x, weight_mu, weight_rho, bias_mu, bias_rho, seeds)) and not _functorch_active())
+    """bayes_ext::linear_samples_stacked with its C++ autograd applies: an eager compiled CPU call
+    (BF.eager_compiled_cpu_call) of a small layer."""
+    return (_stacked(x, weight_mu, seeds.shape[0], _row_blocks(weight_mu))
+            and BF.eager_compiled_cpu_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho, seeds)))
