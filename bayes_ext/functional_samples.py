@@ -236,14 +236,31 @@ def linear_samples_unchecked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds,
         x = x.to(low_precision)
     seeds = seeds.contiguous()
     if _eager_whole_layer(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds):
-        # the compiled op with its autograd in C++ (csrc/cpu/linear_samples_cpu.cpp)
-        return torch.ops.bayes_ext.linear_samples_stacked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, *prior)
+        # the compiled op with its autograd in C++ (csrc/cpu/linear_samples_cpu.cpp); the overload
+        # itself, not the packet: a packet call resolves the overload on every call
+        return torch.ops.bayes_ext.linear_samples_stacked.default(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds,
+                                                                  *prior)
     # eager calls take the fused op's autograd.Function fast path (see _fused_op.py)
     return _linear_reparam_samples(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, *prior)
+
+
+def linear_samples_grouped(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, prior):
+    """linear_samples_unchecked for x (N*B, ..., I), sample s on rows [s*B, (s+1)*B) of dim 0; y
+    (N*B, ..., O) likewise. The vectorised ELBO's layers see their input so: the compiled op takes
+    it as it is (and reads strided seeds in place), the other paths view it as (N, B, ..., I)."""
+    if BF.autocast_dtype(x) is None and _eager_whole_layer(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds):
+        return torch.ops.bayes_ext.linear_samples_stacked.default(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds,
+                                                                  *prior)
+    n = seeds.shape[0]
+    y, log_q, log_p = linear_samples_unchecked(x.reshape((n, x.shape[0] // n) + x.shape[1:]), weight_mu, weight_rho,
+                                               bias_mu, bias_rho, seeds, prior)
+    return y.flatten(0, 1), log_q, log_p
 
 
 def _eager_whole_layer(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds) -> bool:
     """bayes_ext::linear_samples_stacked with its C++ autograd applies: an eager compiled CPU call
     (BF.eager_compiled_cpu_call) of a small layer."""
-    return (_stacked(x, weight_mu, seeds.shape[0], _row_blocks(weight_mu))
+    # one block of rows is _stacked's first condition, asked without building the blocks' list
+    return (x.dtype == weight_mu.dtype and seeds.shape[0] * weight_mu.numel() <= STACKED_ELEMENTS
+            and BF._block_rows(weight_mu) == weight_mu.shape[0]
             and BF.eager_compiled_cpu_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho, seeds)))

@@ -42,8 +42,10 @@ TORCH_LIBRARY(bayes_ext, m) {
         "bool return_weight) -> (Tensor, Tensor, Tensor)");
   // The vectorised ELBO's whole layer for small weights in one call (CPU only; the Python path in
   // bayes_ext/functional_samples.py does the same elsewhere): y[s] = x[s] W_s^T + b_s for x
-  // (N, ..., I) and seeds (N,), with W_s, b_s on streams (seeds[s], 0) and (seeds[s], 1). Returns
-  // (y, log_q (N,), log_p (N,)). Impl: cpu/linear_samples_cpu.cpp.
+  // (N, ..., I) and seeds (N,), with W_s, b_s on streams (seeds[s], 0) and (seeds[s], 1); x may also
+  // be (N*B, ..., I), sample s its rows [s*B, (s+1)*B), as the vectorised ELBO's layers see it (y
+  // likewise, so no reshape in between). Returns (y, log_q (N,), log_p (N,)).
+  // Impl: cpu/linear_samples_cpu.cpp.
   m.def("linear_samples_stacked(Tensor x, Tensor weight_mu, Tensor weight_rho, Tensor? bias_mu, Tensor? bias_rho, "
         "Tensor seeds, float prior_pi, float prior_sigma1, float prior_sigma2) -> (Tensor, Tensor, Tensor)");
   // Its backward: (grad_x (empty unless need_x), grad_weight_mu, grad_weight_rho, grad_bias_mu,

@@ -114,6 +114,28 @@ def test_whole_layer_op_equals_the_python_steps(compiled, bias, need_x, dtype):
         assert gbm.numel() == 0 and gbr.numel() == 0
 
 
+def test_whole_layer_op_takes_the_samples_grouped_in_dim_0(compiled):
+    """x of shape (N*B, ..., I), as the vectorised ELBO's layers see it: sample s is rows
+    [s*B, (s+1)*B) of dim 0, the same numbers as (N, B, ..., I), and the gradients likewise."""
+    wm, wr, bm, br = _params(6, 5, True, F64)
+    seeds = torch.tensor([3, -9, 2 ** 62], dtype=torch.int64)
+    x = torch.randn(3, 4, 2, 5, dtype=F64, requires_grad=True)
+    y, log_q, log_p = compiled.linear_samples_stacked(x, wm, wr, bm, br, seeds, *PRIOR)
+    (y.square().sum() + log_q.sum() - 2 * log_p.sum()).backward()
+    expected = [y.detach().flatten(0, 1), log_q.detach(), log_p.detach()] + _grads([x, wm, wr, bm, br])
+    _clear([x, wm, wr, bm, br])
+    flat = x.detach().flatten(0, 1).requires_grad_()
+    y2, log_q2, log_p2 = compiled.linear_samples_stacked(flat, wm, wr, bm, br, torch.stack([-seeds, seeds], 1)[:, 1],
+                                                         *PRIOR)  # strided seeds are read in place
+    assert y2.shape == (12, 2, 6)
+    (y2.square().sum() + log_q2.sum() - 2 * log_p2.sum()).backward()
+    got = [y2.detach(), log_q2.detach(), log_p2.detach(), flat.grad.view(x.shape)] + _grads([wm, wr, bm, br])
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="x must be"):  # 10 rows do not split into 3 samples
+        compiled.linear_samples_stacked(torch.randn(10, 5, dtype=F64), wm, wr, bm, br, seeds, *PRIOR)
+
+
 @pytest.mark.parametrize("used", ["output", "log_q", "log_p"])
 def test_backward_through_one_output_only(backend, used):
     """An unused output gets no gradient from autograd (the compiled path's C++ autograd and the
@@ -548,6 +570,42 @@ def test_layer_state_restored_after_an_error():
     assert "_sample_batch" not in model.l1.__dict__
     assert not isinstance(model.l1.log_variational_posterior, torch.Tensor) or \
         model.l1.log_variational_posterior.dim() == 0  # the last sample's term, not the vector
+
+
+def test_an_own_nn_kl_divergence_is_used(backend):
+    """A model that overrides nn_kl_divergence gets its own KL in the vectorised path too (the
+    default is computed from the layers the path already found)."""
+    class Scaled(Regression):
+        def nn_kl_divergence(self):
+            return 3 * super().nn_kl_divergence() + 1
+
+    model = Scaled()
+    x, y, crit = _regression_data()
+    _assert_same(_elbo_step(model, x, y, crit, 4, vectorized=False), _elbo_step(model, x, y, crit, 4, vectorized=True))
+    default = Regression()
+    default.load_state_dict(model.state_dict())
+    loss_scaled = _elbo_step(model, x, y, crit, 4, vectorized=True)[0]
+    loss_default = _elbo_step(default, x, y, crit, 4, vectorized=True)[0]
+    assert not torch.allclose(loss_scaled, loss_default)
+
+
+def test_the_model_walk_is_modules_order():
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(nn.Sequential(shared, nn.ReLU()), shared,
+                          nn.ModuleList([nn.Tanh(), nn.Sequential(nn.Linear(1, 1))]))
+    model.register_module("empty", None)
+    assert list(V._modules_in_order(model)) == list(model.modules())
+
+
+def test_kl_terms_set_after_a_vectorised_step():
+    """The layers report the last sample's terms; setting one keeps the other's value."""
+    model = Regression()
+    x, y, crit = _regression_data()
+    _elbo_step(model, x, y, crit, 3, vectorized=True)
+    q, p = model.l1.log_variational_posterior, model.l1.log_prior
+    assert q.dim() == 0 and p.dim() == 0
+    model.l1.log_prior = torch.tensor(2.0, dtype=F64)
+    assert torch.equal(model.l1.log_variational_posterior, q) and model.l1.log_prior.item() == 2.0
 
 
 def test_vectorized_argument_checked():

@@ -53,10 +53,26 @@ class GaussianPosteriorMixin:
 
     # KL terms: set by every forward. A frozen forward uses w = mu, so its terms are those of mu,
     # computed when read rather than on every inference forward.
+    # A vectorised forward (utils/vectorised.py) leaves one term per sample, shape (N,); the layer then
+    # reports the last sample's, as after the loop's last forward, indexed when read rather than
+    # with two more tensor ops per layer on every vectorised step.
+    _kl_last_sample = False
+
     def _set_kl_terms(self, log_q, log_p) -> None:
         # plain attributes: object.__setattr__ skips nn.Module's parameter/buffer bookkeeping (~5 us)
         object.__setattr__(self, "_kl_terms", (log_q, log_p))
         object.__setattr__(self, "_kl_at_mean", False)
+        object.__setattr__(self, "_kl_last_sample", False)
+
+    def _report_last_sample_kl(self) -> None:
+        """The per-sample terms of a vectorised forward stand for the last sample from now on."""
+        object.__setattr__(self, "_kl_last_sample", True)
+
+    def _kl_term(self, i: int):
+        if self._kl_at_mean:
+            return self._mean_kl_terms()[i]
+        term = self._kl_terms[i]
+        return term[-1] if self._kl_last_sample else term
 
     def _set_kl_at_mean(self) -> None:
         self._kl_at_mean = True
@@ -72,21 +88,19 @@ class GaussianPosteriorMixin:
 
     @property
     def log_variational_posterior(self):
-        return self._mean_kl_terms()[0] if self._kl_at_mean else self._kl_terms[0]
+        return self._kl_term(0)
 
     @log_variational_posterior.setter
     def log_variational_posterior(self, value):
-        self._kl_terms = (value, self._kl_terms[1])
-        self._kl_at_mean = False
+        self._set_kl_terms(value, self._kl_term(1))
 
     @property
     def log_prior(self):
-        return self._mean_kl_terms()[1] if self._kl_at_mean else self._kl_terms[1]
+        return self._kl_term(1)
 
     @log_prior.setter
     def log_prior(self, value):
-        self._kl_terms = (self._kl_terms[0], value)
-        self._kl_at_mean = False
+        self._set_kl_terms(self._kl_term(0), value)
 
     def __getstate__(self):
         # The KL terms of the last forward are non-leaf tensors, which deepcopy and pickle refuse
@@ -94,6 +108,7 @@ class GaussianPosteriorMixin:
         state = self.__dict__.copy()
         state["_kl_terms"] = (0, 0)
         state["_kl_at_mean"] = False
+        state["_kl_last_sample"] = False
         return state
 
     def kl_divergence(self):

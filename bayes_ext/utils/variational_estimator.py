@@ -19,6 +19,13 @@ def nn_kl_divergence(self):
     return kl_divergence_from_nn(self)
 
 
+def _vectorised_kl_fn(model):
+    """What run_samples evaluates for the KL: the model's own nn_kl_divergence if it has another
+    one, else LAYERS_KL (the same sum from the layers run_samples already found: no second walk)."""
+    default = getattr(type(model), "nn_kl_divergence", None) is nn_kl_divergence
+    return _vec.LAYERS_KL if default and "nn_kl_divergence" not in model.__dict__ else model.nn_kl_divergence
+
+
 def sample_elbo(self, inputs, labels, criterion, sample_nbr, complexity_cost_weight=1, *, vectorized=None):
     """Mean over ``sample_nbr`` weight samples of criterion(self(inputs), labels) + KL * weight.
 
@@ -31,10 +38,10 @@ def sample_elbo(self, inputs, labels, criterion, sample_nbr, complexity_cost_wei
     training and dropout are detected and run the loop); a forward that mixes them by hand needs False.
     """
     sample_nbr = _check_sample_nbr(sample_nbr)
-    batched = _vec.run_samples(self, inputs, sample_nbr, vectorized, self.nn_kl_divergence)
+    batched = _vec.run_samples(self, inputs, sample_nbr, vectorized, _vectorised_kl_fn(self))
     if batched is not None:
         outputs, kl = batched
-        likelihood = _vec.summed_criterion(criterion, outputs, labels)
+        likelihood = _vec.summed_criterion(criterion, outputs, labels, sample_nbr)
         return (likelihood + _vec.summed_kl(kl, sample_nbr, complexity_cost_weight)) / sample_nbr
     loss = 0
     for _ in range(sample_nbr):
@@ -50,12 +57,13 @@ def sample_elbo_detailed_loss(self, inputs, labels, criterion, sample_nbr, compl
     ``vectorized``: as in sample_elbo."""
     sample_nbr = _check_sample_nbr(sample_nbr)
     likelihood_cost = complexity_cost = 0
-    batched = _vec.run_samples(self, inputs, sample_nbr, vectorized, self.nn_kl_divergence)
+    batched = _vec.run_samples(self, inputs, sample_nbr, vectorized, _vectorised_kl_fn(self))
     if batched is not None:
         outputs, kl = batched
-        likelihood_cost = _vec.summed_criterion(criterion, outputs, labels)
+        likelihood_cost = _vec.summed_criterion(criterion, outputs, labels, sample_nbr)
         complexity_cost = _vec.summed_kl(kl, sample_nbr, complexity_cost_weight)
-        return (outputs.detach().cpu().numpy(), (likelihood_cost + complexity_cost) / sample_nbr,
+        return (outputs.detach().unflatten(0, (sample_nbr, -1)).cpu().numpy(),
+                (likelihood_cost + complexity_cost) / sample_nbr,
                 likelihood_cost / sample_nbr, complexity_cost / sample_nbr)
     predictions = []
     for _ in range(sample_nbr):
@@ -100,7 +108,7 @@ def mfvi_forward(self, inputs, sample_nbr=10, *, vectorized=None):
     sample_nbr = _check_sample_nbr(sample_nbr)
     batched = _vec.run_samples(self, inputs, sample_nbr, vectorized)
     if batched is not None:
-        result = batched[0]
+        result = batched[0].unflatten(0, (sample_nbr, -1))
         return result.mean(dim=0), result.std(dim=0)
     result = torch.stack([self(inputs) for _ in range(sample_nbr)])
     return result.mean(dim=0), result.std(dim=0)

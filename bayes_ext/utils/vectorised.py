@@ -28,8 +28,13 @@ from torch import nn
 
 from .. import functional as BF
 from .. import functional_samples as FS
+from ..losses.kl_divergence import kl_divergence_of_layers
 from ..functional_samples import draw_seeds
 from ..modules.base_bayesian_module import BayesianModule
+
+
+# run_samples' kl_fn for "kl_divergence_from_nn(model)", computed from the layers it found.
+LAYERS_KL = object()
 
 
 class NotVectorisable(ValueError):
@@ -67,13 +72,26 @@ def unsupported_reason(model: nn.Module, inputs, strict: bool) -> Optional[str]:
     return _inspect(model, inputs, strict)[0]
 
 
+def _modules_in_order(model: nn.Module):
+    """model.modules() (each module once, depth first, parents before children) without building
+    the names named_modules() makes for it: those are most of a walk's cost."""
+    seen, stack = set(), [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        yield m
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+
+
 def _inspect(model: nn.Module, inputs, strict: bool):
     """(unsupported_reason, the model's Bayesian layers) from one walk over its modules (names are
-    only looked up to word an error: building them is most of a walk's cost)."""
+    only looked up to word an error)."""
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1 or inputs.shape[0] < 1:
         return "the input is not a tensor with a non-empty batch in dim 0", []
     layers = []
-    for m in model.modules():
+    for m in _modules_in_order(model):
         if isinstance(m, BayesianModule):
             supports = getattr(m, "_supports_sample_batch", None)
             if supports is None or not supports():
@@ -106,7 +124,7 @@ class SampleBatch:
         self.per_forward = calls_per_forward
         self.seeds = draw_seeds(sample_nbr * calls_per_forward).view(sample_nbr, calls_per_forward) \
             if seeds is None else seeds
-        self._per_call = self.seeds.t().contiguous()  # row l: the N seeds of layer call l
+        self._per_call = self.seeds.unbind(1)  # [l]: the N seeds of layer call l (a strided view)
         self.calls = 0
         self.called = []
 
@@ -126,19 +144,16 @@ class SampleBatch:
                 f"a vectorised forward expects every Bayesian layer's input to hold the {n} samples x "
                 f"{self.batch} examples in dim 0, got shape {tuple(x.shape)} (pass vectorized=False)")
         BF.check_input(x, layer.weight_mu, layer.in_features)
-        xs = x.reshape((n, self.batch) + tuple(x.shape[1:]))
         # the layer's parameters and prior were checked when it was built; the seeds are ours
-        y, log_q, log_p = FS.linear_samples_unchecked(xs, layer.weight_mu, layer.weight_rho, layer.bias_mu,
-                                                      layer.bias_rho, seeds, layer.prior)
+        y, log_q, log_p = FS.linear_samples_grouped(x, layer.weight_mu, layer.weight_rho, layer.bias_mu,
+                                                    layer.bias_rho, seeds, layer.prior)
         layer._set_kl_terms(log_q, log_p)
-        return y.flatten(0, 1)
+        return y
 
     def finish(self) -> None:
-        """Leave each called layer with the KL terms of the last sample, as the loop does."""
+        """Leave each called layer reporting the KL terms of the last sample, as the loop does."""
         for layer in self.called:
-            q, p = layer._kl_terms
-            if isinstance(q, torch.Tensor) and q.dim() == 1 and q.shape[0] == self.sample_nbr:
-                layer._set_kl_terms(q[-1], p[-1])
+            layer._report_last_sample_kl()
 
 
 def _stack_copies(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -148,8 +163,10 @@ def _stack_copies(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def run_samples(model: nn.Module, inputs, sample_nbr: int, vectorized: Optional[bool], kl_fn=None):
-    """The N sampled outputs of ``model(inputs)`` as one tensor (N, B, ...) and, if ``kl_fn`` is
-    given, ``kl_fn()`` evaluated while the layers hold per-sample KL terms (shape (N,)).
+    """The N sampled outputs of ``model(inputs)`` as one tensor (N*B, ...), sample s on rows
+    [s*B, (s+1)*B) (``unflatten(0, (N, B))`` gives (N, B, ...)), and, if ``kl_fn`` is
+    given, ``kl_fn()`` evaluated while the layers hold per-sample KL terms (shape (N,)); LAYERS_KL
+    stands for kl_divergence_from_nn(model).
 
     Returns None when the loop must run instead (vectorized=None and the model is unsupported);
     raises ValueError when vectorized=True and the model is unsupported.
@@ -188,8 +205,8 @@ def run_samples(model: nn.Module, inputs, sample_nbr: int, vectorized: Optional[
                     return None
                 raise
             if sb.calls == per_forward:
-                kl = kl_fn() if kl_fn is not None else None
-                return out.unflatten(0, (sample_nbr, batch)), kl
+                kl = None if kl_fn is None else kl_divergence_of_layers(layers) if kl_fn is LAYERS_KL else kl_fn()
+                return out, kl
         finally:
             for layer in layers:
                 layer.__dict__.pop("_sample_batch", None)
@@ -208,30 +225,33 @@ _ELEMENTWISE_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.
 _CLASS_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
 
 
-def _stackable_loss(criterion, sample_out: torch.Tensor, labels) -> bool:
+def _stackable_loss(criterion, sample_shape: torch.Size, labels) -> bool:
+    """Whether criterion on the stacked samples is the sum / mean of it on each (one sample's
+    outputs have sample_shape)."""
     kind = type(criterion)
     if not isinstance(labels, torch.Tensor) or getattr(criterion, "reduction", None) not in ("mean", "sum"):
         return False
     if kind in _ELEMENTWISE_LOSSES:  # no broadcasting (it would pair other elements once stacked), no weights
-        return (labels.shape == sample_out.shape and getattr(criterion, "weight", None) is None
+        return (labels.shape == sample_shape and getattr(criterion, "weight", None) is None
                 and getattr(criterion, "pos_weight", None) is None)
     if kind in _CLASS_LOSSES:  # (B, C, ...) scores against (B, ...) classes or (B, C, ...) probabilities
-        return sample_out.dim() >= 2 and labels.dim() >= 1 and labels.shape[0] == sample_out.shape[0]
+        return len(sample_shape) >= 2 and labels.dim() >= 1 and labels.shape[0] == sample_shape[0]
     return False
 
 
-def summed_criterion(criterion, outputs: torch.Tensor, labels):
-    """sum over s of criterion(outputs[s], labels), the loop's likelihood sum, for outputs (N, B, ...).
+def summed_criterion(criterion, outputs: torch.Tensor, labels, sample_nbr: int):
+    """sum over s of criterion(outputs[s], labels), the loop's likelihood sum, for outputs (N*B, ...)
+    as run_samples gives them (N = sample_nbr).
 
     Each sample separately in general (any criterion gives the loop's value); one call on the
     stacked samples for the built-in losses where that is the same number (fewer autograd nodes).
     """
-    n = outputs.shape[0]
-    if _stackable_loss(criterion, outputs[0], labels):
-        value = criterion(outputs.flatten(0, 1), _stack_copies(labels, n))
+    n = sample_nbr
+    if _stackable_loss(criterion, (outputs.shape[0] // n,) + outputs.shape[1:], labels):
+        value = criterion(outputs, _stack_copies(labels, n))
         return value * n if criterion.reduction == "mean" else value
     total = 0
-    for out in outputs.unbind(0):
+    for out in outputs.unflatten(0, (n, -1)).unbind(0):
         total = total + criterion(out, labels)
     return total
 

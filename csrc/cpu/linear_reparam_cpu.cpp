@@ -222,7 +222,7 @@ class LinearReparamFunction : public torch::autograd::Function<LinearReparamFunc
     const bool record = at::GradMode::is_enabled();
     Grads computed;
     {
-      at::NoGradGuard kernels_only;
+      layer_op::KernelsOnly kernels_only;
       computed = call_backward(grad_out.detach(), grad_log_q, grad_log_p, x, weight_mu, weight_rho, maybe(saved[3]),
                                maybe(saved[4]), seed, prior[0], prior[1], prior[2], block_rows, need_x && !record);
     }
@@ -230,7 +230,7 @@ class LinearReparamFunction : public torch::autograd::Function<LinearReparamFunc
     if (need_x && record) {
       at::Tensor w;
       {
-        at::NoGradGuard kernels_only;
+        layer_op::KernelsOnly kernels_only;
         w = std::get<0>(sample_weight(weight_mu, weight_rho, seed, 0, prior[0], prior[1], prior[2], 0));
       }
       grad_x = at::matmul(grad_out, w);

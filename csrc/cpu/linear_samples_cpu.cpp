@@ -47,13 +47,15 @@ Triple sample_weight_samples_backward(const at::Tensor& grad_w, const at::Tensor
   return op.call(grad_w, grad_log_q, grad_log_p, mu, rho, seeds, offset, pi, sigma1, sigma2, return_weight);
 }
 
-// x: (N, ..., in_features) with N = seeds.numel(), weight_mu's dtype and device.
+// x: (N * B, ..., in_features) with N = seeds.numel() (B >= 1; sample s takes the B entries from
+// s * B in dim 0), weight_mu's dtype and device.
 void check_samples_input(const at::Tensor& x, const at::Tensor& weight_mu, const at::Tensor& seeds) {
   TORCH_CHECK_VALUE(weight_mu.dim() == 2, "weight_mu must be (out_features, in_features), got shape ",
                     weight_mu.sizes());
-  TORCH_CHECK_VALUE(x.dim() >= 2 && x.size(0) == seeds.numel() && x.size(-1) == weight_mu.size(1),
-                    "x must be (N, ..., in_features) = (", seeds.numel(), ", ..., ", weight_mu.size(1),
-                    ") with one sample per seed in dim 0, got shape ", x.sizes());
+  const int64_t n = seeds.numel();
+  TORCH_CHECK_VALUE(x.dim() >= 2 && n > 0 && x.size(0) > 0 && x.size(0) % n == 0 && x.size(-1) == weight_mu.size(1),
+                    "x must be (N * B, ..., in_features) with N = ", n, " samples (one per seed) of B >= 1 in "
+                    "dim 0 and in_features = ", weight_mu.size(1), ", got shape ", x.sizes());
   TORCH_CHECK_TYPE(x.scalar_type() == weight_mu.scalar_type(), "x must have the dtype of weight_mu (",
                    weight_mu.scalar_type(), "), got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.device() == weight_mu.device(), "x must be on the device of weight_mu (", weight_mu.device(),
@@ -187,7 +189,7 @@ class LinearSamplesStackedFunction : public torch::autograd::Function<LinearSamp
     const bool record = at::GradMode::is_enabled();
     LinearSamplesGrads computed;
     {
-      at::NoGradGuard kernels_only;
+      layer_op::KernelsOnly kernels_only;
       computed = call_linear_samples_stacked_backward(grad_out.detach(), grad_log_q, grad_log_p, x, weight_mu,
                                                       weight_rho, maybe(saved[3]), maybe(saved[4]), seeds, prior[0],
                                                       prior[1], prior[2], need_x && !record);
@@ -196,7 +198,7 @@ class LinearSamplesStackedFunction : public torch::autograd::Function<LinearSamp
     if (need_x && record) {
       at::Tensor w;
       {
-        at::NoGradGuard kernels_only;
+        layer_op::KernelsOnly kernels_only;
         w = std::get<0>(sample_weight_samples(weight_mu, weight_rho, seeds, 0, prior[0], prior[1], prior[2]));
       }
       grad_x = at::bmm(grad_out.reshape({n, -1, weight_mu.size(0)}), w).view(x.sizes());

@@ -23,7 +23,13 @@ using namespace cpu_kernel;
 
 // Below this many elements in all, one thread: an OpenMP region costs more than the work.
 constexpr int64_t kParallelElements = 32768;
-// Scratch the backward may take to run the samples of a one-chunk weight in parallel (4 MB).
+// Element ranges of the backward's tasks are multiples of this: whole tiles of the range kernels.
+constexpr int64_t kRangeMultiple = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Weights up to this many elements share their softplus terms across the samples (2 MB in fp32).
 constexpr int64_t kScratchElements = 1 << 19;
 
 // The small per-sample inputs are read in place when they are CPU tensors of the usual dtypes:
@@ -66,13 +72,11 @@ struct SharedSoftplus {
   SharedSoftplus(const scalar_t* rho, int64_t n, bool with_grads)
       : sigma(static_cast<size_t>(n)), log_sigma(sigma.size()), sigmoid(with_grads ? sigma.size() : 0),
         dlog_sigma(sigmoid.size()) {
-    at::parallel_for(0, num_chunks(n), std::max<int64_t>(1, kParallelElements / kChunk), [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        run_softplus(SoftplusRange<scalar_t>{rho, sigma.data(), log_sigma.data(),
-                                             with_grads ? sigmoid.data() : nullptr,
-                                             with_grads ? dlog_sigma.data() : nullptr, c * kChunk,
-                                             std::min(n, (c + 1) * kChunk)});
-      }
+    // elementwise, so any split gives the same values: tile-sized pieces let small weights use
+    // every thread
+    at::parallel_for(0, n, kParallelElements / 4, [&](int64_t b, int64_t e) {
+      run_softplus(SoftplusRange<scalar_t>{rho, sigma.data(), log_sigma.data(), with_grads ? sigmoid.data() : nullptr,
+                                           with_grads ? dlog_sigma.data() : nullptr, b, e});
     });
   }
 };
@@ -150,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_samples_backward_cp
   const at::Tensor grad_w = has_grad_w ? grad_w_in->contiguous() : at::Tensor();
   const std::vector<uint64_t> seed = seed_values(seeds);
   const std::vector<double> glq = per_sample_values(grad_log_q), glp = per_sample_values(grad_log_p);
-  const int64_t n = mu.numel(), chunks = num_chunks(n);
+  const int64_t n = mu.numel();
   at::Tensor grad_mu = at::empty(mu.sizes(), mu.options());
   at::Tensor grad_rho = at::empty(mu.sizes(), mu.options());
   at::Tensor w = return_weight ? at::empty(stacked_shape(samples, mu), mu.options()) : at::empty({0}, mu.options());
@@ -173,35 +177,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_samples_backward_cp
                                 share ? shared.dlog_sigma.data() + c0 : nullptr};
       run_backward(a);
     };
-    if (chunks == 1 && samples > 1 && samples * n >= kParallelElements && (samples - 1) * n <= kScratchElements) {
-      // A small weight (one chunk): the samples, not the chunks, are the parallel tasks. Sample 0
-      // writes the sums, each other sample its own scratch slice, then the slices are added in
-      // sample order: the same sums in the same order as the loop below.
-      std::vector<scalar_t> scratch(static_cast<size_t>(2 * (samples - 1) * n));
-      at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t s = begin; s < end; ++s) {
-          scalar_t* part = scratch.data() + 2 * (s - 1) * n;
-          sample_range(s, 0, n, s == 0 ? gmu_p : part, s == 0 ? grho_p : part + n);
-        }
-      });
-      at::parallel_for(0, n, kChunk / 4, [&](int64_t begin, int64_t end) {
-        for (int64_t s = 1; s < samples; ++s) {
-          const scalar_t* part = scratch.data() + 2 * (s - 1) * n;
-          for (int64_t i = begin; i < end; ++i) {
-            gmu_p[i] += part[i];
-            grho_p[i] += part[n + i];
-          }
-        }
-      });
-      return;
-    }
-    const int64_t grain = std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, samples * std::min(n, kChunk)));
-    at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> part_mu(static_cast<size_t>(kChunk)), part_rho(part_mu.size());
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t c0 = c * kChunk, len = std::min(n, c0 + kChunk) - c0;
+    // Tasks are element ranges (whole tiles; a chunk at most), each running the N samples in order:
+    // sample 0 writes the range of the sums, the others add to it from a range-sized buffer. Every
+    // element's sum has the same terms in the same order whatever the split, so the result does
+    // not depend on the number of threads, and a one-chunk weight still splits into enough tasks
+    // for every thread without a sample-sized scratch.
+    const int64_t threads = samples * n >= kParallelElements ? at::get_num_threads() : 1;
+    const int64_t range = std::min(kChunk, std::max(kRangeMultiple, round_up(ceil_div(n, threads), kRangeMultiple)));
+    const int64_t ranges = ceil_div(n, range);
+    at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> part_mu(static_cast<size_t>(std::min(n, range))), part_rho(part_mu.size());
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t c0 = r * range, len = std::min(n, c0 + range) - c0;
         for (int64_t s = 0; s < samples; ++s) {
-          // sample 0 writes the chunk of the sums, the others add to it in sample order
           scalar_t* out_mu = s == 0 ? gmu_p + c0 : part_mu.data();
           scalar_t* out_rho = s == 0 ? grho_p + c0 : part_rho.data();
           sample_range(s, c0, len, out_mu, out_rho);
