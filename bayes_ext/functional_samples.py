@@ -247,10 +247,12 @@ def linear_samples_unchecked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds,
 def linear_samples_grouped(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, prior):
     """linear_samples_unchecked for x (N*B, ..., I), sample s on rows [s*B, (s+1)*B) of dim 0; y
     (N*B, ..., O) likewise. The vectorised ELBO's layers see their input so: the compiled op takes
-    it as it is (and reads strided seeds in place), the other paths view it as (N, B, ..., I)."""
+    it as it is (and reads strided seeds in place), the other paths view it as (N, B, ..., I).
+    x is checked here (as a layer input), or by the compiled op itself."""
     if BF.autocast_dtype(x) is None and _eager_whole_layer(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds):
         return torch.ops.bayes_ext.linear_samples_stacked.default(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds,
                                                                   *prior)
+    BF.check_input(x, weight_mu, weight_mu.shape[1])
     n = seeds.shape[0]
     y, log_q, log_p = linear_samples_unchecked(x.reshape((n, x.shape[0] // n) + x.shape[1:]), weight_mu, weight_rho,
                                                bias_mu, bias_rho, seeds, prior)

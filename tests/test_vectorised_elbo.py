@@ -589,14 +589,6 @@ def test_an_own_nn_kl_divergence_is_used(backend):
     assert not torch.allclose(loss_scaled, loss_default)
 
 
-def test_the_model_walk_is_modules_order():
-    shared = nn.Linear(2, 2)
-    model = nn.Sequential(nn.Sequential(shared, nn.ReLU()), shared,
-                          nn.ModuleList([nn.Tanh(), nn.Sequential(nn.Linear(1, 1))]))
-    model.register_module("empty", None)
-    assert list(V._modules_in_order(model)) == list(model.modules())
-
-
 def test_kl_terms_set_after_a_vectorised_step():
     """The layers report the last sample's terms; setting one keeps the other's value."""
     model = Regression()
@@ -606,6 +598,16 @@ def test_kl_terms_set_after_a_vectorised_step():
     assert q.dim() == 0 and p.dim() == 0
     model.l1.log_prior = torch.tensor(2.0, dtype=F64)
     assert torch.equal(model.l1.log_variational_posterior, q) and model.l1.log_prior.item() == 2.0
+
+
+def test_bad_inputs_get_the_layers_errors():
+    """vectorized=True with a bad input raises the layer's own clear error (not the op's)."""
+    model = Regression(dtype=torch.float32)
+    y = torch.randn(4, 1)
+    with pytest.raises(ValueError, match="13 features"):
+        model.sample_elbo(torch.randn(4, 12), y, nn.MSELoss(), 3, vectorized=True)
+    with pytest.raises(TypeError, match="dtype of the layer's parameters"):
+        model.sample_elbo(torch.randn(4, 13, dtype=F64), y, nn.MSELoss(), 3, vectorized=True)
 
 
 def test_vectorized_argument_checked():

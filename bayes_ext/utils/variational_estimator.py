@@ -40,9 +40,9 @@ def sample_elbo(self, inputs, labels, criterion, sample_nbr, complexity_cost_wei
     sample_nbr = _check_sample_nbr(sample_nbr)
     batched = _vec.run_samples(self, inputs, sample_nbr, vectorized, _vectorised_kl_fn(self))
     if batched is not None:
-        outputs, kl = batched
-        likelihood = _vec.summed_criterion(criterion, outputs, labels, sample_nbr)
-        return (likelihood + _vec.summed_kl(kl, sample_nbr, complexity_cost_weight)) / sample_nbr
+        outputs, kl = batched  # the mean over the samples term by term: fewer ops than sum, then divide
+        return (_vec.criterion_over_samples(criterion, outputs, labels, sample_nbr, reduce="mean")
+                + _vec.kl_over_samples(kl, sample_nbr, complexity_cost_weight, reduce="mean"))
     loss = 0
     for _ in range(sample_nbr):
         outputs = self(inputs)
@@ -60,8 +60,8 @@ def sample_elbo_detailed_loss(self, inputs, labels, criterion, sample_nbr, compl
     batched = _vec.run_samples(self, inputs, sample_nbr, vectorized, _vectorised_kl_fn(self))
     if batched is not None:
         outputs, kl = batched
-        likelihood_cost = _vec.summed_criterion(criterion, outputs, labels, sample_nbr)
-        complexity_cost = _vec.summed_kl(kl, sample_nbr, complexity_cost_weight)
+        likelihood_cost = _vec.criterion_over_samples(criterion, outputs, labels, sample_nbr)
+        complexity_cost = _vec.kl_over_samples(kl, sample_nbr, complexity_cost_weight)
         return (outputs.detach().unflatten(0, (sample_nbr, -1)).cpu().numpy(),
                 (likelihood_cost + complexity_cost) / sample_nbr,
                 likelihood_cost / sample_nbr, complexity_cost / sample_nbr)

@@ -44,7 +44,13 @@ class NotVectorisable(ValueError):
 
 # Modules whose output for one example depends on the other examples of the batch, or that read
 # the batch in another dimension than 0: repeating the batch N times would change their result.
+_BATCH_AWARE = (nn.modules.batchnorm._BatchNorm, nn.RNNBase, nn.MultiheadAttention, nn.TransformerEncoderLayer,
+                nn.TransformerDecoderLayer, nn.Transformer)
+
+
 def _mixes_samples(m: nn.Module) -> Optional[str]:
+    if not isinstance(m, _BATCH_AWARE):  # most modules: one check
+        return None
     if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
         return "uses batch statistics"
     if isinstance(m, nn.RNNBase) and not m.batch_first:
@@ -72,26 +78,13 @@ def unsupported_reason(model: nn.Module, inputs, strict: bool) -> Optional[str]:
     return _inspect(model, inputs, strict)[0]
 
 
-def _modules_in_order(model: nn.Module):
-    """model.modules() (each module once, depth first, parents before children) without building
-    the names named_modules() makes for it: those are most of a walk's cost."""
-    seen, stack = set(), [model]
-    while stack:
-        m = stack.pop()
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        yield m
-        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-
-
 def _inspect(model: nn.Module, inputs, strict: bool):
     """(unsupported_reason, the model's Bayesian layers) from one walk over its modules (names are
-    only looked up to word an error)."""
+    only looked up to word an error: building them is most of a walk's cost)."""
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1 or inputs.shape[0] < 1:
         return "the input is not a tensor with a non-empty batch in dim 0", []
     layers = []
-    for m in _modules_in_order(model):
+    for m in model.modules():
         if isinstance(m, BayesianModule):
             supports = getattr(m, "_supports_sample_batch", None)
             if supports is None or not supports():
@@ -139,12 +132,14 @@ class SampleBatch:
         """BayesianLinear's forward for N samples: x (N*B, .., I) -> (N*B, .., O), KL terms (N,)."""
         seeds = self._seeds_for_next_call(layer)
         n = self.sample_nbr
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != layer.in_features:
+            BF.check_input(x, layer.weight_mu, layer.in_features)  # raises the layer's error
         if x.dim() < 2 or x.shape[0] != n * self.batch:
             raise NotVectorisable(
                 f"a vectorised forward expects every Bayesian layer's input to hold the {n} samples x "
                 f"{self.batch} examples in dim 0, got shape {tuple(x.shape)} (pass vectorized=False)")
-        BF.check_input(x, layer.weight_mu, layer.in_features)
-        # the layer's parameters and prior were checked when it was built; the seeds are ours
+        # the layer's parameters and prior were checked when it was built, the seeds are ours; x is
+        # checked by linear_samples_grouped
         y, log_q, log_p = FS.linear_samples_grouped(x, layer.weight_mu, layer.weight_rho, layer.bias_mu,
                                                     layer.bias_rho, seeds, layer.prior)
         layer._set_kl_terms(log_q, log_p)
@@ -239,30 +234,34 @@ def _stackable_loss(criterion, sample_shape: torch.Size, labels) -> bool:
     return False
 
 
-def summed_criterion(criterion, outputs: torch.Tensor, labels, sample_nbr: int):
-    """sum over s of criterion(outputs[s], labels), the loop's likelihood sum, for outputs (N*B, ...)
-    as run_samples gives them (N = sample_nbr).
+def criterion_over_samples(criterion, outputs: torch.Tensor, labels, sample_nbr: int, reduce: str = "sum"):
+    """sum (reduce="sum") or mean ("mean") over s of criterion(outputs[s], labels), the loop's
+    likelihood, for outputs (N*B, ...) as run_samples gives them (N = sample_nbr).
 
     Each sample separately in general (any criterion gives the loop's value); one call on the
-    stacked samples for the built-in losses where that is the same number (fewer autograd nodes).
+    stacked samples for the built-in losses where that is the same number (fewer autograd nodes):
+    a "mean" loss on the stack is already the mean over the samples.
     """
     n = sample_nbr
     if _stackable_loss(criterion, (outputs.shape[0] // n,) + outputs.shape[1:], labels):
         value = criterion(outputs, _stack_copies(labels, n))
-        return value * n if criterion.reduction == "mean" else value
+        if criterion.reduction == "mean":
+            return value if reduce == "mean" else value * n
+        return value / n if reduce == "mean" else value
     total = 0
     for out in outputs.unflatten(0, (n, -1)).unbind(0):
         total = total + criterion(out, labels)
-    return total
+    return total / n if reduce == "mean" else total
 
 
-def summed_kl(kl, sample_nbr: int, weight=1):
-    """weight times the sum over the samples of the per-sample KL (N,) (or N times a KL that is the
-    same for all); a plain weight of 1 adds no multiplication to the graph."""
-    if isinstance(kl, torch.Tensor) and kl.dim() == 1 and kl.shape[0] == sample_nbr:
-        total = kl.sum()
+def kl_over_samples(kl, sample_nbr: int, weight=1, reduce: str = "sum"):
+    """weight times the sum (reduce="sum") or mean ("mean") over the samples of the per-sample KL
+    (N,) (or of a KL that is the same for all); a plain weight of 1 adds no multiplication."""
+    per_sample = isinstance(kl, torch.Tensor) and kl.dim() == 1 and kl.shape[0] == sample_nbr
+    if reduce == "mean":
+        total = kl.mean() if per_sample else kl
     else:
-        total = kl * sample_nbr
+        total = kl.sum() if per_sample else kl * sample_nbr
     if isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight == 1:
         return total
     return total * weight

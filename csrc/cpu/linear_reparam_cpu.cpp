@@ -103,8 +103,8 @@ Triple linear_reparam_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, 
   if (has(bias_mu)) {
     auto [b, log_q_b, log_p_b] = sample_weight(*bias_mu, *bias_rho, seed, 1, pi, sigma1, sigma2, 0);
     y = y + b;
-    log_q = log_q + log_q_b;
-    log_p = log_p + log_p_b;
+    log_q.add_(log_q_b);  // fresh tensors: summed in place
+    log_p.add_(log_p_b);
   }
   return {y, log_q, log_p};
 }

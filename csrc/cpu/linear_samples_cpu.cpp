@@ -82,8 +82,8 @@ Triple linear_samples_stacked(const at::Tensor& x, const at::Tensor& weight_mu, 
   if (has(bias_mu)) {
     auto [b, log_q_b, log_p_b] = sample_weight_samples(*bias_mu, *bias_rho, seeds, 1, pi, sigma1, sigma2);
     y3.add_(b.unsqueeze(1));
-    log_q = log_q + log_q_b;  // weight + bias per sample, as the single-sample op adds them
-    log_p = log_p + log_p_b;
+    log_q.add_(log_q_b);  // weight + bias per sample, as the single-sample op adds them (fresh tensors)
+    log_p.add_(log_p_b);
   }
   return {y, log_q, log_p};
 }
