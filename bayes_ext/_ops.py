@@ -475,6 +475,21 @@ def _fake_linear_reparam_rows_backward(grad_out, grad_log_q, grad_log_p, x, weig
                                                  bias_rho, seed, prior_pi, prior_sigma1, prior_sigma2, need_x)
 
 
+def _fake_linear_lrt_rows(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_sigma, block_rows):
+    shape = x.shape[:-1] + (weight_mu.shape[0],)
+    return x.new_empty(shape), x.new_empty(shape), weight_mu.new_empty(())
+
+
+def _fake_linear_lrt_rows_backward(grad_y, grad_kl, x, weight_mu, weight_rho, bias_mu, bias_rho, seed, std,
+                                   prior_sigma, block_rows, need_x, need_w, need_b):
+    def like(t, needed):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else weight_mu.new_empty(0)
+    need_b = need_b and bias_mu is not None
+    return (like(x, need_x), like(weight_mu, need_w), like(weight_rho, need_w),
+            like(bias_mu, need_b) if need_b else weight_mu.new_empty(0),
+            like(bias_rho, need_b) if need_b else weight_mu.new_empty(0))
+
+
 def _register_compiled_only() -> None:
     """Fake kernels of the ops with no pure-PyTorch twin (_backend.COMPILED_ONLY_OP_NAMES): called
     inside other ops' implementations and backwards, which torch.compile and opcheck trace."""
@@ -482,6 +497,8 @@ def _register_compiled_only() -> None:
     torch.library.register_fake("bayes_ext::linear_samples_stacked_backward")(_fake_linear_samples_stacked_backward)
     torch.library.register_fake("bayes_ext::linear_reparam_rows")(_fake_linear_reparam_rows)
     torch.library.register_fake("bayes_ext::linear_reparam_rows_backward")(_fake_linear_reparam_rows_backward)
+    torch.library.register_fake("bayes_ext::linear_lrt_rows")(_fake_linear_lrt_rows)
+    torch.library.register_fake("bayes_ext::linear_lrt_rows_backward")(_fake_linear_lrt_rows_backward)
 
 
 _register("bayes_ext_py")

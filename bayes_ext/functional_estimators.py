@@ -124,7 +124,13 @@ def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
     need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     need_b = bias_mu is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
     grad_kl = zero_if_none(grad_kl, mu)
-    with BF.autocast_off(x.device.type):
+    # create_graph=True records this backward: the kernels run unrecorded and dL/dx is rebuilt
+    # differentiably in grad_y (the weights' terms constants), as the C++ op does
+    record = torch.is_grad_enabled()
+    if record and need_x:
+        grad_x_graph = _lrt_grad_x_recorded(ops, grad_y, x, mu, rho, seed, std)
+        need_x = False
+    with BF.autocast_off(x.device.type), torch.no_grad():
         std = std.reshape(-1, out_features)
         g = (torch.zeros_like(std) if grad_y is None else grad_y).reshape(-1, out_features)
         x_2d = x.reshape(-1, in_features)
@@ -153,7 +159,22 @@ def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
             grad_bmu = g.sum(0, dtype=bias_mu.dtype)
             grad_brho = half_u.sum(0).to(bias_rho.dtype)
             ops.lrt_weight_backward_(grad_bmu, grad_brho, grad_kl, bias_mu, bias_rho, prior_sigma)
+    if record and ctx.needs_input_grad[0]:
+        grad_x = grad_x_graph
     return grad_x, grad_mu, grad_rho, grad_bmu, grad_brho, None, None
+
+
+def _lrt_grad_x_recorded(ops, grad_y, x, mu, rho, seed, std):
+    """dL/dx = g mu + 2 x (dL/dvar sigma^2), differentiable in g = grad_y (for create_graph=True)."""
+    g = torch.zeros_like(std) if grad_y is None else grad_y.to(std.dtype)
+    with torch.no_grad():
+        eps = normal(std.shape, seed, LRT_NOISE_OFFSET, std)
+        sigma2 = ops.lrt_weight_forward(mu.detach(), rho.detach(), 0.0)[0]
+        positive = std > 0
+        safe_std = torch.where(positive, std, torch.ones_like(std))
+    half_u = (g * eps / safe_std).masked_fill(~positive, 0) * 0.5
+    grad_x = torch.addcmul(g.matmul(mu.detach()), x.detach().to(std.dtype), half_u.matmul(sigma2), value=2)
+    return grad_x.to(x.dtype)
 
 
 def _blocked_lrt_weight_grads(ops, g: Tensor, half_u: Tensor, x_2d: Tensor, mu: Tensor, rho: Tensor, grad_kl: Tensor,
@@ -311,7 +332,7 @@ def linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Option
     backward regenerates eps. The KL is not part of it (``linear_lrt_with_kl``, or an MC estimate
     on the weight's stream: see the layers)."""
     x, seed = BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
-    return _linear_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, 0.0)[0]
+    return _lrt_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, 0.0)[0]
 
 
 def linear_lrt_with_kl(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,
@@ -322,8 +343,18 @@ def linear_lrt_with_kl(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu
     if not (isinstance(prior_sigma, (int, float)) and prior_sigma > 0 and math.isfinite(prior_sigma)):
         raise ValueError(f"prior_sigma must be positive and finite, got {prior_sigma}")
     x, seed = BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
-    y, _, kl = _linear_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, float(prior_sigma))
+    y, _, kl = _lrt_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, float(prior_sigma))
     return y, kl
+
+
+def _lrt_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_sigma: float):
+    """(y, std, kl) of _linear_lrt; eager compiled CPU calls with x in the weights' dtype take the
+    same computation in one C++ call each way (bayes_ext::linear_lrt_rows, its autograd in C++)."""
+    if x.dtype == weight_mu.dtype and BF.eager_compiled_cpu_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho,
+                                                                      seed)):
+        return torch.ops.bayes_ext.linear_lrt_rows.default(x, weight_mu, weight_rho, bias_mu, bias_rho, seed,
+                                                           prior_sigma, BF._block_rows(weight_mu))
+    return _linear_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_sigma)
 
 
 def linear_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor] = None,

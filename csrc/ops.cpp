@@ -84,6 +84,18 @@ TORCH_LIBRARY(bayes_ext, m) {
   m.def("gaussian_kl(Tensor mu, Tensor rho, float prior_sigma) -> Tensor");
   // grad (one value) times the gradients of gaussian_kl w.r.t. mu and rho: (grad_mu, grad_rho).
   m.def("gaussian_kl_backward(Tensor grad, Tensor mu, Tensor rho, float prior_sigma) -> (Tensor, Tensor)");
+  // The local-reparameterisation linear layer in one call (CPU only; bayes_ext::linear_lrt in
+  // bayes_ext/functional_estimators.py is the same computation in Python): (y, std, kl) for
+  // y = x mu^T + b_mu + std * eps, std = sqrt(x^2 (sigma^2)^T + sigma_b^2), eps on stream (seed, 2),
+  // sigma^2 built in blocks of block_rows rows (>= out_features: one block), kl the closed-form KL
+  // against N(0, prior_sigma^2) (0 for prior_sigma = 0). Impl: cpu/linear_lrt_cpu.cpp.
+  m.def("linear_lrt_rows(Tensor x, Tensor weight_mu, Tensor weight_rho, Tensor? bias_mu, Tensor? bias_rho, "
+        "Tensor seed, float prior_sigma, int block_rows) -> (Tensor, Tensor, Tensor)");
+  // Its backward: (grad_x, grad_weight_mu, grad_weight_rho, grad_bias_mu, grad_bias_rho), each empty
+  // unless asked for (need_x, need_w, need_b); std is the forward's.
+  m.def("linear_lrt_rows_backward(Tensor grad_y, Tensor grad_kl, Tensor x, Tensor weight_mu, Tensor weight_rho, "
+        "Tensor? bias_mu, Tensor? bias_rho, Tensor seed, Tensor std, float prior_sigma, int block_rows, "
+        "bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Local reparameterisation's weight pass: (sigma2 = softplus(rho)^2, closed-form KL against
   // N(0, prior_sigma^2)); prior_sigma = 0 skips the KL (returns 0). Impl: cpu/lrt_weight_cpu.cpp.
   m.def("lrt_weight_forward(Tensor mu, Tensor rho, float prior_sigma) -> (Tensor, Tensor)");

@@ -1,0 +1,273 @@
+// The local-reparameterisation linear layer (estimator="lrt") in one call each way, CPU: the same
+// ops in the same order as the Python implementation of bayes_ext::linear_lrt
+// (bayes_ext/functional_estimators.py), so the same values; what it saves is the Python between
+// those ops. A large weight's sigma^2 is built and consumed block of rows by block of rows, as
+// there. Eager calls get their autograd here too (LinearLrtFunction, registered for AutogradCPU);
+// torch.compile, autocast, fake tensors and the other backends keep the Python custom op.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "layer_op_helpers.h"
+
+namespace bayes_ext {
+namespace {
+
+using layer_op::has;
+using layer_op::maybe;
+using layer_op::with_last;
+
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+constexpr int64_t kNoiseOffset = 2;  // Philox stream of the output noise (LRT_NOISE_OFFSET)
+
+std::tuple<at::Tensor, at::Tensor> lrt_weight_forward(const at::Tensor& mu, const at::Tensor& rho,
+                                                      double prior_sigma) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bayes_ext::lrt_weight_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(mu, rho, prior_sigma);
+}
+
+at::Tensor lrt_weight_backward_(at::Tensor& grad_mu, at::Tensor& grad_rho, const at::Tensor& grad_kl,
+                                const at::Tensor& mu, const at::Tensor& rho, double prior_sigma) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bayes_ext::lrt_weight_backward_", "")
+                       .typed<at::Tensor(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, double)>();
+  return op.call(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma);
+}
+
+at::Tensor philox_normal(const at::Tensor& like, const at::Tensor& seed, int64_t offset) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bayes_ext::philox_normal", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
+  return op.call(like, seed, offset, 0);
+}
+
+void check_layer_args(const at::Tensor& x, const at::Tensor& weight_mu, const c10::optional<at::Tensor>& bias_mu,
+                      const c10::optional<at::Tensor>& bias_rho, int64_t block_rows) {
+  TORCH_CHECK_VALUE(weight_mu.dim() == 2, "weight_mu must be (out_features, in_features), got shape ",
+                    weight_mu.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight_mu.size(1), "x must be (..., in_features) = (..., ",
+                    weight_mu.size(1), "), got shape ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == weight_mu.scalar_type(), "x must have the dtype of weight_mu (",
+                   weight_mu.scalar_type(), "), got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == weight_mu.device(), "x must be on the device of weight_mu (", weight_mu.device(),
+                    "), got ", x.device());
+  TORCH_CHECK_VALUE(has(bias_mu) == has(bias_rho), "bias_mu and bias_rho must be given together");
+  TORCH_CHECK_VALUE(block_rows >= 1, "block_rows must be positive, got ", block_rows);
+}
+
+// (y, std, kl): y = x mu^T + b_mu + std * eps with std = sqrt(x^2 (sigma^2)^T + sigma_b^2) (kept
+// for backward) and eps on stream (seed, 2); kl against N(0, prior_sigma^2) (0 when prior_sigma = 0).
+Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, const at::Tensor& weight_rho_in,
+                       const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
+                       const at::Tensor& seed, double prior_sigma, int64_t block_rows) {
+  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows);
+  const at::Tensor weight_mu = weight_mu_in.contiguous(), weight_rho = weight_rho_in.contiguous();
+  const int64_t out_features = weight_mu.size(0), in_features = weight_mu.size(1);
+  const at::Tensor mean = at::linear(x, weight_mu, bias_mu);
+  at::Tensor var, kl;
+  if (block_rows >= out_features) {
+    at::Tensor sigma2;
+    std::tie(sigma2, kl) = lrt_weight_forward(weight_mu, weight_rho, prior_sigma);
+    var = at::linear(x * x, sigma2);
+  } else {
+    // sigma^2 one cache-sized block of rows at a time, never weight-sized
+    const at::Tensor x_2d = x.reshape({-1, in_features});
+    const at::Tensor x2 = x_2d * x_2d;
+    var = at::empty({x_2d.size(0), out_features}, weight_mu.options());
+    for (int64_t r0 = 0; r0 < out_features; r0 += block_rows) {
+      const int64_t r1 = std::min(r0 + block_rows, out_features);
+      auto [sigma2, block_kl] = lrt_weight_forward(weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1),
+                                                   prior_sigma);
+      var.slice(1, r0, r1).copy_(x2.mm(sigma2.t()));
+      kl = kl.defined() ? kl + block_kl : block_kl;
+    }
+    var = var.reshape(with_last(x.sizes(), out_features));
+  }
+  if (has(bias_rho)) {
+    auto [bias_sigma2, bias_kl] = lrt_weight_forward(*bias_mu, *bias_rho, prior_sigma);
+    var.add_(bias_sigma2);
+    kl = kl + bias_kl;
+  }
+  const at::Tensor std = var.clamp_min_(0).sqrt_();
+  return {at::addcmul(mean, std, philox_normal(std, seed, kNoiseOffset)), std, kl};
+}
+
+// (grad_x, grad_weight_mu, grad_weight_rho, grad_bias_mu, grad_bias_rho), each empty where not
+// asked for (need_x, need_w, need_b); eps regenerated from the seed, sigma^2 rebuilt in the pass
+// that turns dL/dsigma^2 into dL/drho.
+Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_kl, const at::Tensor& x,
+                               const at::Tensor& weight_mu_in, const at::Tensor& weight_rho_in,
+                               const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
+                               const at::Tensor& seed, const at::Tensor& std_in, double prior_sigma,
+                               int64_t block_rows, bool need_x, bool need_w, bool need_b) {
+  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows);
+  const at::Tensor weight_mu = weight_mu_in.contiguous(), weight_rho = weight_rho_in.contiguous();
+  const int64_t out_features = weight_mu.size(0), in_features = weight_mu.size(1);
+  const std::vector<int64_t> y_shape = with_last(x.sizes(), out_features);
+  TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(y_shape) && std_in.sizes() == at::IntArrayRef(y_shape),
+                    "grad_y and std must have shape x.shape[:-1] + (", out_features, ",) = ", y_shape, ", got ",
+                    grad_y.sizes(), " and ", std_in.sizes());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type() && std_in.scalar_type() == x.scalar_type(),
+                   "grad_y and std must have the dtype of x (", x.scalar_type(), "), got ", grad_y.scalar_type(),
+                   " and ", std_in.scalar_type());
+  need_b = need_b && has(bias_mu);
+  const at::Tensor std = std_in.reshape({-1, out_features});
+  const at::Tensor g = grad_y.reshape({-1, out_features});
+  const at::Tensor x_2d = x.reshape({-1, in_features});
+  // dL/dvar = grad * eps / (2 std), 0 where std = 0 (a valid subgradient: no NaN)
+  const at::Tensor eps = philox_normal(std, seed, kNoiseOffset);
+  const at::Tensor positive = std.gt(0);
+  at::Tensor half_u = g * eps / at::where(positive, std, at::ones_like(std));
+  half_u.masked_fill_(positive.logical_not(), 0);
+  half_u.mul_(0.5);
+  at::Tensor grad_x, grad_mu, grad_rho, sigma2;
+  if (need_w && block_rows < out_features) {
+    grad_mu = at::empty_like(weight_mu);
+    grad_rho = at::empty_like(weight_rho);
+    const at::Tensor x2 = x_2d * x_2d;
+    at::Tensor var_grad_x = need_x ? at::zeros(x_2d.sizes(), x_2d.options()) : at::Tensor();
+    for (int64_t r0 = 0; r0 < out_features; r0 += block_rows) {
+      const int64_t r1 = std::min(r0 + block_rows, out_features);
+      at::Tensor grad_mu_rows = grad_mu.slice(0, r0, r1), grad_rho_rows = grad_rho.slice(0, r0, r1);
+      at::mm_out(grad_mu_rows, g.slice(1, r0, r1).t(), x_2d);
+      at::mm_out(grad_rho_rows, half_u.slice(1, r0, r1).t(), x2);
+      const at::Tensor block_sigma2 = lrt_weight_backward_(grad_mu_rows, grad_rho_rows, grad_kl,
+                                                           weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1),
+                                                           prior_sigma);
+      if (need_x) var_grad_x.addmm_(half_u.slice(1, r0, r1), block_sigma2);
+    }
+    if (need_x) grad_x = at::addcmul(g.mm(weight_mu), x_2d, var_grad_x, 2);
+  } else if (need_w) {
+    // the GEMMs give dL/dmu and dL/dsigma2 of the data term; one fused pass adds the KL's gradients,
+    // turns dL/dsigma2 into dL/drho and rebuilds sigma2 for grad_x
+    grad_mu = g.t().mm(x_2d).contiguous();
+    grad_rho = half_u.t().mm(x_2d * x_2d).contiguous();
+    sigma2 = lrt_weight_backward_(grad_mu, grad_rho, grad_kl, weight_mu, weight_rho, prior_sigma);
+  }
+  if (need_x && !grad_x.defined()) {  // d/dx of x mu^T and of x^2 (sigma^2)^T
+    if (!sigma2.defined()) sigma2 = std::get<0>(lrt_weight_forward(weight_mu, weight_rho, 0.0));
+    grad_x = at::addcmul(g.mm(weight_mu), x_2d, half_u.mm(sigma2), 2);
+  }
+  at::Tensor grad_bias_mu, grad_bias_rho;
+  if (need_b) {
+    grad_bias_mu = g.sum(0, false, bias_mu->scalar_type());
+    grad_bias_rho = half_u.sum(0).to(bias_rho->scalar_type());
+    lrt_weight_backward_(grad_bias_mu, grad_bias_rho, grad_kl, *bias_mu, *bias_rho, prior_sigma);
+  }
+  const at::Tensor none = at::empty({0}, weight_mu.options());
+  return {need_x ? grad_x.reshape(x.sizes()) : none, need_w ? grad_mu : none, need_w ? grad_rho : none,
+          need_b ? grad_bias_mu : none, need_b ? grad_bias_rho : none};
+}
+
+// Through the dispatcher: below autograd the call reaches the CPU kernel above (or a fake one).
+Triple call_forward(const at::Tensor& x, const at::Tensor& weight_mu, const at::Tensor& weight_rho,
+                    const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
+                    const at::Tensor& seed, double prior_sigma, int64_t block_rows) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bayes_ext::linear_lrt_rows", "")
+                       .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                                     const at::Tensor&, double, int64_t)>();
+  return op.call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_sigma, block_rows);
+}
+
+Grads call_backward(const at::Tensor& grad_y, const at::Tensor& grad_kl, const at::Tensor& x,
+                    const at::Tensor& weight_mu, const at::Tensor& weight_rho,
+                    const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
+                    const at::Tensor& seed, const at::Tensor& std, double prior_sigma, int64_t block_rows,
+                    bool need_x, bool need_w, bool need_b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bayes_ext::linear_lrt_rows_backward", "")
+                       .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const c10::optional<at::Tensor>&,
+                                    const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double,
+                                    int64_t, bool, bool, bool)>();
+  return op.call(grad_y, grad_kl, x, weight_mu, weight_rho, bias_mu, bias_rho, seed, std, prior_sigma, block_rows,
+                 need_x, need_w, need_b);
+}
+
+// Saves what the Python op saves: x, the parameters, the seed and std (batch-sized; eps is
+// regenerated). Like the Python op, the backward itself is not differentiable again, except that
+// under create_graph dL/dx stays differentiable in grad_y (the weights' terms constants).
+class LinearLrtFunction : public torch::autograd::Function<LinearLrtFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& weight_mu, const at::Tensor& weight_rho,
+                                                const c10::optional<at::Tensor>& bias_mu,
+                                                const c10::optional<at::Tensor>& bias_rho, const at::Tensor& seed,
+                                                double prior_sigma, int64_t block_rows) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, std, kl] = call_forward(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_sigma, block_rows);
+    ctx->mark_non_differentiable({std});
+    ctx->save_for_backward({x, weight_mu, weight_rho, bias_mu.value_or(at::Tensor()),
+                            bias_rho.value_or(at::Tensor()), seed, std});
+    ctx->saved_data["prior_sigma"] = prior_sigma;
+    ctx->saved_data["block_rows"] = block_rows;
+    return {y, std, kl};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight_mu = saved[1], &weight_rho = saved[2], &seed = saved[5], &std = saved[6];
+    const double prior_sigma = ctx->saved_data["prior_sigma"].toDouble();
+    const int64_t block_rows = ctx->saved_data["block_rows"].toInt();
+    const bool has_bias = saved[3].defined();
+    // an output that was not used gets no gradient from autograd: zeros of its shape
+    const at::Tensor grad_y = grads[0].defined() ? grads[0].to(x.scalar_type()) : at::zeros_like(std);
+    const at::Tensor grad_kl = grads[2].defined() ? grads[2] : at::zeros({}, weight_mu.options());
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+    const bool need_b = has_bias && (ctx->needs_input_grad(3) || ctx->needs_input_grad(4));
+    const bool record = at::GradMode::is_enabled();  // create_graph=True
+    Grads computed;
+    {
+      layer_op::KernelsOnly kernels_only;
+      computed = call_backward(grad_y.detach(), grad_kl, x, weight_mu, weight_rho, maybe(saved[3]), maybe(saved[4]),
+                               seed, std, prior_sigma, block_rows, need_x && !record, need_w, need_b);
+    }
+    auto [grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho] = computed;
+    if (need_x && record) {  // dL/dx = g mu + 2 x (g eps / (2 std)) sigma^2, linear in g
+      at::Tensor eps, sigma2;
+      {
+        layer_op::KernelsOnly kernels_only;
+        eps = philox_normal(std, seed, kNoiseOffset);
+        sigma2 = std::get<0>(lrt_weight_forward(weight_mu, weight_rho, 0.0));
+      }
+      const at::Tensor positive = std.gt(0);
+      const at::Tensor half_u =
+          (grad_y * eps / at::where(positive, std, at::ones_like(std))).masked_fill(positive.logical_not(), 0) * 0.5;
+      grad_x = at::addcmul(at::matmul(grad_y, weight_mu.detach()), x.detach(), at::matmul(half_u, sigma2), 2);
+    }
+    const at::Tensor none;
+    return {need_x ? grad_x : none, need_w ? grad_mu : none, need_w ? grad_rho : none,
+            need_b ? grad_bias_mu : none, need_b ? grad_bias_rho : none, none, none, none};
+  }
+};
+
+Triple linear_lrt_rows_autograd(const at::Tensor& x, const at::Tensor& weight_mu, const at::Tensor& weight_rho,
+                                const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
+                                const at::Tensor& seed, double prior_sigma, int64_t block_rows) {
+  auto out = LinearLrtFunction::apply(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_sigma, block_rows);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bayes_ext, CPU, m) {
+  m.impl("linear_lrt_rows", &linear_lrt_rows);
+  m.impl("linear_lrt_rows_backward", &linear_lrt_rows_backward);
+}
+
+TORCH_LIBRARY_IMPL(bayes_ext, AutogradCPU, m) {
+  m.impl("linear_lrt_rows", &linear_lrt_rows_autograd);
+}
+
+}  // namespace bayes_ext

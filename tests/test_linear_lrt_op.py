@@ -1,0 +1,145 @@
+"""bayes_ext::linear_lrt_rows, the CPU's one-call local-reparameterisation layer with its autograd
+in C++ (csrc/cpu/linear_lrt_cpu.cpp): eager CPU calls of linear_lrt / linear_lrt_with_kl take it; it
+must give the Python custom op's values and gradients bit for bit, whole and in row blocks, and
+reject bad input with errors that name the argument."""
+import pytest
+import torch
+
+from bayes_ext import functional as BF
+from bayes_ext import functional_estimators as BFE
+
+F64 = torch.float64
+
+
+def _params(out_f, in_f, bias, dtype=F64):
+    g = torch.Generator().manual_seed(out_f * 100 + in_f)
+
+    def param(shape, shift):
+        return (0.3 * torch.randn(shape, generator=g, dtype=dtype) + shift).requires_grad_()
+    if not bias:
+        return param((out_f, in_f), 0.0), param((out_f, in_f), -2.0), None, None
+    return param((out_f, in_f), 0.0), param((out_f, in_f), -2.0), param((out_f,), 0.0), param((out_f,), -2.0)
+
+
+def _run(fn, x, params, g_out, g_kl, need_x):
+    """(outputs, gradients w.r.t. x (if need_x) and the parameters) of one call of fn."""
+    inputs = ([x] if need_x else []) + [p for p in params if p is not None]
+    y, std, kl = fn()
+    loss = (y * g_out).sum() + g_kl * kl
+    return (y.detach(), std.detach(), kl.detach()), torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("need_x", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("prior_sigma", [0.0, 0.7])  # 0: no KL
+@pytest.mark.parametrize("block_rows", [None, 1, 3])  # None: the whole weight in one block
+def test_equals_the_python_custom_op(compiled, monkeypatch, block_rows, prior_sigma, dtype, bias, need_x):
+    params = _params(7, 9, bias, dtype)
+    if block_rows is not None:  # the Python op's blocks must be the ones the C++ op is given
+        monkeypatch.setattr(BF, "BLOCK_ELEMENTS", block_rows * 9)
+    rows = BF._block_rows(params[0])
+    assert rows == (7 if block_rows is None else block_rows)
+    x = torch.randn(4, 3, 9, dtype=dtype, requires_grad=need_x)
+    x.data[0, 0] = 0  # an all-zero row: std = 0 without a bias (the subgradient 0, no NaN)
+    g_out = torch.randn(4, 3, 7, dtype=dtype)
+    seed = torch.tensor([2 ** 62 + 5])
+    got = _run(lambda: compiled.linear_lrt_rows(x, *params, seed, prior_sigma, rows), x, params, g_out, 0.3, need_x)
+    ref = _run(lambda: BFE._linear_lrt.op(x, *params, seed, prior_sigma), x, params, g_out, 0.3, need_x)
+    for a, b in zip(got[0] + got[1], ref[0] + ref[1]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+        assert torch.isfinite(a).all()
+
+
+def _ops_called(fn):
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_the_lrt_functions_take_it_in_eager_cpu_calls(compiled):
+    params = _params(4, 5, True)
+    x = torch.randn(3, 5, dtype=F64)
+    seed = torch.tensor([1])
+    assert "bayes_ext::linear_lrt_rows" in _ops_called(lambda: BFE.linear_lrt(x, *params, seed=seed))
+    assert "bayes_ext::linear_lrt_rows" in _ops_called(lambda: BFE.linear_lrt_with_kl(x, *params, seed=seed))
+    params32 = [p.detach().float() for p in params]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # x cast to bf16: the Python op's mixed precision
+        names = _ops_called(lambda: BFE.linear_lrt_with_kl(x.float(), *params32, seed=seed))
+    assert "bayes_ext::linear_lrt_rows" not in names and "bayes_ext::lrt_weight_forward" in names
+
+
+@pytest.mark.parametrize("which", ["output", "kl"])
+def test_backward_through_one_output_only(compiled, which):
+    """An output that is not used gets no gradient from autograd; the C++ backward fills in zeros."""
+    params = _params(5, 4, True)
+    x = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    seed = torch.tensor([9])
+    pick = {"output": lambda y, kl: y.sum(), "kl": lambda y, kl: kl}[which]
+    inputs = (x,) + params
+    y, _, kl = compiled.linear_lrt_rows(x, *params, seed, 0.5, 2)
+    got = torch.autograd.grad(pick(y, kl), inputs, allow_unused=True)
+    y, _, kl = compiled.linear_lrt_rows(x, *params, seed, 0.5, 2)
+    ref = torch.autograd.grad(pick(y, kl) + 0 * (y.sum() + kl), inputs)
+    for a, b in zip(got, ref):
+        assert torch.equal(torch.zeros_like(b) if a is None else a, b)
+
+
+@pytest.mark.parametrize("block_rows", [1, 5])
+def test_gradcheck(compiled, block_rows):
+    params = _params(5, 3, True)
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    seed = torch.tensor([4])
+
+    def fn(x, *p):
+        y, _, kl = compiled.linear_lrt_rows(x, *p, seed, 0.8, block_rows)
+        return y, kl
+    assert torch.autograd.gradcheck(fn, (x,) + params, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_inputs_name_the_argument(compiled):
+    wm, wr, bm, br = (p.detach() for p in _params(4, 5, True, torch.float32))
+    seed = torch.tensor([1])
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="x must be"):
+        compiled.linear_lrt_rows(torch.randn(3, 4), wm, wr, bm, br, seed, 0.1, 4)
+    with pytest.raises(TypeError, match="x must have the dtype"):
+        compiled.linear_lrt_rows(x.double(), wm, wr, bm, br, seed, 0.1, 4)
+    with pytest.raises(ValueError, match="bias_mu and bias_rho"):
+        compiled.linear_lrt_rows(x, wm, wr, bm, None, seed, 0.1, 4)
+    with pytest.raises(ValueError, match="weight_mu must be"):
+        compiled.linear_lrt_rows(x, wm[0], wr[0], None, None, seed, 0.1, 4)
+    with pytest.raises(ValueError, match="block_rows must be positive"):
+        compiled.linear_lrt_rows(x, wm, wr, bm, br, seed, 0.1, 0)
+    with pytest.raises(TypeError, match="seed"):
+        compiled.linear_lrt_rows(x, wm, wr, bm, br, seed.float(), 0.1, 4)
+    y, std, _ = compiled.linear_lrt_rows(x, wm, wr, bm, br, seed, 0.1, 2)
+    one = torch.ones(())
+    with pytest.raises(ValueError, match="grad_y and std must have shape"):
+        compiled.linear_lrt_rows_backward(y[:, :2], one, x, wm, wr, bm, br, seed, std, 0.1, 2, True, True, True)
+    with pytest.raises(TypeError, match="grad_y and std must have the dtype"):
+        compiled.linear_lrt_rows_backward(y.double(), one, x, wm, wr, bm, br, seed, std, 0.1, 2, True, True, True)
+
+
+def test_create_graph_keeps_dx_differentiable_in_the_upstream_gradient(backend):
+    """backward(create_graph=True): dL/dx = c mu + x ((c eps / std) sigma^2) is linear in the upstream
+    gradient c (the weights' terms constants), so d/dc |dL/dx|^2 = 2 A^T A c for that map A."""
+    from bayes_ext import _backend
+    params = _params(3, 5, True)
+    x = torch.randn(4, 5, dtype=F64, requires_grad=True)
+    c = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    seed = torch.tensor([5])
+    y = BFE.linear_lrt(x, *params, seed=seed)
+    grad_x, = torch.autograd.grad((y * c).sum(), x, create_graph=True)
+    grad_x.pow(2).sum().backward()
+    wm, wr, bm, br = (p.detach() for p in params)
+    xd = x.detach()
+    sigma2 = torch.nn.functional.softplus(wr) ** 2
+    std = (xd * xd @ sigma2.t() + torch.nn.functional.softplus(br) ** 2).sqrt()
+    eps = _backend.ops().philox_normal(std, seed, 2)
+    c_ref = c.detach().clone().requires_grad_()
+    dx = c_ref @ wm + xd * ((c_ref * eps / std) @ sigma2)
+    torch.testing.assert_close(grad_x.detach(), (c.detach() @ wm + xd * ((c.detach() * eps / std) @ sigma2)))
+    dx.pow(2).sum().backward()
+    torch.testing.assert_close(c.grad, c_ref.grad)
