@@ -4,6 +4,7 @@ Interleaving (case A rep 1, case B rep 1, ..., case A rep 2, ...) makes slow dri
 (thermal, other tenants) hit every case alike, so ratios to nn.Linear from the same group are
 steadier than the absolute times. Slow cases get fewer repeats: each case has a time budget.
 """
+import math
 import statistics
 import time
 
@@ -77,7 +78,7 @@ def round_robin(runners, warmup, budget_s, min_reps, max_reps, cap_s=float("inf"
             rewarm[k] = t < rewarm_below_s
             per_rep = 2 * t if rewarm[k] else t
             n = max(min_reps, min(max_reps, int(budget_s / per_rep)))
-            reps[k] = max(1, min(n, int(cap_s / per_rep)))
+            reps[k] = max(1, min(n, int(cap_s / per_rep))) if math.isfinite(cap_s) else n
         except Exception as e:  # a case that crashes is reported, the others go on
             failed[k] = str(e).strip().splitlines()[-1][:200]
     keys = [k for k in runners if k not in failed]

@@ -39,3 +39,34 @@ def test_overhead_script_reports_both_layers():
     for line in lines:
         train_us, infer_us = float(line.split()[3]), float(line.split()[7])
         assert train_us > 0 and infer_us > 0
+
+
+class _CountingRunner:
+    """A runner whose steps take `step_s` (as reported) and that records every call."""
+
+    def __init__(self, name, step_s, log):
+        self.name, self.step_s, self.log = name, step_s, log
+
+    def run(self, n):
+        self.log.extend([self.name] * n)
+        return [self.step_s] * n
+
+
+def test_round_robin_rewarms_short_steps_after_another_case():
+    """A case whose step is shorter than the threshold runs an untimed step of its own before every
+    timed one (the first step after another case runs on that case's caches); long steps do not."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import timing
+    finally:
+        sys.path.pop(0)
+    log = []
+    runners = {"fast": _CountingRunner("fast", 0.001, log), "slow": _CountingRunner("slow", 1.0, log)}
+    times, failed = timing.round_robin(runners, warmup=1, budget_s=0.004, min_reps=3, max_reps=3,
+                                       rewarm_below_s=0.01)
+    assert not failed and len(times["fast"]) == 3 and len(times["slow"]) == 3
+    timed_part = log[2:]  # after one warm-up step each
+    assert timed_part.count("fast") == 6 and timed_part.count("slow") == 3  # 3 untimed + 3 timed
+    for i, name in enumerate(timed_part):  # every fast step that follows another case is untimed
+        if name == "fast" and (i == 0 or timed_part[i - 1] != "fast"):
+            assert timed_part[i + 1] == "fast"
