@@ -190,3 +190,15 @@ def assert_row_blocks_match_whole(monkeypatch, weight_mu, run, tensors):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-11)
     for a, b in zip(grads2, grads1):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def layer_params(out_f, in_f, bias, dtype=torch.float64):
+    """(weight_mu, weight_rho, bias_mu, bias_rho) leaves of a linear layer, mu ~ 0.3 N(0, 1) and
+    rho ~ -2 + 0.3 N(0, 1) from a generator seeded by the shape (bias ones None without a bias)."""
+    g = torch.Generator().manual_seed(out_f * 100 + in_f)
+
+    def param(shape, shift):
+        return (0.3 * torch.randn(shape, generator=g, dtype=dtype) + shift).requires_grad_()
+    if not bias:
+        return param((out_f, in_f), 0.0), param((out_f, in_f), -2.0), None, None
+    return param((out_f, in_f), 0.0), param((out_f, in_f), -2.0), param((out_f,), 0.0), param((out_f,), -2.0)

@@ -8,17 +8,9 @@ import torch
 from bayes_ext import functional as BF
 from bayes_ext import functional_estimators as BFE
 
+from helpers import layer_params
+
 F64 = torch.float64
-
-
-def _params(out_f, in_f, bias, dtype=F64):
-    g = torch.Generator().manual_seed(out_f * 100 + in_f)
-
-    def param(shape, shift):
-        return (0.3 * torch.randn(shape, generator=g, dtype=dtype) + shift).requires_grad_()
-    if not bias:
-        return param((out_f, in_f), 0.0), param((out_f, in_f), -2.0), None, None
-    return param((out_f, in_f), 0.0), param((out_f, in_f), -2.0), param((out_f,), 0.0), param((out_f,), -2.0)
 
 
 def _run(fn, x, params, g_out, g_kl, need_x):
@@ -35,7 +27,7 @@ def _run(fn, x, params, g_out, g_kl, need_x):
 @pytest.mark.parametrize("prior_sigma", [0.0, 0.7])  # 0: no KL
 @pytest.mark.parametrize("block_rows", [None, 1, 3])  # None: the whole weight in one block
 def test_equals_the_python_custom_op(compiled, monkeypatch, block_rows, prior_sigma, dtype, bias, need_x):
-    params = _params(7, 9, bias, dtype)
+    params = layer_params(7, 9, bias, dtype)
     if block_rows is not None:  # the Python op's blocks must be the ones the C++ op is given
         monkeypatch.setattr(BF, "BLOCK_ELEMENTS", block_rows * 9)
     rows = BF._block_rows(params[0])
@@ -59,7 +51,7 @@ def _ops_called(fn):
 
 
 def test_the_lrt_functions_take_it_in_eager_cpu_calls(compiled):
-    params = _params(4, 5, True)
+    params = layer_params(4, 5, True)
     x = torch.randn(3, 5, dtype=F64)
     seed = torch.tensor([1])
     assert "bayes_ext::linear_lrt_rows" in _ops_called(lambda: BFE.linear_lrt(x, *params, seed=seed))
@@ -73,7 +65,7 @@ def test_the_lrt_functions_take_it_in_eager_cpu_calls(compiled):
 @pytest.mark.parametrize("which", ["output", "kl"])
 def test_backward_through_one_output_only(compiled, which):
     """An output that is not used gets no gradient from autograd; the C++ backward fills in zeros."""
-    params = _params(5, 4, True)
+    params = layer_params(5, 4, True)
     x = torch.randn(3, 4, dtype=F64, requires_grad=True)
     seed = torch.tensor([9])
     pick = {"output": lambda y, kl: y.sum(), "kl": lambda y, kl: kl}[which]
@@ -88,7 +80,7 @@ def test_backward_through_one_output_only(compiled, which):
 
 @pytest.mark.parametrize("block_rows", [1, 5])
 def test_gradcheck(compiled, block_rows):
-    params = _params(5, 3, True)
+    params = layer_params(5, 3, True)
     x = torch.randn(2, 3, dtype=F64, requires_grad=True)
     seed = torch.tensor([4])
 
@@ -99,7 +91,7 @@ def test_gradcheck(compiled, block_rows):
 
 
 def test_bad_inputs_name_the_argument(compiled):
-    wm, wr, bm, br = (p.detach() for p in _params(4, 5, True, torch.float32))
+    wm, wr, bm, br = (p.detach() for p in layer_params(4, 5, True, torch.float32))
     seed = torch.tensor([1])
     x = torch.randn(3, 5)
     with pytest.raises(ValueError, match="x must be"):
@@ -126,7 +118,7 @@ def test_create_graph_keeps_dx_differentiable_in_the_upstream_gradient(backend):
     """backward(create_graph=True): dL/dx = c mu + x ((c eps / std) sigma^2) is linear in the upstream
     gradient c (the weights' terms constants), so d/dc |dL/dx|^2 = 2 A^T A c for that map A."""
     from bayes_ext import _backend
-    params = _params(3, 5, True)
+    params = layer_params(3, 5, True)
     x = torch.randn(4, 5, dtype=F64, requires_grad=True)
     c = torch.randn(4, 3, dtype=F64, requires_grad=True)
     seed = torch.tensor([5])

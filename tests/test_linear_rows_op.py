@@ -7,18 +7,10 @@ import torch
 
 from bayes_ext import functional as BF
 
+from helpers import layer_params
+
 PRIOR = (0.5, 0.3, 1.5)
 F64 = torch.float64
-
-
-def _params(out_f, in_f, bias, dtype=F64):
-    g = torch.Generator().manual_seed(out_f * 100 + in_f)
-
-    def param(shape, shift):
-        return (0.3 * torch.randn(shape, generator=g, dtype=dtype) + shift).requires_grad_()
-    if not bias:
-        return param((out_f, in_f), 0.0), param((out_f, in_f), -2.0), None, None
-    return param((out_f, in_f), 0.0), param((out_f, in_f), -2.0), param((out_f,), 0.0), param((out_f,), -2.0)
 
 
 def _run(fn, x, params, g_out, glq, glp, need_x):
@@ -34,7 +26,7 @@ def _run(fn, x, params, g_out, glq, glp, need_x):
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("block_rows", [None, 1, 3])  # None: the whole weight in one block
 def test_equals_the_python_custom_op(compiled, monkeypatch, block_rows, dtype, bias, need_x):
-    params = _params(7, 9, bias, dtype)
+    params = layer_params(7, 9, bias, dtype)
     if block_rows is not None:  # the Python op's blocks must be the ones the C++ op is given
         monkeypatch.setattr(BF, "BLOCK_ELEMENTS", block_rows * 9)
     rows = BF._block_rows(params[0])
@@ -51,7 +43,7 @@ def test_equals_the_python_custom_op(compiled, monkeypatch, block_rows, dtype, b
 
 
 def test_bayesian_linear_takes_it_in_eager_cpu_calls(compiled):
-    params = _params(4, 5, True)
+    params = layer_params(4, 5, True)
     x = torch.randn(3, 5, dtype=F64)
 
     def ops_called(x, params):
@@ -68,7 +60,7 @@ def test_bayesian_linear_takes_it_in_eager_cpu_calls(compiled):
 @pytest.mark.parametrize("which", ["output", "log_q", "log_p"])
 def test_backward_through_one_output_only(compiled, which):
     """An output that is not used gets no gradient from autograd; the C++ backward fills in zeros."""
-    params = _params(5, 4, True)
+    params = layer_params(5, 4, True)
     x = torch.randn(3, 4, dtype=F64, requires_grad=True)
     seed = torch.tensor([9])
     pick = {"output": lambda y, q, p: y.sum(), "log_q": lambda y, q, p: q, "log_p": lambda y, q, p: p}[which]
@@ -82,7 +74,7 @@ def test_backward_through_one_output_only(compiled, which):
 
 @pytest.mark.parametrize("block_rows", [1, 5])
 def test_gradcheck(compiled, block_rows):
-    params = _params(5, 3, True)
+    params = layer_params(5, 3, True)
     x = torch.randn(2, 3, dtype=F64, requires_grad=True)
     seed = torch.tensor([4])
 
@@ -93,7 +85,7 @@ def test_gradcheck(compiled, block_rows):
 
 
 def test_bad_inputs_name_the_argument(compiled):
-    wm, wr, bm, br = (p.detach() for p in _params(4, 5, True, torch.float32))
+    wm, wr, bm, br = (p.detach() for p in layer_params(4, 5, True, torch.float32))
     seed = torch.tensor([1])
     x = torch.randn(3, 5)
     with pytest.raises(ValueError, match="x must be"):
@@ -122,7 +114,7 @@ def test_create_graph_keeps_dx_differentiable_in_the_upstream_gradient(backend):
     (the compiled one-call op, the Python op, the pure-PyTorch kernels). For L = sum(y * c):
     d/dc |dL/dx|^2 = 2 (c W) W^T."""
     from bayes_ext import _backend
-    params = _params(3, 5, True)
+    params = layer_params(3, 5, True)
     x = torch.randn(4, 5, dtype=F64, requires_grad=True)
     c = torch.randn(4, 3, dtype=F64, requires_grad=True)
     seed = torch.tensor([5])
@@ -138,7 +130,7 @@ def test_create_graph_through_the_stacked_samples(backend):
     """The same for N samples at once (the vectorised ELBO's layer op): d/dc |dL/dx|^2 per sample."""
     from bayes_ext import _backend
     from bayes_ext import functional_samples as FS
-    params = _params(3, 5, True)
+    params = layer_params(3, 5, True)
     seeds = torch.tensor([4, 9], dtype=torch.int64)
     x = torch.randn(2, 4, 5, dtype=F64, requires_grad=True)
     c = torch.randn(2, 4, 3, dtype=F64, requires_grad=True)

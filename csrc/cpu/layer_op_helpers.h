@@ -1,5 +1,6 @@
-// Small helpers of the whole-layer CPU ops (linear_samples_cpu.cpp, linear_reparam_cpu.cpp):
-// optional tensors as the dispatcher passes them, and output shapes.
+// Small helpers of the whole-layer CPU ops (linear_samples_cpu.cpp, linear_reparam_cpu.cpp,
+// linear_lrt_cpu.cpp): optional tensors as the dispatcher passes them, output shapes, argument
+// checks and the guard of their backwards' kernel calls.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,6 +31,23 @@ inline std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
   std::vector<int64_t> out = shape.vec();
   out.back() = last;
   return out;
+}
+
+// The arguments every one-sample layer op checks: a 2-D weight, x (..., in_features) in its dtype
+// and on its device, bias_mu and bias_rho together, a positive block size.
+inline void check_layer_args(const at::Tensor& x, const at::Tensor& weight_mu,
+                             const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
+                             int64_t block_rows) {
+  TORCH_CHECK_VALUE(weight_mu.dim() == 2, "weight_mu must be (out_features, in_features), got shape ",
+                    weight_mu.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight_mu.size(1), "x must be (..., in_features) = (..., ",
+                    weight_mu.size(1), "), got shape ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == weight_mu.scalar_type(), "x must have the dtype of weight_mu (",
+                   weight_mu.scalar_type(), "), got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == weight_mu.device(), "x must be on the device of weight_mu (", weight_mu.device(),
+                    "), got ", x.device());
+  TORCH_CHECK_VALUE(has(bias_mu) == has(bias_rho), "bias_mu and bias_rho must be given together");
+  TORCH_CHECK_VALUE(block_rows >= 1, "block_rows must be positive, got ", block_rows);
 }
 
 }  // namespace layer_op

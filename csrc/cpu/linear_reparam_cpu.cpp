@@ -20,6 +20,7 @@
 namespace bayes_ext {
 namespace {
 
+using layer_op::check_layer_args;
 using layer_op::has;
 using layer_op::maybe;
 using layer_op::with_last;
@@ -58,20 +59,6 @@ at::Tensor sample_weight_backward_into(at::Tensor& grad_mu, at::Tensor& grad_rho
                                          const at::Tensor&, int64_t, double, double, double, bool, int64_t)>();
   return op.call(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, 0, pi, sigma1, sigma2,
                  return_weight, start);
-}
-
-void check_layer_args(const at::Tensor& x, const at::Tensor& weight_mu, const c10::optional<at::Tensor>& bias_mu,
-                      const c10::optional<at::Tensor>& bias_rho, int64_t block_rows) {
-  TORCH_CHECK_VALUE(weight_mu.dim() == 2, "weight_mu must be (out_features, in_features), got shape ",
-                    weight_mu.sizes());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight_mu.size(1), "x must be (..., in_features) = (..., ",
-                    weight_mu.size(1), "), got shape ", x.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == weight_mu.scalar_type(), "x must have the dtype of weight_mu (",
-                   weight_mu.scalar_type(), "), got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.device() == weight_mu.device(), "x must be on the device of weight_mu (", weight_mu.device(),
-                    "), got ", x.device());
-  TORCH_CHECK_VALUE(has(bias_mu) == has(bias_rho), "bias_mu and bias_rho must be given together");
-  TORCH_CHECK_VALUE(block_rows >= 1, "block_rows must be positive, got ", block_rows);
 }
 
 // (y (x.shape[:-1] + (out_features,)), log_q, log_p): W on stream (seed, 0) in blocks of
