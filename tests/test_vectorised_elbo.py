@@ -610,6 +610,22 @@ def test_bad_inputs_get_the_layers_errors():
         model.sample_elbo(torch.randn(4, 13, dtype=F64), y, nn.MSELoss(), 3, vectorized=True)
 
 
+def test_kl_terms_intact_after_a_refused_vectorised_forward():
+    """A layer that refuses its input (vectorized=True) keeps the terms it had, readable."""
+    model = Regression()
+    x, y, crit = _regression_data()
+    _elbo_step(model, x, y, crit, 2, vectorized=False)
+    q = model.l2.log_variational_posterior
+
+    class Narrowing(nn.Module):  # hands l2 one sample's rows only
+        def forward(self, h):
+            return h[:6]
+    model.l2.register_forward_pre_hook(lambda m, args: (Narrowing()(args[0]),))
+    with pytest.raises(V.NotVectorisable):
+        model.sample_elbo(x, y, crit, 3, vectorized=True)
+    assert torch.equal(model.l2.log_variational_posterior, q)
+
+
 def test_vectorized_argument_checked():
     model = Regression()
     x, y, crit = _regression_data()

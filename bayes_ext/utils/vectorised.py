@@ -148,7 +148,9 @@ class SampleBatch:
     def finish(self) -> None:
         """Leave each called layer reporting the KL terms of the last sample, as the loop does."""
         for layer in self.called:
-            layer._report_last_sample_kl()
+            q = layer._kl_terms[0]  # per-sample terms, unless the call failed before setting them
+            if isinstance(q, torch.Tensor) and q.dim() == 1 and q.shape[0] == self.sample_nbr:
+                layer._report_last_sample_kl()
 
 
 def _stack_copies(t: torch.Tensor, n: int) -> torch.Tensor:
