@@ -158,3 +158,29 @@ def test_backend_switch_does_not_change_noise(compiled):
         b = _train(seed=8, dtype=torch.float64, steps=3)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-9, atol=1e-9)
+
+
+def test_multi_sample_ops_independent_of_thread_count(compiled):
+    """The vectorised ELBO's multi-seed ops split small weights into ranges per thread: the values
+    must not depend on the split (rho of both signs, so tiles take both of the kernels' paths)."""
+    g = torch.Generator().manual_seed(11)
+    mu = 0.2 * torch.randn(9, 1001, generator=g)  # over the ops' 8192-element grain: split per thread
+    rho = torch.randn(9, 1001, generator=g) * 0.5 - 3
+    rho.view(-1)[::617] = 0.5  # sparse rho > 0: which tiles hold one depends on where tiles start
+    seeds = torch.randint(0, 2 ** 62, (8,), generator=g)
+    grad_w = torch.randn(8, 9, 1001, generator=g)
+    per_sample = torch.randn(8, generator=g)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            forward = compiled.sample_weight_samples(mu, rho, seeds, 0, 0.5, 0.1, 0.4)
+            backward = compiled.sample_weight_samples_backward(grad_w, per_sample, -per_sample, mu, rho, seeds, 0,
+                                                               0.5, 0.1, 0.4, True)
+            results.append(forward + backward)
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

@@ -72,11 +72,14 @@ struct SharedSoftplus {
   SharedSoftplus(const scalar_t* rho, int64_t n, bool with_grads)
       : sigma(static_cast<size_t>(n)), log_sigma(sigma.size()), sigmoid(with_grads ? sigma.size() : 0),
         dlog_sigma(sigmoid.size()) {
-    // elementwise, so any split gives the same values: tile-sized pieces let small weights use
-    // every thread
-    at::parallel_for(0, n, kParallelElements / 4, [&](int64_t b, int64_t e) {
+    // Pieces of kRangeMultiple-aligned ranges, so small weights use every thread while the kernels'
+    // tiles (whose fast path is chosen per tile) start at the same elements whatever the split:
+    // the values do not depend on the number of threads.
+    const int64_t pieces = ceil_div(n, kRangeMultiple);
+    at::parallel_for(0, pieces, kParallelElements / 4 / kRangeMultiple, [&](int64_t b, int64_t e) {
       run_softplus(SoftplusRange<scalar_t>{rho, sigma.data(), log_sigma.data(), with_grads ? sigmoid.data() : nullptr,
-                                           with_grads ? dlog_sigma.data() : nullptr, b, e});
+                                           with_grads ? dlog_sigma.data() : nullptr, b * kRangeMultiple,
+                                           std::min(n, e * kRangeMultiple)});
     });
   }
 };
