@@ -168,11 +168,8 @@ def _lrt_grad_x_recorded(ops, grad_y, x, mu, rho, seed, std):
     """dL/dx = g mu + 2 x (dL/dvar sigma^2), differentiable in g = grad_y (for create_graph=True)."""
     g = torch.zeros_like(std) if grad_y is None else grad_y.to(std.dtype)
     with torch.no_grad():
-        eps = normal(std.shape, seed, LRT_NOISE_OFFSET, std)
         sigma2 = ops.lrt_weight_forward(mu.detach(), rho.detach(), 0.0)[0]
-        positive = std > 0
-        safe_std = torch.where(positive, std, torch.ones_like(std))
-    half_u = (g * eps / safe_std).masked_fill(~positive, 0) * 0.5
+    half_u = lrt_noise_grad(g, std, seed).mul_(0.5)  # differentiable in g: std and eps carry no grad
     grad_x = torch.addcmul(g.matmul(mu.detach()), x.detach().to(std.dtype), half_u.matmul(sigma2), value=2)
     return grad_x.to(x.dtype)
 

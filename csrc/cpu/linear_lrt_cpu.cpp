@@ -51,6 +51,15 @@ at::Tensor philox_normal(const at::Tensor& like, const at::Tensor& seed, int64_t
   return op.call(like, seed, offset, 0);
 }
 
+// dL/dvar = grad * eps / (2 std) for y = mean + std * eps, 0 where std = 0 (a valid subgradient
+// of |x| sigma there: no NaN). Differentiable in g when called under grad mode (create_graph).
+at::Tensor half_noise_grad(const at::Tensor& g, const at::Tensor& std, const at::Tensor& eps) {
+  const at::Tensor positive = std.gt(0);
+  at::Tensor half_u = g * eps / at::where(positive, std, at::ones_like(std));
+  half_u.masked_fill_(positive.logical_not(), 0);
+  return half_u.mul_(0.5);
+}
+
 // (y, std, kl): y = x mu^T + b_mu + std * eps with std = sqrt(x^2 (sigma^2)^T + sigma_b^2) (kept
 // for backward) and eps on stream (seed, 2); kl against N(0, prior_sigma^2) (0 when prior_sigma = 0).
 Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, const at::Tensor& weight_rho_in,
@@ -110,12 +119,7 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
   const at::Tensor std = std_in.reshape({-1, out_features});
   const at::Tensor g = grad_y.reshape({-1, out_features});
   const at::Tensor x_2d = x.reshape({-1, in_features});
-  // dL/dvar = grad * eps / (2 std), 0 where std = 0 (a valid subgradient: no NaN)
-  const at::Tensor eps = philox_normal(std, seed, kNoiseOffset);
-  const at::Tensor positive = std.gt(0);
-  at::Tensor half_u = g * eps / at::where(positive, std, at::ones_like(std));
-  half_u.masked_fill_(positive.logical_not(), 0);
-  half_u.mul_(0.5);
+  const at::Tensor half_u = half_noise_grad(g, std, philox_normal(std, seed, kNoiseOffset));
   at::Tensor grad_x, grad_mu, grad_rho, sigma2;
   if (need_w && block_rows < out_features) {
     grad_mu = at::empty_like(weight_mu);
@@ -229,10 +233,8 @@ class LinearLrtFunction : public torch::autograd::Function<LinearLrtFunction> {
         eps = philox_normal(std, seed, kNoiseOffset);
         sigma2 = std::get<0>(lrt_weight_forward(weight_mu, weight_rho, 0.0));
       }
-      const at::Tensor positive = std.gt(0);
-      const at::Tensor half_u =
-          (grad_y * eps / at::where(positive, std, at::ones_like(std))).masked_fill(positive.logical_not(), 0) * 0.5;
-      grad_x = at::addcmul(at::matmul(grad_y, weight_mu.detach()), x.detach(), at::matmul(half_u, sigma2), 2);
+      grad_x = at::addcmul(at::matmul(grad_y, weight_mu.detach()), x.detach(),
+                           at::matmul(half_noise_grad(grad_y, std, eps), sigma2), 2);
     }
     const at::Tensor none;
     return {need_x ? grad_x : none, need_w ? grad_mu : none, need_w ? grad_rho : none,
