@@ -204,15 +204,18 @@ def _linear_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
         x_2d = x.reshape(-1, in_features)
         blocks = _row_blocks(weight_mu)
         if len(blocks) == 1 and weight_mu.is_cuda:
-            # In place: the CUDA kernel turns the grad_w buffer into grad_mu (each element read before
-            # it is written), so the step holds one weight-sized gradient fewer. The CPU kernels take
-            # __restrict__ pointers (no aliasing), and there the out-of-place op below costs ~10 us
-            # less a call than the mutating one.
+            # dL/dx first, from W rebuilt by the sampling kernel and freed before the two gradients
+            # exist; then the CUDA kernel turns the grad_w buffer into grad_mu in place (each element
+            # read before it is written). The step holds nn.Linear's memory plus one weight copy
+            # (grad_rho), not three. The CPU kernels take __restrict__ pointers (no aliasing), and
+            # there the out-of-place op below costs ~10 us less a call than the mutating one.
+            grad_x = None
+            if need_x:
+                grad_x = grad_out_2d.mm(ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)[0].to(x.dtype))
             grad_mu = mm_in_dtype(grad_out_2d.t(), x_2d, weight_mu.dtype)
             grad_rho = torch.empty_like(grad_mu)
-            w = ops.sample_weight_backward_into(grad_mu, grad_rho, grad_mu, grad_log_q, grad_log_p, weight_mu,
-                                                weight_rho, seed, 0, *prior, need_x, 0)
-            grad_x = grad_out_2d.mm(w.to(x.dtype)) if need_x else None
+            ops.sample_weight_backward_into(grad_mu, grad_rho, grad_mu, grad_log_q, grad_log_p, weight_mu,
+                                            weight_rho, seed, 0, *prior, False, 0)
         elif len(blocks) == 1:
             grad_w = mm_in_dtype(grad_out_2d.t(), x_2d, weight_mu.dtype)
             grad_mu, grad_rho, w = ops.sample_weight_backward(grad_w, grad_log_q, grad_log_p, weight_mu, weight_rho,
@@ -297,27 +300,33 @@ def bayesian_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
     x, seed = prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     pi, sigma1, sigma2 = (float(v) for v in prior)
     _checks.check_prior(pi, sigma1, sigma2)
-    if _eager_cpu_layer(x, weight_mu, weight_rho, bias_mu, bias_rho, seed):
+    if _eager_layer_op(x, weight_mu, weight_rho, bias_mu, bias_rho, seed):
         # the same computation as _linear_reparam in one compiled call each way, its autograd in C++
-        # (csrc/cpu/linear_reparam_cpu.cpp)
+        # (csrc/cpu/linear_reparam_cpu.cpp, registered for the CPU and CUDA)
         return torch.ops.bayes_ext.linear_reparam_rows(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1,
                                                        sigma2, _block_rows(weight_mu))
     return _linear_reparam(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1, sigma2)
 
 
+def eager_compiled_call(x: Tensor, tensors, device_types=("cpu",)) -> bool:
+    """An eager call with the compiled kernels on one of `device_types`, on plain tensors: where the
+    one-call C++ layer ops (csrc/cpu/linear_*_cpu.cpp, autograd in C++) may replace a Python custom
+    op. torch.compile, tensor subclasses and functorch transforms keep the custom op (its fake
+    kernel, its registered autograd)."""
+    return (x.device.type in device_types and _backend.ops() is torch.ops.bayes_ext
+            and not torch.compiler.is_compiling() and _plain(tensors) and not _functorch_active())
+
+
 def eager_compiled_cpu_call(x: Tensor, tensors) -> bool:
-    """An eager call on the CPU with the compiled kernels, on plain tensors: where the one-call C++
-    layer ops (csrc/cpu/linear_*_cpu.cpp, autograd in C++) may replace a Python custom op.
-    torch.compile, tensor subclasses and functorch transforms keep the custom op (its fake kernel,
-    its registered autograd)."""
-    return (x.device.type == "cpu" and _backend.ops() is torch.ops.bayes_ext and not torch.compiler.is_compiling()
-            and _plain(tensors) and not _functorch_active())
+    """eager_compiled_call on the CPU: the layer ops registered for the CPU only."""
+    return eager_compiled_call(x, tensors)
 
 
-def _eager_cpu_layer(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
-                     bias_rho: Optional[Tensor], seed: Tensor) -> bool:
-    """bayes_ext::linear_reparam_rows applies: an eager compiled CPU call with x in the weights'
-    dtype (no autocast cast)."""
-    return x.dtype == weight_mu.dtype and eager_compiled_cpu_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho,
-                                                                     seed))
-
+def _eager_layer_op(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+                    bias_rho: Optional[Tensor], seed: Tensor) -> bool:
+    """bayes_ext::linear_reparam_rows applies: an eager compiled call on the CPU with x in the
+    weights' dtype, or on CUDA (x possibly in autocast's dtype: the op casts W to it)."""
+    tensors = (x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
+    if x.dtype == weight_mu.dtype:
+        return eager_compiled_call(x, tensors, ("cpu", "cuda"))
+    return eager_compiled_call(x, tensors, ("cuda",))

@@ -204,3 +204,82 @@ def test_mm_in_dtype(no_tf32):
     exact = a.float() @ b.float()
     tol = 1e-5 if BF._MM_OUT_DTYPE[0] else 1e-2  # the fallback rounds the product to bf16 first
     torch.testing.assert_close(out, exact, rtol=tol, atol=tol)
+
+
+def _layer_op_and_python_op(x, params, seed, g_out):
+    """(outputs, input and parameter gradients) of bayes_ext::linear_reparam_rows (what eager CUDA
+    calls of bayesian_linear take) and of the Python custom op, on the same seed."""
+    from bayes_ext import functional as BF
+    prior, results = (0.5, 0.3, 1.5), []
+    for fn in (lambda: torch.ops.bayes_ext.linear_reparam_rows(x, *params, seed, *prior, params[0].shape[0]),
+               lambda: BF._linear_reparam.op(x, *params, seed, *prior)):
+        y, log_q, log_p = fn()
+        loss = (y * g_out).float().sum() + 0.3 * log_q - 0.7 * log_p
+        results.append((y, log_q, log_p) + torch.autograd.grad(loss, (x,) + params))
+    return results
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_layer_op_equals_the_python_op_on_cuda(cuda_ops, x_dtype):
+    """The one-call C++ layer op registered for CUDA: same values and gradients as the Python op
+    (the same kernels in the same order), x in fp32 or in autocast's bf16 with fp32 parameters."""
+    if cuda_ops is not torch.ops.bayes_ext:
+        pytest.skip("a compiled-backend op")
+    gen = torch.Generator().manual_seed(3)
+    params = tuple(t.to(DEV).requires_grad_() for t in (torch.randn(33, 20, generator=gen) * 0.3,
+                                                        torch.randn(33, 20, generator=gen) - 3,
+                                                        torch.randn(33, generator=gen) * 0.3,
+                                                        torch.randn(33, generator=gen) - 3))
+    x = torch.randn(6, 5, 20, generator=gen).to(DEV, x_dtype).requires_grad_()
+    g_out = torch.randn(6, 5, 33, generator=gen).to(DEV, x_dtype)
+    got, ref = _layer_op_and_python_op(x, params, seed_tensor(5).to(DEV), g_out)
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    from bayes_ext import functional as BF
+    with torch.profiler.profile() as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x_dtype != torch.float32):
+            BF.bayesian_linear(x.detach().float(), *params, seed=seed_tensor(5))
+    assert "bayes_ext::linear_reparam_rows" in {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("path", ["layer op", "python op"])
+def test_train_step_memory_is_nn_linear_plus_one_weight(cuda_ops, path):
+    """Peak memory of a training step: nn.Linear's plus one weight copy (grad_rho, the gradient
+    nn.Linear does not have). The backward rebuilds W for dL/dx and frees it before grad_mu / grad_rho
+    exist; grad_W's buffer becomes grad_mu in place."""
+    from bayes_ext import functional as BF
+    if path == "layer op" and cuda_ops is not torch.ops.bayes_ext:
+        pytest.skip("a compiled-backend op")
+    out_f, in_f = 1024, 1024
+    weight_bytes = out_f * in_f * 4
+    x = torch.randn(64, in_f, device=DEV)
+
+    def peak(step):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    linear = torch.nn.Linear(in_f, out_f, device=DEV)
+    bayes = BayesianLinear(in_f, out_f).to(DEV)
+
+    def linear_step():
+        linear.weight.grad = linear.bias.grad = None
+        linear(x).sum().backward()
+
+    def bayes_step():
+        for p in bayes.parameters():
+            p.grad = None
+        params, seed = tuple(bayes.parameters()), seed_tensor(9).to(DEV)
+        if path == "layer op":
+            y, log_q, log_p = torch.ops.bayes_ext.linear_reparam_rows(x, *params, seed, 1.0, 0.1, 0.4, out_f)
+        else:
+            y, log_q, log_p = BF._linear_reparam.op(x, *params, seed, 1.0, 0.1, 0.4)
+        (y.sum() + log_q - log_p).backward()
+    for step in (linear_step, bayes_step):  # warm-up: cuBLAS workspaces, the allocator's pools
+        step()
+    extra = peak(bayes_step) - peak(linear_step)
+    assert extra <= 1.1 * weight_bytes, f"{extra / weight_bytes:.2f} weight copies above nn.Linear"

@@ -42,6 +42,28 @@ def test_equals_the_python_custom_op(compiled, monkeypatch, block_rows, dtype, b
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("block_rows", [None, 3])
+def test_lower_precision_x_equals_the_python_custom_op(compiled, monkeypatch, block_rows):
+    """x in bf16 with float32 parameters (what CUDA autocast hands the op; the same code runs on the
+    CPU): W is cast to x's dtype for the matmuls, the gradients come back in float32, bit for bit
+    the Python op's."""
+    params = layer_params(7, 9, True, torch.float32)
+    if block_rows is not None:
+        monkeypatch.setattr(BF, "BLOCK_ELEMENTS", block_rows * 9)
+    rows = BF._block_rows(params[0])
+    x = torch.randn(4, 9).bfloat16().requires_grad_()
+    g_out = torch.randn(4, 7).bfloat16()
+    seed = torch.tensor([77])
+    got = _run(lambda: compiled.linear_reparam_rows(x, *params, seed, *PRIOR, rows), x, params, g_out, 0.3, -0.7, True)
+    ref = _run(lambda: BF._linear_reparam.op(x, *params, seed, *PRIOR), x, params, g_out, 0.3, -0.7, True)
+    assert got[0][0].dtype == torch.bfloat16 and got[1][0].dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in got[1][1:])
+    for a, b in zip(got[0] + got[1], ref[0] + ref[1]):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="x must have the dtype"):  # only lower than fp32 weights
+        compiled.linear_reparam_rows(x.detach(), *(p.detach().double() for p in params), seed, *PRIOR, rows)
+
+
 def test_bayesian_linear_takes_it_in_eager_cpu_calls(compiled):
     params = layer_params(4, 5, True)
     x = torch.randn(3, 5, dtype=F64)

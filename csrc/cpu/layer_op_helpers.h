@@ -34,15 +34,16 @@ inline std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
 }
 
 // The arguments every one-sample layer op checks: a 2-D weight, x (..., in_features) in its dtype
-// and on its device, bias_mu and bias_rho together, a positive block size.
+// and on its device, bias_mu and bias_rho together, a positive block size. An op that accepts
+// other x dtypes (autocast's) checks the dtype itself and passes check_dtype = false.
 inline void check_layer_args(const at::Tensor& x, const at::Tensor& weight_mu,
                              const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
-                             int64_t block_rows) {
+                             int64_t block_rows, bool check_dtype = true) {
   TORCH_CHECK_VALUE(weight_mu.dim() == 2, "weight_mu must be (out_features, in_features), got shape ",
                     weight_mu.sizes());
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight_mu.size(1), "x must be (..., in_features) = (..., ",
                     weight_mu.size(1), "), got shape ", x.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == weight_mu.scalar_type(), "x must have the dtype of weight_mu (",
+  TORCH_CHECK_TYPE(!check_dtype || x.scalar_type() == weight_mu.scalar_type(), "x must have the dtype of weight_mu (",
                    weight_mu.scalar_type(), "), got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.device() == weight_mu.device(), "x must be on the device of weight_mu (", weight_mu.device(),
                     "), got ", x.device());

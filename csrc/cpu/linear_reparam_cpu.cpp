@@ -1,12 +1,18 @@
-// The reparameterised linear layer (one weight sample) in one call each way, CPU: the weight
-// sampled block of rows by block of rows (each block with the noise it has in the whole weight)
-// and consumed by the matmul while in cache, and the backward rebuilding it the same way. The
-// same ops in the same order as the Python implementation of bayes_ext::linear_reparam
+// The reparameterised linear layer (one weight sample) in one call each way. On the CPU the weight
+// is sampled block of rows by block of rows (each block with the noise it has in the whole weight)
+// and consumed by the matmul while in cache, and the backward rebuilds it the same way. The same
+// ops in the same order as the Python implementation of bayes_ext::linear_reparam
 // (bayes_ext/functional.py), so the same values; what it saves is the Python between those ops
-// (~0.6 ms a step at 1024 x 1024, 10% of it). Eager calls get their autograd here too
-// (LinearReparamFunction, registered for AutogradCPU); torch.compile, fake tensors and the other
-// backends keep the Python custom op.
+// (~0.6 ms a step at 1024 x 1024 on the CPU, 10% of it; on a GPU, where a layer's kernels take
+// microseconds, the Python is most of a mid-sized layer's step). Eager calls get their autograd
+// here too (LinearReparamFunction, registered for AutogradCPU and AutogradCUDA); torch.compile, fake
+// tensors and the pure-PyTorch backend keep the Python custom op.
+//
+// Device-generic: everything goes through the dispatcher (the sampling ops' CPU or CUDA kernels),
+// so the same functions are registered for CUDA. Under autocast x arrives in the lower precision
+// and W is cast to it for the matmuls, as the Python op does.
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -61,19 +67,53 @@ at::Tensor sample_weight_backward_into(at::Tensor& grad_mu, at::Tensor& grad_rho
                  return_weight, start);
 }
 
+// a @ b as a `dtype` tensor: on CUDA, bf16 / fp16 operands accumulate straight into fp32
+// (aten::mm.dtype, torch >= 2.8, looked up at run time) instead of a low-precision product cast up;
+// elsewhere, or where that overload is missing or refuses the dtypes, mm then a cast. As
+// bayes_ext.functional.mm_in_dtype.
+at::Tensor mm_in_dtype(const at::Tensor& a, const at::Tensor& b, at::ScalarType dtype) {
+  if (a.scalar_type() == dtype) return a.mm(b);
+  static const auto mm_dtype = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype"});
+  static bool usable = mm_dtype.has_value();
+  if (a.is_cuda() && usable) {
+    try {
+      return mm_dtype->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>().call(a, b, dtype);
+    } catch (const c10::Error&) {
+      usable = false;
+    }
+  }
+  return a.mm(b).to(dtype);
+}
+
+// The ops inside run in the dtypes chosen here (W cast to x's), not autocast's.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
+// x in the weights' dtype, or (autocast) a lower floating precision than fp32 weights.
+void check_x_dtype(const at::Tensor& x, const at::Tensor& weight_mu) {
+  const auto xt = x.scalar_type();
+  const bool lower = (xt == at::kBFloat16 || xt == at::kHalf) && weight_mu.scalar_type() == at::kFloat;
+  TORCH_CHECK_TYPE(xt == weight_mu.scalar_type() || lower, "x must have the dtype of weight_mu (",
+                   weight_mu.scalar_type(), ") or, under autocast, bfloat16 / float16 with float32 weights; got ", xt);
+}
+
 // (y (x.shape[:-1] + (out_features,)), log_q, log_p): W on stream (seed, 0) in blocks of
 // block_rows rows (one block when block_rows >= out_features), b on (seed, 1).
 Triple linear_reparam_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, const at::Tensor& weight_rho_in,
                            const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
                            const at::Tensor& seed, double pi, double sigma1, double sigma2, int64_t block_rows) {
-  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows);
+  check_x_dtype(x, weight_mu_in);
+  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows, /*check_dtype=*/false);
+  const NoAutocast no_autocast;
   const at::Tensor weight_mu = weight_mu_in.contiguous(), weight_rho = weight_rho_in.contiguous();
   const int64_t out_features = weight_mu.size(0), in_features = weight_mu.size(1);
+  const auto x_dtype = x.scalar_type();
   if (block_rows >= out_features) {
     auto [w, log_q, log_p] = sample_weight(weight_mu, weight_rho, seed, 0, pi, sigma1, sigma2, 0);
-    if (!has(bias_mu)) return {at::linear(x, w), log_q, log_p};
+    if (!has(bias_mu)) return {at::linear(x, w.to(x_dtype)), log_q, log_p};
     auto [b, log_q_b, log_p_b] = sample_weight(*bias_mu, *bias_rho, seed, 1, pi, sigma1, sigma2, 0);
-    return {at::linear(x, w, b), log_q + log_q_b, log_p + log_p_b};
+    return {at::linear(x, w.to(x_dtype), b.to(x_dtype)), log_q + log_q_b, log_p + log_p_b};
   }
   const at::Tensor x_2d = x.reshape({-1, in_features});
   at::Tensor y = at::empty({x_2d.size(0), out_features}, x.options());
@@ -82,14 +122,14 @@ Triple linear_reparam_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, 
     const int64_t r1 = std::min(r0 + block_rows, out_features);
     auto [w, q, p] = sample_weight(weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1), seed, 0, pi, sigma1,
                                    sigma2, r0 * in_features);
-    y.slice(1, r0, r1).copy_(x_2d.mm(w.t()));
+    y.slice(1, r0, r1).copy_(x_2d.mm(w.t().to(x_dtype)));
     log_q = log_q.defined() ? log_q + q : q;
     log_p = log_p.defined() ? log_p + p : p;
   }
   y = y.reshape(with_last(x.sizes(), out_features));
   if (has(bias_mu)) {
     auto [b, log_q_b, log_p_b] = sample_weight(*bias_mu, *bias_rho, seed, 1, pi, sigma1, sigma2, 0);
-    y = y + b;
+    y = y + b.to(x_dtype);
     log_q.add_(log_q_b);  // fresh tensors: summed in place
     log_p.add_(log_p_b);
   }
@@ -104,22 +144,39 @@ Grads linear_reparam_rows_backward(const at::Tensor& grad_out, const at::Tensor&
                                    const c10::optional<at::Tensor>& bias_mu,
                                    const c10::optional<at::Tensor>& bias_rho, const at::Tensor& seed, double pi,
                                    double sigma1, double sigma2, int64_t block_rows, bool need_x) {
-  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows);
+  check_x_dtype(x, weight_mu_in);
+  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows, /*check_dtype=*/false);
+  const NoAutocast no_autocast;
   const at::Tensor weight_mu = weight_mu_in.contiguous(), weight_rho = weight_rho_in.contiguous();
   const int64_t out_features = weight_mu.size(0), in_features = weight_mu.size(1);
+  const auto x_dtype = x.scalar_type(), w_dtype = weight_mu.scalar_type();
   const std::vector<int64_t> y_shape = with_last(x.sizes(), out_features);
   TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(y_shape), "grad_out must have shape x.shape[:-1] + (",
                     out_features, ",) = ", y_shape, ", got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "grad_out must have the dtype of x (", x.scalar_type(),
-                   "), got ", grad_out.scalar_type());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x_dtype, "grad_out must have the dtype of x (", x_dtype, "), got ",
+                   grad_out.scalar_type());
   const at::Tensor grad_out_2d = grad_out.reshape({-1, out_features});
   const at::Tensor x_2d = x.reshape({-1, in_features});
   at::Tensor grad_x, grad_mu, grad_rho;
-  if (block_rows >= out_features) {
+  if (block_rows >= out_features && weight_mu.is_cuda()) {
+    // dL/dx first, from W rebuilt by the sampling kernel and freed before the two gradients exist;
+    // then grad_W's buffer becomes grad_mu in place (the kernel reads each element before writing
+    // it). The step holds nn.Linear's memory plus one weight copy (grad_rho), not three.
+    if (need_x) {
+      grad_x = grad_out_2d.mm(
+          std::get<0>(sample_weight(weight_mu, weight_rho, seed, 0, pi, sigma1, sigma2, 0)).to(x_dtype));
+    }
+    grad_mu = mm_in_dtype(grad_out_2d.t(), x_2d, w_dtype);
+    grad_rho = at::empty_like(grad_mu);
+    sample_weight_backward_into(grad_mu, grad_rho, grad_mu, grad_log_q, grad_log_p, weight_mu, weight_rho, seed, pi,
+                                sigma1, sigma2, false, 0);
+  } else if (block_rows >= out_features) {
+    // The CPU kernels take __restrict__ pointers (no in-place call); W comes out of the same pass.
     at::Tensor w;
-    std::tie(grad_mu, grad_rho, w) = sample_weight_backward(grad_out_2d.t().mm(x_2d), grad_log_q, grad_log_p,
-                                                            weight_mu, weight_rho, seed, 0, pi, sigma1, sigma2, need_x);
-    if (need_x) grad_x = grad_out_2d.mm(w);
+    std::tie(grad_mu, grad_rho, w) = sample_weight_backward(mm_in_dtype(grad_out_2d.t(), x_2d, w_dtype), grad_log_q,
+                                                            grad_log_p, weight_mu, weight_rho, seed, 0, pi, sigma1,
+                                                            sigma2, need_x);
+    if (need_x) grad_x = grad_out_2d.mm(w.to(x_dtype));
   } else {
     grad_mu = at::empty_like(weight_mu);
     grad_rho = at::empty_like(weight_rho);
@@ -129,9 +186,10 @@ Grads linear_reparam_rows_backward(const at::Tensor& grad_out, const at::Tensor&
       const at::Tensor g_block = grad_out_2d.slice(1, r0, r1);
       at::Tensor grad_mu_rows = grad_mu.slice(0, r0, r1), grad_rho_rows = grad_rho.slice(0, r0, r1);
       const at::Tensor w = sample_weight_backward_into(
-          grad_mu_rows, grad_rho_rows, g_block.t().mm(x_2d), grad_log_q, grad_log_p, weight_mu.slice(0, r0, r1),
-          weight_rho.slice(0, r0, r1), seed, pi, sigma1, sigma2, need_x, r0 * in_features);
-      if (need_x) grad_x.addmm_(g_block, w);
+          grad_mu_rows, grad_rho_rows, mm_in_dtype(g_block.t(), x_2d, w_dtype), grad_log_q, grad_log_p,
+          weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1), seed, pi, sigma1, sigma2, need_x,
+          r0 * in_features);
+      if (need_x) grad_x.addmm_(g_block, w.to(x_dtype));
     }
   }
   grad_x = need_x ? grad_x.reshape(x.sizes()) : at::empty({0}, x.options());
@@ -220,7 +278,7 @@ class LinearReparamFunction : public torch::autograd::Function<LinearReparamFunc
         layer_op::KernelsOnly kernels_only;
         w = std::get<0>(sample_weight(weight_mu, weight_rho, seed, 0, prior[0], prior[1], prior[2], 0));
       }
-      grad_x = at::matmul(grad_out, w);
+      grad_x = at::matmul(grad_out, w.to(x.scalar_type()));
     }
     const at::Tensor none;
     return {need_x ? grad_x : none, grad_mu, grad_rho, has_bias ? grad_bias_mu : none,
@@ -245,6 +303,17 @@ TORCH_LIBRARY_IMPL(bayes_ext, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(bayes_ext, AutogradCPU, m) {
+  m.impl("linear_reparam_rows", &linear_reparam_rows_autograd);
+}
+
+// Device-generic (see the top of the file): the CUDA build runs the same functions on the sampling
+// ops' CUDA kernels. A CPU-only build registers them too; they are never reached there.
+TORCH_LIBRARY_IMPL(bayes_ext, CUDA, m) {
+  m.impl("linear_reparam_rows", &linear_reparam_rows);
+  m.impl("linear_reparam_rows_backward", &linear_reparam_rows_backward);
+}
+
+TORCH_LIBRARY_IMPL(bayes_ext, AutogradCUDA, m) {
   m.impl("linear_reparam_rows", &linear_reparam_rows_autograd);
 }
 
