@@ -12,7 +12,8 @@
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=420)
 #
 # compute-sanitizer modes: GPU_CHECK_SANITIZER=memcheck (default) | racecheck | none.
-# GPU_CHECK_NCU=0 skips Nsight Compute; GPU_CHECK_BENCH_S bounds the benchmark (default 220 s).
+# GPU_CHECK_NCU=0 skips Nsight Compute; GPU_CHECK_BENCH_S bounds the benchmark (default 220 s);
+# GPU_CHECK_BENCH=0 skips the benchmark and the profile (a short rerun of the tests after a fix).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -65,10 +66,12 @@ grep -iE 'warning' "$OUT/build.log" | grep -viE 'setuptools|deprecat' | head -n 
 # no -x: one failure must not hide the others (the GPU time is too short for a second look)
 step cuda-tests 150 "$OUT/cuda_tests.log" "$PY" -m pytest -q -rfE tests/test_cuda.py tests/test_cuda_layers.py \
   -p no:cacheprovider
-step gpu-bench "${GPU_CHECK_BENCH_S:-220}" "$OUT/bench.log" "$PY" bench/bench_layers.py --device cuda --out "$OUT/bench"
-# where the bf16 steps spend their time (appended to the summary: at most 8 files come back)
-step profile 90 "$OUT/profile.log" "$PY" bench/profile_gpu.py --amp bf16
-cat "$OUT/profile.log" >> "$SUMMARY" && rm -f "$OUT/profile.log"
+if [[ "${GPU_CHECK_BENCH:-1}" == "1" ]]; then
+  step gpu-bench "${GPU_CHECK_BENCH_S:-220}" "$OUT/bench.log" "$PY" bench/bench_layers.py --device cuda --out "$OUT/bench"
+  # where the bf16 steps spend their time (appended to the summary: at most 8 files come back)
+  step profile 90 "$OUT/profile.log" "$PY" bench/profile_gpu.py --amp bf16
+  cat "$OUT/profile.log" >> "$SUMMARY" && rm -f "$OUT/profile.log"
+fi
 # Nsight Compute's speed-of-light of the sampling kernels (second launch of each: after warm-up)
 if [[ "${GPU_CHECK_NCU:-1}" == "1" ]]; then
   step ncu 60 "$OUT/ncu.log" ncu --clock-control none --section SpeedOfLight --section Occupancy \

@@ -245,40 +245,40 @@ def test_layer_op_equals_the_python_op_on_cuda(cuda_ops, x_dtype):
 
 @pytest.mark.parametrize("path", ["layer op", "python op"])
 def test_train_step_memory_is_nn_linear_plus_one_weight(cuda_ops, path):
-    """Peak memory of a training step: nn.Linear's plus one weight copy (grad_rho, the gradient
-    nn.Linear does not have). The backward rebuilds W for dL/dx and frees it before grad_mu / grad_rho
-    exist; grad_W's buffer becomes grad_mu in place."""
+    """Peak memory of a training step's forward and backward: nn.Linear's plus one weight copy
+    (grad_rho, the gradient nn.Linear does not have). The backward rebuilds W for dL/dx and frees it
+    before grad_mu / grad_rho exist, and grad_W's buffer becomes grad_mu in place (before: three
+    weight-sized buffers at once, two copies above nn.Linear). The gradients are taken with
+    autograd.grad, so what is measured is the ops' memory, not whether AccumulateGrad may steal a
+    gradient. The pure-PyTorch fallback (the no-compiler path) streams through eager temporaries and
+    is not held to this."""
     from bayes_ext import functional as BF
-    if path == "layer op" and cuda_ops is not torch.ops.bayes_ext:
-        pytest.skip("a compiled-backend op")
+    if cuda_ops is not torch.ops.bayes_ext:
+        pytest.skip("the compiled kernels' memory")
     out_f, in_f = 1024, 1024
     weight_bytes = out_f * in_f * 4
-    x = torch.randn(64, in_f, device=DEV)
+    x = torch.randn(64, in_f, device=DEV, requires_grad=True)
+    linear = torch.nn.Linear(in_f, out_f, device=DEV)
+    params, seed = tuple(BayesianLinear(in_f, out_f).to(DEV).parameters()), seed_tensor(9).to(DEV)
+
+    def linear_step():
+        return torch.autograd.grad(linear(x).sum(), (x,) + tuple(linear.parameters()))
+
+    def bayes_step():
+        if path == "layer op":
+            y, log_q, log_p = torch.ops.bayes_ext.linear_reparam_rows(x, *params, seed, 1.0, 0.1, 0.4, out_f)
+        else:
+            y, log_q, log_p = BF._linear_reparam.op(x, *params, seed, 1.0, 0.1, 0.4)
+        return torch.autograd.grad(y.sum() + log_q - log_p, (x,) + params)
 
     def peak(step):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        step()
+        grads = step()
         torch.cuda.synchronize()
+        del grads
         return torch.cuda.max_memory_allocated() - base
-
-    linear = torch.nn.Linear(in_f, out_f, device=DEV)
-    bayes = BayesianLinear(in_f, out_f).to(DEV)
-
-    def linear_step():
-        linear.weight.grad = linear.bias.grad = None
-        linear(x).sum().backward()
-
-    def bayes_step():
-        for p in bayes.parameters():
-            p.grad = None
-        params, seed = tuple(bayes.parameters()), seed_tensor(9).to(DEV)
-        if path == "layer op":
-            y, log_q, log_p = torch.ops.bayes_ext.linear_reparam_rows(x, *params, seed, 1.0, 0.1, 0.4, out_f)
-        else:
-            y, log_q, log_p = BF._linear_reparam.op(x, *params, seed, 1.0, 0.1, 0.4)
-        (y.sum() + log_q - log_p).backward()
     for step in (linear_step, bayes_step):  # warm-up: cuBLAS workspaces, the allocator's pools
         step()
     extra = peak(bayes_step) - peak(linear_step)
