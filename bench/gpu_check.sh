@@ -80,9 +80,12 @@ if [[ "${GPU_CHECK_NCU:-1}" == "1" ]]; then
 fi
 case "${GPU_CHECK_SANITIZER:-memcheck}" in
   none) ;;
-  # the compiled kernels only (the fallback runs torch's own kernels), no graph capture (unsupported there)
+  # the compiled kernels only (the fallback runs torch's own kernels), no graph capture (unsupported
+  # there), no peak-memory test: under memcheck the Python op's step read 3 weight copies above
+  # nn.Linear where the plain run reads at most 1.1 (H100, 2026-11-26; cause not established), and
+  # the allocator's accounting is not what memcheck checks
   *) step "sanitizer-${GPU_CHECK_SANITIZER:-memcheck}" 120 "$OUT/sanitizer.log" compute-sanitizer \
        --tool "${GPU_CHECK_SANITIZER:-memcheck}" --error-exitcode 3 "$PY" -m pytest -q tests/test_cuda.py \
-       tests/test_cuda_layers.py -p no:cacheprovider -k "compiled and not graph and not captured" ;;
+       tests/test_cuda_layers.py -p no:cacheprovider -k "compiled and not graph and not captured and not memory" ;;
 esac
 cat "$SUMMARY"
