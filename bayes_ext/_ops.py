@@ -5,6 +5,7 @@ are defined here with the same schemas and the kernels of bayes_ext/_fallback.py
 torch.compile trace through the ops; autograd is the hand-written backward that regenerates eps.
 """
 import math
+import warnings
 
 import torch
 
@@ -243,21 +244,23 @@ def _kernel(impl):
     return kernel
 
 
+# (name, pure-PyTorch implementation) of every op in _backend.OP_NAMES
+_PYTHON_KERNELS = (("sample_weight", _checked_sample_weight),
+                   ("sample_weight_backward", _checked_sample_weight_backward),
+                   ("sample_weight_backward_into", _checked_sample_weight_backward_into),
+                   ("sample_kl", _checked_sample_kl),
+                   ("sample_weight_samples", _checked_sample_weight_samples),
+                   ("sample_weight_samples_backward", _checked_sample_weight_samples_backward),
+                   ("philox_normal", _checked_philox_normal),
+                   ("sample_rows", _checked_sample_rows),
+                   ("sample_rows_backward", _checked_sample_rows_backward),
+                   ("sample_rows_backward_add_", _checked_sample_rows_backward_add_),
+                   ("gaussian_kl", _checked_gaussian_kl),
+                   ("gaussian_kl_backward", _checked_gaussian_kl_backward),
+                   ("lrt_weight_forward", _checked_lrt_weight_forward),
+                   ("lrt_weight_backward_", _checked_lrt_weight_backward_))
 _python_lib = torch.library.Library("bayes_ext_py", "DEF")
-for _name, _impl in (("sample_weight", _checked_sample_weight),
-                     ("sample_weight_backward", _checked_sample_weight_backward),
-                     ("sample_weight_backward_into", _checked_sample_weight_backward_into),
-                     ("sample_kl", _checked_sample_kl),
-                     ("sample_weight_samples", _checked_sample_weight_samples),
-                     ("sample_weight_samples_backward", _checked_sample_weight_samples_backward),
-                     ("philox_normal", _checked_philox_normal),
-                     ("sample_rows", _checked_sample_rows),
-                     ("sample_rows_backward", _checked_sample_rows_backward),
-                     ("sample_rows_backward_add_", _checked_sample_rows_backward_add_),
-                     ("gaussian_kl", _checked_gaussian_kl),
-                     ("gaussian_kl_backward", _checked_gaussian_kl_backward),
-                     ("lrt_weight_forward", _checked_lrt_weight_forward),
-                     ("lrt_weight_backward_", _checked_lrt_weight_backward_)):
+for _name, _impl in _PYTHON_KERNELS:
     _python_lib.define(_name + SCHEMAS[_name])
     _python_lib.impl(_name, _kernel(_impl), "CompositeExplicitAutograd")
 
@@ -509,3 +512,35 @@ if _backend.extension_available():
     _register_rows("bayes_ext")
     _register_kl("bayes_ext")
     _register_compiled_only()
+
+
+CUDA_FALLBACK_WARNING = ("bayes_ext: the compiled kernels were built without CUDA (no CUDA toolkit when they were "
+                         "built), so CUDA tensors run the pure-PyTorch kernels: the same values, slower. Rebuild "
+                         "with the toolkit: FORCE_CUDA=1 pip install --no-build-isolation .")
+_cuda_fallback_warned = [False]
+
+
+def cuda_fallback_kernel(impl):
+    """A pure-PyTorch kernel registered for CUDA under a bayes_ext:: name; warns once."""
+    kernel = _kernel(impl)
+
+    def cuda_kernel(*args):
+        if not _cuda_fallback_warned[0]:
+            _cuda_fallback_warned[0] = True
+            warnings.warn(CUDA_FALLBACK_WARNING, RuntimeWarning, stacklevel=2)
+        return kernel(*args)
+    cuda_kernel.__name__ = impl.__name__
+    return cuda_kernel
+
+
+# A library built without CUDA kernels (a build machine without the toolkit, under a torch with
+# CUDA) would answer every CUDA call with "Could not run 'bayes_ext::...' with arguments from the
+# 'CUDA' backend". The pure-PyTorch kernels take those calls instead (same Philox streams, so the
+# same values), and the whole-layer ops registered for CUDA (csrc/cpu/linear_reparam_cpu.cpp) reach
+# them through the dispatcher like any kernel.
+_cuda_fallback_lib = None
+if _backend.extension_available() and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "bayes_ext::sample_weight", "CUDA"):
+    _cuda_fallback_lib = torch.library.Library("bayes_ext", "IMPL")
+    for _name, _impl in _PYTHON_KERNELS:
+        _cuda_fallback_lib.impl(_name, cuda_fallback_kernel(_impl), "CUDA")

@@ -81,3 +81,28 @@ def test_use_backend_restores_the_previous_backend():
 def test_compiled_backend_unavailable_is_a_clear_error():
     with pytest.raises(RuntimeError, match="compiled backend is not available"):
         bayes_ext.set_backend("compiled")
+
+
+def test_cuda_calls_have_a_kernel_even_when_the_library_was_built_without_cuda():
+    """A library built without the CUDA toolkit, under a torch with CUDA, must not answer CUDA
+    calls with "Could not run ... 'CUDA' backend": every op has a CUDA kernel, the compiled one or
+    the pure-PyTorch one registered under the bayes_ext:: name. That one warns once (slower, same
+    values) and returns the pure-PyTorch op's values (run here on CPU tensors: no GPU in CI)."""
+    import warnings
+    from bayes_ext import _backend, _ops
+    if not bayes_ext.extension_available():
+        pytest.skip("the compiled library is not loaded")
+    for name in _backend.OP_NAMES:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bayes_ext::{name}", "CUDA"), name
+    if _ops._cuda_fallback_lib is None:
+        pytest.skip("built with CUDA kernels")
+    kernel = _ops.cuda_fallback_kernel(_ops._checked_sample_weight)
+    mu, rho, seed = torch.randn(5, 3), torch.randn(5, 3) - 2, torch.tensor([4])
+    _ops._cuda_fallback_warned[0] = False
+    with pytest.warns(RuntimeWarning, match="built without CUDA"):
+        got = kernel(mu, rho, seed, 0, 1.0, 0.1, 0.4, 0)
+    for a, b in zip(got, torch.ops.bayes_ext_py.sample_weight(mu, rho, seed, 0, 1.0, 0.1, 0.4, 0)):
+        assert torch.equal(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        kernel(mu, rho, seed, 0, 1.0, 0.1, 0.4, 0)
