@@ -325,8 +325,13 @@ def eager_compiled_cpu_call(x: Tensor, tensors) -> bool:
 def _eager_layer_op(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                     bias_rho: Optional[Tensor], seed: Tensor) -> bool:
     """bayes_ext::linear_reparam_rows applies: an eager compiled call on the CPU with x in the
-    weights' dtype, or on CUDA (x possibly in autocast's dtype: the op casts W to it)."""
+    weights' dtype, or on CUDA, where x may also be in autocast's bf16 / fp16 with float32 weights
+    (the op casts W to it; other mixes keep the Python op)."""
     tensors = (x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     if x.dtype == weight_mu.dtype:
         return eager_compiled_call(x, tensors, ("cpu", "cuda"))
-    return eager_compiled_call(x, tensors, ("cuda",))
+    return (weight_mu.dtype == torch.float32 and x.dtype in _AUTOCAST_X_DTYPES
+            and eager_compiled_call(x, tensors, ("cuda",)))
+
+
+_AUTOCAST_X_DTYPES = (torch.bfloat16, torch.float16)

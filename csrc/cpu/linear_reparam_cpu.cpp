@@ -307,7 +307,8 @@ TORCH_LIBRARY_IMPL(bayes_ext, AutogradCPU, m) {
 }
 
 // Device-generic (see the top of the file): the CUDA build runs the same functions on the sampling
-// ops' CUDA kernels. A CPU-only build registers them too; they are never reached there.
+// ops' CUDA kernels. A CPU-only build registers them too: under a torch with CUDA they then reach the
+// pure-PyTorch kernels that bayes_ext/_ops.py registers for the CUDA key.
 TORCH_LIBRARY_IMPL(bayes_ext, CUDA, m) {
   m.impl("linear_reparam_rows", &linear_reparam_rows);
   m.impl("linear_reparam_rows_backward", &linear_reparam_rows_backward);
