@@ -309,17 +309,16 @@ def bayesian_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
 
 
 def eager_compiled_call(x: Tensor, tensors, device_types=("cpu",)) -> bool:
-    """An eager call with the compiled kernels on one of `device_types`, on plain tensors: where the
-    one-call C++ layer ops (csrc/cpu/linear_*_cpu.cpp, autograd in C++) may replace a Python custom
-    op. torch.compile, tensor subclasses and functorch transforms keep the custom op (its fake
-    kernel, its registered autograd)."""
+    """An eager call with the compiled kernels on one of `device_types` (by default the CPU, where
+    all of them are registered), on plain tensors: where the one-call C++ layer ops
+    (csrc/cpu/linear_*_cpu.cpp, autograd in C++) may replace a Python custom op. torch.compile,
+    tensor subclasses and functorch transforms keep the custom op (its fake kernel, its registered
+    autograd)."""
     return (x.device.type in device_types and _backend.ops() is torch.ops.bayes_ext
             and not torch.compiler.is_compiling() and _plain(tensors) and not _functorch_active())
 
 
-def eager_compiled_cpu_call(x: Tensor, tensors) -> bool:
-    """eager_compiled_call on the CPU: the layer ops registered for the CPU only."""
-    return eager_compiled_call(x, tensors)
+_AUTOCAST_X_DTYPES = (torch.bfloat16, torch.float16)  # with float32 weights: what linear_reparam_rows accepts
 
 
 def _eager_layer_op(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
@@ -332,6 +331,3 @@ def _eager_layer_op(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
         return eager_compiled_call(x, tensors, ("cpu", "cuda"))
     return (weight_mu.dtype == torch.float32 and x.dtype in _AUTOCAST_X_DTYPES
             and eager_compiled_call(x, tensors, ("cuda",)))
-
-
-_AUTOCAST_X_DTYPES = (torch.bfloat16, torch.float16)

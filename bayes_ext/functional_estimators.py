@@ -347,7 +347,7 @@ def linear_lrt_with_kl(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu
 def _lrt_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_sigma: float):
     """(y, std, kl) of _linear_lrt; eager compiled CPU calls with x in the weights' dtype take the
     same computation in one C++ call each way (bayes_ext::linear_lrt_rows, its autograd in C++)."""
-    if x.dtype == weight_mu.dtype and BF.eager_compiled_cpu_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho,
+    if x.dtype == weight_mu.dtype and BF.eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho,
                                                                       seed)):
         return torch.ops.bayes_ext.linear_lrt_rows.default(x, weight_mu, weight_rho, bias_mu, bias_rho, seed,
                                                            prior_sigma, BF._block_rows(weight_mu))

@@ -261,8 +261,8 @@ def linear_samples_grouped(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, p
 
 def _eager_whole_layer(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds) -> bool:
     """bayes_ext::linear_samples_stacked with its C++ autograd applies: an eager compiled CPU call
-    (BF.eager_compiled_cpu_call) of a small layer."""
+    (BF.eager_compiled_call) of a small layer."""
     # one block of rows is _stacked's first condition, asked without building the blocks' list
     return (x.dtype == weight_mu.dtype and seeds.shape[0] * weight_mu.numel() <= STACKED_ELEMENTS
             and BF._block_rows(weight_mu) == weight_mu.shape[0]
-            and BF.eager_compiled_cpu_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho, seeds)))
+            and BF.eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho, seeds)))
