@@ -53,10 +53,11 @@ TORCH_LIBRARY(bayes_ext, m) {
   m.def("linear_samples_stacked_backward(Tensor grad_out, Tensor grad_log_q, Tensor grad_log_p, Tensor x, "
         "Tensor weight_mu, Tensor weight_rho, Tensor? bias_mu, Tensor? bias_rho, Tensor seeds, float prior_pi, "
         "float prior_sigma1, float prior_sigma2, bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The reparameterised linear layer in one call (CPU only; bayes_ext::linear_reparam in
+  // The reparameterised linear layer in one call (CPU and CUDA; bayes_ext::linear_reparam in
   // bayes_ext/functional.py is the same computation in Python): y = x W^T + b with W on stream
-  // (seed, 0), sampled in blocks of block_rows rows (>= out_features: one block), b on (seed, 1).
-  // Returns (y, log_q, log_p). Impl: cpu/linear_reparam_cpu.cpp.
+  // (seed, 0), sampled in blocks of block_rows rows (>= out_features: one block), b on (seed, 1);
+  // x in the weights' dtype or, under autocast, bf16 / fp16 with fp32 weights.
+  // Returns (y, log_q, log_p). Impl: cpu/linear_reparam_cpu.cpp (device-generic).
   m.def("linear_reparam_rows(Tensor x, Tensor weight_mu, Tensor weight_rho, Tensor? bias_mu, Tensor? bias_rho, "
         "Tensor seed, float prior_pi, float prior_sigma1, float prior_sigma2, int block_rows) "
         "-> (Tensor, Tensor, Tensor)");
