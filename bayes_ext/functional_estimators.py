@@ -147,8 +147,9 @@ def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
         elif need_w:
             # the GEMMs give dL/dmu and dL/dsigma2 of the data term; one fused pass adds the KL's
             # gradients, turns dL/dsigma2 into dL/drho and rebuilds sigma2 for grad_x
-            grad_mu = g.t().mm(x_2d).to(mu.dtype).contiguous()
-            grad_rho = half_u_low.t().mm(x_2d * x_2d).to(rho.dtype).contiguous()
+            grad_mu, grad_rho = weight_grad_pair(mu)
+            mm_into(grad_mu, g.t(), x_2d)
+            mm_into(grad_rho, half_u_low.t(), x_2d * x_2d)
             sigma2 = ops.lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma)
         if need_x and grad_x is None:  # d/dx of x mu^T and of x^2 (sigma^2)^T
             if sigma2 is None:
@@ -180,23 +181,36 @@ def _blocked_lrt_weight_grads(ops, g: Tensor, half_u: Tensor, x_2d: Tensor, mu: 
     of rows: each block's data gradients are written into the rows of the whole gradients, turned
     into the full ones in place (lrt_weight_backward_, KL included) and its sigma^2 consumed by
     dL/dx while in cache, so no weight-sized temporary besides the gradients themselves."""
-    grad_mu, grad_rho = torch.empty_like(mu), torch.empty_like(rho)
+    grad_mu, grad_rho = weight_grad_pair(mu)
     x2 = x_2d * x_2d
     var_grad_x = x_2d.new_zeros(x_2d.shape) if need_x else None  # half_u (sigma^2), summed over blocks
-    same_dtype = x_2d.dtype == mu.dtype  # else (autocast) each block's GEMM is cast into the rows
     for r0, r1 in blocks:
-        if same_dtype:
-            torch.mm(g[:, r0:r1].t(), x_2d, out=grad_mu[r0:r1])
-            torch.mm(half_u[:, r0:r1].t(), x2, out=grad_rho[r0:r1])
-        else:
-            grad_mu[r0:r1] = g[:, r0:r1].t().mm(x_2d)
-            grad_rho[r0:r1] = half_u[:, r0:r1].t().mm(x2)
+        mm_into(grad_mu[r0:r1], g[:, r0:r1].t(), x_2d)
+        mm_into(grad_rho[r0:r1], half_u[:, r0:r1].t(), x2)
         sigma2 = ops.lrt_weight_backward_(grad_mu[r0:r1], grad_rho[r0:r1], grad_kl, mu[r0:r1], rho[r0:r1],
                                           prior_sigma)
         if need_x:
             var_grad_x.addmm_(half_u[:, r0:r1], sigma2.to(x_2d.dtype))
     grad_x = torch.addcmul(g.mm(mu.to(x_2d.dtype)), x_2d, var_grad_x, value=2) if need_x else None
     return grad_mu, grad_rho, grad_x
+
+
+def weight_grad_pair(weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """Two uninitialised weight-shaped gradients (mu's and rho's), halves of one allocation. glibc
+    gives the top of its heap back to the OS once more than twice its largest recent allocation is
+    free there, so two fresh gradients that zero_grad(set_to_none=True) freed together were unmapped
+    and page-faulted in again every step (64x1024x1024 LRT step in a loop of its own, 2 cores: 8.1-8.6
+    -> 5.7-6.2 ms, ~1800 -> ~90 page faults a step). Mirrors layer_op::weight_grad_pair (C++)."""
+    pair = weight.new_empty((2,) + tuple(weight.shape))
+    return pair[0], pair[1]
+
+
+def mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out = a @ b; a GEMM in a lower precision than out (autocast) is cast into it."""
+    if a.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a.mm(b))
 
 
 _linear_lrt.register_autograd(_linear_lrt_backward, setup_context=_linear_lrt_setup_context)

@@ -135,3 +135,26 @@ def test_create_graph_keeps_dx_differentiable_in_the_upstream_gradient(backend):
     torch.testing.assert_close(grad_x.detach(), (c.detach() @ wm + xd * ((c.detach() * eps / std) @ sigma2)))
     dx.pow(2).sum().backward()
     torch.testing.assert_close(c.grad, c_ref.grad)
+
+
+@pytest.mark.parametrize("path", ["C++ op", "Python op"])
+@pytest.mark.parametrize("blocked", [False, True])
+def test_weight_gradients_are_the_two_halves_of_one_allocation(compiled, monkeypatch, path, blocked):
+    """dL/dmu and dL/drho are written into one (2, out, in) buffer (weight_grad_pair: separate fresh
+    gradients were unmapped by glibc and page-faulted in again every step), and .grad receives them
+    as they are: AccumulateGrad takes both views without copying, so they stay adjacent."""
+    from bayes_ext.modules import BayesianLinear
+    if blocked:
+        monkeypatch.setattr(BF, "BLOCK_ELEMENTS", 2 * 9)
+    if path == "Python op":
+        monkeypatch.setattr(BF, "eager_compiled_call", lambda *args, **kwargs: False)
+    layer = BayesianLinear(9, 7, estimator="lrt")
+    assert (BF._block_rows(layer.weight_mu) < 7) == blocked
+    x = torch.randn(5, 9)
+    with torch.profiler.profile() as prof:
+        (layer(x).sum() + layer.kl_divergence()).backward()
+    called = {e.key for e in prof.key_averages()}
+    assert ("bayes_ext::linear_lrt_rows" in called) == (path == "C++ op")
+    g_mu, g_rho = layer.weight_mu.grad, layer.weight_rho.grad
+    assert g_mu.untyped_storage().data_ptr() == g_rho.untyped_storage().data_ptr()
+    assert g_rho.data_ptr() - g_mu.data_ptr() == g_mu.numel() * g_mu.element_size()

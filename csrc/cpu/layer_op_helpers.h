@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <vector>
 
 namespace bayes_ext {
@@ -31,6 +32,16 @@ inline std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
   std::vector<int64_t> out = shape.vec();
   out.back() = last;
   return out;
+}
+
+// Two uninitialised weight-shaped gradients (mu's and rho's), halves of one allocation: see
+// functional_estimators.weight_grad_pair (glibc unmapped two separate fresh gradients freed
+// together and they page-faulted in again every step).
+inline std::tuple<at::Tensor, at::Tensor> weight_grad_pair(const at::Tensor& weight) {
+  std::vector<int64_t> shape = weight.sizes().vec();
+  shape.insert(shape.begin(), 2);
+  const at::Tensor pair = at::empty(shape, weight.options());
+  return {pair[0], pair[1]};
 }
 
 // The arguments every one-sample layer op checks: a 2-D weight, x (..., in_features) in its dtype

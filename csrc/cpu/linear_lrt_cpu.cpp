@@ -20,6 +20,7 @@ namespace {
 using layer_op::check_layer_args;
 using layer_op::has;
 using layer_op::maybe;
+using layer_op::weight_grad_pair;
 using layer_op::with_last;
 
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -122,8 +123,7 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
   const at::Tensor half_u = half_noise_grad(g, std, philox_normal(std, seed, kNoiseOffset));
   at::Tensor grad_x, grad_mu, grad_rho, sigma2;
   if (need_w && block_rows < out_features) {
-    grad_mu = at::empty_like(weight_mu);
-    grad_rho = at::empty_like(weight_rho);
+    std::tie(grad_mu, grad_rho) = weight_grad_pair(weight_mu);
     const at::Tensor x2 = x_2d * x_2d;
     at::Tensor var_grad_x = need_x ? at::zeros(x_2d.sizes(), x_2d.options()) : at::Tensor();
     for (int64_t r0 = 0; r0 < out_features; r0 += block_rows) {
@@ -140,8 +140,9 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
   } else if (need_w) {
     // the GEMMs give dL/dmu and dL/dsigma2 of the data term; one fused pass adds the KL's gradients,
     // turns dL/dsigma2 into dL/drho and rebuilds sigma2 for grad_x
-    grad_mu = g.t().mm(x_2d).contiguous();
-    grad_rho = half_u.t().mm(x_2d * x_2d).contiguous();
+    std::tie(grad_mu, grad_rho) = weight_grad_pair(weight_mu);
+    at::mm_out(grad_mu, g.t(), x_2d);
+    at::mm_out(grad_rho, half_u.t(), x_2d * x_2d);
     sigma2 = lrt_weight_backward_(grad_mu, grad_rho, grad_kl, weight_mu, weight_rho, prior_sigma);
   }
   if (need_x && !grad_x.defined()) {  // d/dx of x mu^T and of x^2 (sigma^2)^T
