@@ -67,6 +67,13 @@ TORCH_LIBRARY(bayes_ext, m) {
         "Tensor weight_mu, Tensor weight_rho, Tensor? bias_mu, Tensor? bias_rho, Tensor seed, float prior_pi, "
         "float prior_sigma1, float prior_sigma2, int block_rows, bool need_x) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // sample_weight's w written straight in `dtype` (the autocast dtype of the layer op's matmul: no
+  // separate cast kernel) and, when with_kl, its (log_q, log_p) in mu's dtype; without with_kl they
+  // are two empty tensors and not computed (the backward's rebuilt W needs no KL). Internal to
+  // linear_reparam_rows. Impl: cpu/sample_weight_as.cpp (any device: sample_weight, then a cast),
+  // cuda/sample_weight_cuda.cu (fp32 parameters into fp32 / bf16 / fp16 in the sampling kernel).
+  m.def("sample_weight_as(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
+        "float prior_sigma2, ScalarType dtype, bool with_kl) -> (Tensor, Tensor, Tensor)");
   // The standard normals of stream (seed, offset) in the shape, dtype and device of `like`.
   m.def("philox_normal(Tensor like, Tensor seed, int offset, int start=0) -> Tensor");
   // Rows `indices` (int64, any shape, values in [0, V)) of a sample of the (V, D) table

@@ -276,3 +276,30 @@ def test_vectorised_and_element_paths_agree(cuda_ops, start, unaligned):
     cpu = cuda_ops.sample_weight_backward(grad_w, glq, glp, mu.cpu(), rho.cpu(), seed, 2, *prior, True, start)
     for a, b in zip(gpu, cpu):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_kl", [True, False])
+@pytest.mark.parametrize("shape", [(7,), (33, 65), (64, 128), "unaligned"])
+def test_sample_weight_as_writes_the_cast_sample(cuda_ops, dtype, with_kl, shape):
+    """The CUDA kernel writing W straight in bf16 / fp16 (the layer op under autocast): the same bits
+    as sample_weight's fp32 W cast by torch, and with_kl the same log q / log p bit for bit (same
+    grid, same sums). Whole and partial Philox blocks, and mu / rho not 16-byte aligned (a view one
+    element in: the element-wise kernel)."""
+    if cuda_ops is not torch.ops.bayes_ext:
+        pytest.skip("a compiled-backend op")
+    if shape == "unaligned":
+        flat_mu, flat_rho = _params((1 + 40 * 24,), torch.float32)
+        mu, rho = flat_mu[1:].view(40, 24), flat_rho[1:].view(40, 24)
+        assert mu.data_ptr() % 16 != 0
+    else:
+        mu, rho = _params(shape, torch.float32)
+    seed = seed_tensor(99).to(DEV)  # a device seed, as inside graph capture
+    w, log_q, log_p = cuda_ops.sample_weight_as(mu, rho, seed, 1, 0.5, 0.1, 0.4, dtype, with_kl)
+    ref_w, ref_q, ref_p = cuda_ops.sample_weight(mu, rho, seed, 1, 0.5, 0.1, 0.4)
+    assert w.dtype == dtype and w.shape == mu.shape and w.device.type == "cuda"
+    assert torch.equal(w, ref_w.to(dtype))
+    if with_kl:
+        assert torch.equal(log_q, ref_q) and torch.equal(log_p, ref_p)
+    else:
+        assert log_q.numel() == 0 and log_p.numel() == 0

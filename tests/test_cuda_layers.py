@@ -219,10 +219,11 @@ def _layer_op_and_python_op(x, params, seed, g_out):
     return results
 
 
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_layer_op_equals_the_python_op_on_cuda(cuda_ops, x_dtype):
-    """The one-call C++ layer op registered for CUDA: same values and gradients as the Python op
-    (the same kernels in the same order), x in fp32 or in autocast's bf16 with fp32 parameters."""
+    """The one-call C++ layer op registered for CUDA: same values and gradients as the Python op, x
+    in fp32 or in autocast's bf16 / fp16 with fp32 parameters (the op's sampling kernel writes W in
+    x's dtype, the Python op casts an fp32 W: the same rounding)."""
     if cuda_ops is not torch.ops.bayes_ext:
         pytest.skip("a compiled-backend op")
     gen = torch.Generator().manual_seed(3)
@@ -238,7 +239,7 @@ def test_layer_op_equals_the_python_op_on_cuda(cuda_ops, x_dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     from bayes_ext import functional as BF
     with torch.profiler.profile() as prof:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x_dtype != torch.float32):
+        with torch.autocast("cuda", dtype=x_dtype, enabled=x_dtype != torch.float32):
             BF.bayesian_linear(x.detach().float(), *params, seed=seed_tensor(5))
     assert "bayes_ext::linear_reparam_rows" in {e.key for e in prof.key_averages()}
 

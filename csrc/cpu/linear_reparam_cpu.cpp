@@ -43,6 +43,17 @@ Triple sample_weight(const at::Tensor& mu, const at::Tensor& rho, const at::Tens
   return op.call(mu, rho, seed, offset, pi, sigma1, sigma2, start);
 }
 
+// W (and, with_kl, its log q / log p) in x's dtype: on CUDA the sampling kernel writes bf16 / fp16
+// directly, elsewhere sample_weight then a cast (cpu/sample_weight_as.cpp).
+Triple sample_weight_as(const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed, int64_t offset,
+                        double pi, double sigma1, double sigma2, at::ScalarType dtype, bool with_kl) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bayes_ext::sample_weight_as", "")
+                       .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double,
+                                     double, at::ScalarType, bool)>();
+  return op.call(mu, rho, seed, offset, pi, sigma1, sigma2, dtype, with_kl);
+}
+
 Triple sample_weight_backward(const at::Tensor& grad_w, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
                               const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed, int64_t offset,
                               double pi, double sigma1, double sigma2, bool return_weight) {
@@ -110,10 +121,10 @@ Triple linear_reparam_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, 
   const int64_t out_features = weight_mu.size(0), in_features = weight_mu.size(1);
   const auto x_dtype = x.scalar_type();
   if (block_rows >= out_features) {
-    auto [w, log_q, log_p] = sample_weight(weight_mu, weight_rho, seed, 0, pi, sigma1, sigma2, 0);
-    if (!has(bias_mu)) return {at::linear(x, w.to(x_dtype)), log_q, log_p};
-    auto [b, log_q_b, log_p_b] = sample_weight(*bias_mu, *bias_rho, seed, 1, pi, sigma1, sigma2, 0);
-    return {at::linear(x, w.to(x_dtype), b.to(x_dtype)), log_q + log_q_b, log_p + log_p_b};
+    auto [w, log_q, log_p] = sample_weight_as(weight_mu, weight_rho, seed, 0, pi, sigma1, sigma2, x_dtype, true);
+    if (!has(bias_mu)) return {at::linear(x, w), log_q, log_p};
+    auto [b, log_q_b, log_p_b] = sample_weight_as(*bias_mu, *bias_rho, seed, 1, pi, sigma1, sigma2, x_dtype, true);
+    return {at::linear(x, w, b), log_q + log_q_b, log_p + log_p_b};
   }
   const at::Tensor x_2d = x.reshape({-1, in_features});
   at::Tensor y = at::empty({x_2d.size(0), out_features}, x.options());
@@ -164,7 +175,7 @@ Grads linear_reparam_rows_backward(const at::Tensor& grad_out, const at::Tensor&
     // it). The step holds nn.Linear's memory plus one weight copy (grad_rho), not three.
     if (need_x) {
       grad_x = grad_out_2d.mm(
-          std::get<0>(sample_weight(weight_mu, weight_rho, seed, 0, pi, sigma1, sigma2, 0)).to(x_dtype));
+          std::get<0>(sample_weight_as(weight_mu, weight_rho, seed, 0, pi, sigma1, sigma2, x_dtype, false)));
     }
     grad_mu = mm_in_dtype(grad_out_2d.t(), x_2d, w_dtype);
     grad_rho = at::empty_like(grad_mu);

@@ -54,8 +54,23 @@ __device__ __forceinline__ void store4(float* p, int64_t j, const float v[4]) {
   reinterpret_cast<float4*>(p)[j] = make_float4(v[0], v[1], v[2], v[3]);
 }
 
-template <typename T, bool Vec>
-__global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ rho, T* __restrict__ w, int64_t n,
+// The four values of a whole Philox block in W's dtype: one 16-byte store in fp32, one 8-byte store
+// of the four rounded values in bf16 / fp16 (rounded to nearest even, as at::Tensor::to does).
+__device__ __forceinline__ void store4_as(float* p, int64_t j, const float v[4]) { store4(p, j, v); }
+
+template <typename WT>
+__device__ __forceinline__ void store4_as(WT* p, int64_t j, const float v[4]) {
+  static_assert(sizeof(WT) == 2, "bf16 / fp16");
+  uint32_t bits[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) bits[k] = WT(v[k]).x;
+  reinterpret_cast<uint2*>(p)[j] = make_uint2(bits[0] | (bits[1] << 16), bits[2] | (bits[3] << 16));
+}
+
+// WT: W's dtype (T, or bf16 / fp16 for fp32 parameters: sample_weight_as). WithKl = false: no
+// log q / log p (their logs and exps are not computed) and no partials written.
+template <typename T, bool Vec, typename WT = T, bool WithKl = true>
+__global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ rho, WT* __restrict__ w, int64_t n,
                                int64_t start, SeedArg seed_arg, uint64_t offset, ScaleMixturePrior<T> prior,
                                double* __restrict__ partials) {
   static_assert(!Vec || std::is_same<T, float>::value, "the vectorised kernel is float only");
@@ -81,7 +96,7 @@ __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ r
           lq += -sp.log_sigma - 0.5f * eps[k] * eps[k];
           lp += log_prior(wv[k], prior);
         }
-        if (w != nullptr) store4(w, j, wv);
+        if (w != nullptr) store4_as(w, j, wv);
         continue;
       }
     }
@@ -91,17 +106,19 @@ __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ r
       if (i >= 0 && i < n) {
         const Softplus<T> sp = softplus_terms(rho[i]);
         const T wi = mu[i] + sp.sigma * eps[k];
-        if (w != nullptr) w[i] = wi;  // null: only the KL sums (sample_kl)
+        if (w != nullptr) w[i] = static_cast<WT>(wi);  // null: only the KL sums (sample_kl)
         lq += -sp.log_sigma - T(0.5) * eps[k] * eps[k];
         lp += log_prior(wi, prior);
       }
     }
   }
-  lq = block_sum(lq, shared);
-  lp = block_sum(lp, shared);
-  if (threadIdx.x == 0) {
-    partials[2 * blockIdx.x] = static_cast<double>(lq);
-    partials[2 * blockIdx.x + 1] = static_cast<double>(lp);
+  if constexpr (WithKl) {
+    lq = block_sum(lq, shared);
+    lp = block_sum(lp, shared);
+    if (threadIdx.x == 0) {
+      partials[2 * blockIdx.x] = static_cast<double>(lq);
+      partials[2 * blockIdx.x + 1] = static_cast<double>(lp);
+    }
   }
 }
 
@@ -229,6 +246,79 @@ std::tuple<at::Tensor, at::Tensor> sample_kl_cuda(const at::Tensor& mu, const at
                                                   double prior_sigma2, int64_t start) {
   const auto out = sample_cuda(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start, false);
   return {std::get<1>(out), std::get<2>(out)};
+}
+
+template <typename WT, bool WithKl>
+void launch_forward_as(const at::Tensor& mu, const at::Tensor& rho, at::Tensor& w, int64_t grid, const SeedArg& seed_arg,
+                       int64_t offset, const ScaleMixturePrior<float>& prior, double* partials) {
+  const int64_t n = mu.numel();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  WT* w_ptr = reinterpret_cast<WT*>(w.data_ptr());
+  if (can_vectorise(mu.scalar_type(), 0, mu.data_ptr(), rho.data_ptr(), w.data_ptr())) {
+    forward_kernel<float, true, WT, WithKl><<<grid, kThreads, 0, stream>>>(
+        mu.data_ptr<float>(), rho.data_ptr<float>(), w_ptr, n, 0, seed_arg, static_cast<uint64_t>(offset), prior,
+        partials);
+  } else {
+    forward_kernel<float, false, WT, WithKl><<<grid, kThreads, 0, stream>>>(
+        mu.data_ptr<float>(), rho.data_ptr<float>(), w_ptr, n, 0, seed_arg, static_cast<uint64_t>(offset), prior,
+        partials);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename WT>
+void launch_forward_as(bool with_kl, const at::Tensor& mu, const at::Tensor& rho, at::Tensor& w, int64_t grid,
+                       const SeedArg& seed_arg, int64_t offset, const ScaleMixturePrior<float>& prior,
+                       double* partials) {
+  if (with_kl) return launch_forward_as<WT, true>(mu, rho, w, grid, seed_arg, offset, prior, partials);
+  launch_forward_as<WT, false>(mu, rho, w, grid, seed_arg, offset, prior, partials);
+}
+
+// sample_weight's w written in `dtype` by the sampling kernel itself (fp32 parameters into fp32,
+// bf16 or fp16): under autocast the layer's W needs no cast kernel, and the rebuilt W of the
+// backward (with_kl = false) skips the log q / log p math and their reduction. Other dtype pairs
+// sample, then cast.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_as_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in,
+                                                                     const at::Tensor& seed, int64_t offset,
+                                                                     double prior_pi, double prior_sigma1,
+                                                                     double prior_sigma2, at::ScalarType dtype,
+                                                                     bool with_kl) {
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "dtype must be a floating-point dtype, got ", dtype);
+  check_posterior_params(mu_in, rho_in);
+  check_cuda(mu_in);
+  check_seed(seed, mu_in);
+  check_offset(offset);
+  check_prior(prior_pi, prior_sigma1, prior_sigma2);
+  const bool direct = mu_in.scalar_type() == at::kFloat &&
+                      (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf);
+  if (!direct) {
+    auto [w, log_q, log_p] = sample_cuda(mu_in, rho_in, seed, offset, prior_pi, prior_sigma1, prior_sigma2, 0, true);
+    if (!with_kl) log_q = log_p = at::empty({0}, mu_in.options());
+    return {w.to(dtype), log_q, log_p};
+  }
+  const c10::cuda::CUDAGuard guard(mu_in.device());
+  const at::Tensor mu = mu_in.contiguous();
+  const at::Tensor rho = rho_in.contiguous();
+  const int64_t n = mu.numel();
+  at::Tensor w = at::empty(mu.sizes(), mu.options().dtype(dtype));
+  const int64_t grid = grid_for(philox_blocks_spanned(n, 0));
+  at::Tensor partials = with_kl ? partials_for(grid, 2, mu) : at::Tensor();
+  double* partials_ptr = with_kl ? partials.data_ptr<double>() : nullptr;
+  if (n > 0) {
+    const SeedArg seed_arg = make_seed_arg(seed);
+    const auto prior = make_prior<float>(prior_pi, prior_sigma1, prior_sigma2);
+    if (dtype == at::kBFloat16) {
+      launch_forward_as<c10::BFloat16>(with_kl, mu, rho, w, grid, seed_arg, offset, prior, partials_ptr);
+    } else if (dtype == at::kHalf) {
+      launch_forward_as<c10::Half>(with_kl, mu, rho, w, grid, seed_arg, offset, prior, partials_ptr);
+    } else {
+      launch_forward_as<float>(with_kl, mu, rho, w, grid, seed_arg, offset, prior, partials_ptr);
+    }
+  }
+  if (!with_kl) return {w, at::empty({0}, mu.options()), at::empty({0}, mu.options())};
+  auto [log_q, log_p] = finalize_partials(partials, n > 0 ? grid : 0, -0.91893853320467274178 * static_cast<double>(n),
+                                          0.0, mu);
+  return {w, log_q, log_p};
 }
 
 // The backward into given contiguous gradients (grad_mu may alias grad_w); returns w (empty unless
@@ -384,6 +474,7 @@ TORCH_LIBRARY_IMPL(bayes_ext, CUDA, m) {
   m.impl("sample_weight_backward", &sample_weight_backward_cuda);
   m.impl("sample_weight_backward_into", &sample_weight_backward_into_cuda);
   m.impl("sample_kl", &sample_kl_cuda);
+  m.impl("sample_weight_as", &sample_weight_as_cuda);
   m.impl("sample_weight_samples", &sample_weight_samples_cuda);
   m.impl("sample_weight_samples_backward", &sample_weight_samples_backward_cuda);
   m.impl("philox_normal", &philox_normal_cuda);
