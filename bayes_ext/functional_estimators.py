@@ -69,7 +69,7 @@ def _linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optio
     # Returns (y, std, kl): std (batch-sized) is kept for backward, eps is not. Under autocast the
     # GEMMs run in x's dtype, the rest in the parameters'.
     ops, dtype, low = _backend.ops(), weight_mu.dtype, x.dtype
-    blocks = BF._row_blocks(weight_mu)
+    blocks = BF._row_blocks(weight_mu, BF.LRT_BLOCK_ELEMENTS)
     with BF.autocast_off(x.device.type):
         mean = F.linear(x, weight_mu.to(low), None if bias_mu is None else bias_mu.to(low)).to(dtype)
         if len(blocks) == 1:
@@ -88,9 +88,9 @@ def _linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optio
 
 def _blocked_variance(ops, x: Tensor, mu: Tensor, rho: Tensor, prior_sigma: float, blocks):
     """x^2 (sigma^2)^T (in the parameters' dtype, x's shape with out_features last) and the KL, one
-    cache-sized block of rows of sigma^2 at a time: a large CPU weight's sigma^2 is never allocated
-    whole (a fresh weight-sized tensor costs its page faults each step, ~35% of the LRT step at
-    64x1024x1024; see bench/README.md)."""
+    block of rows of sigma^2 at a time (BF.LRT_BLOCK_ELEMENTS elements): a large CPU weight's sigma^2
+    is never allocated whole (a fresh weight-sized tensor past glibc's mmap threshold costs its page
+    faults each step; see bench/README.md)."""
     x_2d = x.reshape(-1, mu.shape[1])
     x2 = x_2d * x_2d
     var = torch.empty(x_2d.shape[0], mu.shape[0], dtype=mu.dtype, device=mu.device)
@@ -137,7 +137,7 @@ def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
         half_u = lrt_noise_grad(g, std, seed).mul_(0.5)  # dL/dvar
         g, half_u_low = g.to(low), half_u.to(low)
         grad_x = grad_mu = grad_rho = grad_bmu = grad_brho = sigma2 = None
-        blocks = BF._row_blocks(mu)
+        blocks = BF._row_blocks(mu, BF.LRT_BLOCK_ELEMENTS)
         if need_w and len(blocks) > 1:
             grad_mu, grad_rho, grad_x = _blocked_lrt_weight_grads(ops, g, half_u_low, x_2d, mu.contiguous(),
                                                                   rho.contiguous(), grad_kl, prior_sigma, blocks,
@@ -363,8 +363,9 @@ def _lrt_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_sigma: fl
     same computation in one C++ call each way (bayes_ext::linear_lrt_rows, its autograd in C++)."""
     if x.dtype == weight_mu.dtype and BF.eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho,
                                                                       seed)):
+        rows = BF._block_rows(weight_mu, BF.LRT_BLOCK_ELEMENTS)
         return torch.ops.bayes_ext.linear_lrt_rows.default(x, weight_mu, weight_rho, bias_mu, bias_rho, seed,
-                                                           prior_sigma, BF._block_rows(weight_mu))
+                                                           prior_sigma, rows)
     return _linear_lrt(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_sigma)
 
 

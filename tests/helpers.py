@@ -175,13 +175,14 @@ def posterior_7x9(seed: int, bias: bool = True):
 
 def assert_row_blocks_match_whole(monkeypatch, weight_mu, run, tensors):
     """run() -> (outputs, loss) once with the whole weight in one block and once in blocks of one
-    row (both backends' block sizes forced down): the outputs and the gradients of loss w.r.t.
+    row (every block size forced down: both backends', the LRT's): the outputs and the gradients of loss w.r.t.
     `tensors` must agree to float64 rounding (each block draws the noise it has in the whole weight)."""
     results = []
     for elements, blocks in ((1 << 30, 1), (weight_mu.shape[1] + 1, weight_mu.shape[0])):
         monkeypatch.setattr(BF, "BLOCK_ELEMENTS", elements)
         monkeypatch.setattr(BF, "FALLBACK_BLOCK_ELEMENTS", elements)
-        assert len(BF._row_blocks(weight_mu)) == blocks
+        monkeypatch.setattr(BF, "LRT_BLOCK_ELEMENTS", elements)
+        assert len(BF._row_blocks(weight_mu)) == blocks == len(BF._row_blocks(weight_mu, BF.LRT_BLOCK_ELEMENTS))
         outputs, loss = run()
         grads = torch.autograd.grad(loss, tensors)
         results.append(([o.detach() for o in outputs], grads))

@@ -29,8 +29,8 @@ def _run(fn, x, params, g_out, g_kl, need_x):
 def test_equals_the_python_custom_op(compiled, monkeypatch, block_rows, prior_sigma, dtype, bias, need_x):
     params = layer_params(7, 9, bias, dtype)
     if block_rows is not None:  # the Python op's blocks must be the ones the C++ op is given
-        monkeypatch.setattr(BF, "BLOCK_ELEMENTS", block_rows * 9)
-    rows = BF._block_rows(params[0])
+        monkeypatch.setattr(BF, "LRT_BLOCK_ELEMENTS", block_rows * 9)
+    rows = BF._block_rows(params[0], BF.LRT_BLOCK_ELEMENTS)
     assert rows == (7 if block_rows is None else block_rows)
     x = torch.randn(4, 3, 9, dtype=dtype, requires_grad=need_x)
     x.data[0, 0] = 0  # an all-zero row: std = 0 without a bias (the subgradient 0, no NaN)
@@ -145,11 +145,11 @@ def test_weight_gradients_are_the_two_halves_of_one_allocation(compiled, monkeyp
     as they are: AccumulateGrad takes both views without copying, so they stay adjacent."""
     from bayes_ext.modules import BayesianLinear
     if blocked:
-        monkeypatch.setattr(BF, "BLOCK_ELEMENTS", 2 * 9)
+        monkeypatch.setattr(BF, "LRT_BLOCK_ELEMENTS", 2 * 9)
     if path == "Python op":
         monkeypatch.setattr(BF, "eager_compiled_call", lambda *args, **kwargs: False)
     layer = BayesianLinear(9, 7, estimator="lrt")
-    assert (BF._block_rows(layer.weight_mu) < 7) == blocked
+    assert (BF._block_rows(layer.weight_mu, BF.LRT_BLOCK_ELEMENTS) < 7) == blocked
     x = torch.randn(5, 9)
     with torch.profiler.profile() as prof:
         (layer(x).sum() + layer.kl_divergence()).backward()
