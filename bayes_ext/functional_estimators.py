@@ -200,7 +200,8 @@ def weight_grad_pair(weight: Tensor) -> Tuple[Tensor, Tensor]:
     gives the top of its heap back to the OS once more than twice its largest recent allocation is
     free there, so two fresh gradients that zero_grad(set_to_none=True) freed together were unmapped
     and page-faulted in again every step (64x1024x1024 LRT step in a loop of its own, 2 cores: 8.1-8.6
-    -> 5.7-6.2 ms, ~1800 -> ~90 page faults a step). Mirrors layer_op::weight_grad_pair (C++)."""
+    -> 5.7-6.2 ms, ~1800 -> ~90 page faults a step). Mirrors layer_op::weight_grad_pair (C++).
+    A layer that trains mu with rho frozen keeps the unused half alive beside mu's .grad."""
     pair = weight.new_empty((2,) + tuple(weight.shape))
     return pair[0], pair[1]
 

@@ -69,7 +69,7 @@ TORCH_LIBRARY(bayes_ext, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // sample_weight's w written straight in `dtype` (the autocast dtype of the layer op's matmul: no
   // separate cast kernel) and, when with_kl, its (log_q, log_p) in mu's dtype; without with_kl they
-  // are two empty tensors and not computed (the backward's rebuilt W needs no KL). Internal to
+  // are two empty tensors, which the CUDA kernel does not compute (the backward's rebuilt W needs no KL). Internal to
   // linear_reparam_rows. Impl: cpu/sample_weight_as.cpp (any device: sample_weight, then a cast),
   // cuda/sample_weight_cuda.cu (fp32 parameters into fp32 / bf16 / fp16 in the sampling kernel).
   m.def("sample_weight_as(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
