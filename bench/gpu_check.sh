@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 8), for the lent H100/H200 machine: build, CUDA tests, GPU benchmark, a
-# torch.profiler of the bf16 steps, Nsight Compute on the sampling kernels, compute-sanitizer.
+# torch.profiler of the bf16 steps, the transformer step eager and CUDA-graphed (graphed_step.py),
+# Nsight Compute on the sampling kernels, compute-sanitizer.
 # Everything lands in $OUT (at most 8 files come back). ~180 s on an H200 (budget: < 8 minutes).
 #
 # Prepare here, once (the reference layers travel as wheels; the machine has no network):
@@ -71,6 +72,10 @@ if [[ "${GPU_CHECK_BENCH:-1}" == "1" ]]; then
   # where the bf16 steps spend their time (appended to the summary: at most 8 files come back)
   step profile 90 "$OUT/profile.log" "$PY" bench/profile_gpu.py --amp bf16
   cat "$OUT/profile.log" >> "$SUMMARY" && rm -f "$OUT/profile.log"
+  # the GPT-2-small step eager and CUDA-graphed side by side (its own process: a capture that goes
+  # wrong cannot take the benchmark's results with it); the table goes to the summary
+  step graphed 120 "$OUT/graphed.log" "$PY" bench/graphed_step.py --amp bf16
+  cat "$OUT/graphed.log" >> "$SUMMARY" && rm -f "$OUT/graphed.log"
 fi
 # Nsight Compute's speed-of-light of the sampling kernels (second launch of each: after warm-up)
 if [[ "${GPU_CHECK_NCU:-1}" == "1" ]]; then
