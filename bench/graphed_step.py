@@ -46,8 +46,10 @@ class GraphedStep:
         w.model.zero_grad(set_to_none=True)  # the captured backward allocates them in the graph's pool
         w.x.grad = None
         self.graph = torch.cuda.CUDAGraph()
+        # autocast's cast cache off inside a capture, as torch.cuda.make_graphed_callables asks
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if w.amp == "bf16" else w.autocast()
         with torch.cuda.graph(self.graph):
-            with w.autocast():
+            with amp:
                 out, kl = w.fwd(w.model, w.x, True)
                 loss = out.float().sum()
                 if kl is not None:
