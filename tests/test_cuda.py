@@ -255,6 +255,46 @@ def test_captured_layer_draws_fresh_noise_on_every_replay(backend):
         assert ((out - mean).abs() < 6 * sd).all()
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_captured_training_step_equals_the_eager_step(backend, x_dtype):
+    """Forward, loss and backward of the layer op captured in one CUDA graph (how
+    bench/graphed_step.py times a whole model): with the seed in device memory, each replay gives
+    the eager step's loss and gradients for the seed it finds there (fp32, and bf16 autocast, where
+    the sampling kernel writes W in bf16)."""
+    if backend != "compiled" or not _has_cuda_kernels():
+        pytest.skip("graph capture needs the compiled CUDA kernels")
+    from bayes_ext import functional as BF
+    gen = torch.Generator().manual_seed(4)
+    params = [t.to(DEV).requires_grad_() for t in (torch.randn(48, 40, generator=gen) * 0.3,
+                                                   torch.randn(48, 40, generator=gen) - 3,
+                                                   torch.randn(48, generator=gen) * 0.3,
+                                                   torch.randn(48, generator=gen) - 3)]
+    x = torch.randn(6, 40, generator=gen).to(DEV).requires_grad_()
+
+    def step(seed):
+        for t in params + [x]:
+            t.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x_dtype != torch.float32, cache_enabled=False):
+            y, log_q, log_p = BF.bayesian_linear(x, *params, seed=seed)
+        loss = y.float().sum() + (log_q - log_p)
+        loss.backward()
+        return loss
+
+    seed = seed_tensor(1, device=DEV)
+    graph, loss = _capture(lambda: step(seed))
+    captured_grads = [t.grad for t in params + [x]]
+    losses = []
+    for s in (7, 8):
+        seed.fill_(s)
+        graph.replay()
+        got = [loss.clone()] + [g.clone() for g in captured_grads]
+        ref = [step(seed_tensor(s, device=DEV)).detach()] + [t.grad for t in params + [x]]
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+        losses.append(got[0])
+    assert not torch.equal(losses[0], losses[1]), "the replays did not read the new seed"
+
+
 @pytest.mark.parametrize("start", [0, 1, 4, 6])
 @pytest.mark.parametrize("unaligned", [False, True])
 def test_vectorised_and_element_paths_agree(cuda_ops, start, unaligned):
