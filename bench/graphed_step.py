@@ -22,13 +22,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_layers  # noqa: E402  (the benchmark's transformer configs and cases; first: see its env handling)
 import cases  # noqa: E402
 import timing  # noqa: E402
 import workload  # noqa: E402
-
-CASES = ["linear", "bayes_ext", "blitz"]
-GPT2_SMALL = dict(n_blocks=12, d_model=768, n_heads=12, d_mlp=3072, batch=8, tokens=1024)
-TINY = dict(n_blocks=2, d_model=64, n_heads=4, d_mlp=128, batch=2, tokens=16)
 
 
 class GraphedStep:
@@ -46,14 +43,8 @@ class GraphedStep:
         w.model.zero_grad(set_to_none=True)  # the captured backward allocates them in the graph's pool
         w.x.grad = None
         self.graph = torch.cuda.CUDAGraph()
-        # autocast's cast cache off inside a capture, as torch.cuda.make_graphed_callables asks
-        amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if w.amp == "bf16" else w.autocast()
         with torch.cuda.graph(self.graph):
-            with amp:
-                out, kl = w.fwd(w.model, w.x, True)
-                loss = out.float().sum()
-                if kl is not None:
-                    loss = loss + kl.float().sum()
+            loss = w.loss(cache_enabled=False)
             loss.backward()
         self.loss = loss  # the graph's static output: rewritten by every replay
 
@@ -87,11 +78,11 @@ def main():
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("graphed_step.py needs a CUDA device")
-    cfg = TINY if args.tiny else GPT2_SMALL
+    cfg = bench_layers.PLANS["quick"]["tf"] if args.tiny else bench_layers.TF_GPT2
     # BLiTZ's prior is a torch.distributions.Normal, whose argument validation reads a CUDA bool on
     # the host (a sync, which a capture forbids); off for every row here, eager ones included
     torch.distributions.Distribution.set_default_validate_args(False)
-    names = [n for n in CASES if cases.availability(n)[0]]
+    names = [n for n in bench_layers.TF_CASES if cases.availability(n)[0]]
     runners, notes = {}, {}
     for n in names:
         spec = dict(kind="transformer", case=n, shape=cfg, sample_nbr=1, device="cuda", amp=args.amp)

@@ -44,9 +44,11 @@ class Workload:
         if self.x.is_floating_point():
             self.x.requires_grad_(True)
 
-    def autocast(self):
+    def autocast(self, cache_enabled=True):
+        """bf16 autocast for amp "bf16" (cache_enabled=False inside a CUDA graph capture, as
+        torch.cuda.make_graphed_callables asks), else nothing."""
         if self.amp == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
         return contextlib.nullcontext()
 
     def sync(self):
@@ -57,15 +59,19 @@ class Workload:
         """zero_grad, sample_nbr forwards with summed losses, one backward (as BLiTZ's sample_elbo)."""
         self.model.zero_grad(set_to_none=True)
         self.x.grad = None
+        self.loss().backward()
+
+    def loss(self, cache_enabled=True):
+        """The training loss: the mean over sample_nbr forwards of sum(out) + KL."""
         loss = 0.0
         for _ in range(self.sample_nbr):
-            with self.autocast():
+            with self.autocast(cache_enabled):
                 out, kl = self.fwd(self.model, self.x, True)
                 term = out.float().sum()
                 if kl is not None:
                     term = term + kl.float().sum()
             loss = loss + term
-        (loss / self.sample_nbr).backward()
+        return loss / self.sample_nbr
 
     def infer_step(self):
         """One sampled prediction without autograd (a single Monte Carlo forward)."""
