@@ -24,7 +24,7 @@ _load_error = None
 OP_NAMES = ("sample_weight", "sample_weight_backward", "sample_weight_backward_into", "sample_kl", "sample_weight_samples",
             "sample_weight_samples_backward", "philox_normal", "sample_rows", "sample_rows_backward",
             "sample_rows_backward_add_", "gaussian_kl", "gaussian_kl_backward", "lrt_weight_forward",
-            "lrt_weight_backward_")
+            "lrt_weight_backward_", "lrt_output_", "lrt_noise_grad")
 # Compiled-only ops (no pure-PyTorch twin: their callers run the same steps in Python otherwise).
 COMPILED_ONLY_OP_NAMES = ("linear_samples_stacked", "linear_samples_stacked_backward", "linear_reparam_rows",
                           "linear_reparam_rows_backward", "linear_lrt_rows", "linear_lrt_rows_backward",

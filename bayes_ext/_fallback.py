@@ -353,3 +353,18 @@ def lrt_weight_backward_(grad_mu: torch.Tensor, grad_rho: torch.Tensor, grad_kl:
         grad_rho.add_((sigma_sigmoid * inv_var - dlog_sigma) * g)
         grad_mu.add_(mu * (g * inv_var))
     return sigma.square_().contiguous()
+
+
+# ---- local reparameterisation's output noise (cpu/lrt_noise_cpu.cpp) -----------------------------
+
+def lrt_output_(var: torch.Tensor, mean: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
+    """In place var -> std = sqrt(max(var, 0)); returns y = mean + std * eps (stream (seed, offset))."""
+    std = var.clamp_min_(0).sqrt_()
+    return torch.addcmul(mean, std, eps_like(std, seed, offset))
+
+
+def lrt_noise_grad(grad: torch.Tensor, std: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
+    """dL/dvar = grad * eps / (2 std) for y = mean + std * eps, 0 where std is not > 0."""
+    positive = std > 0
+    u = grad * eps_like(std, seed, offset) / torch.where(positive, std, torch.ones_like(std))
+    return u.masked_fill_(~positive, 0).mul_(0.5)

@@ -39,6 +39,8 @@ SCHEMAS = {
     "lrt_weight_forward": "(Tensor mu, Tensor rho, float prior_sigma) -> (Tensor, Tensor)",
     "lrt_weight_backward_": "(Tensor(a!) grad_mu, Tensor(b!) grad_rho, Tensor grad_kl, Tensor mu, Tensor rho, "
                             "float prior_sigma) -> Tensor",
+    "lrt_output_": "(Tensor(a!) var, Tensor mean, Tensor seed, int offset) -> Tensor",
+    "lrt_noise_grad": "(Tensor grad, Tensor std, Tensor seed, int offset) -> Tensor",
 }
 
 
@@ -233,6 +235,34 @@ def _checked_lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sig
     return _fallback.lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma)
 
 
+def _check_lrt_noise_args(a, a_name, b, b_name) -> None:
+    """Mirrors check_lrt_noise_args in csrc/include/bayes_ext/op_checks.h."""
+    _checks.check_floating(a, a_name)
+    _checks.check_tensor(b, b_name)
+    if b.dtype != a.dtype:
+        raise TypeError(f"{b_name} must have the dtype of {a_name} ({a.dtype}), got {b.dtype}")
+    if b.device != a.device:
+        raise ValueError(f"{b_name} must be on the device of {a_name} ({a.device}), got {b.device}")
+    if b.shape != a.shape:
+        raise ValueError(f"{b_name} must have the shape of {a_name} {tuple(a.shape)}, got {tuple(b.shape)}")
+
+
+def _checked_lrt_output_(var, mean, seed, offset):
+    _check_lrt_noise_args(var, "var", mean, "mean")
+    if not var.is_contiguous():
+        raise ValueError("var must be contiguous (it is overwritten with std)")
+    _checks.check_seed(seed, var)
+    _checks.check_offset(offset)
+    return _fallback.lrt_output_(var, mean, seed, offset)
+
+
+def _checked_lrt_noise_grad(grad, std, seed, offset):
+    _check_lrt_noise_args(std, "std", grad, "grad")
+    _checks.check_seed(seed, std)
+    _checks.check_offset(offset)
+    return _fallback.lrt_noise_grad(grad, std, seed, offset)
+
+
 def _kernel(impl):
     """A pure-PyTorch kernel as the op's implementation: run without autograd, like the compiled
     kernels (its in-place and out= steps would otherwise fail when a backward is itself recorded,
@@ -258,7 +288,9 @@ _PYTHON_KERNELS = (("sample_weight", _checked_sample_weight),
                    ("gaussian_kl", _checked_gaussian_kl),
                    ("gaussian_kl_backward", _checked_gaussian_kl_backward),
                    ("lrt_weight_forward", _checked_lrt_weight_forward),
-                   ("lrt_weight_backward_", _checked_lrt_weight_backward_))
+                   ("lrt_weight_backward_", _checked_lrt_weight_backward_),
+                   ("lrt_output_", _checked_lrt_output_),
+                   ("lrt_noise_grad", _checked_lrt_noise_grad))
 _python_lib = torch.library.Library("bayes_ext_py", "DEF")
 for _name, _impl in _PYTHON_KERNELS:
     _python_lib.define(_name + SCHEMAS[_name])
@@ -439,10 +471,20 @@ def _fake_lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma)
     return torch.empty_like(mu, memory_format=torch.contiguous_format)
 
 
+def _fake_lrt_output_(var, mean, seed, offset):
+    return torch.empty_like(var, memory_format=torch.contiguous_format)
+
+
+def _fake_lrt_noise_grad(grad, std, seed, offset):
+    return torch.empty_like(std, memory_format=torch.contiguous_format)
+
+
 def _register_kl(namespace_name: str) -> None:
     namespace = getattr(torch.ops, namespace_name)
     torch.library.register_fake(f"{namespace_name}::lrt_weight_forward")(_fake_lrt_weight_forward)
     torch.library.register_fake(f"{namespace_name}::lrt_weight_backward_")(_fake_lrt_weight_backward_)
+    torch.library.register_fake(f"{namespace_name}::lrt_output_")(_fake_lrt_output_)
+    torch.library.register_fake(f"{namespace_name}::lrt_noise_grad")(_fake_lrt_noise_grad)
     torch.library.register_fake(f"{namespace_name}::sample_rows_backward_add_")(_fake_sample_rows_backward_add_)
     torch.library.register_fake(f"{namespace_name}::gaussian_kl")(_fake_gaussian_kl)
     torch.library.register_fake(f"{namespace_name}::gaussian_kl_backward")(_fake_gaussian_kl_backward)

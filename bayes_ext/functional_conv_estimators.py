@@ -20,7 +20,7 @@ from . import _backend, _checks
 from . import functional as BF
 from . import functional_conv as BFC
 from ._fused_op import fused_custom_op
-from .functional_estimators import (LRT_NOISE_OFFSET, SIGN_IN_OFFSET, SIGN_OUT_OFFSET, lrt_noise_grad, normal,
+from .functional_estimators import (LRT_NOISE_OFFSET, SIGN_IN_OFFSET, SIGN_OUT_OFFSET, half_noise_grad,
                                     signs, zero_if_none)
 
 ScaleMixture = Tuple[float, float, float]
@@ -69,9 +69,10 @@ def _conv_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optiona
             bias_var, kl = bias_var.to(low), kl + bias_kl
         mean = torch.ops.aten.convolution(x, weight_mu.to(low), _to(bias_mu, low), *conv)
         var = torch.ops.aten.convolution(x * x, sigma2.to(low), bias_var, *conv).to(dtype)
-        # clamp: a Winograd / FFT convolution of non-negative terms can round slightly below 0
-        std = var.clamp_min_(0).sqrt_()
-        y = torch.addcmul(mean.to(dtype), std, normal(std.shape, seed, LRT_NOISE_OFFSET, std))
+        # std = sqrt(max(var, 0)) in place (a Winograd / FFT convolution of non-negative terms can
+        # round slightly below 0); contiguous, so element i draws noise i whatever x's memory format
+        std = var.contiguous()
+        y = ops.lrt_output_(std, mean.to(dtype), seed, LRT_NOISE_OFFSET)
     return y.to(low), std, kl
 
 
@@ -102,7 +103,7 @@ def _conv_lrt_backward(ctx, grad_y, grad_std, grad_kl):
     grad_kl = zero_if_none(grad_kl, mu)
     with BF.autocast_off(x.device.type):
         g = torch.zeros_like(std) if grad_y is None else grad_y
-        half_u = lrt_noise_grad(g, std, seed).mul_(0.5)  # dL/dvar
+        half_u = half_noise_grad(ops, g, std, seed)  # dL/dvar
         grad_x, grad_mu = _conv_grads(g.to(low), x, mu, ctx.conv, need_x, need_w)
         grad_rho = grad_bmu = grad_brho = sigma2 = None
         if need_w:

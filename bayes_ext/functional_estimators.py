@@ -45,7 +45,9 @@ def signs(shape, seed: Tensor, offset: int, like: Tensor, dtype: Optional[torch.
 
 
 def lrt_noise_grad(grad_out: Tensor, std: Tensor, seed: Tensor) -> Tensor:
-    """u = 2 dL/dvar = grad * eps / std for y = mean + std * eps, with eps regenerated.
+    """u = 2 dL/dvar = grad * eps / std for y = mean + std * eps, with eps regenerated, as
+    differentiable torch ops (a backward recorded for create_graph=True); the backward's own pass is
+    the fused op ``lrt_noise_grad`` (dL/dvar = u / 2, eps never written).
 
     Where var = 0 (an all-zero input row without bias) sqrt has no derivative; 0 is taken there
     (a valid subgradient of |x| sigma), so gradients stay finite instead of NaN."""
@@ -53,6 +55,14 @@ def lrt_noise_grad(grad_out: Tensor, std: Tensor, seed: Tensor) -> Tensor:
     positive = std > 0
     u = grad_out.to(std.dtype) * eps / torch.where(positive, std, torch.ones_like(std))
     return u.masked_fill_(~positive, 0)
+
+
+def half_noise_grad(ops, grad_out: Tensor, std: Tensor, seed: Tensor) -> Tensor:
+    """dL/dvar = grad * eps / (2 std) (0 where std = 0) in a backward: the fused op, or the
+    differentiable torch ops when the backward is itself recorded (create_graph=True)."""
+    if torch.is_grad_enabled():
+        return lrt_noise_grad(grad_out, std, seed).mul_(0.5)
+    return ops.lrt_noise_grad(grad_out.to(std.dtype), std, seed, LRT_NOISE_OFFSET)
 
 
 def zero_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
@@ -81,9 +91,8 @@ def _linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optio
             bias_sigma2, bias_kl = ops.lrt_weight_forward(bias_mu, bias_rho, prior_sigma)
             var += bias_sigma2
             kl = kl + bias_kl
-        std = var.clamp_min_(0).sqrt_()
-        y = torch.addcmul(mean, std, normal(std.shape, seed, LRT_NOISE_OFFSET, std))
-    return y.to(low), std, kl
+        y = ops.lrt_output_(var, mean, seed, LRT_NOISE_OFFSET)  # var becomes std in place
+    return y.to(low), var, kl
 
 
 def _blocked_variance(ops, x: Tensor, mu: Tensor, rho: Tensor, prior_sigma: float, blocks):
@@ -134,7 +143,7 @@ def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
         std = std.reshape(-1, out_features)
         g = (torch.zeros_like(std) if grad_y is None else grad_y).reshape(-1, out_features)
         x_2d = x.reshape(-1, in_features)
-        half_u = lrt_noise_grad(g, std, seed).mul_(0.5)  # dL/dvar
+        half_u = half_noise_grad(ops, g, std, seed)  # dL/dvar
         g, half_u_low = g.to(low), half_u.to(low)
         grad_x = grad_mu = grad_rho = grad_bmu = grad_brho = sigma2 = None
         blocks = BF._row_blocks(mu, BF.LRT_BLOCK_ELEMENTS)

@@ -104,6 +104,13 @@ TORCH_LIBRARY(bayes_ext, m) {
   m.def("linear_lrt_rows_backward(Tensor grad_y, Tensor grad_kl, Tensor x, Tensor weight_mu, Tensor weight_rho, "
         "Tensor? bias_mu, Tensor? bias_rho, Tensor seed, Tensor std, float prior_sigma, int block_rows, "
         "bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Local reparameterisation's output noise, one fused pass each way; eps is stream (seed, offset),
+  // element i of the contiguous tensor drawing stream element i (philox_normal(var, seed, offset)).
+  // lrt_output_: var becomes std = sqrt(max(var, 0)) in place (var must be contiguous); returns
+  // y = mean + std * eps. lrt_noise_grad: dL/dvar = grad * eps / (2 std) for that y, 0 where std is
+  // not > 0 (sqrt has no derivative at 0). Impl: cpu/lrt_noise_cpu.cpp, cuda/lrt_noise_cuda.cu.
+  m.def("lrt_output_(Tensor(a!) var, Tensor mean, Tensor seed, int offset) -> Tensor");
+  m.def("lrt_noise_grad(Tensor grad, Tensor std, Tensor seed, int offset) -> Tensor");
   // Local reparameterisation's weight pass: (sigma2 = softplus(rho)^2, closed-form KL against
   // N(0, prior_sigma^2)); prior_sigma = 0 skips the KL (returns 0). Impl: cpu/lrt_weight_cpu.cpp.
   m.def("lrt_weight_forward(Tensor mu, Tensor rho, float prior_sigma) -> (Tensor, Tensor)");

@@ -173,12 +173,46 @@ def test_ops_run_on_current_stream(cuda_ops):
         eps = cuda_ops.philox_normal(mu, seed, 0)
         one = torch.ones((), device=DEV)
         g_mu, g_rho, w_bw = cuda_ops.sample_weight_backward(None, one, one, mu, rho, seed, 0, 0.5, 0.1, 0.4, True)
+        std = rho.exp()
+        y = cuda_ops.lrt_output_(std, mu, seed, 2)
+        half_u = cuda_ops.lrt_noise_grad(mu, std, seed, 2)
     side.synchronize()
     ref = cuda_ops.sample_weight(mu_src, rho_src, seed, 0, 0.5, 0.1, 0.4)
     for a, b in zip((w, log_q, log_p), ref):
         assert torch.equal(a, b)
     assert torch.equal(w_bw, ref[0])
     assert torch.equal(eps, cuda_ops.philox_normal(mu_src, seed, 0))
+    std_ref = rho_src.exp()
+    assert torch.equal(y, cuda_ops.lrt_output_(std_ref, mu_src, seed, 2))
+    assert torch.equal(half_u, cuda_ops.lrt_noise_grad(mu_src, std_ref, seed, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("numel", [5, 4099, (1 << 18) + 3])
+def test_lrt_noise_ops_on_cuda(cuda_ops, dtype, numel):
+    """lrt_output_ / lrt_noise_grad on the device: the definition with the device's philox_normal,
+    the CPU's result on the same seed, and the same with the seed in device memory."""
+    gen = torch.Generator().manual_seed(2)
+    mean, grad = (torch.randn(numel, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    var = torch.rand(numel, generator=gen, dtype=torch.float64).to(dtype)
+    var[0] = 0  # no derivative there: a 0 gradient
+    var[1] = -1e-4  # rounded below 0: std 0
+    std_cpu = var.clone()
+    y_cpu = cuda_ops.lrt_output_(std_cpu, mean, seed_tensor(321), 2)
+    u_cpu = cuda_ops.lrt_noise_grad(grad, std_cpu, seed_tensor(321), 2)
+    cross = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for seed in (seed_tensor(321), seed_tensor(321, device=DEV)):
+        std = var.to(DEV)
+        y = cuda_ops.lrt_output_(std, mean.to(DEV), seed, 2)
+        eps = cuda_ops.philox_normal(std, seed, 2)
+        torch.testing.assert_close(std, var.to(DEV).clamp_min(0).sqrt(), **_tol(dtype))
+        torch.testing.assert_close(y, mean.to(DEV) + std * eps, **_tol(dtype))
+        u = cuda_ops.lrt_noise_grad(grad.to(DEV), std, seed, 2)
+        ref_u = torch.where(std > 0, grad.to(DEV) * eps / std / 2, torch.zeros((), dtype=dtype, device=DEV))
+        torch.testing.assert_close(u, ref_u, **_tol(dtype))
+        assert u[0] == 0 and u[1] == 0 and std[1] == 0
+        for a, b in ((y, y_cpu), (std, std_cpu), (u, u_cpu)):
+            torch.testing.assert_close(a.cpu(), b, **cross)
 
 
 def test_cuda_graph_replay_picks_up_new_device_seed(backend):

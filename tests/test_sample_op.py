@@ -394,7 +394,12 @@ gw = torch.randn(shape, generator=gen)
 g = ops.sample_weight_backward(gw, torch.tensor(0.5), torch.tensor(-2.0), mu, rho, seed, 1, 0.5, 0.1, 0.4, True)
 # unaligned sub-ranges of the stream (the kernels align each tile to its Philox block)
 odd = ops.philox_normal(torch.empty(4099), seed, 2)
-torch.save(dict(isa=isa, eps=eps, w=w, lq=lq, lp=lp, g_mu=g[0], g_rho=g[1], w_bw=g[2], odd=odd), sys.argv[1])
+# the LRT output-noise ops (odd-sized, so the last tile is partial)
+lrt_std = torch.rand(33, 1001, generator=gen)
+lrt_y = ops.lrt_output_(lrt_std, torch.randn(33, 1001, generator=gen), seed, 2)
+lrt_half_u = ops.lrt_noise_grad(torch.randn(33, 1001, generator=gen), lrt_std, seed, 2)
+torch.save(dict(isa=isa, eps=eps, w=w, lq=lq, lp=lp, g_mu=g[0], g_rho=g[1], w_bw=g[2], odd=odd, lrt_y=lrt_y,
+                lrt_std=lrt_std, lrt_half_u=lrt_half_u), sys.argv[1])
 """
 
 
@@ -438,7 +443,7 @@ def test_cpu_isa_variants_agree(compiled, tmp_path):
     assert results[None]["isa"] == results["avx512"]["isa"]  # no cap = the best the CPU has
     ref = results["portable"]
     for cap in ["avx2", "avx512", None]:
-        for key in ["eps", "w", "lq", "lp", "g_mu", "g_rho", "w_bw", "odd"]:
+        for key in ["eps", "w", "lq", "lp", "g_mu", "g_rho", "w_bw", "odd", "lrt_y", "lrt_std", "lrt_half_u"]:
             # relative to the tensor's scale: g_mu = grad_w + grad_log_p * dlog p/dw cancels in places
             scale = max(1.0, ref[key].abs().max().item())
             torch.testing.assert_close(results[cap][key], ref[key], rtol=1e-6, atol=1e-6 * scale,

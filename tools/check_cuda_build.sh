@@ -134,7 +134,7 @@ import torch
 
 so, lib_dir = sys.argv[1], sys.argv[2]
 torch.ops.load_library(so)
-ops = ["sample_weight", "sample_weight_backward", "sample_weight_as", "philox_normal"]
+ops = ["sample_weight", "sample_weight_backward", "sample_weight_as", "philox_normal", "lrt_output_", "lrt_noise_grad"]
 missing = []
 for name in ops:
     getattr(torch.ops.bayes_ext, name)  # raises if the op is not registered

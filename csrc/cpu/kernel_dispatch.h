@@ -23,6 +23,8 @@ struct FloatKernels {
   void (*forward)(const ForwardRange<float>&);
   void (*backward)(const BackwardRange<float>&);
   void (*softplus)(const SoftplusRange<float>&);
+  void (*lrt_output)(const LrtNoiseRange<float>&);
+  void (*lrt_noise_grad)(const LrtNoiseRange<float>&);
   void (*normals)(uint64_t, uint64_t, int64_t, int64_t, int64_t, float*);
   const char* name;
 };
@@ -41,15 +43,17 @@ inline bool cpu_has(const char* feature) {
 }
 
 inline FloatKernels choose_float_kernels() {
-  const FloatKernels portable{lrt_forward_range_portable, lrt_backward_range_portable,
-                              kl_forward_range_portable, kl_backward_range_portable, forward_range_portable,
-                                backward_range_portable, softplus_range_portable, normals_range_portable, "portable"};
-  const FloatKernels avx2{lrt_forward_range_avx2, lrt_backward_range_avx2,
-                          kl_forward_range_avx2, kl_backward_range_avx2, forward_range_avx2,
-                                backward_range_avx2, softplus_range_avx2, normals_range_avx2, "avx2"};
-  const FloatKernels avx512{lrt_forward_range_avx512, lrt_backward_range_avx512,
-                            kl_forward_range_avx512, kl_backward_range_avx512, forward_range_avx512,
-                                backward_range_avx512, softplus_range_avx512, normals_range_avx512, "avx512"};
+  const FloatKernels portable{lrt_forward_range_portable, lrt_backward_range_portable, kl_forward_range_portable,
+                              kl_backward_range_portable, forward_range_portable, backward_range_portable,
+                              softplus_range_portable, lrt_output_range_portable, lrt_noise_grad_range_portable,
+                              normals_range_portable, "portable"};
+  const FloatKernels avx2{lrt_forward_range_avx2, lrt_backward_range_avx2, kl_forward_range_avx2,
+                          kl_backward_range_avx2, forward_range_avx2, backward_range_avx2, softplus_range_avx2,
+                          lrt_output_range_avx2, lrt_noise_grad_range_avx2, normals_range_avx2, "avx2"};
+  const FloatKernels avx512{lrt_forward_range_avx512, lrt_backward_range_avx512, kl_forward_range_avx512,
+                            kl_backward_range_avx512, forward_range_avx512, backward_range_avx512,
+                            softplus_range_avx512, lrt_output_range_avx512, lrt_noise_grad_range_avx512,
+                            normals_range_avx512, "avx512"};
   const char* env = std::getenv("BAYES_EXT_CPU_ISA");
   const std::string cap = env == nullptr ? "avx512" : env;
   TORCH_CHECK_VALUE(cap == "portable" || cap == "avx2" || cap == "avx512",
@@ -79,6 +83,10 @@ inline void run_backward(const BackwardRange<float>& a) { float_kernels().backwa
 inline void run_backward(const BackwardRange<double>& a) { backward_range_portable(a); }
 inline void run_softplus(const SoftplusRange<float>& a) { float_kernels().softplus(a); }
 inline void run_softplus(const SoftplusRange<double>& a) { softplus_range_portable(a); }
+inline void run_lrt_output(const LrtNoiseRange<float>& a) { float_kernels().lrt_output(a); }
+inline void run_lrt_output(const LrtNoiseRange<double>& a) { lrt_output_range_portable(a); }
+inline void run_lrt_noise_grad(const LrtNoiseRange<float>& a) { float_kernels().lrt_noise_grad(a); }
+inline void run_lrt_noise_grad(const LrtNoiseRange<double>& a) { lrt_noise_grad_range_portable(a); }
 inline void run_normals(uint64_t s, uint64_t o, int64_t st, int64_t b, int64_t e, float* out) {
   float_kernels().normals(s, o, st, b, e, out);
 }

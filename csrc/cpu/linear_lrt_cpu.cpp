@@ -52,8 +52,24 @@ at::Tensor philox_normal(const at::Tensor& like, const at::Tensor& seed, int64_t
   return op.call(like, seed, offset, 0);
 }
 
-// dL/dvar = grad * eps / (2 std) for y = mean + std * eps, 0 where std = 0 (a valid subgradient
-// of |x| sigma there: no NaN). Differentiable in g when called under grad mode (create_graph).
+// y = mean + std * eps with std = sqrt(max(var, 0)) written over var (bayes_ext::lrt_output_).
+at::Tensor lrt_output_(at::Tensor& var, const at::Tensor& mean, const at::Tensor& seed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bayes_ext::lrt_output_", "")
+                       .typed<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(var, mean, seed, kNoiseOffset);
+}
+
+// dL/dvar = grad * eps / (2 std), eps regenerated in the same pass (bayes_ext::lrt_noise_grad).
+at::Tensor lrt_noise_grad(const at::Tensor& g, const at::Tensor& std, const at::Tensor& seed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bayes_ext::lrt_noise_grad", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(g, std, seed, kNoiseOffset);
+}
+
+// lrt_noise_grad as differentiable torch ops, for a backward recorded with create_graph=True: 0 where
+// std = 0 (a valid subgradient of |x| sigma there: no NaN), differentiable in g.
 at::Tensor half_noise_grad(const at::Tensor& g, const at::Tensor& std, const at::Tensor& eps) {
   const at::Tensor positive = std.gt(0);
   at::Tensor half_u = g * eps / at::where(positive, std, at::ones_like(std));
@@ -94,8 +110,8 @@ Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, cons
     var.add_(bias_sigma2);
     kl = kl + bias_kl;
   }
-  const at::Tensor std = var.clamp_min_(0).sqrt_();
-  return {at::addcmul(mean, std, philox_normal(std, seed, kNoiseOffset)), std, kl};
+  const at::Tensor y = lrt_output_(var, mean, seed);  // var becomes std in place
+  return {y, var, kl};
 }
 
 // (grad_x, grad_weight_mu, grad_weight_rho, grad_bias_mu, grad_bias_rho), each empty where not
@@ -120,7 +136,7 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
   const at::Tensor std = std_in.reshape({-1, out_features});
   const at::Tensor g = grad_y.reshape({-1, out_features});
   const at::Tensor x_2d = x.reshape({-1, in_features});
-  const at::Tensor half_u = half_noise_grad(g, std, philox_normal(std, seed, kNoiseOffset));
+  const at::Tensor half_u = lrt_noise_grad(g, std, seed);
   at::Tensor grad_x, grad_mu, grad_rho, sigma2;
   if (need_w && block_rows < out_features) {
     std::tie(grad_mu, grad_rho) = weight_grad_pair(weight_mu);

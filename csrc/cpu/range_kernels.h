@@ -450,6 +450,48 @@ static inline void lrt_backward_range_impl(const LrtBackwardRange<T>& a) {
   }
 }
 
+// Local reparameterisation's output noise (LrtNoiseRange): each tile's normals are used as soon as
+// they are drawn, so no noise tensor is written.
+template <typename T, typename Pass>
+static inline __attribute__((always_inline)) void lrt_noise_tiles(const LrtNoiseRange<T>& a, Pass pass) {
+  T eps[kTile];
+  for (int64_t i = a.begin; i < a.end;) {
+    const TileSpan span = tile_span(i, a.end, 0);
+    tile_normals<T>(a.seed, a.offset, span.aligned, eps);
+    pass(i, span.stop - i, eps + span.skip);
+    i = span.stop;
+  }
+}
+
+template <typename T>
+static inline void lrt_output_range_impl(const LrtNoiseRange<T>& a) {
+  lrt_noise_tiles(a, [&](int64_t i, int64_t n, const T* __restrict__ eps) {
+    const T* __restrict__ mean = a.in + i;
+    T* __restrict__ sd = a.std + i;
+    T* __restrict__ y = a.out + i;
+    for (int64_t j = 0; j < n; ++j) {
+      const T s = bx_sqrt(sd[j] < T(0) ? T(0) : sd[j]);  // a NaN variance stays NaN, as with clamp_min
+      sd[j] = s;
+      y[j] = mean[j] + s * eps[j];
+    }
+  });
+}
+
+template <typename T>
+static inline void lrt_noise_grad_range_impl(const LrtNoiseRange<T>& a) {
+  lrt_noise_tiles(a, [&](int64_t i, int64_t n, const T* __restrict__ eps) {
+    const T* __restrict__ g = a.in + i;
+    const T* __restrict__ sd = a.std + i;
+    T* __restrict__ u = a.out + i;
+    for (int64_t j = 0; j < n; ++j) {
+      // sqrt has no derivative at var = 0: 0 there (a subgradient), never inf or NaN
+      const bool positive = sd[j] > T(0);
+      const T q = g[j] * eps[j] / (positive ? sd[j] : T(1));
+      u[j] = positive ? q * T(0.5) : T(0);
+    }
+  });
+}
+
 template <typename T>
 static inline void normals_range_impl(uint64_t seed, uint64_t offset, int64_t stream_start, int64_t begin,
                                       int64_t end, T* out) {
@@ -476,6 +518,8 @@ static inline void normals_range_impl(uint64_t seed, uint64_t offset, int64_t st
   void forward_range_##ISA(const ForwardRange<T>& a) { forward_range_impl<T>(a); }                \
   void backward_range_##ISA(const BackwardRange<T>& a) { backward_range_impl<T>(a); }             \
   void softplus_range_##ISA(const SoftplusRange<T>& a) { softplus_range_impl<T>(a); }             \
+  void lrt_output_range_##ISA(const LrtNoiseRange<T>& a) { lrt_output_range_impl<T>(a); }         \
+  void lrt_noise_grad_range_##ISA(const LrtNoiseRange<T>& a) { lrt_noise_grad_range_impl<T>(a); } \
   void normals_range_##ISA(uint64_t seed, uint64_t offset, int64_t stream_start, int64_t begin,   \
                            int64_t end, T* out) {                                                  \
     normals_range_impl<T>(seed, offset, stream_start, begin, end, out);                            \

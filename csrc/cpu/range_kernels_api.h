@@ -110,6 +110,20 @@ struct LrtBackwardRange {
   T g_kl, inv_var;
 };
 
+// Local reparameterisation's output noise over array elements [begin, end), element i drawing
+// stream element i of (seed, offset) (philox_normal's eps of the whole tensor). Forward
+// (lrt_output): std[i] = sqrt(max(std[i], 0)) in place (var in, std out) and out[i] = in[i] +
+// std[i] * eps_i (in = the mean). Backward (lrt_noise_grad, std only read): out[i] = in[i] * eps_i /
+// std[i] / 2 (in = dL/dy), 0 where std[i] is not > 0.
+template <typename T>
+struct LrtNoiseRange {
+  const T* in;
+  T* std;
+  T* out;
+  int64_t begin, end;
+  uint64_t seed, offset;
+};
+
 #define BAYES_EXT_DECLARE_RANGE_KERNELS(ISA, T)                                                \
   void lrt_forward_range_##ISA(const LrtForwardRange<T>& a);                                   \
   void lrt_backward_range_##ISA(const LrtBackwardRange<T>& a);                                 \
@@ -118,6 +132,8 @@ struct LrtBackwardRange {
   void forward_range_##ISA(const ForwardRange<T>& a);                                          \
   void backward_range_##ISA(const BackwardRange<T>& a);                                        \
   void softplus_range_##ISA(const SoftplusRange<T>& a);                                        \
+  void lrt_output_range_##ISA(const LrtNoiseRange<T>& a);                                      \
+  void lrt_noise_grad_range_##ISA(const LrtNoiseRange<T>& a);                                  \
   void normals_range_##ISA(uint64_t seed, uint64_t offset, int64_t stream_start, int64_t begin, int64_t end,  \
                            T* out);
 

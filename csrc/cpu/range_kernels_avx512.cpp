@@ -19,6 +19,8 @@ void kl_backward_range_avx512(const KlBackwardRange<float>& a) { kl_backward_ran
 void forward_range_avx512(const ForwardRange<float>& a) { forward_range_portable(a); }
 void backward_range_avx512(const BackwardRange<float>& a) { backward_range_portable(a); }
 void softplus_range_avx512(const SoftplusRange<float>& a) { softplus_range_portable(a); }
+void lrt_output_range_avx512(const LrtNoiseRange<float>& a) { lrt_output_range_portable(a); }
+void lrt_noise_grad_range_avx512(const LrtNoiseRange<float>& a) { lrt_noise_grad_range_portable(a); }
 void normals_range_avx512(uint64_t s, uint64_t o, int64_t st, int64_t b, int64_t e, float* out) {
   normals_range_portable(s, o, st, b, e, out);
 }

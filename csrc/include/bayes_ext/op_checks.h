@@ -16,12 +16,12 @@ inline void check_floating(const at::Tensor& t, const char* name) {
 
 // The device a kernel file serves (the dispatcher routes by the tensors' device; a direct call of a
 // kernel with another device's tensors gets this error instead of a crash).
-inline void check_cpu(const at::Tensor& mu) {
-  TORCH_CHECK_VALUE(mu.device().is_cpu(), "mu must be a CPU tensor for the CPU kernel, got ", mu.device());
+inline void check_cpu(const at::Tensor& t, const char* name = "mu") {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ", t.device());
 }
 
-inline void check_cuda(const at::Tensor& mu) {
-  TORCH_CHECK_VALUE(mu.device().is_cuda(), "mu must be a CUDA tensor for the CUDA kernel, got ", mu.device());
+inline void check_cuda(const at::Tensor& t, const char* name = "mu") {
+  TORCH_CHECK_VALUE(t.device().is_cuda(), name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
 }
 
 inline void check_posterior_params(const at::Tensor& mu, const at::Tensor& rho) {
@@ -97,6 +97,18 @@ inline void check_prior_sigma(double sigma) {
 inline void check_optional_prior_sigma(double sigma) {
   TORCH_CHECK_VALUE(sigma >= 0.0 && std::isfinite(sigma), "prior_sigma must be finite and >= 0 (0: no KL), got ",
                     sigma);
+}
+
+// The two batch-sized tensors of the LRT output-noise ops (var and mean, std and grad): float32 /
+// float64, one dtype, one device, one shape.
+inline void check_lrt_noise_args(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  check_floating(a, a_name);
+  TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), b_name, " must have the dtype of ", a_name, " (",
+                   a.scalar_type(), "), got ", b.scalar_type());
+  TORCH_CHECK_VALUE(b.device() == a.device(), b_name, " must be on the device of ", a_name, " (", a.device(),
+                    "), got ", b.device());
+  TORCH_CHECK_VALUE(b.sizes() == a.sizes(), b_name, " must have the shape of ", a_name, " ", a.sizes(), ", got ",
+                    b.sizes());
 }
 
 // A gradient buffer an op accumulates into: mu's shape, dtype and device, contiguous.
