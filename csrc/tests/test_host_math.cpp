@@ -2,6 +2,8 @@
 // libtorch, against double-precision libm:
 // - host_logf: within 2 ulp on positive normals, libm's special values (0, negatives, inf, NaN),
 //   and equal bit for bit to host_log_positive wherever that is defined;
+// - host_log1pf: within 2 ulp of log1p on [0, 1] (the range the kernels use: t = exp(-|x|)), exact
+//   at 0, NaN for NaN;
 // - softplus_terms_nonpositive (the forward's fast path for rho <= 0): sigma bit for bit equal to
 //   softplus_terms' (the backward regenerates w with the latter), log sigma within 4 ulp for every
 //   rho in [-100, 0] (a dense sample of the floats), and the exact limits (t underflow: log sigma = rho, sigma = 0).
@@ -46,6 +48,19 @@ void test_log() {
   check(std::isnan(host_logf(NAN)), "host_logf(NaN) is NaN");
 }
 
+void test_log1p() {
+  using bayes_ext::host_log1pf;
+  double worst = 0.0;
+  for (uint32_t bits = 0x00800000u; bits <= 0x3F800000u; bits += 7u) {  // normals in (0, 1], and 1
+    float t;
+    std::memcpy(&t, &bits, sizeof t);
+    worst = std::fmax(worst, ulps(host_log1pf(t), std::log1p(static_cast<double>(t))));
+  }
+  check(worst <= 2.0, "host_log1pf within 2 ulp of log1p on (0, 1]");
+  check(host_log1pf(0.0f) == 0.0f, "host_log1pf(0) == 0");
+  check(std::isnan(host_log1pf(NAN)), "host_log1pf(NaN) is NaN");
+}
+
 void test_softplus_nonpositive() {
   using bayes_ext::softplus_terms;
   using bayes_ext::softplus_terms_nonpositive;
@@ -72,6 +87,7 @@ void test_softplus_nonpositive() {
 
 int main() {
   test_log();
+  test_log1p();
   test_softplus_nonpositive();
   return bayes_ext_test::finish("test_host_math");
 }
