@@ -70,9 +70,12 @@ def _conv_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optiona
         mean = torch.ops.aten.convolution(x, weight_mu.to(low), _to(bias_mu, low), *conv)
         var = torch.ops.aten.convolution(x * x, sigma2.to(low), bias_var, *conv).to(dtype)
         # std = sqrt(max(var, 0)) in place (a Winograd / FFT convolution of non-negative terms can
-        # round slightly below 0); contiguous, so element i draws noise i whatever x's memory format
+        # round slightly below 0). The op draws noise i for memory element i, so a channels_last
+        # var goes through a contiguous copy; y and std keep var's format (as the fake kernel says).
         std = var.contiguous()
         y = ops.lrt_output_(std, mean.to(dtype), seed, LRT_NOISE_OFFSET)
+        if std is not var:
+            std, y = var.copy_(std), torch.empty_like(var).copy_(y)
     return y.to(low), std, kl
 
 

@@ -776,3 +776,28 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_lrt_channels_last_input_keeps_its_format_and_its_noise(backend):
+    """The LRT output noise is drawn in logical (NCHW) order whatever x's memory format, and a
+    channels_last input gives channels_last y and std, the strides the op's fake kernel reports."""
+    torch.manual_seed(0)
+    layer = BayesianConv2d(3, 4, 3, padding=1, estimator="lrt", posterior_rho_init=-2.0)
+    x = torch.randn(2, 3, 6, 5)
+    outs = []
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        inp = inp.detach().requires_grad_(True)
+        torch.manual_seed(7)
+        y = layer(inp)
+        y.square().sum().backward()
+        outs.append((y, inp.grad, layer.weight_rho.grad.clone()))
+        layer.zero_grad(set_to_none=True)
+    (y, gx, grho), (y_cl, gx_cl, grho_cl) = outs
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_x = mode.from_tensor(x.contiguous(memory_format=torch.channels_last))
+        fake_y = layer(fake_x)
+    assert fake_y.stride() == y_cl.stride()
+    torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx_cl, gx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grho_cl, grho, rtol=1e-5, atol=1e-5)
