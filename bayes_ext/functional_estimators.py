@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks
+from . import _backend, _checks, _fallback
 from . import functional as BF
 from ._fused_op import fused_custom_op
 
@@ -44,25 +44,17 @@ def signs(shape, seed: Tensor, offset: int, like: Tensor, dtype: Optional[torch.
     return positive.to(dtype or like.dtype).mul_(2).sub_(1)
 
 
-def lrt_noise_grad(grad_out: Tensor, std: Tensor, seed: Tensor) -> Tensor:
-    """u = 2 dL/dvar = grad * eps / std for y = mean + std * eps, with eps regenerated, as
-    differentiable torch ops (a backward recorded for create_graph=True); the backward's own pass is
-    the fused op ``lrt_noise_grad`` (dL/dvar = u / 2, eps never written).
+def half_noise_grad(ops, grad_out: Tensor, std: Tensor, seed: Tensor) -> Tensor:
+    """dL/dvar = grad * eps / (2 std) for y = mean + std * eps, eps regenerated, in a backward: the
+    fused op (eps never written), or differentiable torch ops when the backward is itself recorded
+    (create_graph=True).
 
     Where var = 0 (an all-zero input row without bias) sqrt has no derivative; 0 is taken there
     (a valid subgradient of |x| sigma), so gradients stay finite instead of NaN."""
-    eps = normal(std.shape, seed, LRT_NOISE_OFFSET, std)
-    positive = std > 0
-    u = grad_out.to(std.dtype) * eps / torch.where(positive, std, torch.ones_like(std))
-    return u.masked_fill_(~positive, 0)
-
-
-def half_noise_grad(ops, grad_out: Tensor, std: Tensor, seed: Tensor) -> Tensor:
-    """dL/dvar = grad * eps / (2 std) (0 where std = 0) in a backward: the fused op, or the
-    differentiable torch ops when the backward is itself recorded (create_graph=True)."""
+    grad_out = grad_out.to(std.dtype)
     if torch.is_grad_enabled():
-        return lrt_noise_grad(grad_out, std, seed).mul_(0.5)
-    return ops.lrt_noise_grad(grad_out.to(std.dtype), std, seed, LRT_NOISE_OFFSET)
+        return _fallback.lrt_noise_grad_of(grad_out, std, normal(std.shape, seed, LRT_NOISE_OFFSET, std))
+    return ops.lrt_noise_grad(grad_out, std, seed, LRT_NOISE_OFFSET)
 
 
 def zero_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
@@ -179,7 +171,7 @@ def _lrt_grad_x_recorded(ops, grad_y, x, mu, rho, seed, std):
     g = torch.zeros_like(std) if grad_y is None else grad_y.to(std.dtype)
     with torch.no_grad():
         sigma2 = ops.lrt_weight_forward(mu.detach(), rho.detach(), 0.0)[0]
-    half_u = lrt_noise_grad(g, std, seed).mul_(0.5)  # differentiable in g: std and eps carry no grad
+    half_u = half_noise_grad(ops, g, std, seed)  # recorded: differentiable in g (std and eps carry no grad)
     grad_x = torch.addcmul(g.matmul(mu.detach()), x.detach().to(std.dtype), half_u.matmul(sigma2), value=2)
     return grad_x.to(x.dtype)
 
