@@ -86,9 +86,10 @@ static inline float host_expf(float x) {
 // log(1 + t) for t in [0, 1] (the only range the kernels use: t = exp(-|x|)): t + t^2 r(t) with r a
 // degree-9 polynomial fit to (log1p(t) - t) / t^2 on [0, 1] (least squares on Chebyshev nodes;
 // within 1.2 ulp of log1p with FMA, 2 ulp without: csrc/tests/test_host_math.cpp). No range
-// reduction and no select: a vectorised exp + log1p loop took 0.52 ns per element instead of 0.73
+// reduction and no select: a vectorised exp + log1p loop took 0.51 ns per element instead of 0.67
 // with the reduced Cephes log it replaces (one AVX-512 thread); the mixture prior's log p, which
-// takes a log1p per weight besides softplus's, gained most (sample_weight -7 to -9%).
+// takes a log1p per weight besides softplus's, gained most (sample_weight -7 to -9%; both in
+// bench/results/log1p_polynomial_cpu_2c-intel-xeon.md).
 static inline float host_log1pf(float t) {
   float r = 2.873899272e-03f;
   r = r * t - 1.751231658e-02f;
