@@ -23,15 +23,20 @@ def check_floating(t, name: str, dtypes=FLOAT_DTYPES) -> None:
         raise TypeError(f"{name} must be a {allowed} tensor, got {t.dtype}")
 
 
+def check_matches(t, name: str, like, like_name: str) -> None:
+    """t is a tensor with like's dtype, device and shape (in that order of checks)."""
+    check_tensor(t, name)
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on the device of {like_name} ({like.device}), got {t.device}")
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(t.shape)}")
+
+
 def check_posterior_params(mu, rho) -> None:
     check_floating(mu, "mu")
-    check_tensor(rho, "rho")
-    if rho.dtype != mu.dtype:
-        raise TypeError(f"rho must have the dtype of mu ({mu.dtype}), got {rho.dtype}")
-    if rho.device != mu.device:
-        raise ValueError(f"rho must be on the device of mu ({mu.device}), got {rho.device}")
-    if rho.shape != mu.shape:
-        raise ValueError(f"rho must have the shape of mu {tuple(mu.shape)}, got {tuple(rho.shape)}")
+    check_matches(rho, "rho", mu, "mu")
 
 
 def check_seed(seed, like) -> None:

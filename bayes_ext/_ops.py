@@ -178,13 +178,7 @@ def _check_grad_rows(grad_rows, mu, indices) -> None:
 
 def _check_accumulator(t, mu, name: str) -> None:
     """Mirrors check_accumulator in csrc/include/bayes_ext/op_checks.h."""
-    _checks.check_tensor(t, name)
-    if t.dtype != mu.dtype:
-        raise TypeError(f"{name} must have the dtype of mu ({mu.dtype}), got {t.dtype}")
-    if t.device != mu.device:
-        raise ValueError(f"{name} must be on the device of mu ({mu.device}), got {t.device}")
-    if t.shape != mu.shape:
-        raise ValueError(f"{name} must have the shape of mu {tuple(mu.shape)}, got {tuple(t.shape)}")
+    _checks.check_matches(t, name, mu, "mu")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
 
@@ -238,13 +232,7 @@ def _checked_lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sig
 def _check_lrt_noise_args(a, a_name, b, b_name) -> None:
     """Mirrors check_lrt_noise_args in csrc/include/bayes_ext/op_checks.h."""
     _checks.check_floating(a, a_name)
-    _checks.check_tensor(b, b_name)
-    if b.dtype != a.dtype:
-        raise TypeError(f"{b_name} must have the dtype of {a_name} ({a.dtype}), got {b.dtype}")
-    if b.device != a.device:
-        raise ValueError(f"{b_name} must be on the device of {a_name} ({a.device}), got {b.device}")
-    if b.shape != a.shape:
-        raise ValueError(f"{b_name} must have the shape of {a_name} {tuple(a.shape)}, got {tuple(b.shape)}")
+    _checks.check_matches(b, b_name, a, a_name)
 
 
 def _checked_lrt_output_(var, mean, seed, offset):

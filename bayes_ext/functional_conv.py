@@ -201,13 +201,7 @@ def check_conv_input(x: Tensor, weight: Tensor, spec: ConvSpec, name: str = "inp
 
 def _check_weight_pair(mu, rho, prefix: str) -> None:
     _checks.check_floating(mu, f"{prefix}_mu")
-    _checks.check_tensor(rho, f"{prefix}_rho")
-    if rho.dtype != mu.dtype:
-        raise TypeError(f"{prefix}_rho must have the dtype of {prefix}_mu ({mu.dtype}), got {rho.dtype}")
-    if rho.device != mu.device:
-        raise ValueError(f"{prefix}_rho must be on the device of {prefix}_mu ({mu.device}), got {rho.device}")
-    if rho.shape != mu.shape:
-        raise ValueError(f"{prefix}_rho must have the shape of {prefix}_mu {tuple(mu.shape)}, got {tuple(rho.shape)}")
+    _checks.check_matches(rho, f"{prefix}_rho", mu, f"{prefix}_mu")
 
 
 def check_conv_params(weight_mu, weight_rho, bias_mu, bias_rho, spec: ConvSpec) -> None:

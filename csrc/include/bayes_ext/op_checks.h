@@ -24,15 +24,20 @@ inline void check_cuda(const at::Tensor& t, const char* name = "mu") {
   TORCH_CHECK_VALUE(t.device().is_cuda(), name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
 }
 
+// t has like's dtype, device and shape (in that order of checks).
+inline void check_matches(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have the dtype of ", like_name, " (",
+                   like.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " must be on the device of ", like_name, " (", like.device(),
+                    "), got ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ", like.sizes(),
+                    ", got ", t.sizes());
+}
+
 inline void check_posterior_params(const at::Tensor& mu, const at::Tensor& rho) {
   TORCH_CHECK_TYPE(mu.defined() && rho.defined(), "mu and rho must be tensors");
   check_floating(mu, "mu");
-  TORCH_CHECK_TYPE(rho.scalar_type() == mu.scalar_type(), "rho must have the dtype of mu (",
-                   mu.scalar_type(), "), got ", rho.scalar_type());
-  TORCH_CHECK_VALUE(rho.device() == mu.device(), "rho must be on the device of mu (", mu.device(),
-                    "), got ", rho.device());
-  TORCH_CHECK_VALUE(rho.sizes() == mu.sizes(), "rho must have the shape of mu ", mu.sizes(),
-                    ", got ", rho.sizes());
+  check_matches(rho, "rho", mu, "mu");
 }
 
 inline void check_seed(const at::Tensor& seed, const at::Tensor& like) {
@@ -103,21 +108,12 @@ inline void check_optional_prior_sigma(double sigma) {
 // float64, one dtype, one device, one shape.
 inline void check_lrt_noise_args(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
   check_floating(a, a_name);
-  TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), b_name, " must have the dtype of ", a_name, " (",
-                   a.scalar_type(), "), got ", b.scalar_type());
-  TORCH_CHECK_VALUE(b.device() == a.device(), b_name, " must be on the device of ", a_name, " (", a.device(),
-                    "), got ", b.device());
-  TORCH_CHECK_VALUE(b.sizes() == a.sizes(), b_name, " must have the shape of ", a_name, " ", a.sizes(), ", got ",
-                    b.sizes());
+  check_matches(b, b_name, a, a_name);
 }
 
 // A gradient buffer an op accumulates into: mu's shape, dtype and device, contiguous.
 inline void check_accumulator(const at::Tensor& t, const at::Tensor& mu, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == mu.scalar_type(), name, " must have the dtype of mu (", mu.scalar_type(),
-                   "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == mu.device(), name, " must be on the device of mu (", mu.device(), "), got ",
-                    t.device());
-  TORCH_CHECK_VALUE(t.sizes() == mu.sizes(), name, " must have the shape of mu ", mu.sizes(), ", got ", t.sizes());
+  check_matches(t, name, mu, "mu");
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
