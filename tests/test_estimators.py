@@ -398,8 +398,12 @@ def test_only_batch_sized_tensors_are_saved_for_backward(backend):
         (y if isinstance(y, torch.Tensor) else y[0]).sum().backward()
 
 
+@pytest.mark.parametrize("blocks", [False, True], ids=["whole", "row_blocks"])
 @pytest.mark.parametrize("estimator", ["lrt", "flipout"])
-def test_autocast_bf16(backend, estimator):
+def test_autocast_bf16(backend, estimator, blocks, monkeypatch):
+    if blocks:  # a block per row of the linear weight: the blocked GEMMs take bf16 x and fp32 results
+        for name in ("BLOCK_ELEMENTS", "FALLBACK_BLOCK_ELEMENTS", "LRT_BLOCK_ELEMENTS"):
+            monkeypatch.setattr(BF, name, 9)
     torch.manual_seed(0)
     lin = BayesianLinear(8, 4, estimator=estimator, posterior_rho_init=-3.0)
     conv = BayesianConv1d(2, 3, 3, estimator=estimator)
