@@ -187,8 +187,10 @@ def _scratch(count: int, n: int, dtype: torch.dtype, device: torch.device):
 
 
 def sample_weight(mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offset: int, prior_pi: float,
-                  prior_sigma1: float, prior_sigma2: float, start: int = 0
+                  prior_sigma1: float, prior_sigma2: float, start: int = 0, noise_only: bool = False
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w, log q, log p), or with noise_only (w - mu, log q, log p): Flipout's dW, rounded as that
+    subtraction, as the kernels do."""
     mu_flat, rho_flat = mu.reshape(-1), rho.reshape(-1)
     w = torch.empty_like(mu_flat)
     acc = torch.float64  # sum in double like the kernels
@@ -208,13 +210,18 @@ def sample_weight(mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offse
         # converts the whole chunk first, 10x the cost
         log_q -= 0.5 * torch.dot(eps, eps).to(acc) + log_softplus(r, sigma, extremes, out=spare).sum().to(acc)
         log_p += log_prior_sum(w_chunk, prior_pi, prior_sigma1, prior_sigma2, out=(eps, sigma, spare))
+        if noise_only:
+            w_chunk -= mu_flat[b:e]
     log_q -= HALF_LOG_2PI * mu.numel()
     return w.reshape(mu.shape), log_q.to(mu.dtype), log_p.to(mu.dtype)
 
 
 def sample_weight_backward(grad_w: Optional[torch.Tensor], grad_log_q: torch.Tensor, grad_log_p: torch.Tensor,
                            mu: torch.Tensor, rho: torch.Tensor, seed: torch.Tensor, offset: int, prior_pi: float,
-                           prior_sigma1: float, prior_sigma2: float, return_weight: bool, start: int = 0):
+                           prior_sigma1: float, prior_sigma2: float, return_weight: bool, start: int = 0,
+                           noise_only: bool = False):
+    """(grad_mu, grad_rho, w or empty) of sample_weight; noise_only: of sample_weight(noise_only=True),
+    grad_w (of the noise) reaching grad_rho only, and the noise returned."""
     mu_flat, rho_flat = mu.reshape(-1), rho.reshape(-1)
     grad_w_flat = None if grad_w is None else grad_w.reshape(-1)
     glq = grad_log_q.reshape(()).to(device=mu.device, dtype=mu.dtype)
@@ -233,6 +240,11 @@ def sample_weight_backward(grad_w: Optional[torch.Tensor], grad_log_q: torch.Ten
             g += grad_w_flat[b:e]
         # g eps sigmoid(rho) - glq dlog_sigma in the chunk's temporaries (not addcmul: see above)
         torch.sub(eps.mul_(g).mul_(sig), dlog_sigma.mul_(glq), out=grad_rho[b:e])
+        if noise_only:
+            if grad_w_flat is not None:
+                g -= grad_w_flat[b:e]
+            if return_weight:
+                w_chunk -= mu_flat[b:e]
     out_shape = mu.shape
     return grad_mu.reshape(out_shape), grad_rho.reshape(out_shape), w.reshape(out_shape) if return_weight else w
 

@@ -13,14 +13,14 @@ from . import _backend, _checks, _fallback
 
 SCHEMAS = {
     "sample_weight": "(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
-                     "float prior_sigma2, int start=0) -> (Tensor, Tensor, Tensor)",
+                     "float prior_sigma2, int start=0, bool noise_only=False) -> (Tensor, Tensor, Tensor)",
     "sample_weight_backward": "(Tensor? grad_w, Tensor grad_log_q, Tensor grad_log_p, Tensor mu, Tensor rho, "
                               "Tensor seed, int offset, float prior_pi, float prior_sigma1, float prior_sigma2, "
-                              "bool return_weight, int start=0) -> (Tensor, Tensor, Tensor)",
+                              "bool return_weight, int start=0, bool noise_only=False) -> (Tensor, Tensor, Tensor)",
     "sample_weight_backward_into": "(Tensor(a!) grad_mu, Tensor(b!) grad_rho, Tensor? grad_w, Tensor grad_log_q, "
                                    "Tensor grad_log_p, Tensor mu, Tensor rho, Tensor seed, int offset, "
                                    "float prior_pi, float prior_sigma1, float prior_sigma2, bool return_weight, "
-                                   "int start=0) -> Tensor",
+                                   "int start=0, bool noise_only=False) -> Tensor",
     "sample_kl": "(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
                  "float prior_sigma2, int start=0) -> (Tensor, Tensor)",
     "sample_weight_samples": "(Tensor mu, Tensor rho, Tensor seeds, int offset, float prior_pi, float prior_sigma1, "
@@ -44,9 +44,9 @@ SCHEMAS = {
 }
 
 
-def _checked_sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start=0):
+def _checked_sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start=0, noise_only=False):
     _checks.check_sample_args(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start)
-    return _fallback.sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start)
+    return _fallback.sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start, noise_only)
 
 
 def _checked_sample_kl(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start=0):
@@ -56,11 +56,12 @@ def _checked_sample_kl(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigm
 
 
 def _checked_sample_weight_backward_into(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset,
-                                         prior_pi, prior_sigma1, prior_sigma2, return_weight, start=0):
+                                         prior_pi, prior_sigma1, prior_sigma2, return_weight, start=0,
+                                         noise_only=False):
     _check_accumulator(grad_mu, mu, "grad_mu")
     _check_accumulator(grad_rho, mu, "grad_rho")
     g_mu, g_rho, w = _checked_sample_weight_backward(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi,
-                                                     prior_sigma1, prior_sigma2, return_weight, start)
+                                                     prior_sigma1, prior_sigma2, return_weight, start, noise_only)
     grad_mu.copy_(g_mu)
     grad_rho.copy_(g_rho)
     return w
@@ -115,13 +116,13 @@ def _checked_sample_weight_samples_backward(grad_w, grad_log_q, grad_log_p, mu, 
 
 
 def _checked_sample_weight_backward(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi, prior_sigma1,
-                                    prior_sigma2, return_weight, start=0):
+                                    prior_sigma2, return_weight, start=0, noise_only=False):
     _checks.check_sample_args(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start)
     _checks.check_grad_w(grad_w, mu)
     _checks.check_scalar_grad(grad_log_q, mu, "grad_log_q")
     _checks.check_scalar_grad(grad_log_p, mu, "grad_log_p")
     return _fallback.sample_weight_backward(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi,
-                                            prior_sigma1, prior_sigma2, return_weight, start)
+                                            prior_sigma1, prior_sigma2, return_weight, start, noise_only)
 
 
 def _checked_philox_normal(like, seed, offset, start=0):
@@ -285,12 +286,12 @@ for _name, _impl in _PYTHON_KERNELS:
     _python_lib.impl(_name, _kernel(_impl), "CompositeExplicitAutograd")
 
 
-def _fake_sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start=0):
+def _fake_sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start=0, noise_only=False):
     return torch.empty_like(mu, memory_format=torch.contiguous_format), mu.new_empty(()), mu.new_empty(())
 
 
 def _fake_sample_weight_backward(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi, prior_sigma1,
-                                 prior_sigma2, return_weight, start=0):
+                                 prior_sigma2, return_weight, start=0, noise_only=False):
     like = lambda: torch.empty_like(mu, memory_format=torch.contiguous_format)
     return like(), like(), like() if return_weight else mu.new_empty(0)
 
@@ -300,9 +301,11 @@ def _fake_philox_normal(like, seed, offset, start=0):
 
 
 def _sample_weight_setup_context(ctx, inputs, output):
-    mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start = inputs
+    # sample_weight's inputs, or sample_kl's (the same without noise_only)
+    mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start = inputs[:8]
     ctx.save_for_backward(mu, rho, seed)  # parameters and an 8-byte seed: nothing weight-sized is new
     ctx.stream_and_prior = (offset, prior_pi, prior_sigma1, prior_sigma2, start)
+    ctx.noise_only = bool(inputs[8]) if len(inputs) > 8 else False
 
 
 def _make_sample_weight_backward(namespace):
@@ -312,13 +315,13 @@ def _make_sample_weight_backward(namespace):
         zero = mu.new_zeros(())
         grad_mu, grad_rho, _ = namespace.sample_weight_backward(
             grad_w, zero if grad_log_q is None else grad_log_q, zero if grad_log_p is None else grad_log_p,
-            mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, False, start)
-        return grad_mu, grad_rho, None, None, None, None, None, None
+            mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, False, start, ctx.noise_only)
+        return (grad_mu, grad_rho) + (None,) * (len(ctx.needs_input_grad) - 2)
     return backward
 
 
 def _fake_sample_weight_backward_into(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset,
-                                      prior_pi, prior_sigma1, prior_sigma2, return_weight, start=0):
+                                      prior_pi, prior_sigma1, prior_sigma2, return_weight, start=0, noise_only=False):
     return torch.empty_like(mu, memory_format=torch.contiguous_format) if return_weight else mu.new_empty(0)
 
 

@@ -140,14 +140,14 @@ def _conv_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Opt
     ops, prior, low = _backend.ops(), (prior_pi, prior_sigma1, prior_sigma2), x.dtype
     conv = (stride, padding, dilation, transposed, output_padding, groups)
     with BF.autocast_off(x.device.type):
-        # W = mu + dW from the weight's own stream, so log q / log p are the MC KL terms of W
-        w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
+        # dW = W - mu with W from the weight's own stream, so log q / log p are the MC KL terms of W
+        dw, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior, 0, True)
         b = None
         if bias_mu is not None:
             b, log_q_b, log_p_b = ops.sample_weight(bias_mu, bias_rho, seed, 1, *prior)
             log_q, log_p = log_q + log_q_b, log_p + log_p_b
         x_signed = x * signs(x.shape, seed, SIGN_IN_OFFSET, weight_mu, low)
-        perturbation = torch.ops.aten.convolution(x_signed, w.sub_(weight_mu).to(low), None, *conv)
+        perturbation = torch.ops.aten.convolution(x_signed, dw.to(low), None, *conv)
         perturbation *= signs(perturbation.shape, seed, SIGN_OUT_OFFSET, weight_mu, low)
         y = torch.ops.aten.convolution(x, weight_mu.to(low), _to(b, low), *conv).add_(perturbation)
     return y, log_q, log_p
@@ -185,17 +185,17 @@ def _conv_flipout_backward(ctx, grad_y, grad_log_q, grad_log_p):
         x_signed = x * s_in
         g_signed = g * signs(g.shape, seed, SIGN_OUT_OFFSET, mu, low)
         grad_x, grad_mu = _conv_grads(g, x, mu, conv, need_x, need_w)  # the mean's terms
-        grad_rho = w = None
+        grad_rho = dw = None
         if need_w:
             grad_dw = _conv_grads(g_signed, x_signed, mu, conv, False, True)[1]
-            # W = mu + dW: sample_weight_backward's grad_mu holds grad_dw (dW's alone) and the KL's
-            grad_mu_w, grad_rho, w = ops.sample_weight_backward(grad_dw, grad_log_q, grad_log_p, mu, rho, seed, 0,
-                                                                *prior, need_x)
-            grad_mu = grad_mu.add_(grad_mu_w).sub_(grad_dw)
+            # the noise dW's backward: grad_dw reaches rho; grad_mu_kl is the KL's alone (through W = mu + dW)
+            grad_mu_kl, grad_rho, dw = ops.sample_weight_backward(grad_dw, grad_log_q, grad_log_p, mu, rho, seed, 0,
+                                                                  *prior, need_x, 0, True)
+            grad_mu = grad_mu.add_(grad_mu_kl)
         elif need_x:
-            w = ops.sample_weight(mu, rho, seed, 0, *prior)[0]
+            dw = ops.sample_weight(mu, rho, seed, 0, *prior, 0, True)[0]
         if need_x:
-            grad_x = grad_x.addcmul_(_conv_grads(g_signed, x_signed, w.sub_(mu), conv, True, False)[0], s_in)
+            grad_x = grad_x.addcmul_(_conv_grads(g_signed, x_signed, dw, conv, True, False)[0], s_in)
         grad_bias_mu = grad_bias_rho = None
         if need_b:
             grad_bias_mu, grad_bias_rho, _ = ops.sample_weight_backward(

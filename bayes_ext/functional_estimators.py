@@ -229,9 +229,9 @@ def _linear_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
     with BF.autocast_off(x.device.type):
         x_signed = x * signs(x.shape, seed, SIGN_IN_OFFSET, weight_mu, low)
         if len(blocks) == 1:
-            # W = mu + dW from the weight's own stream, so log q / log p are the MC KL terms of W
-            w, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior)
-            perturbation = F.linear(x_signed, w.sub_(weight_mu).to(low))
+            # dW = W - mu with W from the weight's own stream, so log q / log p are the MC KL terms of W
+            dw, log_q, log_p = ops.sample_weight(weight_mu, weight_rho, seed, 0, *prior, 0, True)
+            perturbation = F.linear(x_signed, dw.to(low))
         else:
             perturbation, log_q, log_p = _blocked_perturbation(ops, x_signed, weight_mu.contiguous(),
                                                                weight_rho.contiguous(), seed, prior, blocks)
@@ -257,8 +257,8 @@ def _blocked_perturbation(ops, x_signed: Tensor, mu: Tensor, rho: Tensor, seed: 
     out = x_2d.new_empty(x_2d.shape[0], mu.shape[0])
     log_q = log_p = 0
     for r0, r1 in blocks:
-        w, q, p = ops.sample_weight(mu[r0:r1], rho[r0:r1], seed, 0, *prior, r0 * in_features)
-        out[:, r0:r1] = x_2d.mm(w.sub_(mu[r0:r1]).t().to(x_2d.dtype))
+        dw, q, p = ops.sample_weight(mu[r0:r1], rho[r0:r1], seed, 0, *prior, r0 * in_features, True)
+        out[:, r0:r1] = x_2d.mm(dw.t().to(x_2d.dtype))
         log_q, log_p = log_q + q, log_p + p
     return out.reshape(x_signed.shape[:-1] + (mu.shape[0],)), log_q, log_p
 
@@ -284,7 +284,7 @@ def _linear_flipout_backward(ctx, grad_y, grad_log_q, grad_log_p):
         g = g.to(low)
         g_signed = g * signs(g.shape, seed, SIGN_OUT_OFFSET, mu, low)
         s_in = signs(x_2d.shape, seed, SIGN_IN_OFFSET, mu, low)
-        grad_x = grad_mu = grad_rho = w = None
+        grad_x = grad_mu = grad_rho = dw = None
         blocks = BF._row_blocks(mu)
         if need_w and len(blocks) > 1:
             grad_mu, grad_rho, grad_x = _blocked_flipout_grads(ops, g, g_signed, s_in, x_2d, mu.contiguous(),
@@ -294,16 +294,15 @@ def _linear_flipout_backward(ctx, grad_y, grad_log_q, grad_log_p):
                 grad_x = grad_x.reshape(x.shape)
         elif need_w:
             grad_dw = g_signed.t().mm(x_2d * s_in).to(mu.dtype)
-            # sample_weight_backward differentiates W = mu + dW: its grad_mu holds grad_dw (which
-            # belongs to dW = sigma * eps only) plus the KL's; mu's own term is g^T x
-            grad_mu, grad_rho, w = ops.sample_weight_backward(grad_dw, grad_log_q, grad_log_p, mu, rho, seed, 0,
-                                                              *prior, need_x)
-            grad_mu = _add_mm(grad_mu.sub_(grad_dw), g.t(), x_2d)
+            # the noise dW's backward: grad_dw reaches rho only, grad_mu holds the KL's terms (through
+            # W = mu + dW); mu's own term is g^T x
+            grad_mu, grad_rho, dw = ops.sample_weight_backward(grad_dw, grad_log_q, grad_log_p, mu, rho, seed, 0,
+                                                               *prior, need_x, 0, True)
+            grad_mu = _add_mm(grad_mu, g.t(), x_2d)
         elif need_x:
-            w = ops.sample_weight(mu, rho, seed, 0, *prior)[0]
+            dw = ops.sample_weight(mu, rho, seed, 0, *prior, 0, True)[0]
         if need_x and grad_x is None:
-            dw = w.sub_(mu).to(low)
-            grad_x = torch.addcmul(g.mm(mu.to(low)), g_signed.mm(dw), s_in).reshape(x.shape)
+            grad_x = torch.addcmul(g.mm(mu.to(low)), g_signed.mm(dw.to(low)), s_in).reshape(x.shape)
         grad_bias_mu = grad_bias_rho = None
         if need_b:
             grad_bias_mu, grad_bias_rho, _ = ops.sample_weight_backward(
@@ -322,13 +321,13 @@ def _blocked_flipout_grads(ops, g: Tensor, g_signed: Tensor, s_in: Tensor, x_2d:
     signed_grad_x = x_2d.new_zeros(x_2d.shape) if need_x else None  # g_signed dW, summed over blocks
     for r0, r1 in blocks:
         grad_dw = g_signed[:, r0:r1].t().mm(x_in).to(mu.dtype)
-        # as in the one-block path: W = mu + dW's backward gives grad_dw plus the KL's in grad_mu;
-        # mu's own term is g^T x instead of grad_dw
-        w = ops.sample_weight_backward_into(grad_mu[r0:r1], grad_rho[r0:r1], grad_dw, grad_log_q, grad_log_p,
-                                            mu[r0:r1], rho[r0:r1], seed, 0, *prior, need_x, r0 * in_features)
-        _add_mm(grad_mu[r0:r1].sub_(grad_dw), g[:, r0:r1].t(), x_2d)
+        # as in the one-block path: the noise's backward puts the KL's terms in grad_mu and grad_dw
+        # into grad_rho; mu's own term is g^T x
+        dw = ops.sample_weight_backward_into(grad_mu[r0:r1], grad_rho[r0:r1], grad_dw, grad_log_q, grad_log_p,
+                                             mu[r0:r1], rho[r0:r1], seed, 0, *prior, need_x, r0 * in_features, True)
+        _add_mm(grad_mu[r0:r1], g[:, r0:r1].t(), x_2d)
         if need_x:
-            signed_grad_x.addmm_(g_signed[:, r0:r1], w.sub_(mu[r0:r1]).to(x_2d.dtype))
+            signed_grad_x.addmm_(g_signed[:, r0:r1], dw.to(x_2d.dtype))
     grad_x = torch.addcmul(g.mm(mu.to(x_2d.dtype)), signed_grad_x, s_in) if need_x else None
     return grad_mu, grad_rho, grad_x
 

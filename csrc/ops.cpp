@@ -14,18 +14,22 @@ TORCH_LIBRARY(bayes_ext, m) {
   // w = mu + softplus(rho) * eps with eps from Philox (seed, offset); also log q(w) and log p(w)
   // under the scale-mixture prior. Returns (w, log_q, log_p). Element i draws stream element
   // start + i (start > 0 samples a block of rows of a larger weight with the noise it has there).
+  // noise_only: return the noise w - mu (Flipout's dW, rounded as that subtraction) instead of w;
+  // log q / log p are still w's.
   m.def("sample_weight(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, "
-        "float prior_sigma1, float prior_sigma2, int start=0) -> (Tensor, Tensor, Tensor)");
+        "float prior_sigma1, float prior_sigma2, int start=0, bool noise_only=False) -> (Tensor, Tensor, Tensor)");
   // Gradients of sample_weight w.r.t. mu and rho, regenerating eps; optionally also w.
-  // Returns (grad_mu, grad_rho, w) with w empty unless return_weight.
+  // Returns (grad_mu, grad_rho, w) with w empty unless return_weight. noise_only: the backward of
+  // sample_weight(noise_only=True): grad_w (of the noise) reaches grad_rho but not grad_mu, and the
+  // returned w is the noise.
   m.def("sample_weight_backward(Tensor? grad_w, Tensor grad_log_q, Tensor grad_log_p, Tensor mu, "
         "Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, float prior_sigma2, "
-        "bool return_weight, int start=0) -> (Tensor, Tensor, Tensor)");
+        "bool return_weight, int start=0, bool noise_only=False) -> (Tensor, Tensor, Tensor)");
   // sample_weight_backward writing its gradients into grad_mu / grad_rho (contiguous, mu's shape,
   // e.g. a block of rows of whole-weight gradients) instead of fresh tensors; returns w or empty.
   m.def("sample_weight_backward_into(Tensor(a!) grad_mu, Tensor(b!) grad_rho, Tensor? grad_w, Tensor grad_log_q, "
         "Tensor grad_log_p, Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
-        "float prior_sigma2, bool return_weight, int start=0) -> Tensor");
+        "float prior_sigma2, bool return_weight, int start=0, bool noise_only=False) -> Tensor");
   // (log_q, log_p) of sample_weight's w without writing w: the MC KL of layers that sample no
   // weight (local reparameterisation with a scale-mixture prior). Backward: sample_weight_backward
   // with grad_w = None.

@@ -352,6 +352,40 @@ def test_vectorised_and_element_paths_agree(cuda_ops, start, unaligned):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("start", [0, 6])
+@pytest.mark.parametrize("unaligned", [False, True])
+def test_noise_only_on_cuda(cuda_ops, start, unaligned):
+    """sample_weight(noise_only=True) (Flipout's dW) in both kernel paths: the device's own sample
+    minus mu with its log q / log p; the backward keeps grad_w out of grad_mu (also with grad_mu in
+    grad_w's memory) and returns the noise; all of it close to the CPU's."""
+    n = 4 * 257 + 3
+    mu_big, rho_big = _params((n + 1,), torch.float32)
+    mu, rho = (mu_big[1:], rho_big[1:]) if unaligned else (mu_big[:n].clone(), rho_big[:n].clone())
+    seed, prior = seed_tensor(23), (0.5, 0.3, 1.5)
+    w, log_q, log_p = cuda_ops.sample_weight(mu, rho, seed, 0, *prior, start)
+    dw, q, p = cuda_ops.sample_weight(mu, rho, seed, 0, *prior, start, True)
+    torch.testing.assert_close(dw, w - mu, rtol=0, atol=0)
+    assert torch.equal(q, log_q) and torch.equal(p, log_p)
+    cpu = cuda_ops.sample_weight(mu.cpu(), rho.cpu(), seed, 0, *prior, start, True)
+    for a, b in zip((dw, q, p), cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
+    grad_w = torch.randn(n, device=DEV)
+    glq, glp = torch.tensor(0.3, device=DEV), torch.tensor(-0.7, device=DEV)
+    g_mu, g_rho, w_bw = cuda_ops.sample_weight_backward(grad_w, glq, glp, mu, rho, seed, 0, *prior, True, start)
+    n_mu, n_rho, dw_bw = cuda_ops.sample_weight_backward(grad_w, glq, glp, mu, rho, seed, 0, *prior, True, start, True)
+    torch.testing.assert_close(n_mu, g_mu - grad_w, rtol=0, atol=1e-6)
+    torch.testing.assert_close(n_rho, g_rho, rtol=0, atol=0)
+    torch.testing.assert_close(dw_bw, w_bw - mu, rtol=0, atol=0)
+    shared, out_rho = grad_w.clone(), torch.empty_like(rho)
+    cuda_ops.sample_weight_backward_into(shared, out_rho, shared, glq, glp, mu, rho, seed, 0, *prior, False, start,
+                                         True)
+    assert torch.equal(shared, n_mu) and torch.equal(out_rho, n_rho)
+    cpu = cuda_ops.sample_weight_backward(grad_w.cpu(), glq.cpu(), glp.cpu(), mu.cpu(), rho.cpu(), seed, 0, *prior,
+                                          True, start, True)
+    for a, b in zip((n_mu, n_rho, dw_bw), cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_kl", [True, False])
 @pytest.mark.parametrize("shape", [(7,), (33, 65), (64, 128), "unaligned"])

@@ -39,8 +39,8 @@ Triple sample_weight(const at::Tensor& mu, const at::Tensor& rho, const at::Tens
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("bayes_ext::sample_weight", "")
                        .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double,
-                                     double, int64_t)>();
-  return op.call(mu, rho, seed, offset, pi, sigma1, sigma2, start);
+                                     double, int64_t, bool)>();
+  return op.call(mu, rho, seed, offset, pi, sigma1, sigma2, start, false);
 }
 
 // W (and, with_kl, its log q / log p) in x's dtype: on CUDA the sampling kernel writes bf16 / fp16
@@ -61,8 +61,8 @@ Triple sample_weight_backward(const at::Tensor& grad_w, const at::Tensor& grad_l
                        .findSchemaOrThrow("bayes_ext::sample_weight_backward", "")
                        .typed<Triple(const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
                                      const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double,
-                                     double, bool, int64_t)>();
-  return op.call(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, pi, sigma1, sigma2, return_weight, 0);
+                                     double, bool, int64_t, bool)>();
+  return op.call(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, pi, sigma1, sigma2, return_weight, 0, false);
 }
 
 at::Tensor sample_weight_backward_into(at::Tensor& grad_mu, at::Tensor& grad_rho, const at::Tensor& grad_w,
@@ -73,9 +73,10 @@ at::Tensor sample_weight_backward_into(at::Tensor& grad_mu, at::Tensor& grad_rho
                        .findSchemaOrThrow("bayes_ext::sample_weight_backward_into", "")
                        .typed<at::Tensor(at::Tensor&, at::Tensor&, const c10::optional<at::Tensor>&,
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, int64_t, double, double, double, bool, int64_t)>();
+                                         const at::Tensor&, int64_t, double, double, double, bool, int64_t,
+                                         bool)>();
   return op.call(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, 0, pi, sigma1, sigma2,
-                 return_weight, start);
+                 return_weight, start, false);
 }
 
 // a @ b as a `dtype` tensor: on CUDA, bf16 / fp16 operands accumulate straight into fp32

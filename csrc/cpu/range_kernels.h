@@ -202,6 +202,14 @@ static inline __attribute__((always_inline)) void forward_tile(
   }
 }
 
+// x[i] -= y[i]: turns a tile of samples into their noise (w - mu) or a tile of grad_mu into the part
+// that does not come through w (noise_only), while the tile is in cache.
+template <typename T>
+static inline __attribute__((always_inline)) void subtract_tile(int64_t n, T* __restrict__ x,
+                                                                const T* __restrict__ y) {
+  for (int64_t i = 0; i < n; ++i) x[i] -= y[i];
+}
+
 template <typename T, int Mode, bool WriteW, bool Pre>
 static inline void forward_range_loop(const ForwardRange<T>& a) {
   T lq_acc[kTile], lp_acc[kTile], eps[kTile];
@@ -221,6 +229,7 @@ static inline void forward_range_loop(const ForwardRange<T>& a) {
                                                 lq_acc, lp_acc, a.prior, Pre ? a.sigma + i : nullptr,
                                                 Pre ? a.log_sigma + i : nullptr);
     }
+    if (WriteW && a.noise_only) subtract_tile(n, a.w + i, a.mu + i);
     i = span.stop;
   }
   double lq = 0.0, lp = 0.0;
@@ -274,10 +283,15 @@ static inline void backward_range_loop(const BackwardRange<T>& a) {
   for (int64_t i = a.begin; i < a.end;) {
     const TileSpan span = tile_span(i, a.end, a.stream_start);
     tile_normals<T>(a.seed, a.offset, span.aligned, eps);
+    const int64_t n = span.stop - i;
     backward_tile<T, Mode, HasGradW, WriteW, Pre>(
-        span.stop - i, eps + span.skip, a.mu + i, a.rho + i, HasGradW ? a.grad_w + i : nullptr, a.grad_mu + i,
-        a.grad_rho + i, WriteW ? a.w + i : nullptr, a.grad_log_q, a.grad_log_p, a.prior, Pre ? a.sigma + i : nullptr,
+        n, eps + span.skip, a.mu + i, a.rho + i, HasGradW ? a.grad_w + i : nullptr, a.grad_mu + i, a.grad_rho + i,
+        WriteW ? a.w + i : nullptr, a.grad_log_q, a.grad_log_p, a.prior, Pre ? a.sigma + i : nullptr,
         Pre ? a.sigmoid + i : nullptr, Pre ? a.dlog_sigma + i : nullptr);
+    if (a.noise_only) {
+      if (HasGradW) subtract_tile(n, a.grad_mu + i, a.grad_w + i);
+      if (WriteW) subtract_tile(n, a.w + i, a.mu + i);
+    }
     i = span.stop;
   }
 }

@@ -30,6 +30,8 @@ struct ForwardRange {
   // samples of one rho: its sigma and log sigma are computed once, not N times).
   const T* sigma = nullptr;
   const T* log_sigma = nullptr;
+  // w receives the noise w - mu (Flipout's dW), rounded as that subtraction; log q / log p stay w's.
+  bool noise_only = false;
 };
 
 // Gradients for elements [begin, end); grad_w may be null (treated as zero); w, if not null,
@@ -50,6 +52,9 @@ struct BackwardRange {
   const T* sigma = nullptr;
   const T* sigmoid = nullptr;
   const T* dlog_sigma = nullptr;
+  // grad_w is the gradient of the noise w - mu: it reaches grad_rho but not grad_mu, and w receives
+  // w - mu (ForwardRange::noise_only). grad_mu must not share memory with grad_w.
+  bool noise_only = false;
 };
 
 // softplus_terms of rho over [begin, end), written to the arrays that are not null.

@@ -19,8 +19,8 @@ Triple sample_weight_as_composite(const at::Tensor& mu, const at::Tensor& rho, c
   static auto sample = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("bayes_ext::sample_weight", "")
                            .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double,
-                                         double, double, int64_t)>();
-  auto [w, log_q, log_p] = sample.call(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, 0);
+                                         double, double, int64_t, bool)>();
+  auto [w, log_q, log_p] = sample.call(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, 0, false);
   if (!with_kl) {
     log_q = at::empty({0}, log_q.options());
     log_p = at::empty({0}, log_p.options());

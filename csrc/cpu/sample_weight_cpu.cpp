@@ -2,6 +2,7 @@
 // run with at::parallel_for; the range kernels for this CPU's instruction set come from
 // kernel_dispatch.h.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -24,7 +25,8 @@ using namespace cpu_kernel;
 
 template <typename scalar_t>
 void forward_cpu(const at::Tensor& mu, const at::Tensor& rho, at::Tensor& w, uint64_t seed, uint64_t offset,
-                 int64_t start, const ScaleMixturePrior<scalar_t>& prior, double* log_q, double* log_p) {
+                 int64_t start, const ScaleMixturePrior<scalar_t>& prior, double* log_q, double* log_p,
+                 bool noise_only = false) {
   const int64_t n = mu.numel();
   const int64_t chunks = num_chunks(n);
   std::vector<double> lq(chunks, 0.0), lp(chunks, 0.0);
@@ -35,6 +37,7 @@ void forward_cpu(const at::Tensor& mu, const at::Tensor& rho, at::Tensor& w, uin
     for (int64_t c = begin; c < end; ++c) {
       ForwardRange<scalar_t> a{mu_p,  rho_p,  w_p,   c * kChunk, std::min(n, (c + 1) * kChunk), start,
                                seed,  offset, prior, &lq[c],     &lp[c]};
+      a.noise_only = noise_only;
       run_forward(a);
     }
   });
@@ -49,7 +52,8 @@ void forward_cpu(const at::Tensor& mu, const at::Tensor& rho, at::Tensor& w, uin
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cpu(const at::Tensor& mu_in, const at::Tensor& rho_in,
                                                                  const at::Tensor& seed, int64_t offset, double prior_pi,
-                                                                 double prior_sigma1, double prior_sigma2, int64_t start) {
+                                                                 double prior_sigma1, double prior_sigma2, int64_t start,
+                                                                 bool noise_only) {
   check_posterior_params(mu_in, rho_in);
   check_seed(seed, mu_in);
   check_offset(offset);
@@ -63,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cpu(const at::Tenso
   const uint64_t s = seed_value(seed);
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_cpu", [&] {
     const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
-    forward_cpu<scalar_t>(mu, rho, w, s, static_cast<uint64_t>(offset), start, prior, &log_q, &log_p);
+    forward_cpu<scalar_t>(mu, rho, w, s, static_cast<uint64_t>(offset), start, prior, &log_q, &log_p, noise_only);
   });
   return {w, at::scalar_tensor(log_q, mu.options()), at::scalar_tensor(log_p, mu.options())};
 }
@@ -94,11 +98,16 @@ std::tuple<at::Tensor, at::Tensor> sample_kl_cpu(const at::Tensor& mu_in, const 
 void backward_into(at::Tensor& grad_mu, at::Tensor& grad_rho, const c10::optional<at::Tensor>& grad_w_in,
                    const at::Tensor& grad_log_q, const at::Tensor& grad_log_p, const at::Tensor& mu_in,
                    const at::Tensor& rho_in, const at::Tensor& seed, int64_t offset, double prior_pi,
-                   double prior_sigma1, double prior_sigma2, at::Tensor& w, int64_t start) {
+                   double prior_sigma1, double prior_sigma2, at::Tensor& w, int64_t start, bool noise_only) {
   const at::Tensor mu = mu_in.contiguous();
   const at::Tensor rho = rho_in.contiguous();
   const bool has_grad_w = grad_w_in.has_value() && grad_w_in->defined();
-  const at::Tensor grad_w = has_grad_w ? grad_w_in->contiguous() : at::Tensor();
+  at::Tensor grad_w = has_grad_w ? grad_w_in->contiguous() : at::Tensor();
+  // noise_only subtracts grad_w from grad_mu after the tile wrote grad_mu: a grad_w in grad_mu's
+  // memory (the linear backward's in-place call) would be read after it was overwritten
+  if (noise_only && has_grad_w && at::get_overlap_status(grad_mu, grad_w) != at::MemOverlapStatus::No) {
+    grad_w = grad_w.clone();
+  }
   const uint64_t s = seed_value(seed);
   const int64_t n = mu.numel();
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_backward_cpu", [&] {
@@ -113,6 +122,7 @@ void backward_into(at::Tensor& grad_mu, at::Tensor& grad_rho, const c10::optiona
                                   grad_mu.data_ptr<scalar_t>(), grad_rho.data_ptr<scalar_t>(), w_p,
                                   c * kChunk, std::min(n, (c + 1) * kChunk), start, s, static_cast<uint64_t>(offset),
                                   prior};
+        a.noise_only = noise_only;
         run_backward(a);
       }
     });
@@ -137,14 +147,14 @@ void check_backward_args(const c10::optional<at::Tensor>& grad_w, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cpu(
     const c10::optional<at::Tensor>& grad_w, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
     const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed, int64_t offset, double prior_pi,
-    double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start) {
+    double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start, bool noise_only) {
   check_backward_args(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2,
                       start);
   at::Tensor grad_mu = at::empty(mu.sizes(), mu.options());
   at::Tensor grad_rho = at::empty(mu.sizes(), mu.options());
   at::Tensor w = return_weight ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
   backward_into(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi, prior_sigma1,
-                prior_sigma2, w, start);
+                prior_sigma2, w, start, noise_only);
   return {grad_mu, grad_rho, w};
 }
 
@@ -153,14 +163,14 @@ at::Tensor sample_weight_backward_into_cpu(at::Tensor& grad_mu, at::Tensor& grad
                                            const at::Tensor& grad_log_p, const at::Tensor& mu, const at::Tensor& rho,
                                            const at::Tensor& seed, int64_t offset, double prior_pi,
                                            double prior_sigma1, double prior_sigma2, bool return_weight,
-                                           int64_t start) {
+                                           int64_t start, bool noise_only) {
   check_backward_args(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2,
                       start);
   check_accumulator(grad_mu, mu, "grad_mu");
   check_accumulator(grad_rho, mu, "grad_rho");
   at::Tensor w = return_weight ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
   backward_into(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi, prior_sigma1,
-                prior_sigma2, w, start);
+                prior_sigma2, w, start, noise_only);
   return w;
 }
 

@@ -68,11 +68,12 @@ __device__ __forceinline__ void store4_as(WT* p, int64_t j, const float v[4]) {
 }
 
 // WT: W's dtype (T, or bf16 / fp16 for fp32 parameters: sample_weight_as). WithKl = false: no
-// log q / log p (their logs and exps are not computed) and no partials written.
+// log q / log p (their logs and exps are not computed) and no partials written. noise_only: w
+// receives w - mu (Flipout's dW), the KL terms stay w's.
 template <typename T, bool Vec, typename WT = T, bool WithKl = true>
 __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ rho, WT* __restrict__ w, int64_t n,
                                int64_t start, SeedArg seed_arg, uint64_t offset, ScaleMixturePrior<T> prior,
-                               double* __restrict__ partials) {
+                               double* __restrict__ partials, bool noise_only) {
   static_assert(!Vec || std::is_same<T, float>::value, "the vectorised kernel is float only");
   __shared__ T shared[32];
   const uint64_t seed = load_seed(seed_arg);
@@ -96,6 +97,10 @@ __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ r
           lq += -sp.log_sigma - 0.5f * eps[k] * eps[k];
           lp += log_prior(wv[k], prior);
         }
+        if (noise_only) {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) wv[k] -= m[k];
+        }
         if (w != nullptr) store4_as(w, j, wv);
         continue;
       }
@@ -106,7 +111,7 @@ __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ r
       if (i >= 0 && i < n) {
         const Softplus<T> sp = softplus_terms(rho[i]);
         const T wi = mu[i] + sp.sigma * eps[k];
-        if (w != nullptr) w[i] = static_cast<WT>(wi);  // null: only the KL sums (sample_kl)
+        if (w != nullptr) w[i] = static_cast<WT>(noise_only ? wi - mu[i] : wi);  // null: only the KL sums
         lq += -sp.log_sigma - T(0.5) * eps[k] * eps[k];
         lp += log_prior(wi, prior);
       }
@@ -123,13 +128,14 @@ __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ r
 }
 
 // grad_mu may be grad_w itself (the linear backward's in-place call): each element is read before
-// it is written, by the same thread, so neither pointer is __restrict__.
+// it is written, by the same thread, so neither pointer is __restrict__. noise_only: grad_w is the
+// gradient of the noise w - mu (it reaches grad_rho, not grad_mu) and w_out receives the noise.
 template <typename T, bool Vec>
 __global__ void backward_kernel(const T* grad_w, const T* __restrict__ grad_log_q,
                                 const T* __restrict__ grad_log_p, const T* __restrict__ mu,
                                 const T* __restrict__ rho, T* grad_mu, T* __restrict__ grad_rho,
                                 T* __restrict__ w_out, int64_t n, int64_t start, SeedArg seed_arg, uint64_t offset,
-                                ScaleMixturePrior<T> prior) {
+                                ScaleMixturePrior<T> prior, bool noise_only) {
   static_assert(!Vec || std::is_same<T, float>::value, "the vectorised kernel is float only");
   const uint64_t seed = load_seed(seed_arg);
   const T glq = *grad_log_q, glp = *grad_log_p;
@@ -152,6 +158,10 @@ __global__ void backward_kernel(const T* grad_w, const T* __restrict__ grad_log_
           wv[k] = m[k] + sp.sigma * eps[k];
           gm[k] = gw[k] + glp * dlog_prior(wv[k], prior);
           gr[k] = gm[k] * eps[k] * sp.sigmoid - glq * sp.dlog_sigma;
+          if (noise_only) {
+            gm[k] -= gw[k];
+            wv[k] -= m[k];
+          }
         }
         store4(grad_mu, j, gm);
         store4(grad_rho, j, gr);
@@ -165,10 +175,11 @@ __global__ void backward_kernel(const T* grad_w, const T* __restrict__ grad_log_
       if (i >= 0 && i < n) {
         const Softplus<T> sp = softplus_terms(rho[i]);
         const T wi = mu[i] + sp.sigma * eps[k];
-        const T g = (grad_w == nullptr ? T(0) : grad_w[i]) + glp * dlog_prior(wi, prior);
-        grad_mu[i] = g;
+        const T gwi = grad_w == nullptr ? T(0) : grad_w[i];
+        const T g = gwi + glp * dlog_prior(wi, prior);
+        grad_mu[i] = noise_only ? g - gwi : g;
         grad_rho[i] = g * eps[k] * sp.sigmoid - glq * sp.dlog_sigma;
-        if (w_out != nullptr) w_out[i] = wi;
+        if (w_out != nullptr) w_out[i] = noise_only ? wi - mu[i] : wi;
       }
     }
   }
@@ -196,7 +207,7 @@ __global__ void normal_kernel(T* __restrict__ out, int64_t n, int64_t start, See
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(const at::Tensor& mu_in, const at::Tensor& rho_in,
                                                            const at::Tensor& seed, int64_t offset, double prior_pi,
                                                            double prior_sigma1, double prior_sigma2, int64_t start,
-                                                           bool write_weight) {
+                                                           bool write_weight, bool noise_only = false) {
   check_posterior_params(mu_in, rho_in);
   check_cuda(mu_in);
   check_seed(seed, mu_in);
@@ -218,14 +229,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(const at::Tensor& mu_
       forward_kernel<float, true><<<grid, kThreads, 0, stream>>>(
           mu.data_ptr<float>(), rho.data_ptr<float>(), write_weight ? w.data_ptr<float>() : nullptr, n, start,
           seed_arg, static_cast<uint64_t>(offset), make_prior<float>(prior_pi, prior_sigma1, prior_sigma2),
-          partials.data_ptr<double>());
+          partials.data_ptr<double>(), noise_only);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_cuda", [&] {
         const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
         forward_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
             mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(), write_weight ? w.data_ptr<scalar_t>() : nullptr, n,
-            start, seed_arg, static_cast<uint64_t>(offset), prior, partials.data_ptr<double>());
+            start, seed_arg, static_cast<uint64_t>(offset), prior, partials.data_ptr<double>(), noise_only);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
@@ -237,8 +248,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(const at::Tensor& mu_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_cuda(const at::Tensor& mu, const at::Tensor& rho,
                                                                   const at::Tensor& seed, int64_t offset, double prior_pi,
-                                                                  double prior_sigma1, double prior_sigma2, int64_t start) {
-  return sample_cuda(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start, true);
+                                                                  double prior_sigma1, double prior_sigma2, int64_t start,
+                                                                  bool noise_only) {
+  return sample_cuda(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start, true, noise_only);
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_kl_cuda(const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed,
@@ -257,11 +269,11 @@ void launch_forward_as(const at::Tensor& mu, const at::Tensor& rho, at::Tensor& 
   if (can_vectorise(mu.scalar_type(), 0, mu.data_ptr(), rho.data_ptr(), w.data_ptr())) {
     forward_kernel<float, true, WT, WithKl><<<grid, kThreads, 0, stream>>>(
         mu.data_ptr<float>(), rho.data_ptr<float>(), w_ptr, n, 0, seed_arg, static_cast<uint64_t>(offset), prior,
-        partials);
+        partials, false);
   } else {
     forward_kernel<float, false, WT, WithKl><<<grid, kThreads, 0, stream>>>(
         mu.data_ptr<float>(), rho.data_ptr<float>(), w_ptr, n, 0, seed_arg, static_cast<uint64_t>(offset), prior,
-        partials);
+        partials, false);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -326,7 +338,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_as_cuda(const at::T
 at::Tensor backward_cuda(at::Tensor& grad_mu, at::Tensor& grad_rho, const c10::optional<at::Tensor>& grad_w_in,
                          const at::Tensor& grad_log_q, const at::Tensor& grad_log_p, const at::Tensor& mu_in,
                          const at::Tensor& rho_in, const at::Tensor& seed, int64_t offset, double prior_pi,
-                         double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start) {
+                         double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start,
+                         bool noise_only) {
   check_posterior_params(mu_in, rho_in);
   check_cuda(mu_in);
   check_seed(seed, mu_in);
@@ -357,7 +370,7 @@ at::Tensor backward_cuda(at::Tensor& grad_mu, at::Tensor& grad_rho, const c10::o
           has_grad_w ? grad_w.data_ptr<float>() : nullptr, glq.data_ptr<float>(), glp.data_ptr<float>(),
           mu.data_ptr<float>(), rho.data_ptr<float>(), grad_mu.data_ptr<float>(), grad_rho.data_ptr<float>(),
           return_weight ? w.data_ptr<float>() : nullptr, n, start, seed_arg, static_cast<uint64_t>(offset),
-          make_prior<float>(prior_pi, prior_sigma1, prior_sigma2));
+          make_prior<float>(prior_pi, prior_sigma1, prior_sigma2), noise_only);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_backward_cuda", [&] {
@@ -366,7 +379,7 @@ at::Tensor backward_cuda(at::Tensor& grad_mu, at::Tensor& grad_rho, const c10::o
             has_grad_w ? grad_w.data_ptr<scalar_t>() : nullptr, glq.data_ptr<scalar_t>(), glp.data_ptr<scalar_t>(),
             mu.data_ptr<scalar_t>(), rho.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(),
             grad_rho.data_ptr<scalar_t>(), return_weight ? w.data_ptr<scalar_t>() : nullptr, n, start, seed_arg,
-            static_cast<uint64_t>(offset), prior);
+            static_cast<uint64_t>(offset), prior, noise_only);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
@@ -377,12 +390,12 @@ at::Tensor backward_cuda(at::Tensor& grad_mu, at::Tensor& grad_rho, const c10::o
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_backward_cuda(
     const c10::optional<at::Tensor>& grad_w, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
     const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed, int64_t offset, double prior_pi,
-    double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start) {
+    double prior_sigma1, double prior_sigma2, bool return_weight, int64_t start, bool noise_only) {
   check_posterior_params(mu, rho);
   at::Tensor grad_mu = at::empty(mu.sizes(), mu.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_rho = at::empty_like(grad_mu);
   at::Tensor w = backward_cuda(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi,
-                               prior_sigma1, prior_sigma2, return_weight, start);
+                               prior_sigma1, prior_sigma2, return_weight, start, noise_only);
   return {grad_mu, grad_rho, w};
 }
 
@@ -393,12 +406,12 @@ at::Tensor sample_weight_backward_into_cuda(at::Tensor& grad_mu, at::Tensor& gra
                                             const at::Tensor& grad_log_p, const at::Tensor& mu, const at::Tensor& rho,
                                             const at::Tensor& seed, int64_t offset, double prior_pi,
                                             double prior_sigma1, double prior_sigma2, bool return_weight,
-                                            int64_t start) {
+                                            int64_t start, bool noise_only) {
   check_posterior_params(mu, rho);
   check_accumulator(grad_mu, mu, "grad_mu");
   check_accumulator(grad_rho, mu, "grad_rho");
   return backward_cuda(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, prior_pi,
-                       prior_sigma1, prior_sigma2, return_weight, start);
+                       prior_sigma1, prior_sigma2, return_weight, start, noise_only);
 }
 
 at::Tensor philox_normal_cuda(const at::Tensor& like, const at::Tensor& seed, int64_t offset, int64_t start) {
@@ -454,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_weight_samples_backward_cu
   for (int64_t s = 0; s < samples; ++s) {
     const c10::optional<at::Tensor> gw_s = has_grad_w ? c10::optional<at::Tensor>((*grad_w)[s]) : c10::nullopt;
     const auto out = sample_weight_backward_cuda(gw_s, grad_log_q[s], grad_log_p[s], mu, rho, seeds[s], offset,
-                                                 prior_pi, prior_sigma1, prior_sigma2, return_weight, 0);
+                                                 prior_pi, prior_sigma1, prior_sigma2, return_weight, 0, false);
     if (s == 0) {
       grad_mu = std::get<0>(out);
       grad_rho = std::get<1>(out);

@@ -107,11 +107,12 @@ void test_normals(const at::Tensor& seed, uint64_t s, at::ScalarType dtype, doub
 
 void test_sample_weight(const at::Tensor& seed, uint64_t s, at::ScalarType dtype, double tol) {
   auto sample = op("bayes_ext::sample_weight")
-                    .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double, double, int64_t)>();
+                    .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double, double, int64_t,
+                                  bool)>();
   auto backward = op("bayes_ext::sample_weight_backward")
                       .typed<Triple(const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double,
-                                    double, bool, int64_t)>();
+                                    double, bool, int64_t, bool)>();
   const char* name = dtype == at::kDouble ? "float64" : "float32";
   const double pi = 0.25, s1 = 1.0, s2 = std::exp(-6.0);
   const int64_t rows = 37, cols = 41;  // 1517 elements: ends mid-block and mid-tile
@@ -120,7 +121,7 @@ void test_sample_weight(const at::Tensor& seed, uint64_t s, at::ScalarType dtype
   const at::Tensor mu = at::linspace(-0.5, 0.5, n, at::TensorOptions().dtype(at::kDouble)).reshape({rows, cols}).to(dtype);
   const at::Tensor rho = at::linspace(-8.0, 2.0, n, at::TensorOptions().dtype(at::kDouble)).reshape({rows, cols}).to(dtype);
   const int64_t offset = 1;
-  const Triple out = sample.call(mu, rho, seed, offset, pi, s1, s2, 0);
+  const Triple out = sample.call(mu, rho, seed, offset, pi, s1, s2, 0, false);
   const at::Tensor& w = std::get<0>(out);
   const at::Tensor md = mu.to(at::kDouble).contiguous(), rd = rho.to(at::kDouble).contiguous();
   const double* mp = md.data_ptr<double>();
@@ -148,7 +149,7 @@ void test_sample_weight(const at::Tensor& seed, uint64_t s, at::ScalarType dtype
   // Backward with grad_w, regenerating w.
   const at::Tensor grad_w = at::linspace(1.0, -1.0, n, at::TensorOptions().dtype(at::kDouble)).reshape({rows, cols}).to(dtype);
   const at::Tensor glq = at::scalar_tensor(0.3, opts), glp = at::scalar_tensor(-0.7, opts);
-  const Triple grads = backward.call(grad_w, glq, glp, mu, rho, seed, offset, pi, s1, s2, true, 0);
+  const Triple grads = backward.call(grad_w, glq, glp, mu, rho, seed, offset, pi, s1, s2, true, 0, false);
   const at::Tensor gwd = grad_w.to(at::kDouble).contiguous();
   const double* gwp = gwd.data_ptr<double>();
   std::vector<double> ref_gmu(n), ref_grho(n);
@@ -167,7 +168,7 @@ void test_sample_weight(const at::Tensor& seed, uint64_t s, at::ScalarType dtype
   check(at::equal(std::get<2>(grads), w), std::string("sample_weight_backward ") + name + " regenerates w bit for bit");
 
   // Without grad_w and return_weight: gradients of log q and log p only; w comes back empty.
-  const Triple only = backward.call(std::nullopt, glq, glp, mu, rho, seed, offset, pi, s1, s2, false, 0);
+  const Triple only = backward.call(std::nullopt, glq, glp, mu, rho, seed, offset, pi, s1, s2, false, 0, false);
   for (int64_t i = 0; i < n; ++i) {
     const double g = (-0.7) * dlog_prior(ref_w[i], pi, s1, s2);
     ref_gmu[i] = g;
@@ -176,6 +177,18 @@ void test_sample_weight(const at::Tensor& seed, uint64_t s, at::ScalarType dtype
   check(max_abs_diff(std::get<0>(only), ref_gmu) <= gtol && max_abs_diff(std::get<1>(only), ref_grho) <= gtol,
         std::string("sample_weight_backward ") + name + " without grad_w");
   check(std::get<2>(only).numel() == 0, std::string("sample_weight_backward ") + name + " returns an empty w unless asked");
+
+  // noise_only (Flipout's dW = w - mu): the same draws, the noise rounded as w - mu, w's log q / log p;
+  // its backward keeps grad_w out of grad_mu and returns the noise.
+  const Triple noise = sample.call(mu, rho, seed, offset, pi, s1, s2, 0, true);
+  check(at::equal(std::get<0>(noise), w - mu) && at::equal(std::get<1>(noise), std::get<1>(out)) &&
+            at::equal(std::get<2>(noise), std::get<2>(out)),
+        std::string("sample_weight ") + name + " noise_only gives w - mu and w's log q / log p");
+  const Triple noise_grads = backward.call(grad_w, glq, glp, mu, rho, seed, offset, pi, s1, s2, true, 0, true);
+  check(at::equal(std::get<0>(noise_grads), std::get<0>(grads) - grad_w) &&
+            at::equal(std::get<1>(noise_grads), std::get<1>(grads)) &&
+            at::equal(std::get<2>(noise_grads), w - mu),
+        std::string("sample_weight_backward ") + name + " noise_only: grad_w reaches rho, not mu");
 }
 
 // gaussian_kl / gaussian_kl_backward against the closed form in double, over rho in [-30, 25]
@@ -258,25 +271,26 @@ void test_lrt_weight(at::ScalarType dtype, double tol) {
 
 void test_errors(const at::Tensor& seed) {
   auto sample = op("bayes_ext::sample_weight")
-                    .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double, double, int64_t)>();
+                    .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double, double, int64_t,
+                                  bool)>();
   const at::Tensor mu = at::zeros({4});
   bool threw = false;
   try {
-    sample.call(mu, at::zeros({5}), seed, 0, 0.5, 1.0, 0.1, 0);
+    sample.call(mu, at::zeros({5}), seed, 0, 0.5, 1.0, 0.1, 0, false);
   } catch (const c10::ValueError&) {
     threw = true;
   }
   check(threw, "sample_weight rejects rho of another shape with ValueError");
   threw = false;
   try {
-    sample.call(mu, at::zeros({4}), seed, -1, 0.5, 1.0, 0.1, 0);
+    sample.call(mu, at::zeros({4}), seed, -1, 0.5, 1.0, 0.1, 0, false);
   } catch (const c10::ValueError&) {
     threw = true;
   }
   check(threw, "sample_weight rejects a negative offset with ValueError");
   threw = false;
   try {
-    sample.call(mu, at::zeros({4}), seed.to(at::kInt), 0, 0.5, 1.0, 0.1, 0);
+    sample.call(mu, at::zeros({4}), seed.to(at::kInt), 0, 0.5, 1.0, 0.1, 0, false);
   } catch (const c10::TypeError&) {
     threw = true;
   }
