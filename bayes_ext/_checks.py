@@ -49,6 +49,21 @@ def check_seed(seed, like) -> None:
         raise ValueError(f"seed must be on the CPU or on the device of mu ({like.device}), got {seed.device}")
 
 
+def check_seed_groups(seed, like, like_name: str) -> int:
+    """Mirrors check_seed_groups in csrc/include/bayes_ext/op_checks.h: one seed, or N (1-D) splitting
+    like's elements into N equal groups; returns N."""
+    check_tensor(seed, "seed")
+    if seed.dtype != torch.int64:
+        raise TypeError(f"seed must be an int64 tensor, got {seed.dtype}")
+    if not (seed.numel() == 1 or (seed.dim() == 1 and seed.numel() >= 1)):
+        raise ValueError(f"seed must hold one value or be a 1-D tensor of N >= 1 seeds, got shape {tuple(seed.shape)}")
+    if like.numel() % seed.numel() != 0:
+        raise ValueError(f"the {seed.numel()} seeds must split {like_name}'s {like.numel()} elements into equal groups")
+    if seed.device.type != "cpu" and seed.device != like.device:
+        raise ValueError(f"seed must be on the CPU or on the device of {like_name} ({like.device}), got {seed.device}")
+    return seed.numel()
+
+
 def check_offset(offset) -> None:
     if not isinstance(offset, int) or isinstance(offset, bool):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")

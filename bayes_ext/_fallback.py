@@ -369,15 +369,26 @@ def lrt_weight_backward_(grad_mu: torch.Tensor, grad_rho: torch.Tensor, grad_kl:
 
 # ---- local reparameterisation's output noise (cpu/lrt_noise_cpu.cpp) -----------------------------
 
+def grouped_eps_like(t: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
+    """eps_like for one seed; for N seeds (1-D) t's elements in N equal groups, group s drawing stream
+    (seed[s], offset) from its own first element (the LRT noise ops' seed groups)."""
+    seeds = seed.reshape(-1)
+    if seeds.numel() == 1:
+        return eps_like(t, seed, offset)
+    groups = t.reshape(seeds.numel(), -1)
+    return torch.cat([eps_like(g, s, offset) for g, s in zip(groups.unbind(0), seeds.unbind(0))]).view(t.shape)
+
+
 def lrt_output_(var: torch.Tensor, mean: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
-    """In place var -> std = sqrt(max(var, 0)); returns y = mean + std * eps (stream (seed, offset))."""
+    """In place var -> std = sqrt(max(var, 0)); returns y = mean + std * eps (stream (seed, offset), or
+    one per group of elements for N seeds)."""
     std = var.clamp_min_(0).sqrt_()
-    return torch.addcmul(mean, std, eps_like(std, seed, offset))
+    return torch.addcmul(mean, std, grouped_eps_like(std, seed, offset))
 
 
 def lrt_noise_grad(grad: torch.Tensor, std: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
     """dL/dvar = grad * eps / (2 std) for y = mean + std * eps, 0 where std is not > 0."""
-    return lrt_noise_grad_of(grad, std, eps_like(std, seed, offset))
+    return lrt_noise_grad_of(grad, std, grouped_eps_like(std, seed, offset))
 
 
 def lrt_noise_grad_of(grad: torch.Tensor, std: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -240,14 +240,14 @@ def _checked_lrt_output_(var, mean, seed, offset):
     _check_lrt_noise_args(var, "var", mean, "mean")
     if not var.is_contiguous():
         raise ValueError("var must be contiguous (it is overwritten with std)")
-    _checks.check_seed(seed, var)
+    _checks.check_seed_groups(seed, var, "var")
     _checks.check_offset(offset)
     return _fallback.lrt_output_(var, mean, seed, offset)
 
 
 def _checked_lrt_noise_grad(grad, std, seed, offset):
     _check_lrt_noise_args(std, "std", grad, "grad")
-    _checks.check_seed(seed, std)
+    _checks.check_seed_groups(seed, std, "std")
     _checks.check_offset(offset)
     return _fallback.lrt_noise_grad(grad, std, seed, offset)
 

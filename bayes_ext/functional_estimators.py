@@ -23,6 +23,7 @@ from torch import Tensor
 from . import _backend, _checks, _fallback
 from . import functional as BF
 from ._fused_op import fused_custom_op
+from .functional_samples import check_seeds
 
 ScaleMixture = Tuple[float, float, float]  # (pi, sigma1, sigma2)
 LRT_NOISE_OFFSET = BF.LRT_NOISE_OFFSET  # 2
@@ -47,14 +48,25 @@ def signs(shape, seed: Tensor, offset: int, like: Tensor, dtype: Optional[torch.
 def half_noise_grad(ops, grad_out: Tensor, std: Tensor, seed: Tensor) -> Tensor:
     """dL/dvar = grad * eps / (2 std) for y = mean + std * eps, eps regenerated, in a backward: the
     fused op (eps never written), or differentiable torch ops when the backward is itself recorded
-    (create_graph=True).
+    (create_graph=True). seed: one, or N for N groups of rows (the ops' seed groups).
 
     Where var = 0 (an all-zero input row without bias) sqrt has no derivative; 0 is taken there
     (a valid subgradient of |x| sigma), so gradients stay finite instead of NaN."""
     grad_out = grad_out.to(std.dtype)
     if torch.is_grad_enabled():
-        return _fallback.lrt_noise_grad_of(grad_out, std, normal(std.shape, seed, LRT_NOISE_OFFSET, std))
+        return _fallback.lrt_noise_grad_of(grad_out, std, output_noise(std, seed))
     return ops.lrt_noise_grad(grad_out, std, seed, LRT_NOISE_OFFSET)
+
+
+def output_noise(std: Tensor, seed: Tensor) -> Tensor:
+    """The LRT output noise eps for std's shape, as lrt_output_ draws it: stream (seed, 2), or for N
+    seeds one stream per group of rows."""
+    seeds = seed.reshape(-1)
+    if seeds.numel() == 1:
+        return normal(std.shape, seed, LRT_NOISE_OFFSET, std)
+    groups = std.reshape(seeds.numel(), -1).unbind(0)
+    return torch.cat([normal(g.shape, s, LRT_NOISE_OFFSET, std) for g, s in zip(groups, seeds.unbind(0))]).view(
+        std.shape)
 
 
 def zero_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
@@ -69,7 +81,9 @@ def _linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optio
     # Two GEMMs (mean, variance) around the fused weight pass (sigma^2 and, when prior_sigma > 0,
     # the closed-form KL against N(0, prior_sigma^2) in the same pass) and one elementwise pass.
     # Returns (y, std, kl): std (batch-sized) is kept for backward, eps is not. Under autocast the
-    # GEMMs run in x's dtype, the rest in the parameters'.
+    # GEMMs run in x's dtype, the rest in the parameters'. N seeds: N samples whose rows are grouped
+    # in dim 0 (linear_lrt_samples); only the output noise differs between them (the noise ops' seed
+    # groups).
     ops, dtype, low = _backend.ops(), weight_mu.dtype, x.dtype
     blocks = BF._row_blocks(weight_mu, BF.LRT_BLOCK_ELEMENTS)
     with BF.autocast_off(x.device.type):
@@ -356,6 +370,29 @@ def linear_lrt_with_kl(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu
         raise ValueError(f"prior_sigma must be positive and finite, got {prior_sigma}")
     x, seed = BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     y, _, kl = _lrt_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, float(prior_sigma))
+    return y, kl
+
+
+def linear_lrt_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+                       bias_rho: Optional[Tensor], seeds: Tensor, prior_sigma: float) -> Tuple[Tensor, Tensor]:
+    """N samples of linear_lrt_with_kl in one call (the vectorised multi-sample ELBO): x (N * B, ...,
+    I) holds sample s in rows [s * B, (s + 1) * B) of dim 0, whose output noise comes from seeds[s]
+    (1-D int64, N >= 1), exactly as N calls of linear_lrt_with_kl(x[sample s], seed=seeds[s]) would
+    draw it. The weights are the same for every sample, so the mean and variance GEMMs and the passes
+    over the weights run once for all N; the returned KL (closed form, against N(0, prior_sigma^2))
+    is every sample's."""
+    if not (isinstance(prior_sigma, (int, float)) and prior_sigma > 0 and math.isfinite(prior_sigma)):
+        raise ValueError(f"prior_sigma must be positive and finite, got {prior_sigma}")
+    BF.check_linear_params(weight_mu, weight_rho, bias_mu, bias_rho)
+    BF.check_input(x, weight_mu, weight_mu.shape[1])
+    check_seeds(seeds, weight_mu)
+    n = seeds.shape[0]
+    if x.dim() < 2 or x.shape[0] % n != 0:
+        raise ValueError(f"x must hold the {n} samples (one per seed) of a batch in dim 0, got shape {tuple(x.shape)}")
+    low_precision = BF.autocast_dtype(x)
+    if low_precision is not None:
+        x = x.to(low_precision)
+    y, _, kl = _lrt_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, float(prior_sigma))
     return y, kl
 
 

@@ -112,7 +112,9 @@ TORCH_LIBRARY(bayes_ext, m) {
   // element i of the contiguous tensor drawing stream element i (philox_normal(var, seed, offset)).
   // lrt_output_: var becomes std = sqrt(max(var, 0)) in place (var must be contiguous); returns
   // y = mean + std * eps. lrt_noise_grad: dL/dvar = grad * eps / (2 std) for that y, 0 where std is
-  // not > 0 (sqrt has no derivative at 0). Impl: cpu/lrt_noise_cpu.cpp, cuda/lrt_noise_cuda.cu.
+  // not > 0 (sqrt has no derivative at 0). seed may also hold N seeds (1-D): the elements then form
+  // N equal consecutive groups, group s drawing (seed[s], offset) from its own element 0 (N samples
+  // of the vectorised ELBO in one call). Impl: cpu/lrt_noise_cpu.cpp, cuda/lrt_noise_cuda.cu.
   m.def("lrt_output_(Tensor(a!) var, Tensor mean, Tensor seed, int offset) -> Tensor");
   m.def("lrt_noise_grad(Tensor grad, Tensor std, Tensor seed, int offset) -> Tensor");
   // Local reparameterisation's weight pass: (sigma2 = softplus(rho)^2, closed-form KL against

@@ -215,6 +215,28 @@ def test_lrt_noise_ops_on_cuda(cuda_ops, dtype, numel):
             torch.testing.assert_close(a.cpu(), b, **cross)
 
 
+@pytest.mark.parametrize("seeds_on", ["cpu", DEV])
+def test_lrt_noise_seed_groups_on_cuda(cuda_ops, seeds_on):
+    """N seeds (the vectorised ELBO's LRT samples): group s of the elements as a single-seed call
+    with seeds[s], on the device (a launch per group) and as on the CPU."""
+    gen = torch.Generator().manual_seed(4)
+    mean, grad = (torch.randn(3, 1031, generator=gen) for _ in range(2))
+    var = torch.rand(3, 1031, generator=gen)
+    seeds = torch.tensor([9, -2 ** 62, 2 ** 62 + 1], device=seeds_on)
+    std = var.to(DEV)
+    y = cuda_ops.lrt_output_(std, mean.to(DEV), seeds, 2)
+    u = cuda_ops.lrt_noise_grad(grad.to(DEV), std, seeds, 2)
+    for s in range(3):
+        std_s = var[s].to(DEV)
+        assert torch.equal(y[s], cuda_ops.lrt_output_(std_s, mean[s].to(DEV), seeds[s:s + 1], 2))
+        assert torch.equal(u[s], cuda_ops.lrt_noise_grad(grad[s].to(DEV), std_s, seeds[s:s + 1], 2))
+    std_cpu = var.clone()
+    y_cpu = cuda_ops.lrt_output_(std_cpu, mean, seeds.cpu(), 2)
+    u_cpu = cuda_ops.lrt_noise_grad(grad, std_cpu, seeds.cpu(), 2)
+    for a, b in ((y, y_cpu), (std, std_cpu), (u, u_cpu)):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
+
+
 def test_cuda_graph_replay_picks_up_new_device_seed(backend):
     if backend != "compiled" or not _has_cuda_kernels():
         pytest.skip("graph capture needs the compiled CUDA kernels (the fallback reads the seed on the host)")

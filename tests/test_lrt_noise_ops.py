@@ -139,3 +139,41 @@ def test_bad_inputs_name_the_argument(ops):
         ops.lrt_noise_grad(grad, var, seed.float(), OFFSET)
     with pytest.raises(ValueError, match="offset"):
         ops.lrt_output_(var, mean, seed, -1)
+
+
+# ---- N seeds: N equal groups of elements, each with its own stream (the vectorised ELBO) ----------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 7), (4, 8193)])  # groups ending mid-block; groups over a chunk
+def test_seed_groups_are_separate_calls(ops, dtype, shape):
+    mean, var, grad = _batch(shape, dtype, seed=5)
+    seeds = torch.tensor([7, -2 ** 62, 2 ** 62 + 3, 11][:shape[0]], dtype=torch.int64)
+    std = var.clone()
+    y = ops.lrt_output_(std, mean, seeds, OFFSET)
+    u = ops.lrt_noise_grad(grad, std, seeds, OFFSET)
+    for s in range(shape[0]):
+        std_s = var[s].clone()
+        assert torch.equal(y[s], ops.lrt_output_(std_s, mean[s], seeds[s:s + 1], OFFSET))
+        assert torch.equal(std[s], std_s)
+        assert torch.equal(u[s], ops.lrt_noise_grad(grad[s], std_s, seeds[s], OFFSET))  # a 0-d seed too
+
+
+def test_seed_groups_backends_agree(compiled):
+    mean, var, grad = _batch((3, 4, 65), torch.float32, seed=6)
+    seeds = torch.tensor([1, 2, 3])
+    py = torch.ops.bayes_ext_py
+    std_c, std_p = var.clone(), var.clone()
+    torch.testing.assert_close(compiled.lrt_output_(std_c, mean, seeds, OFFSET),
+                               py.lrt_output_(std_p, mean, seeds, OFFSET), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.lrt_noise_grad(grad, std_c, seeds, OFFSET),
+                               py.lrt_noise_grad(grad, std_c, seeds, OFFSET), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_seed_groups_are_refused(ops):
+    mean, var, grad = _batch((3, 4), torch.float32)
+    with pytest.raises(ValueError, match="the 5 seeds must split var's 12 elements into equal groups"):
+        ops.lrt_output_(var, mean, torch.arange(5), OFFSET)
+    with pytest.raises(ValueError, match="the 5 seeds must split std's 12 elements"):
+        ops.lrt_noise_grad(grad, var, torch.arange(5), OFFSET)
+    with pytest.raises(ValueError, match="1-D tensor of N >= 1 seeds"):
+        ops.lrt_output_(var, mean, torch.arange(4).view(2, 2), OFFSET)

@@ -300,6 +300,21 @@ class Shared(nn.Module):
         return self.out(torch.sigmoid(self.hidden(h)))
 
 
+@variational_estimator
+class LocalReparam(nn.Module):
+    """Local reparameterisation with the closed-form KL (its default with a Gaussian prior, and
+    kl="closed_form"), beside a reparam layer: each runs its own vectorised op."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = BayesianLinear(13, 16, estimator="lrt", dtype=F64)
+        self.l2 = BayesianLinear(16, 8, estimator="lrt", kl="closed_form", prior_sigma_1=0.5, dtype=F64)
+        self.l3 = BayesianLinear(8, 1, prior_pi=0.5, dtype=F64)
+
+    def forward(self, x):
+        return self.l3(torch.tanh(self.l2(torch.relu(self.l1(x)))))
+
+
 def _regression_data():
     return torch.randn(6, 13, dtype=F64), torch.randn(6, 1, dtype=F64), nn.MSELoss()
 
@@ -313,7 +328,7 @@ def _shared_data():
 
 
 MODELS = {"regression": (Regression, _regression_data), "mixed": (Mixed, _mixed_data),
-          "shared": (Shared, _shared_data)}
+          "shared": (Shared, _shared_data), "lrt": (LocalReparam, _regression_data)}
 
 
 class Spy:
@@ -367,7 +382,7 @@ def test_sample_elbo_equals_loop(backend, monkeypatch, name, n):
     loop = _elbo_step(model, x, y, crit, n, vectorized=False)
     spy = Spy(monkeypatch)
     forced = _elbo_step(model, x, y, crit, n, vectorized=True)
-    assert spy.forwards == (1 if name == "regression" else 2)  # mixed, shared: one rerun with the counted L
+    assert spy.forwards == (2 if name in ("mixed", "shared") else 1)  # mixed, shared: one rerun with the counted L
     auto = _elbo_step(model, x, y, crit, n, vectorized=None)
     _assert_same(forced, loop)
     _assert_same(auto, loop)
@@ -407,7 +422,7 @@ def test_default_is_vectorised(monkeypatch):
     assert spy.calls == 2
 
 
-@pytest.mark.parametrize("name", ["regression", "mixed"])
+@pytest.mark.parametrize("name", ["regression", "mixed", "lrt"])
 def test_detailed_loss_equals_loop(backend, name):
     cls, data = MODELS[name]
     model = cls()
@@ -457,7 +472,10 @@ class WithExtra(nn.Module):
 
 UNSUPPORTED = {
     "frozen": (lambda: WithExtra(nn.Identity(), BayesianLinear(5, 8, freeze=True, dtype=F64)), "l1"),
-    "lrt": (lambda: WithExtra(nn.Identity(), BayesianLinear(5, 8, estimator="lrt", dtype=F64)), "l1"),
+    # a scale-mixture prior: the LRT's MC KL draws a weight per sample (sample_kl), not batched
+    "lrt_mixture_prior": (lambda: WithExtra(nn.Identity(), BayesianLinear(5, 8, estimator="lrt", prior_pi=0.5,
+                                                                          dtype=F64)), "l1"),
+    "flipout": (lambda: WithExtra(nn.Identity(), BayesianLinear(5, 8, estimator="flipout", dtype=F64)), "l1"),
     "prior_dist": (lambda: WithExtra(nn.Identity(), BayesianLinear(
         5, 8, prior_dist=torch.distributions.Normal(torch.tensor(0.0, dtype=F64), 0.5), dtype=F64)), "l1"),
     "batchnorm": (lambda: WithExtra(nn.BatchNorm1d(8, dtype=F64)), "BatchNorm1d"),
@@ -635,9 +653,12 @@ def test_vectorized_argument_checked():
         model.sample_elbo(x, y, crit, 0, vectorized=True)
 
 
-def test_compile_fullgraph_vectorised_forward(backend):
+@pytest.mark.parametrize("first", ["reparam", "lrt"])
+def test_compile_fullgraph_vectorised_forward(backend, first):
     """A model forward in vectorised mode compiles without graph breaks and matches eager."""
     model = Regression(hidden=8, dtype=torch.float32)
+    if first == "lrt":
+        model.l1 = BayesianLinear(13, 8, estimator="lrt")
     x = torch.randn(4, 13)
     n = 3
     seeds = FS.draw_seeds(n * 2).view(n, 2)

@@ -2,8 +2,10 @@
 
 N sampled forwards of a model become one: the input batch is repeated N times along dim 0 (shape
 N*B), and every Bayesian layer, told N through its ``_sample_batch`` attribute, views its input as
-(N, B, .., I) and runs all N weight samples in one op (``bayes_ext::linear_reparam_samples``). Its
-KL terms are then per-sample vectors (N,), so ``nn_kl_divergence()`` gives each sample's KL.
+(N, B, .., I) and runs all N weight samples in one op (``bayes_ext::linear_reparam_samples``; a
+local-reparameterisation layer runs its GEMMs once on the N*B rows and draws each sample's output
+noise from that sample's seed). Its KL terms are then per-sample vectors (N,), so
+``nn_kl_divergence()`` gives each sample's KL.
 
 Same noise as the loop: the loop draws one seed per layer call in call order, so with L layer calls
 per forward, sample s of call l gets draw s*L + l. The N*L seeds are drawn up front (one randint,
@@ -12,8 +14,9 @@ makes another number of calls (a shared layer, an unused one), the generator is 
 forward rerun with the counted L. Hence the same loss and gradients as the loop for the same
 ``torch.manual_seed``.
 
-Which models: every BayesianModule must support it (``_supports_sample_batch()``: BayesianLinear
-with its default estimator, no prior_dist, not frozen), and no module may mix the samples
+Which models: every BayesianModule must support it (``_supports_sample_batch()``: BayesianLinear,
+not frozen, no prior_dist, with the default estimator and MC KL, or estimator="lrt" with a
+Gaussian prior (its closed-form KL)), and no module may mix the samples
 (BatchNorm in training; layers that take the batch in dim 1). Dropout draws its own noise from the
 generator, so automatic selection leaves models with active dropout to the loop (``vectorized=True``
 runs them, with other dropout masks than the loop's). The model must keep the batch in dim 0 in front
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import functional as BF
+from .. import functional_estimators as BFE
 from .. import functional_samples as FS
 from ..losses.kl_divergence import kl_divergence_of_layers
 from ..functional_samples import draw_seeds
@@ -138,10 +142,14 @@ class SampleBatch:
             raise NotVectorisable(
                 f"a vectorised forward expects every Bayesian layer's input to hold the {n} samples x "
                 f"{self.batch} examples in dim 0, got shape {tuple(x.shape)} (pass vectorized=False)")
+        params = (layer.weight_mu, layer.weight_rho, layer.bias_mu, layer.bias_rho)
+        if layer.estimator == "lrt":  # the closed-form KL: the same for every sample
+            y, kl = BFE.linear_lrt_samples(x, *params, seeds, layer._fused_kl_prior_sigma())
+            layer._set_kl_terms(kl.expand(n), kl.new_zeros(n))
+            return y
         # the layer's parameters and prior were checked when it was built, the seeds are ours; x is
         # checked by linear_samples_grouped
-        y, log_q, log_p = FS.linear_samples_grouped(x, layer.weight_mu, layer.weight_rho, layer.bias_mu,
-                                                    layer.bias_rho, seeds, layer.prior)
+        y, log_q, log_p = FS.linear_samples_grouped(x, *params, seeds, layer.prior)
         layer._set_kl_terms(log_q, log_p)
         return y
 

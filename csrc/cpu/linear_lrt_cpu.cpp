@@ -52,6 +52,17 @@ at::Tensor philox_normal(const at::Tensor& like, const at::Tensor& seed, int64_t
   return op.call(like, seed, offset, 0);
 }
 
+// eps of the output noise for `like` (std): stream (seed, 2), or per group of elements for N seeds as
+// lrt_output_ draws it (the vectorised ELBO's samples).
+at::Tensor output_noise(const at::Tensor& like, const at::Tensor& seed) {
+  if (seed.numel() == 1) return philox_normal(like, seed, kNoiseOffset);
+  const at::Tensor seeds = seed.reshape({-1});
+  const at::Tensor groups = like.reshape({seeds.numel(), -1});
+  std::vector<at::Tensor> parts;
+  for (int64_t g = 0; g < seeds.numel(); ++g) parts.push_back(philox_normal(groups[g], seeds[g], kNoiseOffset));
+  return at::cat(parts).view(like.sizes());
+}
+
 // y = mean + std * eps with std = sqrt(max(var, 0)) written over var (bayes_ext::lrt_output_).
 at::Tensor lrt_output_(at::Tensor& var, const at::Tensor& mean, const at::Tensor& seed) {
   static auto op = c10::Dispatcher::singleton()
@@ -247,7 +258,7 @@ class LinearLrtFunction : public torch::autograd::Function<LinearLrtFunction> {
       at::Tensor eps, sigma2;
       {
         layer_op::KernelsOnly kernels_only;
-        eps = philox_normal(std, seed, kNoiseOffset);
+        eps = output_noise(std, seed);
         sigma2 = std::get<0>(lrt_weight_forward(weight_mu, weight_rho, 0.0));
       }
       grad_x = at::addcmul(at::matmul(grad_y, weight_mu.detach()), x.detach(),

@@ -1,7 +1,8 @@
 // CPU implementation of local reparameterisation's output-noise ops, the batch-sized ends of the
 // LRT layers: y = mean + sqrt(max(var, 0)) * eps forward, dL/dvar = g eps / (2 std) backward. The
 // normals are drawn a tile at a time and used at once, so neither op writes a noise tensor; each
-// replaces four (forward) or eight (backward) eager passes and their temporaries.
+// replaces four (forward) or eight (backward) eager passes and their temporaries. A seed of N values
+// gives N groups of elements their own streams (csrc/ops.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,19 +19,23 @@ namespace {
 
 using namespace cpu_kernel;
 
-// run(LrtNoiseRange) over every chunk of `std`'s n elements, chunks spread over the threads.
+// run(LrtNoiseRange) over every chunk of `std`'s n elements, chunks spread over the threads. With N
+// seeds the elements form N equal groups, each its own stream from its own element 0.
 template <typename scalar_t, typename Run>
 void over_chunks(const at::Tensor& in, at::Tensor& std, at::Tensor& out, const at::Tensor& seed, int64_t offset,
                  Run run) {
-  const int64_t n = std.numel();
-  const uint64_t s = seed_value(seed);
+  const at::Tensor seeds = seed.reshape({-1}).contiguous();
+  const int64_t groups = seeds.numel(), len = std.numel() / groups, per_group = num_chunks(len);
+  const int64_t* seed_p = seeds.data_ptr<int64_t>();
   const scalar_t* in_p = in.data_ptr<scalar_t>();
   scalar_t* std_p = std.data_ptr<scalar_t>();
   scalar_t* out_p = out.data_ptr<scalar_t>();
-  at::parallel_for(0, num_chunks(n), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c)
-      run(LrtNoiseRange<scalar_t>{in_p, std_p, out_p, c * kChunk, std::min(n, (c + 1) * kChunk), s,
-                                  static_cast<uint64_t>(offset)});
+  at::parallel_for(0, groups * per_group, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t g = k / per_group, c = k % per_group, base = g * len;
+      run(LrtNoiseRange<scalar_t>{in_p + base, std_p + base, out_p + base, c * kChunk, std::min(len, (c + 1) * kChunk),
+                                  static_cast<uint64_t>(seed_p[g]), static_cast<uint64_t>(offset)});
+    }
   });
 }
 
@@ -38,7 +43,7 @@ at::Tensor lrt_output_cpu(at::Tensor& var, const at::Tensor& mean_in, const at::
   check_lrt_noise_args(var, "var", mean_in, "mean");
   check_cpu(var, "var");
   TORCH_CHECK_VALUE(var.is_contiguous(), "var must be contiguous (it is overwritten with std)");
-  check_seed(seed, var);
+  check_seed_groups(seed, var, "var");
   check_offset(offset);
   const at::Tensor mean = mean_in.contiguous();
   at::Tensor y = at::empty(var.sizes(), var.options());
@@ -52,7 +57,7 @@ at::Tensor lrt_noise_grad_cpu(const at::Tensor& grad_in, const at::Tensor& std_i
                               int64_t offset) {
   check_lrt_noise_args(std_in, "std", grad_in, "grad");
   check_cpu(std_in, "std");
-  check_seed(seed, std_in);
+  check_seed_groups(seed, std_in, "std");
   check_offset(offset);
   const at::Tensor grad = grad_in.contiguous();  // dL/dy of a sum is an expanded scalar
   at::Tensor std = std_in.contiguous();  // only read

@@ -58,18 +58,22 @@ at::Tensor lrt_output_cuda(at::Tensor& var, const at::Tensor& mean_in, const at:
   check_lrt_noise_args(var, "var", mean_in, "mean");
   check_cuda(var, "var");
   TORCH_CHECK_VALUE(var.is_contiguous(), "var must be contiguous (it is overwritten with std)");
-  check_seed(seed, var);
+  check_seed_groups(seed, var, "var");
   check_offset(offset);
   const c10::cuda::CUDAGuard guard(var.device());
   const at::Tensor mean = mean_in.contiguous();
   at::Tensor y = at::empty(var.sizes(), var.options());
-  const int64_t n = var.numel();
-  if (n > 0) {
+  const at::Tensor seeds = seed.reshape({-1});
+  const int64_t len = var.numel() / seeds.numel();
+  if (len > 0) {
     AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "lrt_output_cuda", [&] {
-      lrt_output_kernel<scalar_t><<<grid_for_elements(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), n, make_seed_arg(seed),
-          static_cast<uint64_t>(offset));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      for (int64_t g = 0; g < seeds.numel(); ++g) {  // a launch per group of elements (per seed)
+        const int64_t base = g * len;
+        lrt_output_kernel<scalar_t><<<grid_for_elements(len), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            mean.data_ptr<scalar_t>() + base, var.data_ptr<scalar_t>() + base, y.data_ptr<scalar_t>() + base, len,
+            make_seed_arg(seeds[g]), static_cast<uint64_t>(offset));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     });
   }
   return y;
@@ -79,19 +83,23 @@ at::Tensor lrt_noise_grad_cuda(const at::Tensor& grad_in, const at::Tensor& std_
                                int64_t offset) {
   check_lrt_noise_args(std_in, "std", grad_in, "grad");
   check_cuda(std_in, "std");
-  check_seed(seed, std_in);
+  check_seed_groups(seed, std_in, "std");
   check_offset(offset);
   const c10::cuda::CUDAGuard guard(std_in.device());
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor std = std_in.contiguous();
   at::Tensor half_u = at::empty(std.sizes(), std.options());
-  const int64_t n = std.numel();
-  if (n > 0) {
+  const at::Tensor seeds = seed.reshape({-1});
+  const int64_t len = std.numel() / seeds.numel();
+  if (len > 0) {
     AT_DISPATCH_FLOATING_TYPES(std.scalar_type(), "lrt_noise_grad_cuda", [&] {
-      lrt_noise_grad_kernel<scalar_t><<<grid_for_elements(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          grad.data_ptr<scalar_t>(), std.data_ptr<scalar_t>(), half_u.data_ptr<scalar_t>(), n, make_seed_arg(seed),
-          static_cast<uint64_t>(offset));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      for (int64_t g = 0; g < seeds.numel(); ++g) {  // a launch per group of elements (per seed)
+        const int64_t base = g * len;
+        lrt_noise_grad_kernel<scalar_t><<<grid_for_elements(len), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            grad.data_ptr<scalar_t>() + base, std.data_ptr<scalar_t>() + base, half_u.data_ptr<scalar_t>() + base,
+            len, make_seed_arg(seeds[g]), static_cast<uint64_t>(offset));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     });
   }
   return half_u;

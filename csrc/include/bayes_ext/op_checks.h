@@ -111,6 +111,20 @@ inline void check_lrt_noise_args(const at::Tensor& a, const char* a_name, const 
   check_matches(b, b_name, a, a_name);
 }
 
+// The seed of the LRT output-noise ops: one value, or a 1-D tensor of N seeds that splits `like`'s
+// elements (in memory order) into N equal groups, group s drawing stream (seed[s], offset) from its
+// own first element (the vectorised ELBO's N samples, their rows grouped in dim 0). Returns N.
+inline int64_t check_seed_groups(const at::Tensor& seed, const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "seed must be an int64 tensor, got ", seed.scalar_type());
+  TORCH_CHECK_VALUE(seed.numel() == 1 || (seed.dim() == 1 && seed.numel() >= 1),
+                    "seed must hold one value or be a 1-D tensor of N >= 1 seeds, got shape ", seed.sizes());
+  TORCH_CHECK_VALUE(like.numel() % seed.numel() == 0, "the ", seed.numel(), " seeds must split ", like_name, "'s ",
+                    like.numel(), " elements into equal groups");
+  TORCH_CHECK_VALUE(seed.device().is_cpu() || seed.device() == like.device(), "seed must be on the CPU or on the "
+                    "device of ", like_name, " (", like.device(), "), got ", seed.device());
+  return seed.numel();
+}
+
 // A gradient buffer an op accumulates into: mu's shape, dtype and device, contiguous.
 inline void check_accumulator(const at::Tensor& t, const at::Tensor& mu, const char* name) {
   check_matches(t, name, mu, "mu");
