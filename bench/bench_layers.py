@@ -241,9 +241,7 @@ class Bench:
         rows, runners = {}, {}
         for n, label in elbo_cases.LABELS.items():
             rows[n] = dict(section="elbo", shape=shape_str, sample_nbr=sample_nbr, amp=amp, case=n, label=label,
-                           threads=torch.get_num_threads(), note="",
-                           target=elbo_cases.TARGET if n == "vectorised" and sample_nbr == elbo_cases.TARGET_SAMPLES
-                           else None)
+                           threads=torch.get_num_threads(), note="", target=elbo_cases.target(cfg, n, sample_nbr))
             try:
                 runners[n] = timing.LocalRunner(dict(base, case=n), "train")
             except Exception as e:

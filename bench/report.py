@@ -245,7 +245,8 @@ def markdown(result):
                   "The seed's regression model (BayesianLinear 13 -> 512 -> ReLU -> 1, batch 16, MSE, fp32): "
                   "zero_grad, `sample_elbo(x, y, MSELoss(), S)`, backward, with `vectorized=False` (S "
                   "sequential forwards) and `vectorized=True` (one batched forward, same seeds, loss and "
-                  "gradients), timed interleaved. Target (issue 5): 3x at S=8, reported, not asserted.", "",
+                  "gradients), timed interleaved; the same model with `estimator=\"lrt\"` layers beside it. "
+                  "Target (issue 5): 3x at S=8 for the default layers, reported, not asserted.", "",
                   elbo_markdown(elbo)]
     if result.get("ops"):
         parts += ["", "## Sampling op alone", "", ops_markdown(result["ops"])]
