@@ -54,6 +54,16 @@ __global__ void lrt_noise_grad_kernel(const T* __restrict__ grad, const T* __res
 
 int64_t grid_for_elements(int64_t n) { return capped_grid((n + 3) / 4, 65535); }
 
+// launch(base, len, seed_arg) for each group of the `numel` elements: one group for one seed, N
+// equal groups for N seeds (the seed groups of csrc/ops.cpp), a launch each.
+template <typename Launch>
+void over_seed_groups(const at::Tensor& seed, int64_t numel, Launch launch) {
+  const at::Tensor seeds = seed.reshape({-1});
+  const int64_t len = numel / seeds.numel();
+  if (len == 0) return;
+  for (int64_t g = 0; g < seeds.numel(); ++g) launch(g * len, len, make_seed_arg(seeds[g]));
+}
+
 at::Tensor lrt_output_cuda(at::Tensor& var, const at::Tensor& mean_in, const at::Tensor& seed, int64_t offset) {
   check_lrt_noise_args(var, "var", mean_in, "mean");
   check_cuda(var, "var");
@@ -63,19 +73,14 @@ at::Tensor lrt_output_cuda(at::Tensor& var, const at::Tensor& mean_in, const at:
   const c10::cuda::CUDAGuard guard(var.device());
   const at::Tensor mean = mean_in.contiguous();
   at::Tensor y = at::empty(var.sizes(), var.options());
-  const at::Tensor seeds = seed.reshape({-1});
-  const int64_t len = var.numel() / seeds.numel();
-  if (len > 0) {
-    AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "lrt_output_cuda", [&] {
-      for (int64_t g = 0; g < seeds.numel(); ++g) {  // a launch per group of elements (per seed)
-        const int64_t base = g * len;
-        lrt_output_kernel<scalar_t><<<grid_for_elements(len), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            mean.data_ptr<scalar_t>() + base, var.data_ptr<scalar_t>() + base, y.data_ptr<scalar_t>() + base, len,
-            make_seed_arg(seeds[g]), static_cast<uint64_t>(offset));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+  AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "lrt_output_cuda", [&] {
+    over_seed_groups(seed, var.numel(), [&](int64_t base, int64_t len, const SeedArg& seed_arg) {
+      lrt_output_kernel<scalar_t><<<grid_for_elements(len), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          mean.data_ptr<scalar_t>() + base, var.data_ptr<scalar_t>() + base, y.data_ptr<scalar_t>() + base, len,
+          seed_arg, static_cast<uint64_t>(offset));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  }
+  });
   return y;
 }
 
@@ -89,19 +94,14 @@ at::Tensor lrt_noise_grad_cuda(const at::Tensor& grad_in, const at::Tensor& std_
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor std = std_in.contiguous();
   at::Tensor half_u = at::empty(std.sizes(), std.options());
-  const at::Tensor seeds = seed.reshape({-1});
-  const int64_t len = std.numel() / seeds.numel();
-  if (len > 0) {
-    AT_DISPATCH_FLOATING_TYPES(std.scalar_type(), "lrt_noise_grad_cuda", [&] {
-      for (int64_t g = 0; g < seeds.numel(); ++g) {  // a launch per group of elements (per seed)
-        const int64_t base = g * len;
-        lrt_noise_grad_kernel<scalar_t><<<grid_for_elements(len), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            grad.data_ptr<scalar_t>() + base, std.data_ptr<scalar_t>() + base, half_u.data_ptr<scalar_t>() + base,
-            len, make_seed_arg(seeds[g]), static_cast<uint64_t>(offset));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+  AT_DISPATCH_FLOATING_TYPES(std.scalar_type(), "lrt_noise_grad_cuda", [&] {
+    over_seed_groups(seed, std.numel(), [&](int64_t base, int64_t len, const SeedArg& seed_arg) {
+      lrt_noise_grad_kernel<scalar_t><<<grid_for_elements(len), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          grad.data_ptr<scalar_t>() + base, std.data_ptr<scalar_t>() + base, half_u.data_ptr<scalar_t>() + base, len,
+          seed_arg, static_cast<uint64_t>(offset));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  }
+  });
   return half_u;
 }
 
