@@ -64,6 +64,12 @@ def check_seed_groups(seed, like, like_name: str) -> int:
     return seed.numel()
 
 
+def check_positive_prior_sigma(prior_sigma) -> None:
+    """The sigma of a Gaussian prior N(0, sigma^2) for a closed-form KL: a positive, finite number."""
+    if not (isinstance(prior_sigma, (int, float)) and prior_sigma > 0 and math.isfinite(prior_sigma)):
+        raise ValueError(f"prior_sigma must be positive and finite, got {prior_sigma}")
+
+
 def check_offset(offset) -> None:
     if not isinstance(offset, int) or isinstance(offset, bool):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")

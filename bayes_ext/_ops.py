@@ -192,20 +192,15 @@ def _checked_sample_rows_backward_add_(grad_mu, grad_rho, grad_rows, mu, rho, in
     _fallback.sample_rows_backward_add_(grad_mu, grad_rho, grad_rows, mu, rho, indices, seed, offset)
 
 
-def _check_prior_sigma(prior_sigma) -> None:
-    if not (prior_sigma > 0 and math.isfinite(prior_sigma)):
-        raise ValueError(f"prior_sigma must be positive and finite, got {prior_sigma}")
-
-
 def _checked_gaussian_kl(mu, rho, prior_sigma):
     _checks.check_posterior_params(mu, rho)
-    _check_prior_sigma(prior_sigma)
+    _checks.check_positive_prior_sigma(prior_sigma)
     return _fallback.gaussian_kl(mu, rho, prior_sigma)
 
 
 def _checked_gaussian_kl_backward(grad, mu, rho, prior_sigma):
     _checks.check_posterior_params(mu, rho)
-    _check_prior_sigma(prior_sigma)
+    _checks.check_positive_prior_sigma(prior_sigma)
     _checks.check_scalar_grad(grad, mu, "grad")
     return _fallback.gaussian_kl_backward(grad, mu, rho, prior_sigma)
 

@@ -286,15 +286,20 @@ def check_linear_params(weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional
             raise ValueError(f"bias_mu must have shape ({weight_mu.shape[0]},), got {tuple(bias_mu.shape)}")
 
 
+def prepare_linear_input(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+                         bias_rho: Optional[Tensor]) -> Tensor:
+    """Validate a linear layer's parameters and input; x cast to the active autocast dtype."""
+    check_linear_params(weight_mu, weight_rho, bias_mu, bias_rho)
+    check_input(x, weight_mu, weight_mu.shape[1])
+    low_precision = autocast_dtype(x)
+    return x if low_precision is None else x.to(low_precision)
+
+
 def prepare_linear_call(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                         bias_rho: Optional[Tensor], seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """Validate a linear layer call, cast x to the active autocast dtype and draw a seed if none is
     given: (x, seed), what every fused linear op takes."""
-    check_linear_params(weight_mu, weight_rho, bias_mu, bias_rho)
-    check_input(x, weight_mu, weight_mu.shape[1])
-    low_precision = autocast_dtype(x)
-    if low_precision is not None:
-        x = x.to(low_precision)
+    x = prepare_linear_input(x, weight_mu, weight_rho, bias_mu, bias_rho)
     seed = draw_seed() if seed is None else seed
     _checks.check_seed(seed, weight_mu)
     return x, seed

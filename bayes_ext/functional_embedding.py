@@ -20,7 +20,6 @@
   same seed as the lookup (so the rows a forward uses are the rows its KL sampled); it samples the
   whole table.
 """
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -121,8 +120,7 @@ def bayesian_embedding_closed_form(input: Tensor, weight_mu: Tensor, weight_rho:
     as one autograd node: its backward writes the KL's gradient into the lookup's dense gradients
     instead of allocating two more table-sized tensors (on the CPU, fresh table-sized allocations
     cost as much as nn.Embedding's whole training step)."""
-    if not (isinstance(prior_sigma, (int, float)) and prior_sigma > 0 and math.isfinite(prior_sigma)):
-        raise ValueError(f"prior_sigma must be positive and finite, got {prior_sigma}")
+    _checks.check_positive_prior_sigma(prior_sigma)
     indices, padding_idx, seed = _prepare(input, weight_mu, weight_rho, seed, padding_idx)
     rows, kl = _EmbeddingClosedForm.apply(weight_mu, weight_rho, indices, seed, float(prior_sigma), padding_idx,
                                           _backend.ops())

@@ -13,7 +13,6 @@ instead of saving it, so a training forward keeps only the input and batch-sized
 Philox streams of one forward (seed, offset): 0 the weight, 1 the bias, 2 the LRT output noise,
 3 Flipout's input signs S, 4 its output signs R.
 """
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -366,8 +365,7 @@ def linear_lrt_with_kl(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu
                        prior_sigma: float = 0.1) -> Tuple[Tensor, Tensor]:
     """(linear_lrt(...), sum KL(q || N(0, prior_sigma^2)) over the weight and bias), the KL computed
     in the same fused pass over the parameters as sigma^2 (and its gradient in the backward's)."""
-    if not (isinstance(prior_sigma, (int, float)) and prior_sigma > 0 and math.isfinite(prior_sigma)):
-        raise ValueError(f"prior_sigma must be positive and finite, got {prior_sigma}")
+    _checks.check_positive_prior_sigma(prior_sigma)
     x, seed = BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     y, _, kl = _lrt_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, float(prior_sigma))
     return y, kl
@@ -381,17 +379,12 @@ def linear_lrt_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu
     draw it. The weights are the same for every sample, so the mean and variance GEMMs and the passes
     over the weights run once for all N; the returned KL (closed form, against N(0, prior_sigma^2))
     is every sample's."""
-    if not (isinstance(prior_sigma, (int, float)) and prior_sigma > 0 and math.isfinite(prior_sigma)):
-        raise ValueError(f"prior_sigma must be positive and finite, got {prior_sigma}")
-    BF.check_linear_params(weight_mu, weight_rho, bias_mu, bias_rho)
-    BF.check_input(x, weight_mu, weight_mu.shape[1])
+    _checks.check_positive_prior_sigma(prior_sigma)
+    x = BF.prepare_linear_input(x, weight_mu, weight_rho, bias_mu, bias_rho)
     check_seeds(seeds, weight_mu)
     n = seeds.shape[0]
     if x.dim() < 2 or x.shape[0] % n != 0:
         raise ValueError(f"x must hold the {n} samples (one per seed) of a batch in dim 0, got shape {tuple(x.shape)}")
-    low_precision = BF.autocast_dtype(x)
-    if low_precision is not None:
-        x = x.to(low_precision)
     y, _, kl = _lrt_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, float(prior_sigma))
     return y, kl
 
