@@ -521,6 +521,19 @@ def _fake_linear_lrt_rows_backward(grad_y, grad_kl, x, weight_mu, weight_rho, bi
             like(bias_rho, need_b) if need_b else weight_mu.new_empty(0))
 
 
+def _fake_linear_flipout_rows(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_pi, prior_sigma1,
+                              prior_sigma2, block_rows):
+    return _fake_linear_reparam_rows(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_pi, prior_sigma1,
+                                     prior_sigma2, block_rows)
+
+
+def _fake_linear_flipout_rows_backward(grad_y, grad_log_q, grad_log_p, x, weight_mu, weight_rho, bias_mu, bias_rho,
+                                       seed, prior_pi, prior_sigma1, prior_sigma2, block_rows, need_x, need_w, need_b):
+    # the same outputs as the LRT layer's backward
+    return _fake_linear_lrt_rows_backward(grad_y, grad_log_q, x, weight_mu, weight_rho, bias_mu, bias_rho, seed,
+                                          grad_y, 0.0, block_rows, need_x, need_w, need_b)
+
+
 def _register_compiled_only() -> None:
     """Fake kernels of the ops with no pure-PyTorch twin (_backend.COMPILED_ONLY_OP_NAMES): called
     inside other ops' implementations and backwards, which torch.compile and opcheck trace."""
@@ -530,6 +543,8 @@ def _register_compiled_only() -> None:
     torch.library.register_fake("bayes_ext::linear_reparam_rows_backward")(_fake_linear_reparam_rows_backward)
     torch.library.register_fake("bayes_ext::linear_lrt_rows")(_fake_linear_lrt_rows)
     torch.library.register_fake("bayes_ext::linear_lrt_rows_backward")(_fake_linear_lrt_rows_backward)
+    torch.library.register_fake("bayes_ext::linear_flipout_rows")(_fake_linear_flipout_rows)
+    torch.library.register_fake("bayes_ext::linear_flipout_rows_backward")(_fake_linear_flipout_rows_backward)
 
 
 _register("bayes_ext_py")

@@ -108,6 +108,20 @@ TORCH_LIBRARY(bayes_ext, m) {
   m.def("linear_lrt_rows_backward(Tensor grad_y, Tensor grad_kl, Tensor x, Tensor weight_mu, Tensor weight_rho, "
         "Tensor? bias_mu, Tensor? bias_rho, Tensor seed, Tensor std, float prior_sigma, int block_rows, "
         "bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The Flipout linear layer in one call (CPU only; bayes_ext::linear_flipout in
+  // bayes_ext/functional_estimators.py is the same computation in Python): (y, log_q, log_p) for
+  // y = x mu^T + b + ((x * S) dW^T) * R, dW = W - mu with W on stream (seed, 0) and b on (seed, 1)
+  // (their log q / log p returned), S and R the signs of streams 3 and 4; dW built in blocks of
+  // block_rows rows (>= out_features: one block). Impl: cpu/linear_flipout_cpu.cpp.
+  m.def("linear_flipout_rows(Tensor x, Tensor weight_mu, Tensor weight_rho, Tensor? bias_mu, Tensor? bias_rho, "
+        "Tensor seed, float prior_pi, float prior_sigma1, float prior_sigma2, int block_rows) -> "
+        "(Tensor, Tensor, Tensor)");
+  // Its backward: (grad_x, grad_weight_mu, grad_weight_rho, grad_bias_mu, grad_bias_rho), each empty
+  // unless asked for (need_x, need_w, need_b); dW and the signs regenerated.
+  m.def("linear_flipout_rows_backward(Tensor grad_y, Tensor grad_log_q, Tensor grad_log_p, Tensor x, "
+        "Tensor weight_mu, Tensor weight_rho, Tensor? bias_mu, Tensor? bias_rho, Tensor seed, float prior_pi, "
+        "float prior_sigma1, float prior_sigma2, int block_rows, bool need_x, bool need_w, bool need_b) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Local reparameterisation's output noise, one fused pass each way; eps is stream (seed, offset),
   // element i of the contiguous tensor drawing stream element i (philox_normal(var, seed, offset)).
   // lrt_output_: var becomes std = sqrt(max(var, 0)) in place (var must be contiguous); returns

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "layer_op_helpers.h"
+#include "op_calls.h"
 
 namespace bayes_ext {
 namespace {
@@ -45,21 +46,14 @@ at::Tensor lrt_weight_backward_(at::Tensor& grad_mu, at::Tensor& grad_rho, const
   return op.call(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma);
 }
 
-at::Tensor philox_normal(const at::Tensor& like, const at::Tensor& seed, int64_t offset) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bayes_ext::philox_normal", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
-  return op.call(like, seed, offset, 0);
-}
-
 // eps of the output noise for `like` (std): stream (seed, 2), or per group of elements for N seeds as
 // lrt_output_ draws it (the vectorised ELBO's samples).
 at::Tensor output_noise(const at::Tensor& like, const at::Tensor& seed) {
-  if (seed.numel() == 1) return philox_normal(like, seed, kNoiseOffset);
+  if (seed.numel() == 1) return op_calls::philox_normal(like, seed, kNoiseOffset, 0);
   const at::Tensor seeds = seed.reshape({-1});
   const at::Tensor groups = like.reshape({seeds.numel(), -1});
   std::vector<at::Tensor> parts;
-  for (int64_t g = 0; g < seeds.numel(); ++g) parts.push_back(philox_normal(groups[g], seeds[g], kNoiseOffset));
+  for (int64_t g = 0; g < seeds.numel(); ++g) parts.push_back(op_calls::philox_normal(groups[g], seeds[g], kNoiseOffset, 0));
   return at::cat(parts).view(like.sizes());
 }
 

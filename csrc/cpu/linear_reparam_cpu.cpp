@@ -22,6 +22,7 @@
 
 #include "bayes_ext/op_checks.h"
 #include "layer_op_helpers.h"
+#include "op_calls.h"
 
 namespace bayes_ext {
 namespace {
@@ -34,13 +35,10 @@ using layer_op::with_last;
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The sampling ops with this layer's arguments: W's noise itself (not noise_only), W on stream 0.
 Triple sample_weight(const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed, int64_t offset, double pi,
                      double sigma1, double sigma2, int64_t start) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bayes_ext::sample_weight", "")
-                       .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double,
-                                     double, int64_t, bool)>();
-  return op.call(mu, rho, seed, offset, pi, sigma1, sigma2, start, false);
+  return op_calls::sample_weight(mu, rho, seed, offset, pi, sigma1, sigma2, start, false);
 }
 
 // W (and, with_kl, its log q / log p) in x's dtype: on CUDA the sampling kernel writes bf16 / fp16
@@ -57,26 +55,16 @@ Triple sample_weight_as(const at::Tensor& mu, const at::Tensor& rho, const at::T
 Triple sample_weight_backward(const at::Tensor& grad_w, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
                               const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed, int64_t offset,
                               double pi, double sigma1, double sigma2, bool return_weight) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bayes_ext::sample_weight_backward", "")
-                       .typed<Triple(const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double,
-                                     double, bool, int64_t, bool)>();
-  return op.call(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, pi, sigma1, sigma2, return_weight, 0, false);
+  return op_calls::sample_weight_backward(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, pi, sigma1, sigma2,
+                                          return_weight, 0, false);
 }
 
 at::Tensor sample_weight_backward_into(at::Tensor& grad_mu, at::Tensor& grad_rho, const at::Tensor& grad_w,
                                        const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
                                        const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed,
                                        double pi, double sigma1, double sigma2, bool return_weight, int64_t start) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bayes_ext::sample_weight_backward_into", "")
-                       .typed<at::Tensor(at::Tensor&, at::Tensor&, const c10::optional<at::Tensor>&,
-                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, int64_t, double, double, double, bool, int64_t,
-                                         bool)>();
-  return op.call(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, 0, pi, sigma1, sigma2,
-                 return_weight, start, false);
+  return op_calls::sample_weight_backward_into(grad_mu, grad_rho, grad_w, grad_log_q, grad_log_p, mu, rho, seed, 0,
+                                               pi, sigma1, sigma2, return_weight, start, false);
 }
 
 // a @ b as a `dtype` tensor: on CUDA, bf16 / fp16 operands accumulate straight into fp32

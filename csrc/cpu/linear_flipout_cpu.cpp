@@ -1,0 +1,281 @@
+// The Flipout linear layer (estimator="flipout") in one call each way, CPU: the same ops in the
+// same order as the Python implementation of bayes_ext::linear_flipout
+// (bayes_ext/functional_estimators.py), so the same values; what it saves is the Python and the
+// custom-op dispatch between those ops (half of a small layer's step). A large weight's dW is
+// sampled and consumed block of rows by block of rows, as there. Eager calls get their autograd
+// here too (LinearFlipoutFunction, registered for AutogradCPU); torch.compile, autocast, fake
+// tensors and the other backends keep the Python custom op.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "layer_op_helpers.h"
+#include "op_calls.h"
+
+namespace bayes_ext {
+namespace {
+
+using layer_op::check_layer_args;
+using layer_op::has;
+using layer_op::maybe;
+using layer_op::with_last;
+
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Philox streams of the layer (functional_estimators.py): W 0, b 1, the input signs S 3, the
+// output signs R 4.
+constexpr int64_t kWeightStream = 0, kBiasStream = 1, kSignInStream = 3, kSignOutStream = 4;
+
+struct Prior {
+  double pi, sigma1, sigma2;
+};
+
+// The sampling ops with this layer's prior.
+Triple sample_weight(const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed, int64_t offset,
+                     const Prior& p, int64_t start, bool noise_only) {
+  return op_calls::sample_weight(mu, rho, seed, offset, p.pi, p.sigma1, p.sigma2, start, noise_only);
+}
+
+Triple sample_weight_backward(const c10::optional<at::Tensor>& grad_w, const at::Tensor& grad_log_q,
+                              const at::Tensor& grad_log_p, const at::Tensor& mu, const at::Tensor& rho,
+                              const at::Tensor& seed, int64_t offset, const Prior& p, bool return_weight,
+                              int64_t start, bool noise_only) {
+  return op_calls::sample_weight_backward(grad_w, grad_log_q, grad_log_p, mu, rho, seed, offset, p.pi, p.sigma1,
+                                          p.sigma2, return_weight, start, noise_only);
+}
+
+// +1 / -1 of `shape`: the sign of stream (seed, offset)'s normals, as functional_estimators.signs.
+at::Tensor signs(at::IntArrayRef shape, const at::Tensor& seed, int64_t offset, const at::TensorOptions& options) {
+  return op_calls::philox_normal(at::empty(shape, options), seed, offset, 0).ge_(0).mul_(2).sub_(1);
+}
+
+// (y, log_q, log_p): y = x mu^T + b + ((x * S) dW^T) * R with dW = W - mu, W and b sampled on the
+// weight's and the bias's streams, whose log q / log p are returned.
+Triple linear_flipout_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, const at::Tensor& weight_rho_in,
+                           const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
+                           const at::Tensor& seed, double pi, double sigma1, double sigma2, int64_t block_rows) {
+  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows);
+  const Prior prior{pi, sigma1, sigma2};
+  const int64_t out_features = weight_mu_in.size(0), in_features = weight_mu_in.size(1);
+  const at::Tensor x_signed = x * signs(x.sizes(), seed, kSignInStream, x.options());
+  at::Tensor perturbation, log_q, log_p;
+  if (block_rows >= out_features) {
+    at::Tensor dw;
+    std::tie(dw, log_q, log_p) = sample_weight(weight_mu_in, weight_rho_in, seed, kWeightStream, prior, 0, true);
+    perturbation = at::linear(x_signed, dw);
+  } else {
+    // each block of rows of dW with the noise it has in the whole weight, consumed while in cache
+    const at::Tensor weight_mu = weight_mu_in.contiguous(), weight_rho = weight_rho_in.contiguous();
+    const at::Tensor x_2d = x_signed.reshape({-1, in_features});
+    perturbation = at::empty({x_2d.size(0), out_features}, x.options());
+    for (int64_t r0 = 0; r0 < out_features; r0 += block_rows) {
+      const int64_t r1 = std::min(r0 + block_rows, out_features);
+      auto [dw, q, p] = sample_weight(weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1), seed, kWeightStream,
+                                      prior, r0 * in_features, true);
+      perturbation.slice(1, r0, r1).copy_(x_2d.mm(dw.t()));
+      log_q = log_q.defined() ? log_q + q : q;
+      log_p = log_p.defined() ? log_p + p : p;
+    }
+    perturbation = perturbation.reshape(with_last(x_signed.sizes(), out_features));
+  }
+  perturbation.mul_(signs(perturbation.sizes(), seed, kSignOutStream, x.options()));
+  at::Tensor y = at::addmm(perturbation.reshape({-1, out_features}), x.reshape({-1, in_features}), weight_mu_in.t())
+                     .reshape(perturbation.sizes());
+  if (has(bias_mu)) {
+    auto [b, log_q_b, log_p_b] = sample_weight(*bias_mu, *bias_rho, seed, kBiasStream, prior, 0, false);
+    y.add_(b);
+    log_q = log_q + log_q_b;
+    log_p = log_p + log_p_b;
+  }
+  return {y, log_q, log_p};
+}
+
+// (grad_x, grad_weight_mu, grad_weight_rho, grad_bias_mu, grad_bias_rho), each empty where not
+// asked for (need_x, need_w, need_b); dW, S and R regenerated from the seed.
+Grads linear_flipout_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
+                                   const at::Tensor& x, const at::Tensor& weight_mu_in, const at::Tensor& weight_rho_in,
+                                   const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
+                                   const at::Tensor& seed, double pi, double sigma1, double sigma2, int64_t block_rows,
+                                   bool need_x, bool need_w, bool need_b) {
+  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows);
+  const Prior prior{pi, sigma1, sigma2};
+  const int64_t out_features = weight_mu_in.size(0), in_features = weight_mu_in.size(1);
+  const std::vector<int64_t> y_shape = with_last(x.sizes(), out_features);
+  TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(y_shape), "grad_y must have shape x.shape[:-1] + (",
+                    out_features, ",) = ", y_shape, ", got ", grad_y.sizes());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), "grad_y must have the dtype of x (", x.scalar_type(),
+                   "), got ", grad_y.scalar_type());
+  need_b = need_b && has(bias_mu);
+  const at::Tensor x_2d = x.reshape({-1, in_features});
+  const at::Tensor g = grad_y.reshape({-1, out_features});
+  const at::Tensor g_signed = g * signs(g.sizes(), seed, kSignOutStream, g.options());
+  const at::Tensor s_in = signs(x_2d.sizes(), seed, kSignInStream, x.options());
+  at::Tensor grad_x, grad_mu, grad_rho, dw;
+  if (need_w && block_rows < out_features) {
+    // block by block of rows: each block's dW regenerated, differentiated straight into the rows of
+    // the whole gradients and consumed by dL/dx while in cache
+    const at::Tensor weight_mu = weight_mu_in.contiguous(), weight_rho = weight_rho_in.contiguous();
+    grad_mu = at::empty_like(weight_mu);
+    grad_rho = at::empty_like(weight_rho);
+    const at::Tensor x_in = x_2d * s_in;
+    at::Tensor signed_grad_x = need_x ? at::zeros(x_2d.sizes(), x_2d.options()) : at::Tensor();
+    for (int64_t r0 = 0; r0 < out_features; r0 += block_rows) {
+      const int64_t r1 = std::min(r0 + block_rows, out_features);
+      at::Tensor grad_mu_rows = grad_mu.slice(0, r0, r1), grad_rho_rows = grad_rho.slice(0, r0, r1);
+      const at::Tensor grad_dw = g_signed.slice(1, r0, r1).t().mm(x_in);
+      // the noise's backward puts the KL's terms in grad_mu and grad_dw into grad_rho; mu's own
+      // term is g^T x
+      const at::Tensor block_dw = op_calls::sample_weight_backward_into(
+          grad_mu_rows, grad_rho_rows, grad_dw, grad_log_q, grad_log_p, weight_mu.slice(0, r0, r1),
+          weight_rho.slice(0, r0, r1), seed, kWeightStream, prior.pi, prior.sigma1, prior.sigma2, need_x,
+          r0 * in_features, true);
+      grad_mu_rows.addmm_(g.slice(1, r0, r1).t(), x_2d);
+      if (need_x) signed_grad_x.addmm_(g_signed.slice(1, r0, r1), block_dw);
+    }
+    if (need_x) grad_x = at::addcmul(g.mm(weight_mu), signed_grad_x, s_in);
+  } else if (need_w) {
+    const at::Tensor grad_dw = g_signed.t().mm(x_2d * s_in);
+    std::tie(grad_mu, grad_rho, dw) = sample_weight_backward(grad_dw, grad_log_q, grad_log_p, weight_mu_in,
+                                                             weight_rho_in, seed, kWeightStream, prior, need_x, 0,
+                                                             true);
+    grad_mu.addmm_(g.t(), x_2d);
+  } else if (need_x) {
+    dw = std::get<0>(sample_weight(weight_mu_in, weight_rho_in, seed, kWeightStream, prior, 0, true));
+  }
+  if (need_x && !grad_x.defined()) grad_x = at::addcmul(g.mm(weight_mu_in), g_signed.mm(dw), s_in);
+  at::Tensor grad_bias_mu, grad_bias_rho;
+  if (need_b) {
+    std::tie(grad_bias_mu, grad_bias_rho, std::ignore) =
+        sample_weight_backward(g.sum(0, false, bias_mu->scalar_type()), grad_log_q, grad_log_p, *bias_mu, *bias_rho,
+                               seed, kBiasStream, prior, false, 0, false);
+  }
+  const at::Tensor none = at::empty({0}, weight_mu_in.options());
+  return {need_x ? grad_x.reshape(x.sizes()) : none, need_w ? grad_mu : none, need_w ? grad_rho : none,
+          need_b ? grad_bias_mu : none, need_b ? grad_bias_rho : none};
+}
+
+// Through the dispatcher: below autograd the call reaches the CPU kernel above (or a fake one).
+Triple call_forward(const at::Tensor& x, const at::Tensor& weight_mu, const at::Tensor& weight_rho,
+                    const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
+                    const at::Tensor& seed, const Prior& p, int64_t block_rows) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bayes_ext::linear_flipout_rows", "")
+                       .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                                     const at::Tensor&, double, double, double, int64_t)>();
+  return op.call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, p.pi, p.sigma1, p.sigma2, block_rows);
+}
+
+Grads call_backward(const at::Tensor& grad_y, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
+                    const at::Tensor& x, const at::Tensor& weight_mu, const at::Tensor& weight_rho,
+                    const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
+                    const at::Tensor& seed, const Prior& p, int64_t block_rows, bool need_x, bool need_w,
+                    bool need_b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("bayes_ext::linear_flipout_rows_backward", "")
+                       .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                    const c10::optional<at::Tensor>&, const at::Tensor&, double, double, double,
+                                    int64_t, bool, bool, bool)>();
+  return op.call(grad_y, grad_log_q, grad_log_p, x, weight_mu, weight_rho, bias_mu, bias_rho, seed, p.pi, p.sigma1,
+                 p.sigma2, block_rows, need_x, need_w, need_b);
+}
+
+// Saves what the Python op saves: x, the parameters and the seed (dW and the signs are
+// regenerated). Under create_graph dL/dx = g mu + ((g * R) dW) * S is rebuilt from recorded ops, as
+// the Python op's backward records it (dW and the signs constants); the parameters' gradients are
+// first-order only.
+class LinearFlipoutFunction : public torch::autograd::Function<LinearFlipoutFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& weight_mu, const at::Tensor& weight_rho,
+                                                const c10::optional<at::Tensor>& bias_mu,
+                                                const c10::optional<at::Tensor>& bias_rho, const at::Tensor& seed,
+                                                double pi, double sigma1, double sigma2, int64_t block_rows) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, log_q, log_p] = call_forward(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, {pi, sigma1, sigma2},
+                                          block_rows);
+    ctx->save_for_backward({x, weight_mu, weight_rho, bias_mu.value_or(at::Tensor()),
+                            bias_rho.value_or(at::Tensor()), seed});
+    ctx->saved_data["prior"] = std::vector<double>{pi, sigma1, sigma2};
+    ctx->saved_data["block_rows"] = block_rows;
+    return {y, log_q, log_p};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight_mu = saved[1], &weight_rho = saved[2], &seed = saved[5];
+    const std::vector<double> pv = ctx->saved_data["prior"].toDoubleVector();
+    const Prior prior{pv[0], pv[1], pv[2]};
+    const int64_t block_rows = ctx->saved_data["block_rows"].toInt();
+    const bool has_bias = saved[3].defined();
+    const int64_t out_features = weight_mu.size(0);
+    // an output that was not used gets no gradient from autograd: zeros of its shape
+    const at::Tensor grad_y =
+        grads[0].defined() ? grads[0].to(x.scalar_type()) : at::zeros(with_last(x.sizes(), out_features), x.options());
+    const at::Tensor grad_log_q = grads[1].defined() ? grads[1] : at::zeros({}, weight_mu.options());
+    const at::Tensor grad_log_p = grads[2].defined() ? grads[2] : at::zeros({}, weight_mu.options());
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+    const bool need_b = has_bias && (ctx->needs_input_grad(3) || ctx->needs_input_grad(4));
+    const bool record = at::GradMode::is_enabled();  // create_graph=True
+    Grads computed;
+    {
+      layer_op::KernelsOnly kernels_only;
+      computed = call_backward(grad_y.detach(), grad_log_q.detach(), grad_log_p.detach(), x, weight_mu, weight_rho,
+                               maybe(saved[3]), maybe(saved[4]), seed, prior, block_rows, need_x && !record, need_w,
+                               need_b);
+    }
+    auto [grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho] = computed;
+    if (need_x && record) {
+      const int64_t in_features = weight_mu.size(1);
+      at::Tensor dw, s_out, s_in;
+      {
+        layer_op::KernelsOnly kernels_only;
+        dw = std::get<0>(sample_weight(weight_mu, weight_rho, seed, kWeightStream, prior, 0, true));
+        s_out = signs({grad_y.numel() / out_features, out_features}, seed, kSignOutStream, x.options());
+        s_in = signs({x.numel() / in_features, in_features}, seed, kSignInStream, x.options());
+      }
+      const at::Tensor g = grad_y.reshape({-1, out_features});
+      grad_x = at::addcmul(g.mm(weight_mu), (g * s_out).mm(dw), s_in).reshape(x.sizes());
+    }
+    const at::Tensor none;
+    return {need_x ? grad_x : none,
+            need_w ? grad_mu : none,
+            need_w ? grad_rho : none,
+            need_b ? grad_bias_mu : none,
+            need_b ? grad_bias_rho : none,
+            none,
+            none,
+            none,
+            none,
+            none};
+  }
+};
+
+Triple linear_flipout_rows_autograd(const at::Tensor& x, const at::Tensor& weight_mu, const at::Tensor& weight_rho,
+                                    const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
+                                    const at::Tensor& seed, double pi, double sigma1, double sigma2,
+                                    int64_t block_rows) {
+  auto out = LinearFlipoutFunction::apply(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1, sigma2,
+                                          block_rows);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bayes_ext, CPU, m) {
+  m.impl("linear_flipout_rows", &linear_flipout_rows);
+  m.impl("linear_flipout_rows_backward", &linear_flipout_rows_backward);
+}
+
+TORCH_LIBRARY_IMPL(bayes_ext, AutogradCPU, m) {
+  m.impl("linear_flipout_rows", &linear_flipout_rows_autograd);
+}
+
+}  // namespace bayes_ext
