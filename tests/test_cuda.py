@@ -215,14 +215,20 @@ def test_lrt_noise_ops_on_cuda(cuda_ops, dtype, numel):
             torch.testing.assert_close(a.cpu(), b, **cross)
 
 
-@pytest.mark.parametrize("seeds_on", ["cpu", DEV])
+@pytest.mark.parametrize("seeds_on", ["cpu", DEV, "strided " + DEV])
 def test_lrt_noise_seed_groups_on_cuda(cuda_ops, seeds_on):
     """N seeds (the vectorised ELBO's LRT samples): group s of the elements as a single-seed call
-    with seeds[s], on the device (a launch per group) and as on the CPU."""
+    with seeds[s], on the device (a launch per group) and as on the CPU. "strided": a column of a
+    seed table, as the vectorised ELBO passes each layer call's seeds."""
     gen = torch.Generator().manual_seed(4)
     mean, grad = (torch.randn(3, 1031, generator=gen) for _ in range(2))
     var = torch.rand(3, 1031, generator=gen)
-    seeds = torch.tensor([9, -2 ** 62, 2 ** 62 + 1], device=seeds_on)
+    values = [9, -2 ** 62, 2 ** 62 + 1]
+    if seeds_on.startswith("strided"):
+        seeds = torch.tensor([[v, 0] for v in values], device=DEV)[:, 0]
+        assert not seeds.is_contiguous()
+    else:
+        seeds = torch.tensor(values, device=seeds_on)
     std = var.to(DEV)
     y = cuda_ops.lrt_output_(std, mean.to(DEV), seeds, 2)
     u = cuda_ops.lrt_noise_grad(grad.to(DEV), std, seeds, 2)

@@ -284,3 +284,16 @@ def test_train_step_memory_is_nn_linear_plus_one_weight(cuda_ops, path):
         step()
     extra = peak(bayes_step) - peak(linear_step)
     assert extra <= 1.1 * weight_bytes, f"{extra / weight_bytes:.2f} weight copies above nn.Linear"
+
+
+@pytest.mark.parametrize("name", ["regression", "lrt"])
+def test_vectorised_sample_elbo_equals_the_loop_on_cuda(cuda_ops, name):
+    """sample_elbo's batched samples on the GPU (reparam layers' multi-seed sampling, and LRT layers'
+    seed groups of output noise) against the sequential loop: the same loss, gradients and KL."""
+    from test_vectorised_elbo import MODELS, _assert_same, _elbo_step
+    cls, data = MODELS[name]
+    model = cls().to(DEV)
+    x, y, crit = (t.to(DEV) if isinstance(t, torch.Tensor) else t for t in data())
+    loop = _elbo_step(model, x, y, crit, 8, vectorized=False)
+    batched = _elbo_step(model, x, y, crit, 8, vectorized=True)
+    _assert_same(batched, loop)
