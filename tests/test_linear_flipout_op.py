@@ -150,3 +150,27 @@ def test_opcheck(compiled, block_rows):
     result = torch.library.opcheck(compiled.linear_flipout_rows, (x, *params, torch.tensor([3]), *MIXTURE,
                                                                   block_rows))
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("bias_grad", [True, False])
+@pytest.mark.parametrize("block_rows", [None, 2])
+def test_without_weight_gradients(compiled, monkeypatch, block_rows, bias_grad):
+    """Frozen weights (need_w false): dL/dx from the regenerated dW alone, and the bias's gradients
+    when only they are asked for, as the Python op gives them."""
+    if block_rows is not None:
+        monkeypatch.setattr(BF, "BLOCK_ELEMENTS", block_rows * 9)
+    wm, wr, bm, br = (p.detach() for p in layer_params(7, 9, True))
+    bm.requires_grad_(bias_grad)
+    br.requires_grad_(bias_grad)
+    x = torch.randn(4, 9, dtype=F64, requires_grad=True)
+    g = torch.randn(4, 7, dtype=F64)
+    seed = torch.tensor([3])
+    inputs = [x] + ([bm, br] if bias_grad else [])
+    got = compiled.linear_flipout_rows(x, wm, wr, bm, br, seed, *MIXTURE, BF._block_rows(wm))
+    ref = BFE._linear_flipout.op(x, wm, wr, bm, br, seed, *MIXTURE)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    got_grads = torch.autograd.grad((got[0] * g).sum() + got[1] - got[2], inputs)
+    ref_grads = torch.autograd.grad((ref[0] * g).sum() + ref[1] - ref[2], inputs)
+    for a, b in zip(got_grads, ref_grads):
+        assert torch.equal(a, b)
