@@ -161,7 +161,7 @@ def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
         elif need_w:
             # the GEMMs give dL/dmu and dL/dsigma2 of the data term; one fused pass adds the KL's
             # gradients, turns dL/dsigma2 into dL/drho and rebuilds sigma2 for grad_x
-            grad_mu, grad_rho = weight_grad_pair(mu)
+            grad_mu, grad_rho = BF.weight_grad_pair(mu)
             mm_into(grad_mu, g.t(), x_2d)
             mm_into(grad_rho, half_u_low.t(), x_2d * x_2d)
             sigma2 = ops.lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma)
@@ -195,7 +195,7 @@ def _blocked_lrt_weight_grads(ops, g: Tensor, half_u: Tensor, x_2d: Tensor, mu: 
     of rows: each block's data gradients are written into the rows of the whole gradients, turned
     into the full ones in place (lrt_weight_backward_, KL included) and its sigma^2 consumed by
     dL/dx while in cache, so no weight-sized temporary besides the gradients themselves."""
-    grad_mu, grad_rho = weight_grad_pair(mu)
+    grad_mu, grad_rho = BF.weight_grad_pair(mu)
     x2 = x_2d * x_2d
     var_grad_x = x_2d.new_zeros(x_2d.shape) if need_x else None  # half_u (sigma^2), summed over blocks
     for r0, r1 in blocks:
@@ -207,17 +207,6 @@ def _blocked_lrt_weight_grads(ops, g: Tensor, half_u: Tensor, x_2d: Tensor, mu: 
             var_grad_x.addmm_(half_u[:, r0:r1], sigma2.to(x_2d.dtype))
     grad_x = torch.addcmul(g.mm(mu.to(x_2d.dtype)), x_2d, var_grad_x, value=2) if need_x else None
     return grad_mu, grad_rho, grad_x
-
-
-def weight_grad_pair(weight: Tensor) -> Tuple[Tensor, Tensor]:
-    """Two uninitialised weight-shaped gradients (mu's and rho's), halves of one allocation. glibc
-    gives the top of its heap back to the OS once more than twice its largest recent allocation is
-    free there, so two fresh gradients that zero_grad(set_to_none=True) freed together were unmapped
-    and page-faulted in again every step (64x1024x1024 LRT step in a loop of its own, 2 cores: 8.1-8.6
-    -> 5.7-6.2 ms, ~1800 -> ~90 page faults a step). Mirrors layer_op::weight_grad_pair (C++).
-    A layer that trains mu with rho frozen keeps the unused half alive beside mu's .grad."""
-    pair = weight.new_empty((2,) + tuple(weight.shape))
-    return pair[0], pair[1]
 
 
 def mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
@@ -329,7 +318,7 @@ def _blocked_flipout_grads(ops, g: Tensor, g_signed: Tensor, s_in: Tensor, x_2d:
     block of rows: each block's dW is regenerated, differentiated straight into the rows of the whole
     gradients and consumed by dL/dx while in cache."""
     in_features = mu.shape[1]
-    grad_mu, grad_rho = torch.empty_like(mu), torch.empty_like(rho)
+    grad_mu, grad_rho = BF.weight_grad_pair(mu)
     x_in = x_2d * s_in
     signed_grad_x = x_2d.new_zeros(x_2d.shape) if need_x else None  # g_signed dW, summed over blocks
     for r0, r1 in blocks:

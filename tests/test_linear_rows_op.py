@@ -163,3 +163,24 @@ def test_create_graph_through_the_stacked_samples(backend):
     for s in range(2):
         w = wm + torch.nn.functional.softplus(wr) * _backend.ops().philox_normal(wm, seeds[s:s + 1], 0)
         torch.testing.assert_close(c.grad[s], 2 * (c.detach()[s] @ w) @ w.t())
+
+
+@pytest.mark.parametrize("path", ["C++ op", "Python op"])
+@pytest.mark.parametrize("estimator", ["reparam", "flipout"])
+def test_blocked_weight_gradients_are_the_two_halves_of_one_allocation(compiled, monkeypatch, estimator, path):
+    """A weight in row blocks gets dL/dmu and dL/drho as halves of one (2, out, in) buffer
+    (functional.weight_grad_pair, as the LRT layer: two separate fresh gradients were unmapped by
+    glibc and page-faulted in again every step), and .grad keeps them adjacent."""
+    from bayes_ext.modules import BayesianLinear
+    monkeypatch.setattr(BF, "BLOCK_ELEMENTS", 2 * 9)
+    if path == "Python op":
+        monkeypatch.setattr(BF, "eager_compiled_call", lambda *args, **kwargs: False)
+    layer = BayesianLinear(9, 7, estimator=estimator)
+    assert BF._block_rows(layer.weight_mu) < 7
+    op = "bayes_ext::linear_flipout_rows" if estimator == "flipout" else "bayes_ext::linear_reparam_rows"
+    with torch.profiler.profile() as prof:
+        (layer(torch.randn(5, 9)).sum() + layer.kl_divergence()).backward()
+    assert (op in {e.key for e in prof.key_averages()}) == (path == "C++ op")
+    g_mu, g_rho = layer.weight_mu.grad, layer.weight_rho.grad
+    assert g_mu.untyped_storage().data_ptr() == g_rho.untyped_storage().data_ptr()
+    assert g_rho.data_ptr() - g_mu.data_ptr() == g_mu.numel() * g_mu.element_size()

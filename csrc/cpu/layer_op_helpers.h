@@ -35,7 +35,7 @@ inline std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
 }
 
 // Two uninitialised weight-shaped gradients (mu's and rho's), halves of one allocation: see
-// functional_estimators.weight_grad_pair (glibc unmapped two separate fresh gradients freed
+// functional.weight_grad_pair (glibc unmapped two separate fresh gradients freed
 // together and they page-faulted in again every step).
 inline std::tuple<at::Tensor, at::Tensor> weight_grad_pair(const at::Tensor& weight) {
   std::vector<int64_t> shape = weight.sizes().vec();

@@ -120,8 +120,7 @@ Grads linear_flipout_rows_backward(const at::Tensor& grad_y, const at::Tensor& g
     // block by block of rows: each block's dW regenerated, differentiated straight into the rows of
     // the whole gradients and consumed by dL/dx while in cache
     const at::Tensor weight_mu = weight_mu_in.contiguous(), weight_rho = weight_rho_in.contiguous();
-    grad_mu = at::empty_like(weight_mu);
-    grad_rho = at::empty_like(weight_rho);
+    std::tie(grad_mu, grad_rho) = layer_op::weight_grad_pair(weight_mu);
     const at::Tensor x_in = x_2d * s_in;
     at::Tensor signed_grad_x = need_x ? at::zeros(x_2d.sizes(), x_2d.options()) : at::Tensor();
     for (int64_t r0 = 0; r0 < out_features; r0 += block_rows) {

@@ -178,8 +178,7 @@ Grads linear_reparam_rows_backward(const at::Tensor& grad_out, const at::Tensor&
                                                             sigma2, need_x);
     if (need_x) grad_x = grad_out_2d.mm(w.to(x_dtype));
   } else {
-    grad_mu = at::empty_like(weight_mu);
-    grad_rho = at::empty_like(weight_rho);
+    std::tie(grad_mu, grad_rho) = layer_op::weight_grad_pair(weight_mu);
     if (need_x) grad_x = at::zeros(x_2d.sizes(), x_2d.options());
     for (int64_t r0 = 0; r0 < out_features; r0 += block_rows) {
       const int64_t r1 = std::min(r0 + block_rows, out_features);
