@@ -511,14 +511,20 @@ def _fake_linear_lrt_rows(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pri
     return x.new_empty(shape), x.new_empty(shape), weight_mu.new_empty(())
 
 
-def _fake_linear_lrt_rows_backward(grad_y, grad_kl, x, weight_mu, weight_rho, bias_mu, bias_rho, seed, std,
-                                   prior_sigma, block_rows, need_x, need_w, need_b):
+def _fake_layer_grads(x, weight_mu, weight_rho, bias_mu, bias_rho, need_x, need_w, need_b):
+    """(grad_x, grad_weight_mu, grad_weight_rho, grad_bias_mu, grad_bias_rho) of the one-sample layer
+    ops' backwards, each empty where not asked for."""
     def like(t, needed):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else weight_mu.new_empty(0)
     need_b = need_b and bias_mu is not None
     return (like(x, need_x), like(weight_mu, need_w), like(weight_rho, need_w),
             like(bias_mu, need_b) if need_b else weight_mu.new_empty(0),
             like(bias_rho, need_b) if need_b else weight_mu.new_empty(0))
+
+
+def _fake_linear_lrt_rows_backward(grad_y, grad_kl, x, weight_mu, weight_rho, bias_mu, bias_rho, seed, std,
+                                   prior_sigma, block_rows, need_x, need_w, need_b):
+    return _fake_layer_grads(x, weight_mu, weight_rho, bias_mu, bias_rho, need_x, need_w, need_b)
 
 
 def _fake_linear_flipout_rows(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_pi, prior_sigma1,
@@ -529,9 +535,7 @@ def _fake_linear_flipout_rows(x, weight_mu, weight_rho, bias_mu, bias_rho, seed,
 
 def _fake_linear_flipout_rows_backward(grad_y, grad_log_q, grad_log_p, x, weight_mu, weight_rho, bias_mu, bias_rho,
                                        seed, prior_pi, prior_sigma1, prior_sigma2, block_rows, need_x, need_w, need_b):
-    # the same outputs as the LRT layer's backward
-    return _fake_linear_lrt_rows_backward(grad_y, grad_log_q, x, weight_mu, weight_rho, bias_mu, bias_rho, seed,
-                                          grad_y, 0.0, block_rows, need_x, need_w, need_b)
+    return _fake_layer_grads(x, weight_mu, weight_rho, bias_mu, bias_rho, need_x, need_w, need_b)
 
 
 def _register_compiled_only() -> None:
