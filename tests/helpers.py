@@ -203,3 +203,27 @@ def layer_params(out_f, in_f, bias, dtype=torch.float64):
     if not bias:
         return param((out_f, in_f), 0.0), param((out_f, in_f), -2.0), None, None
     return param((out_f, in_f), 0.0), param((out_f, in_f), -2.0), param((out_f,), 0.0), param((out_f,), -2.0)
+
+
+def check_layer_op_rejects_bad_inputs(op, prior):
+    """The argument checks of the one-sample linear layer ops taking (x, weight_mu, weight_rho,
+    bias_mu, bias_rho, seed, *prior, block_rows) (linear_reparam_rows and linear_flipout_rows with
+    the mixture's three numbers, linear_lrt_rows with prior_sigma alone): each bad input raises an
+    error that names the argument. Returns good arguments (x, params, seed)."""
+    import pytest
+    wm, wr, bm, br = (p.detach() for p in layer_params(4, 5, True, torch.float32))
+    seed = torch.tensor([1])
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="x must be"):
+        op(torch.randn(3, 4), wm, wr, bm, br, seed, *prior, 4)
+    with pytest.raises(TypeError, match="x must have the dtype"):
+        op(x.double(), wm, wr, bm, br, seed, *prior, 4)
+    with pytest.raises(ValueError, match="bias_mu and bias_rho"):
+        op(x, wm, wr, bm, None, seed, *prior, 4)
+    with pytest.raises(ValueError, match="weight_mu must be"):
+        op(x, wm[0], wr[0], None, None, seed, *prior, 4)
+    with pytest.raises(ValueError, match="block_rows must be positive"):
+        op(x, wm, wr, bm, br, seed, *prior, 0)
+    with pytest.raises(TypeError, match="seed"):
+        op(x, wm, wr, bm, br, seed.float(), *prior, 4)
+    return x, (wm, wr, bm, br), seed

@@ -8,7 +8,7 @@ import torch
 from bayes_ext import functional as BF
 from bayes_ext import functional_estimators as BFE
 
-from helpers import layer_params
+from helpers import check_layer_op_rejects_bad_inputs, layer_params
 
 F64 = torch.float64
 MIXTURE = (0.3, 0.8, 0.05)
@@ -114,21 +114,7 @@ def test_create_graph_keeps_dx_differentiable_in_the_upstream_gradient(compiled)
 
 
 def test_bad_inputs_name_the_argument(compiled):
-    wm, wr, bm, br = (p.detach() for p in layer_params(4, 5, True, torch.float32))
-    seed = torch.tensor([1])
-    x = torch.randn(3, 5)
-    with pytest.raises(ValueError, match="x must be"):
-        compiled.linear_flipout_rows(torch.randn(3, 4), wm, wr, bm, br, seed, *MIXTURE, 4)
-    with pytest.raises(TypeError, match="x must have the dtype"):
-        compiled.linear_flipout_rows(x.double(), wm, wr, bm, br, seed, *MIXTURE, 4)
-    with pytest.raises(ValueError, match="bias_mu and bias_rho"):
-        compiled.linear_flipout_rows(x, wm, wr, bm, None, seed, *MIXTURE, 4)
-    with pytest.raises(ValueError, match="weight_mu must be"):
-        compiled.linear_flipout_rows(x, wm[0], wr[0], None, None, seed, *MIXTURE, 4)
-    with pytest.raises(ValueError, match="block_rows must be positive"):
-        compiled.linear_flipout_rows(x, wm, wr, bm, br, seed, *MIXTURE, 0)
-    with pytest.raises(TypeError, match="seed"):
-        compiled.linear_flipout_rows(x, wm, wr, bm, br, seed.float(), *MIXTURE, 4)
+    x, (wm, wr, bm, br), seed = check_layer_op_rejects_bad_inputs(compiled.linear_flipout_rows, MIXTURE)
     with pytest.raises(ValueError, match="prior_sigma1"):
         compiled.linear_flipout_rows(x, wm, wr, bm, br, seed, 0.5, -1.0, 0.1, 4)
     y = compiled.linear_flipout_rows(x, wm, wr, bm, br, seed, *MIXTURE, 2)[0]

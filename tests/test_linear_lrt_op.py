@@ -8,7 +8,7 @@ import torch
 from bayes_ext import functional as BF
 from bayes_ext import functional_estimators as BFE
 
-from helpers import layer_params
+from helpers import check_layer_op_rejects_bad_inputs, layer_params
 
 F64 = torch.float64
 
@@ -91,21 +91,7 @@ def test_gradcheck(compiled, block_rows):
 
 
 def test_bad_inputs_name_the_argument(compiled):
-    wm, wr, bm, br = (p.detach() for p in layer_params(4, 5, True, torch.float32))
-    seed = torch.tensor([1])
-    x = torch.randn(3, 5)
-    with pytest.raises(ValueError, match="x must be"):
-        compiled.linear_lrt_rows(torch.randn(3, 4), wm, wr, bm, br, seed, 0.1, 4)
-    with pytest.raises(TypeError, match="x must have the dtype"):
-        compiled.linear_lrt_rows(x.double(), wm, wr, bm, br, seed, 0.1, 4)
-    with pytest.raises(ValueError, match="bias_mu and bias_rho"):
-        compiled.linear_lrt_rows(x, wm, wr, bm, None, seed, 0.1, 4)
-    with pytest.raises(ValueError, match="weight_mu must be"):
-        compiled.linear_lrt_rows(x, wm[0], wr[0], None, None, seed, 0.1, 4)
-    with pytest.raises(ValueError, match="block_rows must be positive"):
-        compiled.linear_lrt_rows(x, wm, wr, bm, br, seed, 0.1, 0)
-    with pytest.raises(TypeError, match="seed"):
-        compiled.linear_lrt_rows(x, wm, wr, bm, br, seed.float(), 0.1, 4)
+    x, (wm, wr, bm, br), seed = check_layer_op_rejects_bad_inputs(compiled.linear_lrt_rows, (0.1,))
     y, std, _ = compiled.linear_lrt_rows(x, wm, wr, bm, br, seed, 0.1, 2)
     one = torch.ones(())
     with pytest.raises(ValueError, match="grad_y and std must have shape"):

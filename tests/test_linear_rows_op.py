@@ -7,7 +7,7 @@ import torch
 
 from bayes_ext import functional as BF
 
-from helpers import layer_params
+from helpers import check_layer_op_rejects_bad_inputs, layer_params
 
 PRIOR = (0.5, 0.3, 1.5)
 F64 = torch.float64
@@ -107,21 +107,7 @@ def test_gradcheck(compiled, block_rows):
 
 
 def test_bad_inputs_name_the_argument(compiled):
-    wm, wr, bm, br = (p.detach() for p in layer_params(4, 5, True, torch.float32))
-    seed = torch.tensor([1])
-    x = torch.randn(3, 5)
-    with pytest.raises(ValueError, match="x must be"):
-        compiled.linear_reparam_rows(torch.randn(3, 4), wm, wr, bm, br, seed, *PRIOR, 4)
-    with pytest.raises(TypeError, match="x must have the dtype"):
-        compiled.linear_reparam_rows(x.double(), wm, wr, bm, br, seed, *PRIOR, 4)
-    with pytest.raises(ValueError, match="bias_mu and bias_rho"):
-        compiled.linear_reparam_rows(x, wm, wr, bm, None, seed, *PRIOR, 4)
-    with pytest.raises(ValueError, match="weight_mu must be"):
-        compiled.linear_reparam_rows(x, wm[0], wr[0], None, None, seed, *PRIOR, 4)
-    with pytest.raises(ValueError, match="block_rows must be positive"):
-        compiled.linear_reparam_rows(x, wm, wr, bm, br, seed, *PRIOR, 0)
-    with pytest.raises(TypeError, match="seed"):
-        compiled.linear_reparam_rows(x, wm, wr, bm, br, seed.float(), *PRIOR, 4)
+    x, (wm, wr, bm, br), seed = check_layer_op_rejects_bad_inputs(compiled.linear_reparam_rows, PRIOR)
     y = compiled.linear_reparam_rows(x, wm, wr, bm, br, seed, *PRIOR, 2)[0]
     one = torch.ones(())
     with pytest.raises(ValueError, match="grad_out must have shape"):
