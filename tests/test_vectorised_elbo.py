@@ -114,6 +114,39 @@ def test_whole_layer_op_equals_the_python_steps(compiled, bias, need_x, dtype):
         assert gbm.numel() == 0 and gbr.numel() == 0
 
 
+def test_whole_layer_op_equals_the_python_steps_on_any_thread_count(compiled):
+    """The CPU's whole-layer op with a bias, on 1, 2 and 3 threads: bitwise the values of the
+    separate multi-seed calls and bmm (rho of both signs, so tiles take both of the kernels' paths;
+    sizes over the ops' parallel threshold, so the weight's work is split over the threads)."""
+    g = torch.Generator().manual_seed(5)
+    wm, wr = 0.2 * torch.randn(9, 1001, generator=g), torch.randn(9, 1001, generator=g) * 0.5 - 3
+    bm, br = 0.2 * torch.randn(9, generator=g), torch.randn(9, generator=g) * 0.5 - 3
+    wr.view(-1)[::617] = 0.5
+    br[2] = 0.5
+    seeds = torch.randint(0, 2 ** 62, (8,), generator=g)
+    x, g_out = torch.randn(8 * 3, 1001, generator=g), torch.randn(8 * 3, 9, generator=g)
+    glq, glp = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    x3, g3 = x.view(8, 3, 1001), g_out.view(8, 3, 9)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            y, log_q, log_p = compiled.linear_samples_stacked(x, wm, wr, bm, br, seeds, *PRIOR)
+            grads = compiled.linear_samples_stacked_backward(g_out, glq, glp, x, wm, wr, bm, br, seeds, *PRIOR, True)
+            w, q, p = compiled.sample_weight_samples(wm, wr, seeds, 0, *PRIOR)
+            b, qb, pb = compiled.sample_weight_samples(bm, br, seeds, 1, *PRIOR)
+            assert torch.equal(y, torch.bmm(x3, w.transpose(1, 2)).add_(b.unsqueeze(1)).view(y.shape))
+            assert torch.equal(log_q, q + qb) and torch.equal(log_p, p + pb)
+            rmu, rrho, rw = compiled.sample_weight_samples_backward(torch.bmm(g3.transpose(1, 2), x3), glq, glp, wm,
+                                                                    wr, seeds, 0, *PRIOR, True)
+            rbm, rbr, _ = compiled.sample_weight_samples_backward(g3.sum(1), glq, glp, bm, br, seeds, 1, *PRIOR, False)
+            expected = (torch.bmm(g3, rw).view(x.shape), rmu, rrho, rbm, rbr)
+            for a, e in zip(grads, expected):
+                assert torch.equal(a, e)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_whole_layer_op_takes_the_samples_grouped_in_dim_0(compiled):
     """x of shape (N*B, ..., I), as the vectorised ELBO's layers see it: sample s is rows
     [s*B, (s+1)*B) of dim 0, the same numbers as (N, B, ..., I), and the gradients likewise."""
