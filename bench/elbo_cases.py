@@ -18,12 +18,14 @@ TARGET = 3.0  # issue 5: the vectorised sample_nbr=8 step at least 3x faster tha
 TARGET_SAMPLES = 8
 REGRESSION = dict(inp=13, hidden=512, out=1, batch=16)
 REGRESSION_LRT = dict(REGRESSION, estimator="lrt")
+REGRESSION_FLIPOUT = dict(REGRESSION, estimator="flipout")
 
 
 def plan(mode):
-    """[(shape config, sample_nbr)]: the issue's case in every mode, also S=3 and the LRT model
-    outside --quick."""
-    return [(REGRESSION, 8)] + ([] if mode == "quick" else [(REGRESSION, 3), (REGRESSION_LRT, 8)])
+    """[(shape config, sample_nbr)]: the issue's case in every mode, also S=3 and the LRT and Flipout
+    models outside --quick."""
+    return [(REGRESSION, 8)] + ([] if mode == "quick" else [(REGRESSION, 3), (REGRESSION_LRT, 8),
+                                                            (REGRESSION_FLIPOUT, 8)])
 
 
 def target(cfg, case, sample_nbr):

@@ -286,10 +286,10 @@ def test_train_step_memory_is_nn_linear_plus_one_weight(cuda_ops, path):
     assert extra <= 1.1 * weight_bytes, f"{extra / weight_bytes:.2f} weight copies above nn.Linear"
 
 
-@pytest.mark.parametrize("name", ["regression", "lrt"])
+@pytest.mark.parametrize("name", ["regression", "lrt", "flipout"])
 def test_vectorised_sample_elbo_equals_the_loop_on_cuda(cuda_ops, name):
-    """sample_elbo's batched samples on the GPU (reparam layers' multi-seed sampling, and LRT layers'
-    seed groups of output noise) against the sequential loop: the same loss, gradients and KL."""
+    """sample_elbo's batched samples on the GPU (reparam and Flipout layers' multi-seed sampling, LRT
+    layers' seed groups of output noise) against the sequential loop: the same loss, gradients, KL."""
     from test_vectorised_elbo import MODELS, _assert_same, _elbo_step
     cls, data = MODELS[name]
     model = cls().to(DEV)

@@ -244,12 +244,9 @@ def test_custom_op_opcheck_and_gradcheck(backend):
     assert torch.autograd.gradcheck(lambda *t: op(*t, seeds, *PRIOR), (x, wm, wr, bm, br), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [1, 4, 8])
-def test_op_saves_only_the_input(backend, n):
-    """Saved for backward: x and the N seeds (8 bytes each), no weight-sized tensor, whatever N."""
-    params = _params(64, 32, dtype=torch.float32)
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    x = torch.randn(n, 16, 32, requires_grad=True)
+def _saved_beyond_the_input(run, x, params):
+    """Bytes autograd saves during run() besides x and the parameters (each storage counted once)."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params if p is not None}
     seen, total = set(), [0]
 
     def pack(t):
@@ -260,10 +257,89 @@ def test_op_saves_only_the_input(backend, n):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y, log_q, log_p = FS.bayesian_linear_samples(x, *params, FS.draw_seeds(n))
-    extra = total[0] - x.numel() * x.element_size()
-    assert 0 <= extra <= 256, (total[0], extra)
+        out = run()
+    return total[0] - x.numel() * x.element_size(), out
+
+
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_op_saves_only_the_input(backend, n):
+    """Saved for backward: x and the N seeds (8 bytes each), no weight-sized tensor, whatever N."""
+    params = _params(64, 32, dtype=torch.float32)
+    x = torch.randn(n, 16, 32, requires_grad=True)
+    extra, (y, log_q, log_p) = _saved_beyond_the_input(
+        lambda: FS.bayesian_linear_samples(x, *params, FS.draw_seeds(n)), x, params)
+    assert 0 <= extra <= 256, extra
     (y.sum() + log_q.sum()).backward()  # and backward works from what was saved
+
+
+# ---- the Flipout layers' samples op (bayes_ext/functional_flipout_samples.py) ----------------------
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_flipout_samples_op_equals_single_sample_calls(backend, bias):
+    """Sample s of linear_flipout_samples is linear_flipout on rows [s*B, (s+1)*B) with seeds[s]:
+    outputs, log q / log p and the gradients summed over the samples."""
+    from bayes_ext import functional_estimators as BFE
+    from bayes_ext import functional_flipout_samples as FFS
+    params = _params(6, 5, bias)
+    inputs = [p for p in params if p is not None]
+    x = torch.randn(3 * 4, 2, 5, dtype=F64, requires_grad=True)
+    g = torch.randn(3 * 4, 2, 6, dtype=F64)
+    seeds = torch.tensor([3, -9, 2 ** 62], dtype=torch.int64)
+    y, log_q, log_p = FFS.linear_flipout_samples(x, *params, seeds, PRIOR)
+    got = torch.autograd.grad((y * g).sum() + (log_q * torch.arange(1.0, 4.0, dtype=F64)).sum() - log_p.sum(),
+                              [x] + inputs)
+    ref_y, ref_q, ref_p = [], [], []
+    for s in range(3):
+        y_s, q_s, p_s = BFE.linear_flipout(x[4 * s:4 * s + 4], *params, seed=seeds[s], prior=PRIOR)
+        ref_y.append(y_s)
+        ref_q.append(q_s)
+        ref_p.append(p_s)
+    ref_y, ref_q, ref_p = torch.cat(ref_y), torch.stack(ref_q), torch.stack(ref_p)
+    ref = torch.autograd.grad((ref_y * g).sum() + (ref_q * torch.arange(1.0, 4.0, dtype=F64)).sum() - ref_p.sum(),
+                              [x] + inputs)
+    torch.testing.assert_close(y, ref_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(log_q, ref_q, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(log_p, ref_p, rtol=1e-12, atol=1e-10)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_flipout_samples_op_opcheck_and_gradcheck(backend):
+    from bayes_ext import functional_flipout_samples as FFS  # registers the op
+    wm, wr, bm, br = _params(3, 4)
+    x = torch.randn(2 * 3, 4, dtype=F64, requires_grad=True)
+    seeds = torch.tensor([11, 12], dtype=torch.int64)
+    op = torch.ops.bayes_ext.linear_flipout_samples
+    for args in ((x, wm, wr, bm, br, seeds, *PRIOR), (x, wm, wr, None, None, seeds, *PRIOR)):
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), result
+    assert torch.autograd.gradcheck(lambda *t: FFS.linear_flipout_samples(*t, seeds, PRIOR), (x, wm, wr, bm, br),
+                                    eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_flipout_samples_op_saves_only_the_input(backend, n):
+    """Saved for backward: x and the N seeds, no weight-sized tensor and no signs, whatever N."""
+    from bayes_ext import functional_flipout_samples as FFS
+    params = _params(64, 32, dtype=torch.float32)
+    x = torch.randn(n * 16, 32, requires_grad=True)
+    extra, (y, log_q, log_p) = _saved_beyond_the_input(
+        lambda: FFS.linear_flipout_samples(x, *params, FS.draw_seeds(n), PRIOR), x, params)
+    assert 0 <= extra <= 256, extra
+    (y.sum() + log_q.sum()).backward()
+
+
+def test_flipout_under_autocast_runs_the_loop(monkeypatch):
+    """Autocast's mixed precision is the single-sample op's: automatic selection runs the loop, and
+    vectorized=True says why."""
+    model = WithExtra(nn.Identity(), BayesianLinear(5, 8, estimator="flipout"))
+    x, y = torch.randn(4, 5), torch.randn(4, 2)
+    spy = Spy(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.sample_elbo(x, y, nn.MSELoss(), 3)
+        assert spy.forwards == 1 and spy.calls == 1  # tried once, refused, then the loop
+        with pytest.raises(V.NotVectorisable, match="Flipout layers run vectorised only"):
+            model.sample_elbo(x, y, nn.MSELoss(), 3, vectorized=True)
 
 
 def test_op_bad_inputs():
@@ -348,6 +424,21 @@ class LocalReparam(nn.Module):
         return self.l3(torch.tanh(self.l2(torch.relu(self.l1(x)))))
 
 
+@variational_estimator
+class FlipoutModel(nn.Module):
+    """Flipout layers (the mixture prior, a bias and none) beside a reparam layer, on a batch with an
+    extra dim: each samples its N weights in its own vectorised op."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = BayesianLinear(13, 16, estimator="flipout", prior_pi=0.5, dtype=F64)
+        self.l2 = BayesianLinear(16, 8, estimator="flipout", bias=False, dtype=F64)
+        self.l3 = BayesianLinear(8, 1, dtype=F64)
+
+    def forward(self, x):
+        return self.l3(torch.tanh(self.l2(torch.relu(self.l1(x)))))
+
+
 def _regression_data():
     return torch.randn(6, 13, dtype=F64), torch.randn(6, 1, dtype=F64), nn.MSELoss()
 
@@ -361,7 +452,8 @@ def _shared_data():
 
 
 MODELS = {"regression": (Regression, _regression_data), "mixed": (Mixed, _mixed_data),
-          "shared": (Shared, _shared_data), "lrt": (LocalReparam, _regression_data)}
+          "shared": (Shared, _shared_data), "lrt": (LocalReparam, _regression_data),
+          "flipout": (FlipoutModel, _regression_data)}
 
 
 class Spy:
@@ -508,7 +600,8 @@ UNSUPPORTED = {
     # a scale-mixture prior: the LRT's MC KL draws a weight per sample (sample_kl), not batched
     "lrt_mixture_prior": (lambda: WithExtra(nn.Identity(), BayesianLinear(5, 8, estimator="lrt", prior_pi=0.5,
                                                                           dtype=F64)), "l1"),
-    "flipout": (lambda: WithExtra(nn.Identity(), BayesianLinear(5, 8, estimator="flipout", dtype=F64)), "l1"),
+    "flipout_closed_form_kl": (lambda: WithExtra(nn.Identity(), BayesianLinear(5, 8, estimator="flipout",
+                                                                               kl="closed_form", dtype=F64)), "l1"),
     "prior_dist": (lambda: WithExtra(nn.Identity(), BayesianLinear(
         5, 8, prior_dist=torch.distributions.Normal(torch.tensor(0.0, dtype=F64), 0.5), dtype=F64)), "l1"),
     "batchnorm": (lambda: WithExtra(nn.BatchNorm1d(8, dtype=F64)), "BatchNorm1d"),

@@ -53,13 +53,13 @@ class BayesianLinear(EstimatorMixin, GaussianPosteriorMixin, BayesianModule):
     _sample_batch = None
 
     def _supports_sample_batch(self) -> bool:
-        """Whether the vectorised path reproduces this layer's forward: the fused reparam op with the
-        MC KL, or local reparameterisation with the closed-form KL fused into its op."""
+        """Whether the vectorised path reproduces this layer's forward: the fused reparam or Flipout op
+        with the MC KL, or local reparameterisation with the closed-form KL fused into its op."""
         if type(self).forward is not BayesianLinear.forward or self.freeze or self.prior_dist is not None:
             return False
         if self.estimator == "lrt":
             return self._fused_kl_prior_sigma() is not None
-        return self.estimator == "reparam" and getattr(self, "kl", "mc") == "mc"
+        return self.estimator in ("reparam", "flipout") and getattr(self, "kl", "mc") == "mc"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._sample_batch is not None:

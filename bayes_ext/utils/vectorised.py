@@ -15,8 +15,8 @@ forward rerun with the counted L. Hence the same loss and gradients as the loop 
 ``torch.manual_seed``.
 
 Which models: every BayesianModule must support it (``_supports_sample_batch()``: BayesianLinear,
-not frozen, no prior_dist, with the default estimator and MC KL, or estimator="lrt" with a
-Gaussian prior (its closed-form KL)), and no module may mix the samples
+not frozen, no prior_dist, with the default estimator or estimator="flipout" and the MC KL, or
+estimator="lrt" with a Gaussian prior (its closed-form KL)), and no module may mix the samples
 (BatchNorm in training; layers that take the batch in dim 1). Dropout draws its own noise from the
 generator, so automatic selection leaves models with active dropout to the loop (``vectorized=True``
 runs them, with other dropout masks than the loop's). The model must keep the batch in dim 0 in front
@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import functional as BF
 from .. import functional_estimators as BFE
+from .. import functional_flipout_samples as FFS
 from .. import functional_samples as FS
 from ..losses.kl_divergence import kl_divergence_of_layers
 from ..functional_samples import draw_seeds
@@ -146,6 +147,14 @@ class SampleBatch:
         if layer.estimator == "lrt":  # the closed-form KL: the same for every sample
             y, kl = BFE.linear_lrt_samples(x, *params, seeds, layer._fused_kl_prior_sigma())
             layer._set_kl_terms(kl.expand(n), kl.new_zeros(n))
+            return y
+        if layer.estimator == "flipout":
+            if not FFS.supports(x, layer.weight_mu, n):
+                raise NotVectorisable("Flipout layers run vectorised only in their weights' dtype, outside autocast "
+                                      "and with N weight samples of at most "
+                                      f"{FS.STACKED_ELEMENTS} elements (pass vectorized=False)")
+            y, log_q, log_p = FFS.linear_flipout_samples(x, *params, seeds, layer.prior)
+            layer._set_kl_terms(log_q, log_p)
             return y
         # the layer's parameters and prior were checked when it was built, the seeds are ours; x is
         # checked by linear_samples_grouped
