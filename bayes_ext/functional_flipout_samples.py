@@ -19,7 +19,7 @@ from . import _backend
 from . import functional as BF
 from ._fused_op import fused_custom_op
 from .functional_estimators import SIGN_IN_OFFSET, SIGN_OUT_OFFSET
-from .functional_samples import STACKED_ELEMENTS
+from .functional_samples import STACKED_ELEMENTS, check_seeds
 
 
 def supports(x: Tensor, weight_mu: Tensor, sample_nbr: int) -> bool:
@@ -111,4 +111,8 @@ def linear_flipout_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bia
     """(y (N*B, ..., O), log_q (N,), log_p (N,)) of N Flipout samples, sample s on rows [s*B, (s+1)*B)
     of dim 0 with seed seeds[s] (see the module docstring); x checked as a layer input."""
     BF.check_input(x, weight_mu, weight_mu.shape[1])
+    check_seeds(seeds, weight_mu)
+    n = seeds.shape[0]
+    if x.dim() < 2 or x.shape[0] % n != 0:
+        raise ValueError(f"x must hold the {n} samples (one per seed) of a batch in dim 0, got shape {tuple(x.shape)}")
     return _linear_flipout_samples(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, *prior)

@@ -329,6 +329,18 @@ def test_flipout_samples_op_saves_only_the_input(backend, n):
     (y.sum() + log_q.sum()).backward()
 
 
+def test_flipout_samples_op_bad_inputs():
+    from bayes_ext import functional_flipout_samples as FFS
+    wm, wr, bm, br = _params(3, 4)
+    x = torch.randn(6, 4, dtype=F64)
+    with pytest.raises(ValueError, match="x must hold the 4 samples"):
+        FFS.linear_flipout_samples(x, wm, wr, bm, br, torch.tensor([1, 2, 3, 4]), PRIOR)
+    with pytest.raises(TypeError, match="seeds must be an int64"):
+        FFS.linear_flipout_samples(x, wm, wr, bm, br, torch.tensor([1.0, 2.0]), PRIOR)
+    with pytest.raises(ValueError, match="input must have 4 features"):
+        FFS.linear_flipout_samples(torch.randn(6, 5, dtype=F64), wm, wr, bm, br, torch.tensor([1, 2]), PRIOR)
+
+
 def test_flipout_under_autocast_runs_the_loop(monkeypatch):
     """Autocast's mixed precision is the single-sample op's: automatic selection runs the loop, and
     vectorized=True says why."""
