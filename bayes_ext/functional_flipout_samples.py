@@ -82,7 +82,7 @@ def _backward(ctx, grad_y, grad_log_q, grad_log_p):
     need_x = ctx.needs_input_grad[0]
     x2 = x.reshape(-1, in_features)
     g2 = x2.new_zeros(x2.shape[0], out_features) if grad_y is None else grad_y.reshape(-1, out_features)
-    x3, g3 = x2.view(n, -1, in_features), g2.view(n, -1, out_features)
+    x3, g3 = x2.reshape(n, -1, in_features), g2.reshape(n, -1, out_features)
     s_in = _group_signs(x3.shape[1:], seeds, SIGN_IN_OFFSET, weight_mu)
     g_signed = g3 * _group_signs(g3.shape[1:], seeds, SIGN_OUT_OFFSET, weight_mu)
     grad_dw = torch.bmm(g_signed.transpose(1, 2), x3 * s_in)
