@@ -40,8 +40,12 @@ def normal(shape, seed: Tensor, offset: int, like: Tensor) -> Tensor:
 def signs(shape, seed: Tensor, offset: int, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """+1 / -1 of `shape`: the sign of stream (seed, offset)'s normals (symmetric, so a fair coin
     from Philox bits, and the same on every backend). Cheap to regenerate, so never saved."""
-    positive = normal(shape, seed, offset, like).ge_(0)
-    return positive.to(dtype or like.dtype).mul_(2).sub_(1)
+    return signs_of(normal(shape, seed, offset, like), dtype or like.dtype)
+
+
+def signs_of(normals: Tensor, dtype: torch.dtype) -> Tensor:
+    """+1 where normals >= 0 (0 and -0 included), else -1, in `dtype`; normals is overwritten."""
+    return normals.ge_(0).to(dtype).mul_(2).sub_(1)
 
 
 def half_noise_grad(ops, grad_out: Tensor, std: Tensor, seed: Tensor) -> Tensor:

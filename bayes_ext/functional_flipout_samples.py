@@ -18,7 +18,7 @@ from torch import Tensor
 from . import _backend
 from . import functional as BF
 from ._fused_op import fused_custom_op
-from .functional_estimators import SIGN_IN_OFFSET, SIGN_OUT_OFFSET
+from .functional_estimators import SIGN_IN_OFFSET, SIGN_OUT_OFFSET, signs_of
 from .functional_samples import STACKED_ELEMENTS, check_seeds
 
 
@@ -40,7 +40,7 @@ def _group_normals(shape_per_sample, seeds: Tensor, offset: int, like: Tensor) -
 
 def _group_signs(shape_per_sample, seeds: Tensor, offset: int, like: Tensor) -> Tensor:
     """+1 / -1: the signs of _group_normals (functional_estimators.signs per group)."""
-    return _group_normals(shape_per_sample, seeds, offset, like).ge_(0).to(like.dtype).mul_(2).sub_(1)
+    return signs_of(_group_normals(shape_per_sample, seeds, offset, like), like.dtype)
 
 
 @fused_custom_op("bayes_ext::linear_flipout_samples")

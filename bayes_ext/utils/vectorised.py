@@ -2,8 +2,8 @@
 
 N sampled forwards of a model become one: the input batch is repeated N times along dim 0 (shape
 N*B), and every Bayesian layer, told N through its ``_sample_batch`` attribute, views its input as
-(N, B, .., I) and runs all N weight samples in one op (``bayes_ext::linear_reparam_samples``; a
-local-reparameterisation layer runs its GEMMs once on the N*B rows and draws each sample's output
+(N, B, .., I) and runs all N weight samples in one op (``bayes_ext::linear_reparam_samples``, or
+``linear_flipout_samples`` for a Flipout layer; a local-reparameterisation layer runs its GEMMs once on the N*B rows and draws each sample's output
 noise from that sample's seed). Its KL terms are then per-sample vectors (N,), so
 ``nn_kl_divergence()`` gives each sample's KL.
 
