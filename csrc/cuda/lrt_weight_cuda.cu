@@ -26,7 +26,7 @@ __global__ void lrt_forward_kernel(const T* __restrict__ mu, const T* __restrict
   T acc = T(0);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const Softplus<T> sp = softplus_terms(rho[i]);
+    const Softplus<T> sp = softplus_forward_terms(rho[i]);
     const T s2 = sp.sigma * sp.sigma;
     sigma2[i] = s2;
     if (WithKl) acc += (s2 + mu[i] * mu[i]) * inv_two_var - sp.log_sigma;

@@ -92,7 +92,7 @@ __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ r
         load4(rho, j, r);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          const Softplus<float> sp = softplus_terms(r[k]);
+          const Softplus<float> sp = softplus_forward_terms(r[k]);
           wv[k] = m[k] + sp.sigma * eps[k];
           lq += -sp.log_sigma - 0.5f * eps[k] * eps[k];
           lp += log_prior(wv[k], prior);
@@ -109,7 +109,7 @@ __global__ void forward_kernel(const T* __restrict__ mu, const T* __restrict__ r
     for (int k = 0; k < 4; ++k) {
       const int64_t i = 4 * b + k - start;  // array index of stream element 4b + k
       if (i >= 0 && i < n) {
-        const Softplus<T> sp = softplus_terms(rho[i]);
+        const Softplus<T> sp = softplus_forward_terms(rho[i]);
         const T wi = mu[i] + sp.sigma * eps[k];
         if (w != nullptr) w[i] = static_cast<WT>(noise_only ? wi - mu[i] : wi);  // null: only the KL sums
         lq += -sp.log_sigma - T(0.5) * eps[k] * eps[k];

@@ -1,5 +1,6 @@
 // Scalar math used by the kernels, one definition per platform:
-// - CUDA device code: the CUDA math library (accurate to a few ulp, sincospi for exact turns);
+// - CUDA device code: the CUDA math library (accurate to a few ulp, sincospi for exact turns),
+//   except log1p on [0, 1], a polynomial shared with the host;
 // - host float: branch-free Cephes-style polynomials accurate to ~2 ulp on the ranges the kernels
 //   use, written so that GCC vectorises loops that call them (no libm calls, selects not branches);
 // - host double: libm (double is for gradcheck and reference runs, not speed).
@@ -11,6 +12,29 @@
 #include "bayes_ext/philox.h"
 
 namespace bayes_ext {
+
+// log(1 + t) for t in [0, 1] (the only range the kernels use: t = exp(-|x|)): t + t^2 r(t) with r a
+// degree-9 polynomial fit to (log1p(t) - t) / t^2 on [0, 1] (least squares on Chebyshev nodes;
+// within 1.2 ulp of log1p with FMA, 2 ulp without: csrc/tests/test_host_math.cpp). No range
+// reduction, no select, no branch: the host and the GPU both use it.
+// - CPU: a vectorised exp + log1p loop took 0.51 ns per element instead of 0.67 with the reduced
+//   Cephes log it replaces (one AVX-512 thread); sample_weight with the mixture prior -7 to -9%
+//   (bench/results/log1p_polynomial_cpu_2c-intel-xeon.md).
+// - GPU: CUDA's log1pf handles every float and cost the compute-bound sampling kernel 9-13%
+//   (bench/results/cuda_sample_kernel_variants_nvidia-h200.md).
+BAYES_HOST_DEVICE float log1p_unit_interval(float t) {
+  float r = 2.873899272e-03f;
+  r = r * t - 1.751231658e-02f;
+  r = r * t + 4.993132856e-02f;
+  r = r * t - 9.202979391e-02f;
+  r = r * t + 1.307133876e-01f;
+  r = r * t - 1.637851299e-01f;
+  r = r * t + 1.995935712e-01f;
+  r = r * t - 2.499702425e-01f;
+  r = r * t + 3.333324757e-01f;
+  r = r * t - 4.999999959e-01f;
+  return t + (t * t) * r;
+}
 
 #if !defined(__CUDA_ARCH__)
 static inline float bits_as_float(uint32_t b) {
@@ -83,27 +107,6 @@ static inline float host_expf(float x) {
   return x < -87.3f ? 0.0f : (x == x ? scaled : x);
 }
 
-// log(1 + t) for t in [0, 1] (the only range the kernels use: t = exp(-|x|)): t + t^2 r(t) with r a
-// degree-9 polynomial fit to (log1p(t) - t) / t^2 on [0, 1] (least squares on Chebyshev nodes;
-// within 1.2 ulp of log1p with FMA, 2 ulp without: csrc/tests/test_host_math.cpp). No range
-// reduction and no select: a vectorised exp + log1p loop took 0.51 ns per element instead of 0.67
-// with the reduced Cephes log it replaces (one AVX-512 thread); the mixture prior's log p, which
-// takes a log1p per weight besides softplus's, gained most (sample_weight -7 to -9%; both in
-// bench/results/log1p_polynomial_cpu_2c-intel-xeon.md).
-static inline float host_log1pf(float t) {
-  float r = 2.873899272e-03f;
-  r = r * t - 1.751231658e-02f;
-  r = r * t + 4.993132856e-02f;
-  r = r * t - 9.202979391e-02f;
-  r = r * t + 1.307133876e-01f;
-  r = r * t - 1.637851299e-01f;
-  r = r * t + 1.995935712e-01f;
-  r = r * t - 2.499702425e-01f;
-  r = r * t + 3.333324757e-01f;
-  r = r * t - 4.999999959e-01f;
-  return t + (t * t) * r;
-}
-
 // sin(2 pi v) and cos(2 pi v) for v in [0, 1): the reduction to quarter turns is exact in fp32.
 static inline void host_sincos_2pi(float v, float* s, float* c) {
   const int32_t q = static_cast<int32_t>(4.0f * v + 0.5f);  // nearest quarter turn, 0..4
@@ -150,14 +153,8 @@ BAYES_HOST_DEVICE float bx_log_positive(float x) {
 }
 BAYES_HOST_DEVICE double bx_log_positive(double x) { return ::log(x); }
 
-// log(1 + x) for x in [0, 1] (host float is only accurate there).
-BAYES_HOST_DEVICE float bx_log1p(float x) {
-#if defined(__CUDA_ARCH__)
-  return log1pf(x);
-#else
-  return host_log1pf(x);
-#endif
-}
+// log(1 + x) for x in [0, 1] only (float: the polynomial above, on the host and the GPU alike).
+BAYES_HOST_DEVICE float bx_log1p(float x) { return log1p_unit_interval(x); }
 BAYES_HOST_DEVICE double bx_log1p(double x) { return ::log1p(x); }
 
 BAYES_HOST_DEVICE float bx_sqrt(float x) {
