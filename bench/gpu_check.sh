@@ -2,7 +2,8 @@
 # The GPU check (issue 8), for the lent H100/H200 machine: build, CUDA tests, GPU benchmark, a
 # torch.profiler of the bf16 steps, the transformer step eager and CUDA-graphed (graphed_step.py),
 # Nsight Compute on the sampling kernels, compute-sanitizer.
-# Everything lands in $OUT (at most 8 files come back). ~180 s on an H200 (budget: < 8 minutes).
+# Everything lands in $OUT (at most 8 files come back). ~310 s on an H200 (2026-11-27: build 62 s,
+# tests 22 s, benchmark 130 s, memcheck 32 s; budget: < 8 minutes).
 #
 # Prepare here, once (the reference layers travel as wheels; the machine has no network):
 #   echo /.whl/ >> .git/info/exclude
