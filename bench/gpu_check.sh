@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 8), for the lent H100/H200 machine: build, CUDA tests, GPU benchmark, a
-# torch.profiler of the bf16 steps, the transformer step eager and CUDA-graphed (graphed_step.py),
+# torch.profiler of the bf16 steps, the transformer step eager and CUDA-graphed (graphed_step.py), the
+# host time of a layer call piece by piece (overhead.py),
 # Nsight Compute on the sampling kernels, compute-sanitizer.
 # Everything lands in $OUT (at most 8 files come back). ~310 s on an H200 (2026-11-27: build 62 s,
 # tests 22 s, benchmark 130 s, memcheck 32 s; budget: < 8 minutes).
@@ -77,6 +78,9 @@ if [[ "${GPU_CHECK_BENCH:-1}" == "1" ]]; then
   # wrong cannot take the benchmark's results with it); the table goes to the summary
   step graphed 120 "$OUT/graphed.log" "$PY" bench/graphed_step.py --amp bf16
   cat "$OUT/graphed.log" >> "$SUMMARY" && rm -f "$OUT/graphed.log"
+  # host time per layer call, piece by piece (the eager bf16 steps are host-bound); to the summary
+  step host 60 "$OUT/host.log" bash -c '"$0" bench/overhead.py --device cuda --amp fp32 && "$0" bench/overhead.py --device cuda --amp bf16' "$PY"
+  cat "$OUT/host.log" >> "$SUMMARY" && rm -f "$OUT/host.log"
 fi
 # Nsight Compute's speed-of-light of the sampling kernels (second launch of each: after warm-up)
 if [[ "${GPU_CHECK_NCU:-1}" == "1" ]]; then

@@ -1,13 +1,18 @@
-"""Per-call overhead of a small Bayesian layer on the CPU: what Python and dispatch cost when the
-kernels do almost nothing (a 16 -> 8 layer, batch 4, one thread).
+"""Per-call host overhead of a small Bayesian layer: what Python, dispatch and (on CUDA) kernel
+launches cost when the kernels do almost nothing (a 16 -> 8 layer, batch 4; one thread on the CPU).
 
-    python bench/overhead.py [--steps 3000]
+    python bench/overhead.py [--steps 3000] [--device cpu|cuda] [--amp fp32|bf16]
 
-Prints microseconds per training step (forward, sum(out) + KL, backward) and per no-grad forward
-for nn.Linear and bayes_ext's BayesianLinear, each the best of five timed blocks. This overhead is
-what a model of many small layers pays per layer call, and what makes a GPU step CPU-bound.
+Prints a Markdown table of microseconds per call, each the best of five timed blocks: the training
+step (forward, sum(out) + KL, backward) and the no-grad forward of nn.Linear and BayesianLinear,
+then the pieces of the Bayesian forward: the functional call, the registered C++ op alone (the
+Python in front of it is the difference), the seed draw, the KL terms a loss reads. On CUDA the
+calls queue back to back and the GPU catches up once per block, so a figure is the host's cost
+(issue 8: the eager bf16 steps on an H200 are host-bound). This overhead is what a model of many
+small layers pays per layer call.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -16,38 +21,79 @@ import torch
 from torch import nn
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # an in-place build
+from bayes_ext import functional as BF  # noqa: E402
 from bayes_ext.modules import BayesianLinear  # noqa: E402
 
+BATCH, IN, OUT = 4, 16, 8
+PRIOR = (1.0, 0.1, 0.4)  # BayesianLinear's default (pi, sigma1, sigma2)
 
-def per_call_us(fn, steps):
-    for _ in range(steps // 10):
+
+def per_call_us(fn, steps, sync):
+    for _ in range(max(steps // 10, 1)):
         fn()
-    best = float("inf")
+    sync()
+    n, best = max(steps // 5, 1), float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
-        for _ in range(steps // 5):
+        for _ in range(n):
             fn()
-        best = min(best, (time.perf_counter() - t0) / (steps // 5) * 1e6)
+        sync()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
     return best
+
+
+def rows(device, amp):
+    """[(label, fn)] in the order printed."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+    x = torch.randn(BATCH, IN, device=device, requires_grad=True)
+    linear, layer = nn.Linear(IN, OUT).to(device), BayesianLinear(IN, OUT).to(device)
+    params = (layer.weight_mu, layer.weight_rho, layer.bias_mu, layer.bias_rho)
+    seed = BF.draw_seed()
+    x_op = x.detach().to(torch.bfloat16) if amp == "bf16" else x.detach()  # x as autocast hands it to the op
+    layer(x)  # KL terms for the "KL terms" row
+
+    def train(module, kl):
+        def step():
+            with autocast:
+                loss = module(x).float().sum() + (module.kl_divergence() if kl else 0)
+            loss.backward()
+        return step
+
+    def no_grad(fn):
+        def call():
+            with torch.no_grad(), autocast:
+                fn()
+        return call
+
+    return [
+        ("nn.Linear train step", train(linear, False)),
+        ("BayesianLinear train step", train(layer, True)),
+        ("nn.Linear no-grad forward", no_grad(lambda: linear(x))),
+        ("BayesianLinear no-grad forward", no_grad(lambda: layer(x))),
+        ("functional.bayesian_linear, no grad", no_grad(lambda: BF.bayesian_linear(x, *params, seed=seed))),
+        ("bayes_ext::linear_reparam_rows alone, no grad", no_grad(
+            lambda: torch.ops.bayes_ext.linear_reparam_rows(x_op, *params, seed, *PRIOR, 1 << 40))),
+        ("functional.draw_seed", BF.draw_seed),
+        ("KL terms: log q - log p", lambda: layer.log_variational_posterior - layer.log_prior),
+    ]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=3000, help="calls per measurement (5 blocks)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--amp", default="fp32", choices=["fp32", "bf16"])
     args = p.parse_args()
-    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     torch.manual_seed(0)
-    x = torch.randn(4, 16, requires_grad=True)
-    for name, layer, kl in (("nn.Linear", nn.Linear(16, 8), False), ("BayesianLinear", BayesianLinear(16, 8), True)):
-        def train():
-            loss = layer(x).sum() + (layer.kl_divergence() if kl else 0)
-            loss.backward()
-
-        def infer():
-            with torch.no_grad():
-                layer(x)
-        print(f"{name:<15} train step {per_call_us(train, args.steps):7.1f} us   "
-              f"no-grad forward {per_call_us(infer, args.steps):6.1f} us")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU, one thread"
+    print(f"## Host overhead per call: {where}, {args.amp}, a {IN} -> {OUT} layer at batch {BATCH}, "
+          f"torch {torch.__version__}\n\n| call | us |\n|---|---|")
+    for label, fn in rows(device, args.amp):
+        print(f"| {label} | {per_call_us(fn, args.steps, sync):.1f} |")
 
 
 if __name__ == "__main__":

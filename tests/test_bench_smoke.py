@@ -30,15 +30,16 @@ def test_quick_benchmark_runs_and_reports_every_bayes_ext_case(tmp_path):
             assert r["train"]["median_ms"] > 0, r
 
 
-def test_overhead_script_reports_both_layers():
+def test_overhead_script_reports_every_call():
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "overhead.py"), "--steps", "50"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    lines = run.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["nn.Linear", "BayesianLinear"]
-    for line in lines:
-        train_us, infer_us = float(line.split()[3]), float(line.split()[7])
-        assert train_us > 0 and infer_us > 0
+    table = [line for line in run.stdout.splitlines() if line.startswith("| ") and not line.startswith("| call")]
+    labels = [line.split("|")[1].strip() for line in table]
+    assert labels[:4] == ["nn.Linear train step", "BayesianLinear train step", "nn.Linear no-grad forward",
+                          "BayesianLinear no-grad forward"], labels
+    assert len(labels) == 8, labels
+    assert all(float(line.split("|")[2]) > 0 for line in table), table
 
 
 class _CountingRunner:
