@@ -6,7 +6,9 @@
 //   at 0, NaN for NaN;
 // - softplus_terms_nonpositive (the forward's fast path for rho <= 0): sigma bit for bit equal to
 //   softplus_terms' (the backward regenerates w with the latter), log sigma within 4 ulp for every
-//   rho in [-100, 0] (a dense sample of the floats), and the exact limits (t underflow: log sigma = rho, sigma = 0).
+//   rho in [-100, 0] (a dense sample of the floats), and the exact limits (t underflow: log sigma = rho, sigma = 0);
+// - softplus_forward_terms (the CUDA forward kernels' choice per element): which side it takes, sigma
+//   bit for bit softplus_terms', NaN and the infinities.
 // Exits non-zero and names each failed check.
 #include <cmath>
 #include <cstdint>
@@ -83,11 +85,46 @@ void test_softplus_nonpositive() {
         "softplus_terms_nonpositive(-90): sigma underflows to 0, log sigma = rho");
 }
 
+// softplus_forward_terms (the CUDA forward kernels' per-element choice): the rho <= 0 polynomial
+// below 0, the general formula above, NaN and the infinities passed through; sigma the same bits
+// as softplus_terms' everywhere (the backward regenerates w with the latter).
+void test_softplus_forward() {
+  using bayes_ext::softplus_forward_terms;
+  using bayes_ext::softplus_terms;
+  using bayes_ext::softplus_terms_nonpositive;
+  bool same_sigma = true, nonpositive_side = true, positive_side = true;
+  for (float rho = -100.0f; rho <= 100.0f; rho += 0.0371f) {
+    const auto got = softplus_forward_terms(rho);
+    const auto general = softplus_terms(rho);
+    same_sigma = same_sigma && same_bits(got.sigma, general.sigma);
+    if (rho <= 0.0f) {
+      nonpositive_side = nonpositive_side && same_bits(got.log_sigma, softplus_terms_nonpositive(rho).log_sigma);
+    } else {
+      positive_side = positive_side && same_bits(got.log_sigma, general.log_sigma) &&
+                      same_bits(got.sigmoid, general.sigmoid);
+    }
+  }
+  check(same_sigma, "softplus_forward_terms' sigma equals softplus_terms' bit for bit on [-100, 100]");
+  check(nonpositive_side, "softplus_forward_terms takes the rho <= 0 polynomial for rho <= 0");
+  check(positive_side, "softplus_forward_terms takes the general formula for rho > 0");
+  check(same_bits(softplus_forward_terms(0.0f).log_sigma, softplus_terms_nonpositive(0.0f).log_sigma),
+        "softplus_forward_terms(0) is on the polynomial's side");
+  check(std::isnan(softplus_forward_terms(NAN).sigma) && std::isnan(softplus_forward_terms(NAN).log_sigma),
+        "softplus_forward_terms(NaN): NaN sigma and log sigma");
+  const auto minus_inf = softplus_forward_terms(-INFINITY);
+  check(minus_inf.sigma == 0.0f && minus_inf.log_sigma == -INFINITY,
+        "softplus_forward_terms(-inf): sigma 0, log sigma -inf");
+  const auto plus_inf = softplus_forward_terms(INFINITY);
+  check(plus_inf.sigma == INFINITY && plus_inf.log_sigma == INFINITY,
+        "softplus_forward_terms(+inf): sigma and log sigma +inf");
+}
+
 }  // namespace
 
 int main() {
   test_log();
   test_log1p();
   test_softplus_nonpositive();
+  test_softplus_forward();
   return bayes_ext_test::finish("test_host_math");
 }
