@@ -263,10 +263,9 @@ class BayesianRNN(GaussianPosteriorMixin, BayesianModule):
         # and the CPU kernels, which take strided views too, ran the GRU's per-step GEMMs slower with
         # them (2 cores, B32 T64 in 64 hidden 256: train step / nn.GRU 1.16-1.35x strided, 1.05-1.08x
         # contiguous; LSTM 1.11-1.13x either way), for a copy of 250k weights per forward.
-        params = [p.contiguous() for p in params]
+        args = (x, hx, [p.contiguous() for p in params], has_biases, 1, 0.0, torch.is_grad_enabled(), False, True)
         if not x.is_cuda:
-            return kernel(x, hx, params, has_biases, 1, 0.0, torch.is_grad_enabled(), False, True)
-        args = (x, hx, params, has_biases, 1, 0.0, torch.is_grad_enabled(), False, True)
+            return kernel(*args)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not part of single contiguous chunk of memory.*")
             return kernel(*args)
