@@ -1,7 +1,8 @@
 """bayes_ext::linear_lrt_rows, the CPU's one-call local-reparameterisation layer with its autograd
 in C++ (csrc/cpu/linear_lrt_cpu.cpp): eager CPU calls of linear_lrt / linear_lrt_with_kl take it; it
-must give the Python custom op's values and gradients bit for bit, whole and in row blocks, and
-reject bad input with errors that name the argument."""
+must give the Python custom op's values and gradients (bit for bit for small layers, to float32
+rounding where its GEMMs run side by side on two threads), whole and in row blocks, and reject bad
+input with errors that name the argument."""
 import pytest
 import torch
 
@@ -42,6 +43,35 @@ def test_equals_the_python_custom_op(compiled, monkeypatch, block_rows, prior_si
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b)
         assert torch.isfinite(a).all()
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("block_rows", [None, 16])
+@pytest.mark.parametrize("shape", [(64, 96, 80), (5, 300, 200)])  # (batch, in, out): GEMMs of 491K / 300K MACs
+def test_side_by_side_gemms_give_the_python_ops_values(compiled, monkeypatch, two_threads, shape, block_rows):
+    """On two threads the op runs its GEMMs in pairs, one per thread, once they are large enough
+    (csrc/cpu/side_by_side.h): the Python op's values to float32 rounding (MKL may round a GEMM on
+    one thread differently), whole and in row blocks."""
+    batch, in_f, out_f = shape
+    params = layer_params(out_f, in_f, True, torch.float32)
+    if block_rows is not None:
+        monkeypatch.setattr(BF, "LRT_BLOCK_ELEMENTS", block_rows * in_f)
+    rows = BF._block_rows(params[0], BF.LRT_BLOCK_ELEMENTS)
+    x = torch.randn(batch, in_f, requires_grad=True)
+    g_out = torch.randn(batch, out_f)
+    seed = torch.tensor([11])
+    got = _run(lambda: compiled.linear_lrt_rows(x, *params, seed, 0.5, rows), x, params, g_out, 0.3, True)
+    ref = _run(lambda: BFE._linear_lrt.op(x, *params, seed, 0.5), x, params, g_out, 0.3, True)
+    for a, b in zip(got[0] + got[1], ref[0] + ref[1]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6 * float(b.abs().max()))
 
 
 def _ops_called(fn):
