@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check (issue 8), for the lent H100/H200 machine: build, CUDA tests, GPU benchmark, a
 # torch.profiler of the bf16 steps, the transformer step eager and CUDA-graphed (graphed_step.py), the
-# host time of a layer call piece by piece (overhead.py),
-# Nsight Compute on the sampling kernels, compute-sanitizer.
+# host time of a layer call piece by piece (overhead.py), what is alive at the peak of the 4096^3
+# bf16 sample_nbr=3 step (memory_snapshot.py), Nsight Compute on the sampling kernels,
+# compute-sanitizer.
 # Everything lands in $OUT (at most 8 files come back). ~310 s on an H200 (2026-11-27: build 62 s,
-# tests 22 s, benchmark 130 s, memcheck 32 s; budget: < 8 minutes).
+# tests 22 s, benchmark 130 s, memcheck 32 s; budget: < 8 minutes), before the host and
+# memory-snapshot steps (~20 s each, not yet run on a GPU).
 #
 # Prepare here, once (the reference layers travel as wheels; the machine has no network):
 #   echo /.whl/ >> .git/info/exclude
@@ -81,6 +83,9 @@ if [[ "${GPU_CHECK_BENCH:-1}" == "1" ]]; then
   # host time per layer call, piece by piece (the eager bf16 steps are host-bound); to the summary
   step host 60 "$OUT/host.log" bash -c '"$0" bench/overhead.py --device cuda --amp fp32 && "$0" bench/overhead.py --device cuda --amp bf16' "$PY"
   cat "$OUT/host.log" >> "$SUMMARY" && rm -f "$OUT/host.log"
+  # the blocks alive at the peak of the step that stays over issue 8's memory target; to the summary
+  step memory-snapshot 60 "$OUT/memory_snapshot.log" "$PY" bench/memory_snapshot.py
+  cat "$OUT/memory_snapshot.log" >> "$SUMMARY" && rm -f "$OUT/memory_snapshot.log"
 fi
 # Nsight Compute's speed-of-light of the sampling kernels (second launch of each: after warm-up)
 if [[ "${GPU_CHECK_NCU:-1}" == "1" ]]; then

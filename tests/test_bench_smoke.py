@@ -71,3 +71,37 @@ def test_round_robin_rewarms_short_steps_after_another_case():
     for i, name in enumerate(timed_part):  # every fast step that follows another case is untimed
         if name == "fast" and (i == 0 or timed_part[i - 1] != "fast"):
             assert timed_part[i + 1] == "fast"
+
+
+def _memory_snapshot_module():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import memory_snapshot
+    finally:
+        sys.path.pop(0)
+    return memory_snapshot
+
+
+def test_memory_snapshot_finds_the_blocks_alive_at_the_peak():
+    """bench/memory_snapshot.py's replay of an allocator trace (the CUDA run itself needs a GPU):
+    the peak counts from alloc to free_requested, frees of blocks allocated before recording are
+    ignored, and the blocks alive at the peak come largest first with their allocating frame."""
+    ms = _memory_snapshot_module()
+    own = {"filename": os.path.join(ROOT, "bayes_ext", "functional.py"), "line": 7, "name": "f"}
+    torch_frame = {"filename": "/site-packages/torch/nn/functional.py", "line": 3, "name": "linear"}
+    trace = [
+        {"action": "free_requested", "addr": 99, "size": 500},  # allocated before recording
+        {"action": "alloc", "addr": 1, "size": 100, "frames": [torch_frame, own]},
+        {"action": "alloc", "addr": 2, "size": 300, "frames": [torch_frame]},
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "free_completed", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 3, "size": 250, "frames": []},  # peak: 2 and 3, 550 bytes
+        {"action": "free_requested", "addr": 2, "size": 300},
+        {"action": "alloc", "addr": 4, "size": 260, "frames": [own]},  # 510: below the peak
+    ]
+    peak, blocks = ms.peak_blocks(trace)
+    assert peak == 550
+    assert [size for size, _ in blocks] == [300, 250]
+    assert ms.where(blocks[0][1]).endswith("functional.py:3:linear")  # only torch's frame: the innermost
+    assert ms.where([torch_frame, own]).endswith(os.path.join("bayes_ext", "functional.py") + ":7:f")
+    assert "no Python frame" in ms.where([])
