@@ -54,7 +54,9 @@ def two_threads():
 
 
 @pytest.mark.parametrize("block_rows", [None, 16])
-@pytest.mark.parametrize("shape", [(64, 96, 80), (5, 300, 200)])  # (batch, in, out): GEMMs of 491K / 300K MACs
+# (batch, in, out): whole-weight GEMMs of 491K / 300K multiply-adds; in blocks of 16 rows 98K (side by
+# side) and 24K (below side_by_side.h's 64K: one after the other)
+@pytest.mark.parametrize("shape", [(64, 96, 80), (5, 300, 200)])
 def test_side_by_side_gemms_give_the_python_ops_values(compiled, monkeypatch, two_threads, shape, block_rows):
     """On two threads the op runs its GEMMs in pairs, one per thread, once they are large enough
     (csrc/cpu/side_by_side.h): the Python op's values to float32 rounding (MKL may round a GEMM on
