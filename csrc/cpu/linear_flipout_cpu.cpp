@@ -1,6 +1,7 @@
 // The Flipout linear layer (estimator="flipout") in one call each way, CPU: the same ops in the
 // same order as the Python implementation of bayes_ext::linear_flipout
-// (bayes_ext/functional_estimators.py), so the same values; what it saves is the Python and the
+// (bayes_ext/functional_estimators.py), so the same values (to float32 rounding where a GEMM takes
+// oneDNN's path: cpu_gemm.h); what it saves is the Python and the
 // custom-op dispatch between those ops (half of a small layer's step). A large weight's dW is
 // sampled and consumed block of rows by block of rows, as there. Eager calls get their autograd
 // here too (LinearFlipoutFunction, registered for AutogradCPU); torch.compile, autocast, fake
@@ -13,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_gemm.h"
 #include "layer_op_helpers.h"
 #include "op_calls.h"
 
@@ -67,7 +69,7 @@ Triple linear_flipout_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, 
   if (block_rows >= out_features) {
     at::Tensor dw;
     std::tie(dw, log_q, log_p) = sample_weight(weight_mu_in, weight_rho_in, seed, kWeightStream, prior, 0, true);
-    perturbation = at::linear(x_signed, dw);
+    perturbation = cpu_gemm::linear(x_signed, dw);
   } else {
     // each block of rows of dW with the noise it has in the whole weight, consumed while in cache
     const at::Tensor weight_mu = weight_mu_in.contiguous(), weight_rho = weight_rho_in.contiguous();
@@ -77,15 +79,16 @@ Triple linear_flipout_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, 
       const int64_t r1 = std::min(r0 + block_rows, out_features);
       auto [dw, q, p] = sample_weight(weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1), seed, kWeightStream,
                                       prior, r0 * in_features, true);
-      perturbation.slice(1, r0, r1).copy_(x_2d.mm(dw.t()));
+      perturbation.slice(1, r0, r1).copy_(cpu_gemm::linear(x_2d, dw));
       log_q = log_q.defined() ? log_q + q : q;
       log_p = log_p.defined() ? log_p + p : p;
     }
     perturbation = perturbation.reshape(with_last(x_signed.sizes(), out_features));
   }
   perturbation.mul_(signs(perturbation.sizes(), seed, kSignOutStream, x.options()));
-  at::Tensor y = at::addmm(perturbation.reshape({-1, out_features}), x.reshape({-1, in_features}), weight_mu_in.t())
-                     .reshape(perturbation.sizes());
+  at::Tensor y =
+      cpu_gemm::addmm(perturbation.reshape({-1, out_features}), x.reshape({-1, in_features}), weight_mu_in.t())
+          .reshape(perturbation.sizes());
   if (has(bias_mu)) {
     auto [b, log_q_b, log_p_b] = sample_weight(*bias_mu, *bias_rho, seed, kBiasStream, prior, 0, false);
     y.add_(b);
@@ -134,9 +137,9 @@ Grads linear_flipout_rows_backward(const at::Tensor& grad_y, const at::Tensor& g
           weight_rho.slice(0, r0, r1), seed, kWeightStream, prior.pi, prior.sigma1, prior.sigma2, need_x,
           r0 * in_features, true);
       grad_mu_rows.addmm_(g.slice(1, r0, r1).t(), x_2d);
-      if (need_x) signed_grad_x.addmm_(g_signed.slice(1, r0, r1), block_dw);
+      if (need_x) cpu_gemm::addmm_(signed_grad_x, g_signed.slice(1, r0, r1), block_dw);
     }
-    if (need_x) grad_x = at::addcmul(g.mm(weight_mu), signed_grad_x, s_in);
+    if (need_x) grad_x = at::addcmul(cpu_gemm::mm(g, weight_mu), signed_grad_x, s_in);
   } else if (need_w) {
     const at::Tensor grad_dw = g_signed.t().mm(x_2d * s_in);
     std::tie(grad_mu, grad_rho, dw) = sample_weight_backward(grad_dw, grad_log_q, grad_log_p, weight_mu_in,
@@ -146,7 +149,9 @@ Grads linear_flipout_rows_backward(const at::Tensor& grad_y, const at::Tensor& g
   } else if (need_x) {
     dw = std::get<0>(sample_weight(weight_mu_in, weight_rho_in, seed, kWeightStream, prior, 0, true));
   }
-  if (need_x && !grad_x.defined()) grad_x = at::addcmul(g.mm(weight_mu_in), g_signed.mm(dw), s_in);
+  if (need_x && !grad_x.defined()) {
+    grad_x = at::addcmul(cpu_gemm::mm(g, weight_mu_in), cpu_gemm::mm(g_signed, dw), s_in);
+  }
   at::Tensor grad_bias_mu, grad_bias_rho;
   if (need_b) {
     std::tie(grad_bias_mu, grad_bias_rho, std::ignore) =

@@ -1,7 +1,7 @@
 // The local-reparameterisation linear layer (estimator="lrt") in one call each way, CPU: the same
 // ops in the same order as the Python implementation of bayes_ext::linear_lrt
-// (bayes_ext/functional_estimators.py), so the same values; what it saves is the Python between
-// those ops. On two threads its pairs of independent GEMMs run side by side, one per thread
+// (bayes_ext/functional_estimators.py), so the same values (to float32 rounding where a GEMM takes
+// oneDNN's path: cpu_gemm.h); what it saves is the Python between those ops. On two threads its pairs of independent GEMMs run side by side, one per thread
 // (side_by_side.h): faster, and the same values to float32 rounding (bit for bit for small
 // layers). A large weight's sigma^2 is built and consumed block of rows by block of rows, as
 // there. Eager calls get their autograd here too (LinearLrtFunction, registered for AutogradCPU);
@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_gemm.h"
 #include "layer_op_helpers.h"
 #include "op_calls.h"
 #include "side_by_side.h"
@@ -98,10 +99,10 @@ Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, cons
     at::Tensor sigma2;
     std::tie(sigma2, kl) = lrt_weight_forward(weight_mu, weight_rho, prior_sigma);
     const at::Tensor x2 = x * x;
-    side_by_side(x.numel() * out_features, [&] { mean = at::linear(x, weight_mu, bias_mu); },
-                 [&] { var = at::linear(x2, sigma2); });
+    side_by_side(x.numel() * out_features, [&] { mean = cpu_gemm::linear(x, weight_mu, bias_mu); },
+                 [&] { var = cpu_gemm::linear(x2, sigma2); });
   } else {
-    mean = at::linear(x, weight_mu, bias_mu);
+    mean = cpu_gemm::linear(x, weight_mu, bias_mu);
     // sigma^2 one cache-sized block of rows at a time, never weight-sized
     const at::Tensor x_2d = x.reshape({-1, in_features});
     const at::Tensor x2 = x_2d * x_2d;
@@ -110,7 +111,7 @@ Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, cons
       const int64_t r1 = std::min(r0 + block_rows, out_features);
       auto [sigma2, block_kl] = lrt_weight_forward(weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1),
                                                    prior_sigma);
-      var.slice(1, r0, r1).copy_(x2.mm(sigma2.t()));
+      var.slice(1, r0, r1).copy_(cpu_gemm::linear(x2, sigma2));
       kl = kl.defined() ? kl + block_kl : block_kl;
     }
     var = var.reshape(with_last(x.sizes(), out_features));
@@ -161,9 +162,9 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
       const at::Tensor block_sigma2 = lrt_weight_backward_(grad_mu_rows, grad_rho_rows, grad_kl,
                                                            weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1),
                                                            prior_sigma);
-      if (need_x) var_grad_x.addmm_(half_u.slice(1, r0, r1), block_sigma2);
+      if (need_x) cpu_gemm::addmm_(var_grad_x, half_u.slice(1, r0, r1), block_sigma2);
     }
-    if (need_x) grad_x = at::addcmul(g.mm(weight_mu), x_2d, var_grad_x, 2);
+    if (need_x) grad_x = at::addcmul(cpu_gemm::mm(g, weight_mu), x_2d, var_grad_x, 2);
   } else if (need_w) {
     // the GEMMs give dL/dmu and dL/dsigma2 of the data term; one fused pass adds the KL's gradients,
     // turns dL/dsigma2 into dL/drho and rebuilds sigma2 for grad_x
@@ -175,7 +176,8 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
   if (need_x && !grad_x.defined()) {  // d/dx of x mu^T and of x^2 (sigma^2)^T
     if (!sigma2.defined()) sigma2 = std::get<0>(lrt_weight_forward(weight_mu, weight_rho, 0.0));
     at::Tensor mean_grad_x, var_grad_x;
-    side_by_side(macs, [&] { mean_grad_x = g.mm(weight_mu); }, [&] { var_grad_x = half_u.mm(sigma2); });
+    side_by_side(macs, [&] { mean_grad_x = cpu_gemm::mm(g, weight_mu); },
+                 [&] { var_grad_x = cpu_gemm::mm(half_u, sigma2); });
     grad_x = at::addcmul(mean_grad_x, x_2d, var_grad_x, 2);
   }
   at::Tensor grad_bias_mu, grad_bias_rho;

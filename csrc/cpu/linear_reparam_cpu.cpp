@@ -2,14 +2,15 @@
 // is sampled block of rows by block of rows (each block with the noise it has in the whole weight)
 // and consumed by the matmul while in cache, and the backward rebuilds it the same way. The same
 // ops in the same order as the Python implementation of bayes_ext::linear_reparam
-// (bayes_ext/functional.py), so the same values; what it saves is the Python between those ops
+// (bayes_ext/functional.py), so the same values (to float32 rounding where a GEMM takes oneDNN's
+// path: cpu_gemm.h); what it saves is the Python between those ops
 // (~0.6 ms a step at 1024 x 1024 on the CPU, 10% of it; on a GPU, where a layer's kernels take
 // microseconds, the Python is most of a mid-sized layer's step). Eager calls get their autograd
 // here too (LinearReparamFunction, registered for AutogradCPU and AutogradCUDA); torch.compile, fake
 // tensors and the pure-PyTorch backend keep the Python custom op.
 //
 // Device-generic: everything goes through the dispatcher (the sampling ops' CPU or CUDA kernels),
-// so the same functions are registered for CUDA. Under autocast x arrives in the lower precision
+// so the same functions are registered for CUDA (cpu_gemm's GEMMs are torch's for CUDA tensors). Under autocast x arrives in the lower precision
 // and W is cast to it for the matmuls, as the Python op does.
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "bayes_ext/op_checks.h"
+#include "cpu_gemm.h"
 #include "layer_op_helpers.h"
 #include "op_calls.h"
 
@@ -111,9 +113,9 @@ Triple linear_reparam_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, 
   const auto x_dtype = x.scalar_type();
   if (block_rows >= out_features) {
     auto [w, log_q, log_p] = sample_weight_as(weight_mu, weight_rho, seed, 0, pi, sigma1, sigma2, x_dtype, true);
-    if (!has(bias_mu)) return {at::linear(x, w), log_q, log_p};
+    if (!has(bias_mu)) return {cpu_gemm::linear(x, w), log_q, log_p};
     auto [b, log_q_b, log_p_b] = sample_weight_as(*bias_mu, *bias_rho, seed, 1, pi, sigma1, sigma2, x_dtype, true);
-    return {at::linear(x, w, b), log_q + log_q_b, log_p + log_p_b};
+    return {cpu_gemm::linear(x, w, b), log_q + log_q_b, log_p + log_p_b};
   }
   const at::Tensor x_2d = x.reshape({-1, in_features});
   at::Tensor y = at::empty({x_2d.size(0), out_features}, x.options());
@@ -122,7 +124,7 @@ Triple linear_reparam_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, 
     const int64_t r1 = std::min(r0 + block_rows, out_features);
     auto [w, q, p] = sample_weight(weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1), seed, 0, pi, sigma1,
                                    sigma2, r0 * in_features);
-    y.slice(1, r0, r1).copy_(x_2d.mm(w.t().to(x_dtype)));
+    y.slice(1, r0, r1).copy_(cpu_gemm::linear(x_2d, w.to(x_dtype)));
     log_q = log_q.defined() ? log_q + q : q;
     log_p = log_p.defined() ? log_p + p : p;
   }
@@ -176,7 +178,7 @@ Grads linear_reparam_rows_backward(const at::Tensor& grad_out, const at::Tensor&
     std::tie(grad_mu, grad_rho, w) = sample_weight_backward(mm_in_dtype(grad_out_2d.t(), x_2d, w_dtype), grad_log_q,
                                                             grad_log_p, weight_mu, weight_rho, seed, 0, pi, sigma1,
                                                             sigma2, need_x);
-    if (need_x) grad_x = grad_out_2d.mm(w.to(x_dtype));
+    if (need_x) grad_x = cpu_gemm::mm(grad_out_2d, w.to(x_dtype));
   } else {
     std::tie(grad_mu, grad_rho) = layer_op::weight_grad_pair(weight_mu);
     if (need_x) grad_x = at::zeros(x_2d.sizes(), x_2d.options());
@@ -188,7 +190,7 @@ Grads linear_reparam_rows_backward(const at::Tensor& grad_out, const at::Tensor&
           grad_mu_rows, grad_rho_rows, mm_in_dtype(g_block.t(), x_2d, w_dtype), grad_log_q, grad_log_p,
           weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1), seed, pi, sigma1, sigma2, need_x,
           r0 * in_features);
-      if (need_x) grad_x.addmm_(g_block, w.to(x_dtype));
+      if (need_x) cpu_gemm::addmm_(grad_x, g_block, w.to(x_dtype));
     }
   }
   grad_x = need_x ? grad_x.reshape(x.sizes()) : at::empty({0}, x.options());
