@@ -73,8 +73,15 @@ bool float_cpu(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_typ
 // Whether a (..., K) x (N, K)^T product takes oneDNN: float32 CPU operands (and bias), nothing
 // autograd would need to differentiate, enough work, and the choice says so.
 bool onednn_for(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  if (!float_cpu(a) || !float_cpu(w) || a.dim() < 1 || w.dim() != 2 || a.numel() == 0 || w.numel() == 0) return false;
-  if (bias.has_value() && bias->defined() && (!float_cpu(*bias) || bias->dim() != 1)) return false;
+  // (shapes that do not fit go to torch's call, whose error names them)
+  if (!float_cpu(a) || !float_cpu(w) || a.dim() < 1 || w.dim() != 2 || a.size(-1) != w.size(1) || a.numel() == 0 ||
+      w.numel() == 0) {
+    return false;
+  }
+  if (bias.has_value() && bias->defined() &&
+      (!float_cpu(*bias) || bias->dim() != 1 || bias->size(0) != w.size(0))) {
+    return false;
+  }
   const Choice choice = choice_from_env();  // (an unknown value is an error at any size)
   if (choice == Choice::kTorch || (choice == Choice::kAuto && !amd_cpu())) return false;
   if (a.numel() / a.size(-1) * w.numel() < kOneDnnMinMacs) return false;
@@ -85,36 +92,37 @@ bool onednn_for(const at::Tensor& a, const at::Tensor& w, const c10::optional<at
   return onednn_usable.load(std::memory_order_relaxed) && onednn_linear_op().has_value();
 }
 
+// a w^T + bias through oneDNN, or an undefined tensor where oneDNN is not taken (or failed).
+at::Tensor onednn_linear_or_undefined(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  if (!onednn_for(a, w, bias)) return at::Tensor();
+  try {
+    return onednn_linear_op()->call(a, w, bias, "none", c10::List<c10::optional<c10::Scalar>>(), c10::nullopt);
+  } catch (const c10::Error&) {
+    onednn_usable.store(false, std::memory_order_relaxed);
+    return at::Tensor();
+  }
+}
+
 }  // namespace
 
-bool uses_onednn(const at::Tensor& a, const at::Tensor& b) { return onednn_for(a, b.t(), c10::nullopt); }
-
 at::Tensor linear(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  if (onednn_for(a, w, bias)) {
-    try {
-      return onednn_linear_op()->call(a, w, bias, "none", c10::List<c10::optional<c10::Scalar>>(), c10::nullopt);
-    } catch (const c10::Error&) {
-      onednn_usable.store(false, std::memory_order_relaxed);
-    }
-  }
-  return at::linear(a, w, bias);
+  const at::Tensor y = onednn_linear_or_undefined(a, w, bias);
+  return y.defined() ? y : at::linear(a, w, bias);
 }
 
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "cpu_gemm::mm needs (M, K) and (K, N), got ",
-                    a.sizes(), " and ", b.sizes());
-  if (onednn_for(a, b.t(), c10::nullopt)) return cpu_gemm::linear(a, b.t());
-  return a.mm(b);
+  const at::Tensor y = onednn_linear_or_undefined(a, b.t(), c10::nullopt);
+  return y.defined() ? y : a.mm(b);
 }
 
 at::Tensor addmm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
-  if (onednn_for(a, b.t(), c10::nullopt)) return cpu_gemm::mm(a, b).add_(c);
-  return at::addmm(c, a, b);
+  at::Tensor product = onednn_linear_or_undefined(a, b.t(), c10::nullopt);
+  return product.defined() ? product.add_(c) : at::addmm(c, a, b);
 }
 
 at::Tensor& addmm_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
-  if (onednn_for(a, b.t(), c10::nullopt)) return c.add_(cpu_gemm::mm(a, b));
-  return c.addmm_(a, b);
+  const at::Tensor product = onednn_linear_or_undefined(a, b.t(), c10::nullopt);
+  return product.defined() ? c.add_(product) : c.addmm_(a, b);
 }
 
 }  // namespace cpu_gemm

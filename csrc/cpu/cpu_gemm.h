@@ -26,9 +26,6 @@ namespace cpu_gemm {
 // Multiply-adds from which oneDNN's GEMM is used (64x256x256: the two were level there).
 constexpr int64_t kOneDnnMinMacs = int64_t(1) << 22;
 
-// Whether a (M, K) x (K, N) float32 CPU GEMM of a and b would take oneDNN's path now.
-bool uses_onednn(const at::Tensor& a, const at::Tensor& b_or_weight);
-
 // a w^T + bias for a (..., K), w (N, K), bias (N) or none: at::linear's contract.
 at::Tensor linear(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias = c10::nullopt);
 
