@@ -35,9 +35,9 @@ OPS = {
 }
 
 
-def _op_step(compiled, monkeypatch, op, shape, block_rows=None):
+def _op_step(compiled, monkeypatch, op, shape, block_rows=None, strided=False):
     """Outputs and gradients of one call of the C++ layer op and of its Python op, and the names of
-    the ops the C++ one dispatched."""
+    the ops the C++ one dispatched. strided: x (4, batch / 4, in) as a non-contiguous view."""
     python_op, block_attr, extra = OPS[op]
     batch, in_f, out_f = shape
     params = layer_params(out_f, in_f, True, torch.float32)
@@ -45,8 +45,12 @@ def _op_step(compiled, monkeypatch, op, shape, block_rows=None):
         monkeypatch.setattr(BF, block_attr, block_rows * in_f)
     rows = BF._block_rows(params[0], getattr(BF, block_attr))
     assert rows == (out_f if block_rows is None else block_rows)
-    x = torch.randn(batch, in_f, requires_grad=True)
-    g_out = torch.randn(batch, out_f)
+    if strided:
+        x = torch.randn(in_f, 4, batch // 4).permute(1, 2, 0).requires_grad_()
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(batch, in_f, requires_grad=True)
+    g_out = torch.randn(*x.shape[:-1], out_f)
     seed = torch.tensor([7])
 
     def run(fn):
@@ -79,6 +83,30 @@ def test_the_layer_ops_take_the_chosen_gemm_with_the_python_ops_values(compiled,
     got, ref, names = _op_step(compiled, monkeypatch, op, (64, 512, 384), block_rows)
     expect_onednn = _onednn_in_torch() and (choice == "onednn" or (choice == "auto" and _amd_cpu()))
     assert names.get(ONEDNN_OP, 0) == (ONEDNN_CALLS[op, block_rows] if expect_onednn else 0)
+    for a, b in zip(got, ref):
+        a, b = a.detach(), b.detach()
+        assert a.shape == b.shape and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("block_rows", [None, 128])
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_onednn_on_two_threads_with_a_strided_input(compiled, monkeypatch, two_threads, op, block_rows):
+    """On two threads the LRT op runs its oneDNN GEMMs side by side, one per thread, inside an
+    OpenMP region (csrc/cpu/side_by_side.h); x arrives as a non-contiguous 3-D view."""
+    if not _onednn_in_torch():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setenv("BAYES_EXT_CPU_GEMM", "onednn")
+    got, ref, names = _op_step(compiled, monkeypatch, op, (64, 512, 384), block_rows, strided=True)
+    assert names.get(ONEDNN_OP, 0) == ONEDNN_CALLS[op, block_rows]
     for a, b in zip(got, ref):
         a, b = a.detach(), b.detach()
         assert a.shape == b.shape and torch.isfinite(a).all()
