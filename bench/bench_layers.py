@@ -356,7 +356,7 @@ def main():
     t0 = time.time()
 
     load0 = os.getloadavg()[0]
-    avail = {n: cases.availability(n) for n in ALL}
+    avail = {n: cases.availability(n, args.device) for n in ALL}
     info = report.machine_info(args.device)
     amps = ["fp32", "bf16"] if args.device == "cuda" else ["fp32"]
     bench = Bench(args, plan, avail, mode)

@@ -34,6 +34,8 @@ class Case:
 
 CASES = {c.name: c for c in [
     Case("linear", "nn.Linear", "torch", "none"),
+    # nn.Linear on the GEMMs bayes_ext's CPU layer ops take on AMD CPUs (bench/onednn_linear.py)
+    Case("linear_onednn", "nn.Linear, oneDNN GEMMs (reference)", "torch", "none"),
     Case("bayes_ext", "bayes_ext (compiled)", "bayes_ext", "MC log q - log p (fused)",
          env={"BAYES_EXT_FORCE_PYTHON": "0"}, linear_factory_ok=True),
     Case("bayes_ext_py", "bayes_ext (python fallback)", "bayes_ext", "MC log q - log p",
@@ -59,11 +61,14 @@ def dist_version(dist):
         return None
 
 
-def availability(name):
+def availability(name, device="cpu"):
     """(ok, note). Checked in the parent; the fallback's real backend is checked in its own process."""
     try:
         if name == "linear":
             return True, ""
+        if name == "linear_onednn":
+            import onednn_linear
+            return onednn_linear.available(device)
         if name in ("bayes_ext", "bayes_ext_py") + tuple(ESTIMATOR_CASES):
             import bayes_ext
             if name != "bayes_ext_py" and not bayes_ext.extension_available():
@@ -81,6 +86,9 @@ def make_linear(name, in_f, out_f):
     """One layer of the case, with each library's own default hyper-parameters."""
     if name == "linear":
         return nn.Linear(in_f, out_f)
+    if name == "linear_onednn":
+        import onednn_linear
+        return onednn_linear.OneDnnLinear(in_f, out_f)
     if name in ("bayes_ext", "bayes_ext_py"):
         from bayes_ext.modules import BayesianLinear
         return BayesianLinear(in_f, out_f)
@@ -116,7 +124,7 @@ def model_kl(model):
 
 def layer_forward(name):
     """forward(module, x, need_kl) -> (out, kl or None) for a single layer of case `name`."""
-    if name == "linear":
+    if name in ("linear", "linear_onednn"):
         return lambda m, x, need_kl: (m(x), None)
     if name in ("bayes_ext", "bayes_ext_py", "blitz") + tuple(ESTIMATOR_CASES):
         # These layers always compute log q / log p in a sampled forward; we only skip using it.

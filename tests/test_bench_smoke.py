@@ -24,6 +24,8 @@ def test_quick_benchmark_runs_and_reports_every_bayes_ext_case(tmp_path):
     expected = {("layer", "linear"), ("layer", "bayes_ext"), ("layer", "bayes_ext_py"), ("layer", "bayes_ext_lrt"),
                 ("layer", "bayes_ext_flipout"), ("transformer", "bayes_ext"), ("other", "nn"),
                 ("other", "bayes_ext"), ("other", "bayes_ext_cf"), ("elbo", "loop"), ("elbo", "vectorised")}
+    if _onednn_linear_module().available("cpu")[0]:
+        expected.add(("layer", "linear_onednn"))
     assert expected <= present, expected - present
     for r in rows:
         if (r["section"], r["case"]) in expected:
@@ -105,3 +107,36 @@ def test_memory_snapshot_finds_the_blocks_alive_at_the_peak():
     assert ms.where(blocks[0][1]).endswith("functional.py:3:linear")  # only torch's frame: the innermost
     assert ms.where([torch_frame, own]).endswith(os.path.join("bayes_ext", "functional.py") + ":7:f")
     assert "no Python frame" in ms.where([])
+
+
+def _onednn_linear_module():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import onednn_linear
+    finally:
+        sys.path.pop(0)
+    return onednn_linear
+
+
+def test_the_onednn_reference_linear_is_nn_linear():
+    """The benchmark's "nn.Linear, oneDNN GEMMs" row: nn.Linear's values and gradients (to float32
+    rounding), batch dimensions included."""
+    import pytest
+    import torch
+    mod = _onednn_linear_module()
+    if not mod.available("cpu")[0]:
+        pytest.skip("this torch build has no oneDNN linear")
+    assert not mod.available("cuda")[0]
+    ref = torch.nn.Linear(96, 80)
+    layer = mod.OneDnnLinear(96, 80)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, 96, requires_grad=True)
+    g = torch.randn(3, 7, 80)
+    outs = []
+    for m in (layer, ref):
+        y = m(x)
+        outs.append((y, *torch.autograd.grad((y * g).sum(), [x, m.weight, m.bias])))
+    for a, b in zip(*outs):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
