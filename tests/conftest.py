@@ -55,6 +55,13 @@ def _deterministic():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads for one test (where the ops run pieces side by side: side_by_side.h);
+    _deterministic restores the count."""
+    torch.set_num_threads(2)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

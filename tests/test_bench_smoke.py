@@ -1,6 +1,7 @@
 """The README's main job must not rot: bench/bench_layers.py --quick runs end to end (without the
 optional reference packages, matplotlib or tqdm if they are missing) and writes rows for every
 bayes_ext case of every section, each with a positive train time."""
+import importlib
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ def test_quick_benchmark_runs_and_reports_every_bayes_ext_case(tmp_path):
     expected = {("layer", "linear"), ("layer", "bayes_ext"), ("layer", "bayes_ext_py"), ("layer", "bayes_ext_lrt"),
                 ("layer", "bayes_ext_flipout"), ("transformer", "bayes_ext"), ("other", "nn"),
                 ("other", "bayes_ext"), ("other", "bayes_ext_cf"), ("elbo", "loop"), ("elbo", "vectorised")}
-    if _onednn_linear_module().available("cpu")[0]:
+    if _bench_module("onednn_linear").available("cpu")[0]:
         expected.add(("layer", "linear_onednn"))
     assert expected <= present, expected - present
     for r in rows:
@@ -58,11 +59,7 @@ class _CountingRunner:
 def test_round_robin_rewarms_short_steps_after_another_case():
     """A case whose step is shorter than the threshold runs an untimed step of its own before every
     timed one (the first step after another case runs on that case's caches); long steps do not."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import timing
-    finally:
-        sys.path.pop(0)
+    timing = _bench_module("timing")
     log = []
     runners = {"fast": _CountingRunner("fast", 0.001, log), "slow": _CountingRunner("slow", 1.0, log)}
     times, failed = timing.round_robin(runners, warmup=1, budget_s=0.004, min_reps=3, max_reps=3,
@@ -75,20 +72,21 @@ def test_round_robin_rewarms_short_steps_after_another_case():
             assert timed_part[i + 1] == "fast"
 
 
-def _memory_snapshot_module():
+def _bench_module(name):
+    """A module of bench/ (the scripts import each other from there), imported without leaving
+    bench/ on sys.path."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
-        import memory_snapshot
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return memory_snapshot
 
 
 def test_memory_snapshot_finds_the_blocks_alive_at_the_peak():
     """bench/memory_snapshot.py's replay of an allocator trace (the CUDA run itself needs a GPU):
     the peak counts from alloc to free_requested, frees of blocks allocated before recording are
     ignored, and the blocks alive at the peak come largest first with their allocating frame."""
-    ms = _memory_snapshot_module()
+    ms = _bench_module("memory_snapshot")
     own = {"filename": os.path.join(ROOT, "bayes_ext", "functional.py"), "line": 7, "name": "f"}
     torch_frame = {"filename": "/site-packages/torch/nn/functional.py", "line": 3, "name": "linear"}
     trace = [
@@ -109,21 +107,12 @@ def test_memory_snapshot_finds_the_blocks_alive_at_the_peak():
     assert "no Python frame" in ms.where([])
 
 
-def _onednn_linear_module():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import onednn_linear
-    finally:
-        sys.path.pop(0)
-    return onednn_linear
-
-
 def test_the_onednn_reference_linear_is_nn_linear():
     """The benchmark's "nn.Linear, oneDNN GEMMs" row: nn.Linear's values and gradients (to float32
     rounding), batch dimensions included."""
     import pytest
     import torch
-    mod = _onednn_linear_module()
+    mod = _bench_module("onednn_linear")
     if not mod.available("cpu")[0]:
         pytest.skip("this torch build has no oneDNN linear")
     assert not mod.available("cuda")[0]

@@ -89,14 +89,6 @@ def test_the_layer_ops_take_the_chosen_gemm_with_the_python_ops_values(compiled,
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("block_rows", [None, 128])
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_onednn_on_two_threads_with_a_strided_input(compiled, monkeypatch, two_threads, op, block_rows):
@@ -104,6 +96,7 @@ def test_onednn_on_two_threads_with_a_strided_input(compiled, monkeypatch, two_t
     OpenMP region (csrc/cpu/side_by_side.h); x arrives as a non-contiguous 3-D view."""
     if not _onednn_in_torch():
         pytest.skip("this torch build has no oneDNN linear")
+    assert torch.get_num_threads() == 2
     monkeypatch.setenv("BAYES_EXT_CPU_GEMM", "onednn")
     got, ref, names = _op_step(compiled, monkeypatch, op, (64, 512, 384), block_rows, strided=True)
     assert names.get(ONEDNN_OP, 0) == ONEDNN_CALLS[op, block_rows]

@@ -45,14 +45,6 @@ def test_equals_the_python_custom_op(compiled, monkeypatch, block_rows, prior_si
         assert torch.isfinite(a).all()
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("block_rows", [None, 16])
 # (batch, in, out): whole-weight GEMMs of 491K / 300K multiply-adds; in blocks of 16 rows 98K (side by
 # side) and 24K (below side_by_side.h's 64K: one after the other)
