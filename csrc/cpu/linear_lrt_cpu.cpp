@@ -1,11 +1,12 @@
 // The local-reparameterisation linear layer (estimator="lrt") in one call each way, CPU: the same
 // ops in the same order as the Python implementation of bayes_ext::linear_lrt
 // (bayes_ext/functional_estimators.py), so the same values (to float32 rounding where a GEMM takes
-// oneDNN's path: cpu_gemm.h); what it saves is the Python between those ops. On two threads its pairs of independent GEMMs run side by side, one per thread
-// (side_by_side.h): faster, and the same values to float32 rounding (bit for bit for small
-// layers). A large weight's sigma^2 is built and consumed block of rows by block of rows, as
-// there. Eager calls get their autograd here too (LinearLrtFunction, registered for AutogradCPU);
-// torch.compile, autocast, fake tensors and the other backends keep the Python custom op.
+// oneDNN's path: cpu_gemm.h); what it saves is the Python between those ops. On two threads its
+// pairs of independent GEMMs run side by side, one per thread (side_by_side.h): faster, and the
+// same values to float32 rounding (bit for bit for small layers). A large weight's sigma^2 is built
+// and consumed block of rows by block of rows, as there. Eager calls get their autograd here too
+// (LinearLrtFunction, registered for AutogradCPU); torch.compile, autocast, fake tensors and the
+// other backends keep the Python custom op.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>

@@ -10,8 +10,9 @@
 // tensors and the pure-PyTorch backend keep the Python custom op.
 //
 // Device-generic: everything goes through the dispatcher (the sampling ops' CPU or CUDA kernels),
-// so the same functions are registered for CUDA (cpu_gemm's GEMMs are torch's for CUDA tensors). Under autocast x arrives in the lower precision
-// and W is cast to it for the matmuls, as the Python op does.
+// so the same functions are registered for CUDA (cpu_gemm's GEMMs are torch's for CUDA tensors).
+// Under autocast x arrives in the lower precision and W is cast to it for the matmuls, as the
+// Python op does.
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
