@@ -64,6 +64,13 @@ def _op_step(compiled, monkeypatch, op, shape, block_rows=None, strided=False):
     return got, ref, {e.key: e.count for e in prof.key_averages()}
 
 
+def _assert_equal_to_float32_rounding(got, ref):
+    for a, b in zip(got, ref):
+        a, b = a.detach(), b.detach()
+        assert a.shape == b.shape and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
 # oneDNN GEMMs of one call with its backward: every forward and dL/dx GEMM (LRT: the mean and the
 # variance paths; Flipout: the perturbation and the mean), per block of rows where the op works in blocks
 ONEDNN_CALLS = {("linear_lrt_rows", None): 4, ("linear_lrt_rows", 128): 8,
@@ -83,10 +90,7 @@ def test_the_layer_ops_take_the_chosen_gemm_with_the_python_ops_values(compiled,
     got, ref, names = _op_step(compiled, monkeypatch, op, (64, 512, 384), block_rows)
     expect_onednn = _onednn_in_torch() and (choice == "onednn" or (choice == "auto" and _amd_cpu()))
     assert names.get(ONEDNN_OP, 0) == (ONEDNN_CALLS[op, block_rows] if expect_onednn else 0)
-    for a, b in zip(got, ref):
-        a, b = a.detach(), b.detach()
-        assert a.shape == b.shape and torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    _assert_equal_to_float32_rounding(got, ref)
 
 
 @pytest.mark.parametrize("block_rows", [None, 128])
@@ -100,10 +104,7 @@ def test_onednn_on_two_threads_with_a_strided_input(compiled, monkeypatch, two_t
     monkeypatch.setenv("BAYES_EXT_CPU_GEMM", "onednn")
     got, ref, names = _op_step(compiled, monkeypatch, op, (64, 512, 384), block_rows, strided=True)
     assert names.get(ONEDNN_OP, 0) == ONEDNN_CALLS[op, block_rows]
-    for a, b in zip(got, ref):
-        a, b = a.detach(), b.detach()
-        assert a.shape == b.shape and torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    _assert_equal_to_float32_rounding(got, ref)
 
 
 @pytest.mark.parametrize("op", sorted(OPS))

@@ -7,11 +7,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <string>
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
-#endif
 
 namespace bayes_ext {
 namespace cpu_gemm {
@@ -21,17 +16,12 @@ using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&, const c
                                    c10::string_view, c10::List<c10::optional<c10::Scalar>>,
                                    c10::optional<c10::string_view>);
 
+// The compiler's CPU model query, as kernel_dispatch.h asks it for the ISA.
 bool amd_cpu() {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__) && defined(__GNUC__)
   static const bool amd = [] {
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) == 0) return false;
-    char vendor[13];
-    std::memcpy(vendor, &ebx, 4);
-    std::memcpy(vendor + 4, &edx, 4);
-    std::memcpy(vendor + 8, &ecx, 4);
-    vendor[12] = '\0';
-    return std::strcmp(vendor, "AuthenticAMD") == 0;
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
   }();
   return amd;
 #else
