@@ -78,6 +78,19 @@ TORCH_LIBRARY(bayes_ext, m) {
   // cuda/sample_weight_cuda.cu (fp32 parameters into fp32 / bf16 / fp16 in the sampling kernel).
   m.def("sample_weight_as(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
         "float prior_sigma2, ScalarType dtype, bool with_kl) -> (Tensor, Tensor, Tensor)");
+  // A linear layer's weight and bias at once, for the layer op (fewer launches on a GPU):
+  // sample_weight_as(weight_mu, weight_rho, seed, 0, ..., dtype, True) and
+  // sample_weight_as(bias_mu, bias_rho, seed, 1, ..., dtype, True), returned as (w, b, log_q, log_p)
+  // with the two log q and the two log p added. Impl: cpu/sample_weight_bias.cpp (any device: those
+  // two calls), cuda/sample_weight_bias_cuda.cu (one launch, the same bits).
+  m.def("sample_weight_bias_as(Tensor weight_mu, Tensor weight_rho, Tensor bias_mu, Tensor bias_rho, Tensor seed, "
+        "float prior_pi, float prior_sigma1, float prior_sigma2, ScalarType dtype) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Its backward: grad_weight (dL/dW, contiguous) becomes dL/dweight_mu in place; returns
+  // (grad_weight_rho, grad_bias_mu, grad_bias_rho) for grad_bias = dL/db.
+  m.def("sample_weight_bias_backward_(Tensor(a!) grad_weight, Tensor grad_bias, Tensor grad_log_q, Tensor grad_log_p, "
+        "Tensor weight_mu, Tensor weight_rho, Tensor bias_mu, Tensor bias_rho, Tensor seed, float prior_pi, "
+        "float prior_sigma1, float prior_sigma2) -> (Tensor, Tensor, Tensor)");
   // The standard normals of stream (seed, offset) in the shape, dtype and device of `like`.
   m.def("philox_normal(Tensor like, Tensor seed, int offset, int start=0) -> Tensor");
   // Rows `indices` (int64, any shape, values in [0, V)) of a sample of the (V, D) table

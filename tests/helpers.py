@@ -227,3 +227,29 @@ def check_layer_op_rejects_bad_inputs(op, prior):
     with pytest.raises(TypeError, match="seed"):
         op(x, wm, wr, bm, br, seed.float(), *prior, 4)
     return x, (wm, wr, bm, br), seed
+
+
+def check_weight_bias_ops_are_two_calls(ops, weight_mu, weight_rho, bias_mu, bias_rho, seed, dtype,
+                                        prior=(0.5, 0.1, 0.4)):
+    """sample_weight_bias_as / sample_weight_bias_backward_ (the layer op's calls) against their
+    definition, bit for bit: sample_weight_as / sample_weight_backward of the weight on stream
+    (seed, 0) and of the bias on (seed, 1), the two log q and log p added, grad_weight overwritten
+    by grad_weight_mu."""
+    w, b, log_q, log_p = ops.sample_weight_bias_as(weight_mu, weight_rho, bias_mu, bias_rho, seed, *prior, dtype)
+    ref_w, ref_q, ref_p = ops.sample_weight_as(weight_mu, weight_rho, seed, 0, *prior, dtype, True)
+    ref_b, ref_q_b, ref_p_b = ops.sample_weight_as(bias_mu, bias_rho, seed, 1, *prior, dtype, True)
+    assert w.dtype == b.dtype == dtype and log_q.dtype == weight_mu.dtype
+    for got, want in ((w, ref_w), (b, ref_b), (log_q, ref_q + ref_q_b), (log_p, ref_p + ref_p_b)):
+        assert got.shape == want.shape and torch.equal(got, want)
+    gen = torch.Generator().manual_seed(8)
+    grad_w = torch.randn(weight_mu.shape, generator=gen, dtype=weight_mu.dtype).to(weight_mu.device)
+    grad_b = torch.randn(bias_mu.shape, generator=gen, dtype=bias_mu.dtype).to(bias_mu.device)
+    glq = torch.tensor(0.3, dtype=weight_mu.dtype, device=weight_mu.device)
+    glp = torch.tensor(-0.7, dtype=weight_mu.dtype, device=weight_mu.device)
+    grad_weight = grad_w.clone()
+    got = (grad_weight,) + tuple(ops.sample_weight_bias_backward_(grad_weight, grad_b, glq, glp, weight_mu, weight_rho,
+                                                                  bias_mu, bias_rho, seed, *prior))
+    want = (ops.sample_weight_backward(grad_w, glq, glp, weight_mu, weight_rho, seed, 0, *prior, False)[:2]
+            + ops.sample_weight_backward(grad_b, glq, glp, bias_mu, bias_rho, seed, 1, *prior, False)[:2])
+    for g, r in zip(got, want):
+        assert g.shape == r.shape and torch.equal(g, r)

@@ -94,9 +94,11 @@ def test_cuda_calls_have_a_kernel_even_when_the_library_was_built_without_cuda()
         pytest.skip("the compiled library is not loaded")
     for name in _backend.OP_NAMES:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bayes_ext::{name}", "CUDA"), name
-    # the CUDA layer op's calls: its own CUDA registration, and sample_weight_as's composite kernel
-    # (sample_weight, then a cast) where no CUDA kernel was built
-    for name in ("linear_reparam_rows", "linear_reparam_rows_backward", "sample_weight_as"):
+    # the CUDA layer op's calls: its own CUDA registration, and the composite kernels of
+    # sample_weight_as (sample_weight, then a cast) and of the weight-and-bias calls (two calls)
+    # where no CUDA kernel was built
+    for name in ("linear_reparam_rows", "linear_reparam_rows_backward", "sample_weight_as", "sample_weight_bias_as",
+                 "sample_weight_bias_backward_"):
         assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"bayes_ext::{name}", "CUDA"), name
     if _ops._cuda_fallback_lib is None:
         pytest.skip("built with CUDA kernels")

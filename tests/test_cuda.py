@@ -415,6 +415,50 @@ def test_noise_only_on_cuda(cuda_ops, start, unaligned):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 3), (33, 65), (512, 2050), "unaligned", "float64"])
+def test_weight_and_bias_in_one_launch_are_the_two_calls(cuda_ops, dtype, shape):
+    """The layer op's one-launch sampling of W and b (and its backward): the same bits as
+    sample_weight_as / sample_weight_backward of each, log q / log p included (W's blocks then b's,
+    each on the grid of its own launch). Partial Philox blocks (5 x 3, a bias of 33), a weight over
+    many CUDA blocks (512 x 2050), and the cases the kernel leaves to the separate calls: a weight
+    not 16-byte aligned, float64 parameters."""
+    from helpers import check_weight_bias_ops_are_two_calls
+    if cuda_ops is not torch.ops.bayes_ext:
+        pytest.skip("a compiled-backend op")
+    weight_mu, weight_rho, bias_mu, bias_rho = _weight_bias_params(shape)
+    out_dtype = torch.float64 if weight_mu.dtype == torch.float64 and dtype == torch.float32 else dtype
+    check_weight_bias_ops_are_two_calls(cuda_ops, weight_mu, weight_rho, bias_mu, bias_rho, seed_tensor(99).to(DEV),
+                                        out_dtype)
+
+
+def test_weight_and_bias_sampling_launches_one_kernel_each_way(cuda_ops):
+    """The layer op's weight-and-bias calls run the one-launch kernels (the test above holds their
+    values). Its own test, as CUPTI (kernel names in the profiler) is unavailable under
+    compute-sanitizer, which bench/gpu_check.sh runs the other tests under."""
+    from helpers import check_weight_bias_ops_are_two_calls
+    if cuda_ops is not torch.ops.bayes_ext:
+        pytest.skip("a compiled-backend op")
+    with torch.profiler.profile() as prof:
+        check_weight_bias_ops_are_two_calls(cuda_ops, *_weight_bias_params((33, 65)), seed_tensor(99).to(DEV),
+                                            torch.bfloat16)
+    events = prof.key_averages()
+    for kernel in ("forward_pair_kernel", "backward_pair_kernel"):
+        assert sum(e.count for e in events if kernel in e.key) == 1, [e.key for e in events]
+
+
+def _weight_bias_params(shape):
+    if shape == "unaligned":
+        flat_mu, flat_rho = _params((1 + 40 * 24,), torch.float32)
+        weight_mu, weight_rho = flat_mu[1:].view(40, 24), flat_rho[1:].view(40, 24)
+        assert weight_mu.data_ptr() % 16 != 0
+    else:
+        param_dtype = torch.float64 if shape == "float64" else torch.float32
+        weight_mu, weight_rho = _params((40, 24) if shape == "float64" else shape, param_dtype)
+    bias_mu, bias_rho = _params(weight_mu.shape[:1], weight_mu.dtype, seed=1)
+    return weight_mu, weight_rho, bias_mu, bias_rho
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_kl", [True, False])
 @pytest.mark.parametrize("shape", [(7,), (33, 65), (64, 128), "unaligned"])
 def test_sample_weight_as_writes_the_cast_sample(cuda_ops, dtype, with_kl, shape):

@@ -44,17 +44,6 @@ Triple sample_weight(const at::Tensor& mu, const at::Tensor& rho, const at::Tens
   return op_calls::sample_weight(mu, rho, seed, offset, pi, sigma1, sigma2, start, false);
 }
 
-// W (and, with_kl, its log q / log p) in x's dtype: on CUDA the sampling kernel writes bf16 / fp16
-// directly, elsewhere sample_weight then a cast (cpu/sample_weight_as.cpp).
-Triple sample_weight_as(const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed, int64_t offset,
-                        double pi, double sigma1, double sigma2, at::ScalarType dtype, bool with_kl) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bayes_ext::sample_weight_as", "")
-                       .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double,
-                                     double, at::ScalarType, bool)>();
-  return op.call(mu, rho, seed, offset, pi, sigma1, sigma2, dtype, with_kl);
-}
-
 Triple sample_weight_backward(const at::Tensor& grad_w, const at::Tensor& grad_log_q, const at::Tensor& grad_log_p,
                               const at::Tensor& mu, const at::Tensor& rho, const at::Tensor& seed, int64_t offset,
                               double pi, double sigma1, double sigma2, bool return_weight) {
@@ -112,11 +101,17 @@ Triple linear_reparam_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, 
   const at::Tensor weight_mu = weight_mu_in.contiguous(), weight_rho = weight_rho_in.contiguous();
   const int64_t out_features = weight_mu.size(0), in_features = weight_mu.size(1);
   const auto x_dtype = x.scalar_type();
+  if (block_rows >= out_features && has(bias_mu)) {
+    // W and b in one call (on CUDA one launch; elsewhere the two sample_weight_as calls)
+    auto [w, b, log_q, log_p] = op_calls::sample_weight_bias_as(weight_mu, weight_rho, *bias_mu, *bias_rho, seed,
+                                                                pi, sigma1, sigma2, x_dtype);
+    return {cpu_gemm::linear(x, w, b), log_q, log_p};
+  }
   if (block_rows >= out_features) {
-    auto [w, log_q, log_p] = sample_weight_as(weight_mu, weight_rho, seed, 0, pi, sigma1, sigma2, x_dtype, true);
-    if (!has(bias_mu)) return {cpu_gemm::linear(x, w), log_q, log_p};
-    auto [b, log_q_b, log_p_b] = sample_weight_as(*bias_mu, *bias_rho, seed, 1, pi, sigma1, sigma2, x_dtype, true);
-    return {cpu_gemm::linear(x, w, b), log_q + log_q_b, log_p + log_p_b};
+    // W (and its log q / log p) in x's dtype: on CUDA the sampling kernel writes bf16 / fp16 directly
+    auto [w, log_q, log_p] =
+        op_calls::sample_weight_as(weight_mu, weight_rho, seed, 0, pi, sigma1, sigma2, x_dtype, true);
+    return {cpu_gemm::linear(x, w), log_q, log_p};
   }
   const at::Tensor x_2d = x.reshape({-1, in_features});
   at::Tensor y = at::empty({x_2d.size(0), out_features}, x.options());
@@ -160,19 +155,25 @@ Grads linear_reparam_rows_backward(const at::Tensor& grad_out, const at::Tensor&
                    grad_out.scalar_type());
   const at::Tensor grad_out_2d = grad_out.reshape({-1, out_features});
   const at::Tensor x_2d = x.reshape({-1, in_features});
-  at::Tensor grad_x, grad_mu, grad_rho;
+  at::Tensor grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho;
   if (block_rows >= out_features && weight_mu.is_cuda()) {
     // dL/dx first, from W rebuilt by the sampling kernel and freed before the two gradients exist;
     // then grad_W's buffer becomes grad_mu in place (the kernel reads each element before writing
     // it). The step holds nn.Linear's memory plus one weight copy (grad_rho), not three.
     if (need_x) {
       grad_x = grad_out_2d.mm(
-          std::get<0>(sample_weight_as(weight_mu, weight_rho, seed, 0, pi, sigma1, sigma2, x_dtype, false)));
+          std::get<0>(op_calls::sample_weight_as(weight_mu, weight_rho, seed, 0, pi, sigma1, sigma2, x_dtype, false)));
     }
     grad_mu = mm_in_dtype(grad_out_2d.t(), x_2d, w_dtype);
-    grad_rho = at::empty_like(grad_mu);
-    sample_weight_backward_into(grad_mu, grad_rho, grad_mu, grad_log_q, grad_log_p, weight_mu, weight_rho, seed, pi,
-                                sigma1, sigma2, false, 0);
+    if (has(bias_mu)) {  // W's and b's gradients in one call (one launch on CUDA)
+      std::tie(grad_rho, grad_bias_mu, grad_bias_rho) = op_calls::sample_weight_bias_backward_(
+          grad_mu, grad_out_2d.sum(0, false, bias_mu->scalar_type()), grad_log_q, grad_log_p, weight_mu, weight_rho,
+          *bias_mu, *bias_rho, seed, pi, sigma1, sigma2);
+    } else {
+      grad_rho = at::empty_like(grad_mu);
+      sample_weight_backward_into(grad_mu, grad_rho, grad_mu, grad_log_q, grad_log_p, weight_mu, weight_rho, seed, pi,
+                                  sigma1, sigma2, false, 0);
+    }
   } else if (block_rows >= out_features) {
     // The CPU kernels take __restrict__ pointers (no in-place call); W comes out of the same pass.
     at::Tensor w;
@@ -195,8 +196,10 @@ Grads linear_reparam_rows_backward(const at::Tensor& grad_out, const at::Tensor&
     }
   }
   grad_x = need_x ? grad_x.reshape(x.sizes()) : at::empty({0}, x.options());
-  at::Tensor grad_bias_mu = at::empty({0}, weight_mu.options()), grad_bias_rho = at::empty({0}, weight_mu.options());
-  if (has(bias_mu)) {
+  if (!has(bias_mu)) {
+    grad_bias_mu = at::empty({0}, weight_mu.options());
+    grad_bias_rho = at::empty({0}, weight_mu.options());
+  } else if (!grad_bias_mu.defined()) {
     std::tie(grad_bias_mu, grad_bias_rho, std::ignore) =
         sample_weight_backward(grad_out_2d.sum(0, false, bias_mu->scalar_type()), grad_log_q, grad_log_p, *bias_mu,
                                *bias_rho, seed, 1, pi, sigma1, sigma2, false);

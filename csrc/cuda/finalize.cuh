@@ -12,14 +12,20 @@
 
 namespace bayes_ext {
 
+// Column c of partials rows [row0, row0 + rows) summed in a fixed order; thread 0 receives it.
+__device__ __forceinline__ double sum_partials_column(const double* __restrict__ partials, int64_t row0, int64_t rows,
+                                                     int width, int c, double* shared) {
+  double v = 0.0;
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) v += partials[(row0 + r) * width + c];
+  return block_sum(v, shared);
+}
+
 template <typename T>
 __global__ void finalize_partials_kernel(const double* __restrict__ partials, int64_t rows, int width, double add0,
                                          double add1, T* __restrict__ out0, T* __restrict__ out1) {
   __shared__ double shared[32];
   for (int c = 0; c < width; ++c) {
-    double v = 0.0;
-    for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) v += partials[r * width + c];
-    v = block_sum(v, shared);
+    const double v = sum_partials_column(partials, 0, rows, width, c, shared);
     if (threadIdx.x == 0) *(c == 0 ? out0 : out1) = static_cast<T>(v + (c == 0 ? add0 : add1));
   }
 }
@@ -39,6 +45,40 @@ inline std::pair<at::Tensor, at::Tensor> finalize_partials(const at::Tensor& par
     finalize_partials_kernel<scalar_t><<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         partials.data_ptr<double>(), rows, width, add0, add1, out0.data_ptr<scalar_t>(),
         width > 1 ? out1.data_ptr<scalar_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out0, out1};
+}
+
+// Two tensors' sums from one launch (the first rows0 rows of partials are the first tensor's blocks,
+// the next rows1 the second's): each finalised as finalize_partials would (its own fixed-order sum
+// plus its own constant, cast to T), then added in T, so the result is bit for bit the two
+// finalize_partials results added by torch.
+template <typename T>
+__global__ void finalize_pair_partials_kernel(const double* __restrict__ partials, int64_t rows0, int64_t rows1,
+                                              double add0_first, double add0_second, T* __restrict__ out0,
+                                              T* __restrict__ out1) {
+  __shared__ double shared[32];
+  for (int c = 0; c < 2; ++c) {
+    const double first = sum_partials_column(partials, 0, rows0, 2, c, shared);
+    const double second = sum_partials_column(partials, rows0, rows1, 2, c, shared);
+    if (threadIdx.x == 0) {
+      *(c == 0 ? out0 : out1) = static_cast<T>(first + (c == 0 ? add0_first : 0.0)) +
+                                static_cast<T>(second + (c == 0 ? add0_second : 0.0));
+    }
+  }
+}
+
+// (column 0, column 1) of width-2 partials as two tensors' sums added (see the kernel); column 0
+// gets add0_first / add0_second, column 1 nothing.
+inline std::pair<at::Tensor, at::Tensor> finalize_pair_partials(const at::Tensor& partials, int64_t rows0,
+                                                                int64_t rows1, double add0_first, double add0_second,
+                                                                const at::Tensor& like) {
+  at::Tensor out0 = at::empty({}, like.options()), out1 = at::empty({}, like.options());
+  AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "finalize_pair_partials", [&] {
+    finalize_pair_partials_kernel<scalar_t><<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        partials.data_ptr<double>(), rows0, rows1, add0_first, add0_second, out0.data_ptr<scalar_t>(),
+        out1.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out0, out1};

@@ -40,6 +40,25 @@ inline void check_posterior_params(const at::Tensor& mu, const at::Tensor& rho) 
   check_matches(rho, "rho", mu, "mu");
 }
 
+// A linear layer's weight posterior (out_features, in_features) and bias posterior (out_features,):
+// floating, each pair alike, the bias in the weight's dtype and on its device.
+inline void check_weight_bias_params(const at::Tensor& weight_mu, const at::Tensor& weight_rho,
+                                     const at::Tensor& bias_mu, const at::Tensor& bias_rho) {
+  TORCH_CHECK_TYPE(weight_mu.defined() && weight_rho.defined() && bias_mu.defined() && bias_rho.defined(),
+                   "weight_mu, weight_rho, bias_mu and bias_rho must be tensors");
+  check_floating(weight_mu, "weight_mu");
+  check_matches(weight_rho, "weight_rho", weight_mu, "weight_mu");
+  TORCH_CHECK_VALUE(weight_mu.dim() == 2, "weight_mu must be 2-D (out_features, in_features), got shape ",
+                    weight_mu.sizes());
+  TORCH_CHECK_TYPE(bias_mu.scalar_type() == weight_mu.scalar_type(), "bias_mu must have the dtype of weight_mu (",
+                   weight_mu.scalar_type(), "), got ", bias_mu.scalar_type());
+  TORCH_CHECK_VALUE(bias_mu.device() == weight_mu.device(), "bias_mu must be on the device of weight_mu (",
+                    weight_mu.device(), "), got ", bias_mu.device());
+  TORCH_CHECK_VALUE(bias_mu.dim() == 1 && bias_mu.size(0) == weight_mu.size(0), "bias_mu must have shape (",
+                    weight_mu.size(0), ",) (out_features), got ", bias_mu.sizes());
+  check_matches(bias_rho, "bias_rho", bias_mu, "bias_mu");
+}
+
 inline void check_seed(const at::Tensor& seed, const at::Tensor& like) {
   TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "seed must be an int64 tensor, got ",
                    seed.scalar_type());
