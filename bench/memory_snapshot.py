@@ -10,7 +10,8 @@ from its "alloc" until its "free_requested", as torch.cuda.max_memory_allocated 
 the moment of the most allocated bytes; the blocks alive then are printed largest first with the
 frame that allocated them (the innermost one in bayes_ext/ or bench/, else the innermost), and the
 peak above model + input as bench/memory.py reports it. The default is the case the H200 run of
-2026-11-27 left 32 MB over its target (4096^3, bf16, sample_nbr 3: 576 MB against nn.Linear's 480).
+2026-11-27 morning left 32 MB over its target (4096^3, bf16, sample_nbr 3: 576 MB against
+nn.Linear's 480; 512 MB after the weight-and-bias calls of that afternoon).
 """
 import argparse
 import os
