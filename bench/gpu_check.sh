@@ -83,8 +83,9 @@ if [[ "${GPU_CHECK_BENCH:-1}" == "1" ]]; then
   # wrong cannot take the benchmark's results with it); the table goes to the summary
   step graphed 120 "$OUT/graphed.log" "$PY" bench/graphed_step.py --amp bf16
   cat "$OUT/graphed.log" >> "$SUMMARY" && rm -f "$OUT/graphed.log"
-  # host time per layer call, piece by piece (the eager bf16 steps are host-bound); to the summary
-  step host 60 "$OUT/host.log" bash -c '"$0" bench/overhead.py --device cuda --amp fp32 && "$0" bench/overhead.py --device cuda --amp bf16' "$PY"
+  # host time per layer call, piece by piece, and the operators each training step issues (the
+  # eager bf16 steps are host-bound); to the summary
+  step host 60 "$OUT/host.log" bash -c '"$0" bench/overhead.py --device cuda --amp fp32 --ops && "$0" bench/overhead.py --device cuda --amp bf16 --ops' "$PY"
   cat "$OUT/host.log" >> "$SUMMARY" && rm -f "$OUT/host.log"
   # the blocks alive at the peak of the step that stays over issue 8's memory target; to the summary
   step memory-snapshot 60 "$OUT/memory_snapshot.log" "$PY" bench/memory_snapshot.py

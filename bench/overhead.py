@@ -10,6 +10,10 @@ Python in front of it is the difference), the seed draw, the KL terms a loss rea
 calls queue back to back and the GPU catches up once per block, so a figure is the host's cost
 (issue 8: the eager bf16 steps on an H200 are host-bound). This overhead is what a model of many
 small layers pays per layer call.
+
+--ops also prints what the two training steps issue, from torch.profiler: each operator (and, on
+CUDA, runtime call such as cudaLaunchKernel) with its calls and self CPU microseconds per step,
+nn.Linear's beside BayesianLinear's: where the Bayesian step's extra host time goes.
 """
 import argparse
 import contextlib
@@ -78,11 +82,38 @@ def rows(device, amp):
     ]
 
 
+def op_inventory(fn, sync, steps=50):
+    """{name: (calls per step, self CPU us per step)} of `steps` calls of fn under torch.profiler."""
+    for _ in range(5):
+        fn()
+    sync()
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    return {e.key: (e.count / steps, e.self_cpu_time_total / steps) for e in prof.key_averages()}
+
+
+def print_op_inventory(steps_by_label, sync, limit=40):
+    """The operators of the training steps side by side, most-called in the Bayesian step first."""
+    (label_a, fn_a), (label_b, fn_b) = steps_by_label
+    a, b = op_inventory(fn_a, sync), op_inventory(fn_b, sync)
+    print(f"\n| operator (per step) | {label_a}: calls | us | {label_b}: calls | us |\n|---|---|---|---|---|")
+    names = sorted(set(a) | set(b), key=lambda k: (-b.get(k, (0, 0))[0], -a.get(k, (0, 0))[0], k))
+    for name in names[:limit]:
+        ca, ta = a.get(name, (0, 0))
+        cb, tb = b.get(name, (0, 0))
+        print(f"| {name[:70]} | {ca:g} | {ta:.1f} | {cb:g} | {tb:.1f} |")
+    print(f"| all operators | {sum(c for c, _ in a.values()):g} | {sum(t for _, t in a.values()):.1f} "
+          f"| {sum(c for c, _ in b.values()):g} | {sum(t for _, t in b.values()):.1f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3000, help="calls per measurement (5 blocks)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--amp", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--ops", action="store_true", help="also the operators each training step issues")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -92,8 +123,11 @@ def main():
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU, one thread"
     print(f"## Host overhead per call: {where}, {args.amp}, a {IN} -> {OUT} layer at batch {BATCH}, "
           f"torch {torch.__version__}\n\n| call | us |\n|---|---|")
-    for label, fn in rows(device, args.amp):
+    measured = rows(device, args.amp)
+    for label, fn in measured:
         print(f"| {label} | {per_call_us(fn, args.steps, sync):.1f} |")
+    if args.ops:
+        print_op_inventory(measured[:2], sync)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,23 @@ def test_overhead_script_reports_every_call():
     assert all(float(line.split("|")[2]) > 0 for line in table), table
 
 
+def test_overhead_script_lists_the_operators_of_each_step():
+    """--ops: the operators the two training steps issue, side by side; the Bayesian step's sampling
+    ops appear on its side only, and the totals row adds the calls up."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "overhead.py"), "--steps", "20", "--ops"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = {}
+    for line in run.stdout.split("| operator (per step)", 1)[1].splitlines()[2:]:
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            rows[cells[0]] = (float(cells[1]), float(cells[3]))
+    assert rows["aten::mm"][0] > 0 and rows["aten::mm"][1] > 0
+    sampling = [name for name in rows if name.startswith("bayes_ext::")]
+    assert sampling and all(rows[n][0] == 0 and rows[n][1] > 0 for n in sampling), rows
+    assert rows["all operators"][1] > rows["all operators"][0] > 0
+
+
 class _CountingRunner:
     """A runner whose steps take `step_s` (as reported) and that records every call."""
 
