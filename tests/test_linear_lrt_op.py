@@ -68,6 +68,36 @@ def test_side_by_side_gemms_give_the_python_ops_values(compiled, monkeypatch, tw
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6 * float(b.abs().max()))
 
 
+def test_interleaved_calls_of_other_layers_keep_their_values(compiled, monkeypatch):
+    """sigma^2 is built in a per-thread scratch buffer that every call reuses (csrc/cpu/scratch.h):
+    forwards of two layers of other shapes and dtypes (one in row blocks) before either backward,
+    the backwards in the other order, must each give the Python op's values and gradients."""
+    monkeypatch.setattr(BF, "LRT_BLOCK_ELEMENTS", 4 * 11)  # the Python op's blocks: the second layer's 4 rows
+    layers = []
+    for out_f, in_f, dtype, rows in ((7, 9, F64, 7), (13, 11, torch.float32, 4)):
+        params = layer_params(out_f, in_f, True, dtype)
+        x = torch.randn(5, in_f, dtype=dtype, requires_grad=True)
+        layers.append((params, x, torch.randn(5, out_f, dtype=dtype), torch.tensor([out_f]), rows))
+
+    def outputs(call):
+        return [call(params, x, seed, rows) for params, x, _, seed, rows in layers]
+
+    def gradients(outs):
+        grads = []
+        for (params, x, g_out, _, _), (y, _, kl) in reversed(list(zip(layers, outs))):
+            grads.append(torch.autograd.grad((y * g_out).sum() + 0.3 * kl, [x, *params]))
+        return grads[::-1]
+
+    got = outputs(lambda params, x, seed, rows: compiled.linear_lrt_rows(x, *params, seed, 0.5, rows))
+    ref = outputs(lambda params, x, seed, rows: BFE._linear_lrt.op(x, *params, seed, 0.5))
+    for got_layer, ref_layer in zip(got, ref):
+        for a, b in zip(got_layer, ref_layer):
+            assert torch.equal(a.detach(), b.detach())
+    for got_layer, ref_layer in zip(gradients(got), gradients(ref)):
+        for a, b in zip(got_layer, ref_layer):
+            assert torch.equal(a, b)
+
+
 def _ops_called(fn):
     with torch.profiler.profile() as prof:
         fn()

@@ -18,6 +18,8 @@
 #include "cpu_gemm.h"
 #include "layer_op_helpers.h"
 #include "op_calls.h"
+#include "lrt_weight_cpu.h"
+#include "scratch.h"
 #include "side_by_side.h"
 
 namespace bayes_ext {
@@ -26,6 +28,7 @@ namespace {
 using layer_op::check_layer_args;
 using layer_op::has;
 using layer_op::maybe;
+using layer_op::ScratchLease;
 using layer_op::weight_grad_pair;
 using layer_op::with_last;
 
@@ -34,21 +37,10 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 
 constexpr int64_t kNoiseOffset = 2;  // Philox stream of the output noise (LRT_NOISE_OFFSET)
 
-std::tuple<at::Tensor, at::Tensor> lrt_weight_forward(const at::Tensor& mu, const at::Tensor& rho,
-                                                      double prior_sigma) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bayes_ext::lrt_weight_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(mu, rho, prior_sigma);
-}
-
-at::Tensor lrt_weight_backward_(at::Tensor& grad_mu, at::Tensor& grad_rho, const at::Tensor& grad_kl,
-                                const at::Tensor& mu, const at::Tensor& rho, double prior_sigma) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bayes_ext::lrt_weight_backward_", "")
-                       .typed<at::Tensor(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, double)>();
-  return op.call(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma);
+// sigma^2 into `sigma2` (a scratch lease's tensor) and the closed-form KL as mu's dtype, as
+// bayes_ext::lrt_weight_forward returns it; the kernels directly (this file is CPU-only).
+at::Tensor lrt_weight_forward(at::Tensor& sigma2, const at::Tensor& mu, const at::Tensor& rho, double prior_sigma) {
+  return at::scalar_tensor(lrt_weight_forward_into(sigma2, mu, rho, prior_sigma), mu.options());
 }
 
 // eps of the output noise for `like` (std): stream (seed, 2), or per group of elements for N seeds as
@@ -97,8 +89,9 @@ Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, cons
   const int64_t out_features = weight_mu.size(0), in_features = weight_mu.size(1);
   at::Tensor mean, var, kl;
   if (block_rows >= out_features) {
-    at::Tensor sigma2;
-    std::tie(sigma2, kl) = lrt_weight_forward(weight_mu, weight_rho, prior_sigma);
+    ScratchLease sigma2_lease(weight_mu);
+    at::Tensor& sigma2 = sigma2_lease.tensor();
+    kl = lrt_weight_forward(sigma2, weight_mu, weight_rho, prior_sigma);
     const at::Tensor x2 = x * x;
     side_by_side(x.numel() * out_features, [&] { mean = cpu_gemm::linear(x, weight_mu, bias_mu); },
                  [&] { var = cpu_gemm::linear(x2, sigma2); });
@@ -110,15 +103,18 @@ Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, cons
     var = at::empty({x_2d.size(0), out_features}, weight_mu.options());
     for (int64_t r0 = 0; r0 < out_features; r0 += block_rows) {
       const int64_t r1 = std::min(r0 + block_rows, out_features);
-      auto [sigma2, block_kl] = lrt_weight_forward(weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1),
-                                                   prior_sigma);
+      const at::Tensor mu_rows = weight_mu.slice(0, r0, r1);
+      ScratchLease sigma2_lease(mu_rows);
+      at::Tensor& sigma2 = sigma2_lease.tensor();
+      const at::Tensor block_kl = lrt_weight_forward(sigma2, mu_rows, weight_rho.slice(0, r0, r1), prior_sigma);
       var.slice(1, r0, r1).copy_(cpu_gemm::linear(x2, sigma2));
       kl = kl.defined() ? kl + block_kl : block_kl;
     }
     var = var.reshape(with_last(x.sizes(), out_features));
   }
   if (has(bias_rho)) {
-    auto [bias_sigma2, bias_kl] = lrt_weight_forward(*bias_mu, *bias_rho, prior_sigma);
+    at::Tensor bias_sigma2 = at::empty(bias_mu->sizes(), bias_mu->options());
+    const at::Tensor bias_kl = lrt_weight_forward(bias_sigma2, *bias_mu, *bias_rho, prior_sigma);
     var.add_(bias_sigma2);
     kl = kl + bias_kl;
   }
@@ -150,7 +146,7 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
   const at::Tensor x_2d = x.reshape({-1, in_features});
   const at::Tensor half_u = lrt_noise_grad(g, std, seed);
   const int64_t macs = x_2d.numel() * out_features;  // of each GEMM
-  at::Tensor grad_x, grad_mu, grad_rho, sigma2;
+  at::Tensor grad_x, grad_mu, grad_rho;
   if (need_w && block_rows < out_features) {
     std::tie(grad_mu, grad_rho) = weight_grad_pair(weight_mu);
     const at::Tensor x2 = x_2d * x_2d;
@@ -160,32 +156,40 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
       at::Tensor grad_mu_rows = grad_mu.slice(0, r0, r1), grad_rho_rows = grad_rho.slice(0, r0, r1);
       side_by_side(x_2d.numel() * (r1 - r0), [&] { at::mm_out(grad_mu_rows, g.slice(1, r0, r1).t(), x_2d); },
                    [&] { at::mm_out(grad_rho_rows, half_u.slice(1, r0, r1).t(), x2); });
-      const at::Tensor block_sigma2 = lrt_weight_backward_(grad_mu_rows, grad_rho_rows, grad_kl,
-                                                           weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1),
-                                                           prior_sigma);
+      const at::Tensor mu_rows = weight_mu.slice(0, r0, r1);
+      ScratchLease sigma2_lease(mu_rows);
+      at::Tensor& block_sigma2 = sigma2_lease.tensor();
+      lrt_weight_backward_into(block_sigma2, grad_mu_rows, grad_rho_rows, grad_kl, mu_rows,
+                               weight_rho.slice(0, r0, r1), prior_sigma);
       if (need_x) cpu_gemm::addmm_(var_grad_x, half_u.slice(1, r0, r1), block_sigma2);
     }
     if (need_x) grad_x = at::addcmul(cpu_gemm::mm(g, weight_mu), x_2d, var_grad_x, 2);
-  } else if (need_w) {
-    // the GEMMs give dL/dmu and dL/dsigma2 of the data term; one fused pass adds the KL's gradients,
-    // turns dL/dsigma2 into dL/drho and rebuilds sigma2 for grad_x
-    std::tie(grad_mu, grad_rho) = weight_grad_pair(weight_mu);
-    const at::Tensor x2 = x_2d * x_2d;
-    side_by_side(macs, [&] { at::mm_out(grad_mu, g.t(), x_2d); }, [&] { at::mm_out(grad_rho, half_u.t(), x2); });
-    sigma2 = lrt_weight_backward_(grad_mu, grad_rho, grad_kl, weight_mu, weight_rho, prior_sigma);
-  }
-  if (need_x && !grad_x.defined()) {  // d/dx of x mu^T and of x^2 (sigma^2)^T
-    if (!sigma2.defined()) sigma2 = std::get<0>(lrt_weight_forward(weight_mu, weight_rho, 0.0));
-    at::Tensor mean_grad_x, var_grad_x;
-    side_by_side(macs, [&] { mean_grad_x = cpu_gemm::mm(g, weight_mu); },
-                 [&] { var_grad_x = cpu_gemm::mm(half_u, sigma2); });
-    grad_x = at::addcmul(mean_grad_x, x_2d, var_grad_x, 2);
+  } else if (need_w || need_x) {
+    ScratchLease sigma2_lease(weight_mu);
+    at::Tensor& sigma2 = sigma2_lease.tensor();
+    if (need_w) {
+      // the GEMMs give dL/dmu and dL/dsigma2 of the data term; one fused pass adds the KL's
+      // gradients, turns dL/dsigma2 into dL/drho and rebuilds sigma2 for grad_x
+      std::tie(grad_mu, grad_rho) = weight_grad_pair(weight_mu);
+      const at::Tensor x2 = x_2d * x_2d;
+      side_by_side(macs, [&] { at::mm_out(grad_mu, g.t(), x_2d); }, [&] { at::mm_out(grad_rho, half_u.t(), x2); });
+      lrt_weight_backward_into(sigma2, grad_mu, grad_rho, grad_kl, weight_mu, weight_rho, prior_sigma);
+    } else {
+      lrt_weight_forward_into(sigma2, weight_mu, weight_rho, 0.0);
+    }
+    if (need_x) {  // d/dx of x mu^T and of x^2 (sigma^2)^T
+      at::Tensor mean_grad_x, var_grad_x;
+      side_by_side(macs, [&] { mean_grad_x = cpu_gemm::mm(g, weight_mu); },
+                   [&] { var_grad_x = cpu_gemm::mm(half_u, sigma2); });
+      grad_x = at::addcmul(mean_grad_x, x_2d, var_grad_x, 2);
+    }
   }
   at::Tensor grad_bias_mu, grad_bias_rho;
   if (need_b) {
     grad_bias_mu = g.sum(0, false, bias_mu->scalar_type());
     grad_bias_rho = half_u.sum(0).to(bias_rho->scalar_type());
-    lrt_weight_backward_(grad_bias_mu, grad_bias_rho, grad_kl, *bias_mu, *bias_rho, prior_sigma);
+    at::Tensor bias_sigma2 = at::empty(bias_mu->sizes(), bias_mu->options());
+    lrt_weight_backward_into(bias_sigma2, grad_bias_mu, grad_bias_rho, grad_kl, *bias_mu, *bias_rho, prior_sigma);
   }
   const at::Tensor none = at::empty({0}, weight_mu.options());
   return {need_x ? grad_x.reshape(x.sizes()) : none, need_w ? grad_mu : none, need_w ? grad_rho : none,
@@ -264,7 +268,8 @@ class LinearLrtFunction : public torch::autograd::Function<LinearLrtFunction> {
       {
         layer_op::KernelsOnly kernels_only;
         eps = output_noise(std, seed);
-        sigma2 = std::get<0>(lrt_weight_forward(weight_mu, weight_rho, 0.0));
+        sigma2 = at::empty(weight_mu.sizes(), weight_mu.options());  // kept by the recorded graph: not scratch
+        lrt_weight_forward_into(sigma2, weight_mu, weight_rho, 0.0);
       }
       grad_x = at::addcmul(at::matmul(grad_y, weight_mu.detach()), x.detach(),
                            at::matmul(half_noise_grad(grad_y, std, eps), sigma2), 2);
