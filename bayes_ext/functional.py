@@ -290,6 +290,8 @@ def check_linear_params(weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional
     _checks.check_posterior_params(weight_mu, weight_rho)
     if weight_mu.dim() != 2:
         raise ValueError(f"weight_mu must be 2-D (out_features, in_features), got shape {tuple(weight_mu.shape)}")
+    if weight_mu.numel() == 0:  # as BayesianLinear's constructor and the conv functionals
+        raise ValueError(f"weight_mu must not be empty, got shape {tuple(weight_mu.shape)}")
     if (bias_mu is None) != (bias_rho is None):
         raise ValueError("bias_mu and bias_rho must both be given or both be None")
     if bias_mu is not None:

@@ -7,6 +7,7 @@ from torch import nn
 
 import bayes_ext
 from bayes_ext import functional as BF
+from bayes_ext import functional_estimators as BFE
 from bayes_ext.modules import BayesianLinear, PriorWeightDistribution
 from bayes_ext.utils import variational_estimator
 from helpers import seed_tensor
@@ -151,6 +152,20 @@ def test_functional_bayesian_linear_errors(backend):
         BF.bayesian_linear(x, mu, rho, b_mu, b_rho, prior=(2.0, 0.1, 0.4))
     with pytest.raises(ValueError, match="prior_sigma2"):
         BF.bayesian_linear(x, mu, rho, b_mu, b_rho, prior=(0.5, 0.1, 0.0))
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (5, 0)])
+@pytest.mark.parametrize("estimator", ["reparam", "lrt", "flipout"])
+def test_functional_linear_rejects_empty_weights(backend, estimator, shape):
+    """A weight without rows or columns is refused up front, naming weight_mu (it used to fail deep
+    inside the ops, on a reshape or a block size)."""
+    mu, rho = torch.zeros(shape), torch.full(shape, -3.0)
+    x = torch.randn(2, shape[1])
+    call = {"reparam": lambda: BF.bayesian_linear(x, mu, rho),
+            "lrt": lambda: BFE.linear_lrt(x, mu, rho),
+            "flipout": lambda: BFE.linear_flipout(x, mu, rho)}[estimator]
+    with pytest.raises(ValueError, match=r"weight_mu must not be empty, got shape \(" + f"{shape[0]}, {shape[1]}"):
+        call()
 
 
 # ---- the layer ----------------------------------------------------------------------------------------
