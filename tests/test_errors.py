@@ -247,3 +247,12 @@ def test_estimator_argument_errors(backend):
         net.mfvi_forward(x, sample_nbr=0)
     with pytest.raises(ValueError, match="delta"):
         net.MOPED_(delta=0.0)
+    # a NaN / infinite KL weight made the loss NaN silently; a tensor weight is taken as it is
+    for vectorized in (False, True):
+        for bad in (float("nan"), float("inf"), -math.inf):
+            with pytest.raises(ValueError, match="complexity_cost_weight must be finite"):
+                net.sample_elbo(x, y, nn.MSELoss(), 2, complexity_cost_weight=bad, vectorized=vectorized)
+            with pytest.raises(ValueError, match="complexity_cost_weight must be finite"):
+                net.sample_elbo_detailed_loss(x, y, nn.MSELoss(), 2, complexity_cost_weight=bad, vectorized=vectorized)
+        assert torch.isfinite(net.sample_elbo(x, y, nn.MSELoss(), 2, complexity_cost_weight=torch.tensor(0.5),
+                                              vectorized=vectorized))

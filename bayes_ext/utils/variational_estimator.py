@@ -1,4 +1,6 @@
 """The @variational_estimator class decorator (BLiTZ's API, same signatures and meaning)."""
+import math
+
 import numpy as np
 import torch
 
@@ -12,6 +14,13 @@ def _check_sample_nbr(sample_nbr) -> int:
     if isinstance(sample_nbr, bool) or not isinstance(sample_nbr, int) or sample_nbr < 1:
         raise ValueError(f"sample_nbr must be a positive int, got {sample_nbr!r}")
     return sample_nbr
+
+
+def _check_cost_weight(weight) -> None:
+    """A NaN or infinite KL weight would make every loss NaN without a word. (A tensor, e.g. a
+    schedule's value on the GPU, is taken as it is: checking it would synchronise.)"""
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool) and not math.isfinite(weight):
+        raise ValueError(f"complexity_cost_weight must be finite, got {weight!r}")
 
 
 def nn_kl_divergence(self):
@@ -38,6 +47,7 @@ def sample_elbo(self, inputs, labels, criterion, sample_nbr, complexity_cost_wei
     training and dropout are detected and run the loop); a forward that mixes them by hand needs False.
     """
     sample_nbr = _check_sample_nbr(sample_nbr)
+    _check_cost_weight(complexity_cost_weight)
     batched = _vec.run_samples(self, inputs, sample_nbr, vectorized, _vectorised_kl_fn(self))
     if batched is not None:
         outputs, kl = batched  # the mean over the samples term by term: fewer ops than sum, then divide
@@ -56,6 +66,7 @@ def sample_elbo_detailed_loss(self, inputs, labels, criterion, sample_nbr, compl
 
     ``vectorized``: as in sample_elbo."""
     sample_nbr = _check_sample_nbr(sample_nbr)
+    _check_cost_weight(complexity_cost_weight)
     likelihood_cost = complexity_cost = 0
     batched = _vec.run_samples(self, inputs, sample_nbr, vectorized, _vectorised_kl_fn(self))
     if batched is not None:
