@@ -87,6 +87,16 @@ def interval_coverage(mean, std, y, std_multiplier: float = 2) -> Tuple[Tensor, 
     mean, std, y = _as_tensor(mean, "mean"), _as_tensor(std, "std"), _as_tensor(y, "y")
     if not std_multiplier >= 0:
         raise ValueError(f"std_multiplier must be non-negative, got {std_multiplier}")
+    try:
+        torch.broadcast_shapes(mean.shape, std.shape, y.shape)
+    except RuntimeError:
+        raise ValueError(f"mean, std and y must have broadcastable shapes, got {tuple(mean.shape)}, "
+                         f"{tuple(std.shape)} and {tuple(y.shape)}") from None
+    for name, t in (("mean", mean), ("std", std), ("y", y)):
+        if not bool(torch.isfinite(t).all()):  # a NaN would count as outside the interval, silently
+            raise ValueError(f"{name} must be finite")
+    if bool((std < 0).any()):
+        raise ValueError("std must be non-negative")
     upper = mean + std_multiplier * std
     lower = mean - std_multiplier * std
     inside = (lower <= y) & (upper >= y)
@@ -113,6 +123,8 @@ def _check_probs(probs, name: str = "probs") -> Tensor:
     p = _as_tensor(probs, name)
     if p.dim() == 0:
         raise ValueError(f"{name} must hold class probabilities in its last dimension, got a scalar")
+    if not bool(((p >= 0) & (p <= 1)).all()):  # also false for NaN: no NaN entropy or ECE
+        raise ValueError(f"{name} must be probabilities in [0, 1] (softmax outputs, not logits or NaN)")
     return p
 
 
@@ -141,6 +153,13 @@ def _confidence_bins(probs, labels, n_bins: int):
         raise ValueError(f"probs must be (N, classes), got shape {tuple(p.shape)}")
     if labels.shape != p.shape[:1]:
         raise ValueError(f"labels must be (N,) = ({p.shape[0]},), got shape {tuple(labels.shape)}")
+    if p.shape[0] == 0:
+        raise ValueError("probs must hold at least one prediction, got shape (0, classes)")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
+    if bool(((labels < 0) | (labels >= p.shape[1])).any()):
+        raise ValueError(f"labels must be class indices in [0, {p.shape[1]}), got values from "
+                         f"{int(labels.min())} to {int(labels.max())}")
     confidence, prediction = p.max(dim=-1)
     correct = (prediction == labels).to(p.dtype)
     # bin b holds confidences in (b / n, (b + 1) / n]; a confidence of exactly 0 goes to bin 0

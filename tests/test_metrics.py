@@ -58,6 +58,19 @@ def test_interval_coverage():
     close(metrics.interval_coverage(mean, std, y, std_multiplier=3)[0], 1.0)
 
 
+@pytest.mark.parametrize("args,message", [
+    ((torch.zeros(4), torch.ones(3), torch.zeros(4)), r"broadcastable shapes, got \(4,\), \(3,\) and \(4,\)"),
+    ((torch.zeros(4), -torch.ones(4), torch.zeros(4)), "std must be non-negative"),
+    ((torch.tensor([0.0, math.nan]), torch.ones(2), torch.zeros(2)), "mean must be finite"),
+    ((torch.zeros(2), torch.tensor([1.0, math.inf]), torch.zeros(2)), "std must be finite"),
+    ((torch.zeros(2), torch.ones(2), torch.tensor([math.nan, 0.0])), "y must be finite"),
+])
+def test_interval_coverage_rejects_bad_inputs(args, message):
+    """A NaN would count as outside the interval and a negative std would swap its bounds, silently."""
+    with pytest.raises(ValueError, match=message):
+        metrics.interval_coverage(*args)
+
+
 def test_evaluate_regression_matches_the_blitz_readme():
     example = load_example("bayesian_regression")
     torch.manual_seed(0)
@@ -117,6 +130,30 @@ def test_expected_calibration_error():
     close(metrics.expected_calibration_error(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])), 0.0)
     with pytest.raises(ValueError):
         metrics.expected_calibration_error(probs, labels[:3])
+
+
+@pytest.mark.parametrize("probs,labels,error,message", [
+    (torch.tensor([[0.7, 0.3]]), torch.tensor([2]), ValueError, r"labels must be class indices in \[0, 2\)"),
+    (torch.tensor([[0.7, 0.3]]), torch.tensor([-1]), ValueError, r"labels must be class indices in \[0, 2\)"),
+    (torch.tensor([[0.7, 0.3]]), torch.tensor([1.0]), TypeError, "labels must be integer class indices"),
+    (torch.tensor([[math.nan, 0.3]]), torch.tensor([0]), ValueError, r"probs must be probabilities in \[0, 1\]"),
+    (torch.tensor([[2.5, -1.0]]), torch.tensor([0]), ValueError, r"probs must be probabilities in \[0, 1\]"),
+    (torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), ValueError, "at least one prediction"),
+])
+def test_calibration_rejects_bad_inputs(probs, labels, error, message):
+    """Out-of-range labels counted as wrong predictions, logits and NaN gave a number, no predictions
+    gave 0 / 0: each is an error now, from the ECE and the reliability diagram alike."""
+    with pytest.raises(error, match=message):
+        metrics.expected_calibration_error(probs, labels)
+    with pytest.raises(error, match=message):
+        metrics.reliability_diagram(probs, labels)
+
+
+def test_entropies_reject_non_probabilities():
+    with pytest.raises(ValueError, match="probs must be probabilities"):
+        metrics.predictive_entropy(torch.tensor([[math.nan, 0.5]]))
+    with pytest.raises(ValueError, match="probs_samples must be probabilities"):
+        metrics.mutual_information(torch.tensor([[[1.5, -0.5]]]))
 
 
 def test_reliability_diagram():
