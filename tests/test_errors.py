@@ -1,6 +1,7 @@
 """Bad arguments raise ValueError / TypeError whose message names the argument, on both backends."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -8,7 +9,8 @@ from torch import nn
 import bayes_ext
 from bayes_ext import functional as BF
 from bayes_ext import functional_estimators as BFE
-from bayes_ext.modules import BayesianLinear, PriorWeightDistribution
+from bayes_ext.modules import (BayesianConv2d, BayesianEmbedding, BayesianGRU, BayesianLinear, BayesianLSTM,
+                               PriorWeightDistribution)
 from bayes_ext.utils import variational_estimator
 from helpers import seed_tensor
 
@@ -186,6 +188,53 @@ def test_constructor_bad_sizes(args, name):
 def test_constructor_bad_prior(kwargs, name):
     with pytest.raises(ValueError, match=name):
         BayesianLinear(3, 2, **kwargs)
+
+
+# Every layer builds its posterior through modules/_posterior.py's checks: a NaN initial mean made
+# every output NaN, an integer dtype failed inside torch's normal_, a float size inside torch.empty.
+_LAYERS = {
+    "linear": lambda **kw: BayesianLinear(4, 3, **kw),
+    "conv2d": lambda **kw: BayesianConv2d(3, 4, 3, **kw),
+    "embedding": lambda **kw: BayesianEmbedding(10, 4, **kw),
+    "lstm": lambda **kw: BayesianLSTM(4, 5, **kw),
+    "gru": lambda **kw: BayesianGRU(4, 5, **kw),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(_LAYERS))
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(posterior_rho_init=math.nan), ValueError, "posterior_rho_init must be finite, got nan"),
+    (dict(posterior_mu_init=math.inf), ValueError, "posterior_mu_init must be finite, got inf"),
+    (dict(posterior_mu_init="0"), TypeError, "posterior_mu_init must be a real number"),
+    (dict(dtype=torch.int32), TypeError, "dtype must be torch.float32 or torch.float64"),
+    (dict(dtype=torch.float16), TypeError, "dtype must be torch.float32 or torch.float64"),
+    (dict(prior_sigma_1=math.nan), ValueError, "prior_sigma_1 and prior_sigma_2 must be positive and finite"),
+    (dict(prior_sigma_2=math.inf), ValueError, "prior_sigma_1 and prior_sigma_2 must be positive and finite"),
+    (dict(prior_sigma_1="0.1"), TypeError, "prior_sigma_1 must be a real number"),
+    (dict(prior_pi=None), TypeError, "prior_pi must be a real number"),
+])
+def test_constructors_check_posterior_and_prior_arguments(layer, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _LAYERS[layer](**kwargs)
+
+
+@pytest.mark.parametrize("cls,args,message", [
+    (BayesianLinear, (4.0, 3), "in_features must be an int, got 4.0"),
+    (BayesianLinear, (4, "3"), "out_features must be an int, got '3'"),
+    (BayesianLSTM, (4, 5.5), "out_features must be an int"),
+    (BayesianEmbedding, (10.0, 4), "num_embeddings must be an int"),
+    (BayesianEmbedding, (10, True), "embedding_dim must be an int"),
+])
+def test_constructor_sizes_must_be_ints(cls, args, message):
+    with pytest.raises(TypeError, match=message):
+        cls(*args)
+
+
+def test_constructor_takes_numpy_and_tensor_scalars():
+    layer = BayesianLinear(np.int64(4), np.int32(3), prior_sigma_1=torch.tensor(0.2), prior_pi=np.float32(1.0),
+                           posterior_rho_init=np.float64(-5.0))
+    assert (layer.in_features, layer.out_features) == (4, 3)
+    assert torch.isfinite(layer(torch.randn(2, 4))).all()
 
 
 def test_constructor_bad_prior_dist():

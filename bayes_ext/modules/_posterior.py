@@ -1,10 +1,40 @@
 """What every Bayesian layer with a factorised Gaussian posterior shares: its (mu, rho) parameters,
 its scale-mixture prior, the freeze switch and the KL terms of its last forward."""
+import math
+import numbers
+
 import torch
 from torch import nn
 
 from .. import functional as BF
 from .weight_sampler import PriorWeightDistribution
+
+
+def positive_int(value, name: str) -> int:
+    """A layer size: an int (bool is not one) above 0."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)
+
+
+def _real(value, name: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        return float(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def check_posterior_init(posterior_mu_init, posterior_rho_init, dtype) -> None:
+    """The constructor arguments every layer's posterior parameters are made from: a NaN or infinite
+    initial mean made every output NaN, an integer dtype failed inside torch's normal_."""
+    for name, value in (("posterior_mu_init", posterior_mu_init), ("posterior_rho_init", posterior_rho_init)):
+        if not math.isfinite(_real(value, name)):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64 (bf16 / fp16 compute: autocast), got {dtype}")
 
 
 def posterior_parameter(shape, mean: float, factory_kwargs) -> nn.Parameter:
@@ -24,8 +54,11 @@ class GaussianPosteriorMixin:
     _posterior_names = ("weight", "bias")
 
     def _init_prior(self, prior_sigma_1, prior_sigma_2, prior_pi, prior_dist, freeze) -> None:
-        if not (prior_sigma_1 > 0 and prior_sigma_2 > 0):
-            raise ValueError(f"prior_sigma_1 and prior_sigma_2 must be positive, got {prior_sigma_1}, {prior_sigma_2}")
+        for name, value in (("prior_sigma_1", prior_sigma_1), ("prior_sigma_2", prior_sigma_2), ("prior_pi", prior_pi)):
+            _real(value, name)
+        if not (0 < prior_sigma_1 < math.inf and 0 < prior_sigma_2 < math.inf):
+            raise ValueError(f"prior_sigma_1 and prior_sigma_2 must be positive and finite, got {prior_sigma_1}, "
+                             f"{prior_sigma_2}")
         if not 0 <= prior_pi <= 1:
             raise ValueError(f"prior_pi must be in [0, 1], got {prior_pi}")
         if prior_dist is not None and not hasattr(prior_dist, "log_prob"):

@@ -1,6 +1,5 @@
 """Bayesian convolutions: BLiTZ's BayesianConv1d/2d/3d and BayesianConvTranspose1d/2d/3d, on the
 fused sample + convolution op (bayes_ext.functional_conv)."""
-import numbers
 
 import torch
 
@@ -8,16 +7,8 @@ from .. import functional as BF
 from .. import functional_conv as BFC
 from .. import functional_conv_estimators as BFCE
 from ._estimators import EstimatorMixin
-from ._posterior import GaussianPosteriorMixin, posterior_parameter
+from ._posterior import GaussianPosteriorMixin, check_posterior_init, positive_int, posterior_parameter
 from .base_bayesian_module import BayesianModule
-
-
-def _positive_int(value, name: str) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return int(value)
 
 
 class _BayesianConvNd(EstimatorMixin, GaussianPosteriorMixin, BayesianModule):
@@ -44,9 +35,9 @@ class _BayesianConvNd(EstimatorMixin, GaussianPosteriorMixin, BayesianModule):
                  posterior_rho_init, freeze, prior_dist, device, dtype, estimator="reparam", kl="mc"):
         super().__init__()
         n = self._spatial_dims
-        in_channels = _positive_int(in_channels, "in_channels")
-        out_channels = _positive_int(out_channels, "out_channels")
-        groups = _positive_int(groups, "groups")
+        in_channels = positive_int(in_channels, "in_channels")
+        out_channels = positive_int(out_channels, "out_channels")
+        groups = positive_int(groups, "groups")
         if in_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
         if out_channels % groups:
@@ -75,6 +66,7 @@ class _BayesianConvNd(EstimatorMixin, GaussianPosteriorMixin, BayesianModule):
         self.posterior_mu_init = posterior_mu_init
         self.posterior_rho_init = posterior_rho_init
 
+        check_posterior_init(posterior_mu_init, posterior_rho_init, dtype)
         factory = {"device": device, "dtype": dtype}
         if self._transposed:
             shape = (in_channels, out_channels // groups) + kernel_size

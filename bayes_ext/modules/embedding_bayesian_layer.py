@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from .. import functional as BF
 from .. import functional_embedding as BFE
-from ._posterior import GaussianPosteriorMixin, posterior_parameter
+from ._posterior import GaussianPosteriorMixin, check_posterior_init, positive_int, posterior_parameter
 from .base_bayesian_module import BayesianModule
 
 KL_MODES = ("mc", "closed_form")
@@ -43,8 +43,9 @@ class BayesianEmbedding(GaussianPosteriorMixin, BayesianModule):
                  posterior_mu_init: float = 0, posterior_rho_init: float = -6.0, freeze: bool = False,
                  prior_dist=None, *, kl: str = "mc", device=None, dtype=None):
         super().__init__()
-        if int(num_embeddings) <= 0 or int(embedding_dim) <= 0:
-            raise ValueError(f"num_embeddings and embedding_dim must be positive, got {num_embeddings}, {embedding_dim}")
+        num_embeddings = positive_int(num_embeddings, "num_embeddings")
+        embedding_dim = positive_int(embedding_dim, "embedding_dim")
+        check_posterior_init(posterior_mu_init, posterior_rho_init, dtype)
         if sparse:
             raise NotImplementedError("BayesianEmbedding does not support sparse=True: the KL term's gradient "
                                       "covers the whole table, so its gradients are dense")

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from .. import functional as BF
 from .. import functional_estimators as BFE
 from ._estimators import ESTIMATORS, EstimatorMixin  # noqa: F401  (ESTIMATORS: was defined here)
-from ._posterior import GaussianPosteriorMixin, posterior_parameter
+from ._posterior import GaussianPosteriorMixin, check_posterior_init, positive_int, posterior_parameter
 from .base_bayesian_module import BayesianModule
 
 
@@ -29,11 +29,11 @@ class BayesianLinear(EstimatorMixin, GaussianPosteriorMixin, BayesianModule):
                  posterior_rho_init: float = -7.0, freeze: bool = False, prior_dist=None, *,
                  estimator: str = "reparam", kl: str = "mc", device=None, dtype=None):
         super().__init__()
-        if int(in_features) <= 0 or int(out_features) <= 0:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        in_features, out_features = positive_int(in_features, "in_features"), positive_int(out_features, "out_features")
+        check_posterior_init(posterior_mu_init, posterior_rho_init, dtype)
         factory = {"device": device, "dtype": dtype}
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = in_features
+        self.out_features = out_features
         self.bias = bool(bias)  # BLiTZ keeps a bool here; the parameters are bias_mu / bias_rho
         self.posterior_mu_init = posterior_mu_init
         self.posterior_rho_init = posterior_rho_init

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .. import _backend
 from .. import functional as BF
-from ._posterior import GaussianPosteriorMixin, posterior_parameter
+from ._posterior import GaussianPosteriorMixin, check_posterior_init, positive_int, posterior_parameter
 from .base_bayesian_module import BayesianModule
 
 _BLITZ_SAMPLER_SUFFIXES = ("mu", "rho", "eps_w")
@@ -75,8 +75,8 @@ class BayesianRNN(GaussianPosteriorMixin, BayesianModule):
 
     def _init_rnn(self, in_features, out_features, bias, prior_sigma_1, prior_sigma_2, prior_pi, posterior_mu_init,
                   posterior_rho_init, freeze, prior_dist, sharpen_sigma_0, device, dtype) -> None:
-        if int(in_features) <= 0 or int(out_features) <= 0:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        in_features, out_features = positive_int(in_features, "in_features"), positive_int(out_features, "out_features")
+        check_posterior_init(posterior_mu_init, posterior_rho_init, dtype)
         if not sharpen_sigma_0 > 0:
             raise ValueError(f"sharpen_sigma_0 must be positive, got {sharpen_sigma_0}")
         factory = {"device": device, "dtype": dtype}
