@@ -20,7 +20,8 @@ Rules:
 - Layouts: BayesianLSTM keeps BLiTZ's ``weight_ih`` (in, 4H), ``weight_hh`` (H, 4H) and one bias
   (4H) = ``b_ih + b_hh``; BayesianGRU has ``weight_ih`` (in, 3H), ``weight_hh`` (H, 3H) and the
   bias (4H) = (b_ir + b_hr, b_iz + b_hz, b_in, b_hn). Both give nn.LSTM's / nn.GRU's outputs when frozen.
-- The new layers are created on the device and in the dtype of the module they replace, in its
+- The new layers are created on the device and in the dtype of the module they replace (float32 or
+  float64: a bf16 / fp16 module is refused with a TypeError; autocast gives the lower precision), in its
   training mode, unfrozen (they sample). Freeze them (``module.freeze = True`` or
   ``@variational_estimator``'s ``freeze_()``) for the mean-weight predictions, which equal the
   original model's.
@@ -130,6 +131,10 @@ def convertible_types():
 
 def _convert_module(m: nn.Module, build, delta: float, sigma: Optional[float], prior_kwargs) -> nn.Module:
     ref = next(m.parameters())
+    if ref.dtype not in (torch.float32, torch.float64):  # the layers would fail at their first forward
+        raise TypeError(f"bayesianize: this {type(m).__name__} holds {ref.dtype} parameters; Bayesian layers keep "
+                        f"float32 or float64 posteriors: convert the model in float32 (for bf16 / fp16 compute, "
+                        f"train it under torch.autocast)")
     layer, values = build(m, prior_kwargs)
     layer = layer.to(device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
