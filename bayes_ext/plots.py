@@ -7,6 +7,7 @@
 
 Both return the matplotlib ``Axes`` they drew on (``ax.figure`` is the figure).
 """
+import numpy as np
 import torch
 
 from . import metrics
@@ -55,6 +56,13 @@ def plot_regression_bands(x, mean, std, y=None, std_multiplier: float = 2, ax=No
     if not (x.shape == mean.shape == std.shape):
         raise ValueError(f"x, mean and std must have the same number of elements, got {x.size}, {mean.size}, "
                          f"{std.size}")
+    if not 0 <= std_multiplier < float("inf"):
+        raise ValueError(f"std_multiplier must be non-negative and finite, got {std_multiplier}")
+    for name, values in (("x", x), ("mean", mean), ("std", std)):
+        if not np.isfinite(values).all():  # matplotlib would leave gaps in the band without a word
+            raise ValueError(f"{name} must be finite")
+    if (std < 0).any():
+        raise ValueError("std must be non-negative")
     order = x.argsort()
     x, mean, std = x[order], mean[order], std[order]
     ax = _axes(ax)

@@ -201,3 +201,11 @@ def test_plots(tmp_path):
     assert (tmp_path / "reliability.png").stat().st_size > 0 and (tmp_path / "bands.png").stat().st_size > 0
     with pytest.raises(ValueError):
         plots.plot_regression_bands(x, x, x[:3])
+    # a negative std or multiplier and NaN would draw a wrong or gapped band without a word
+    ones = torch.ones(20)
+    for args, kwargs, message in (((x, x, -ones), {}, "std must be non-negative"),
+                                  ((x, x.clone().fill_(math.nan), ones), {}, "mean must be finite"),
+                                  ((x, x, ones), {"std_multiplier": -1.0}, "std_multiplier"),
+                                  ((x, x, ones), {"std_multiplier": math.inf}, "std_multiplier")):
+        with pytest.raises(ValueError, match=message):
+            plots.plot_regression_bands(*args, **kwargs)
