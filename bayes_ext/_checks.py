@@ -5,6 +5,7 @@ same kind of error: TypeError for wrong types / dtypes, ValueError for wrong sha
 values. Messages name the argument and say what was expected.
 """
 import math
+from typing import Tuple
 
 import torch
 
@@ -95,6 +96,18 @@ def check_prior(pi: float, sigma1: float, sigma2: float) -> None:
         raise ValueError(f"prior_sigma1 must be positive and finite, got {sigma1}")
     if not (sigma2 > 0 and math.isfinite(sigma2)):
         raise ValueError(f"prior_sigma2 must be positive and finite, got {sigma2}")
+
+
+def prior_values(prior) -> Tuple[float, float, float]:
+    """(pi, sigma1, sigma2) of a scale-mixture prior given as three numbers, checked (check_prior)."""
+    if isinstance(prior, (str, bytes)) or not hasattr(prior, "__len__") or len(prior) != 3:
+        raise ValueError(f"prior must be three numbers (pi, sigma1, sigma2), got {prior!r}")
+    for name, value in zip(("prior_pi", "prior_sigma1", "prior_sigma2"), prior):
+        if isinstance(value, (str, bytes, bool)) or value is None:
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    values = (float(prior[0]), float(prior[1]), float(prior[2]))
+    check_prior(*values)
+    return values
 
 
 def check_scalar_grad(g, like, name: str) -> None:

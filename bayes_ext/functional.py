@@ -43,7 +43,7 @@ def _capturing_cuda_graph() -> bool:
 def sample_weight(mu: Tensor, rho: Tensor, seed: Tensor, offset: int = 0,
                   prior: ScaleMixture = (1.0, 0.1, 0.4)) -> Tuple[Tensor, Tensor, Tensor]:
     """(w, log_q, log_p) for w = mu + softplus(rho) * eps, eps from Philox stream (seed, offset)."""
-    pi, sigma1, sigma2 = (float(v) for v in prior)
+    pi, sigma1, sigma2 = _checks.prior_values(prior)
     return _backend.ops().sample_weight(mu, rho, seed, offset, pi, sigma1, sigma2)
 
 
@@ -51,7 +51,7 @@ def sample_kl(mu: Tensor, rho: Tensor, seed: Tensor, offset: int = 0,
               prior: ScaleMixture = (1.0, 0.1, 0.4)) -> Tuple[Tensor, Tensor]:
     """(log_q, log_p) of sample_weight's w for the same stream, without writing w (one fused pass;
     differentiable): the MC KL terms for layers that never use the sampled weight."""
-    pi, sigma1, sigma2 = (float(v) for v in prior)
+    pi, sigma1, sigma2 = _checks.prior_values(prior)
     return _backend.ops().sample_kl(mu, rho, seed, offset, pi, sigma1, sigma2)
 
 
@@ -328,8 +328,7 @@ def bayesian_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
     ``seed`` is None.
     """
     x, seed = prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
-    pi, sigma1, sigma2 = (float(v) for v in prior)
-    _checks.check_prior(pi, sigma1, sigma2)
+    pi, sigma1, sigma2 = _checks.prior_values(prior)
     if _eager_layer_op(x, weight_mu, weight_rho, bias_mu, bias_rho, seed):
         # the same computation as _linear_reparam in one compiled call each way, its autograd in C++
         # (csrc/cpu/linear_reparam_cpu.cpp, registered for the CPU and CUDA)

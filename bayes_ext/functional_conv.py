@@ -394,6 +394,5 @@ def bayesian_conv(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Opt
     """
     spec, seed = validated_spec(weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, groups,
                                 transposed, output_padding)
-    pi, sigma1, sigma2 = (float(v) for v in prior)
-    _checks.check_prior(pi, sigma1, sigma2)
+    pi, sigma1, sigma2 = _checks.prior_values(prior)
     return bayesian_conv_spec(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, spec, (pi, sigma1, sigma2))

@@ -260,6 +260,5 @@ def conv_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Opti
     (y, log_q, log_p) of W = mu + dW (stream (seed, 0)) and b (stream (seed, 1))."""
     spec, seed = BFC.validated_spec(weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, groups,
                                  transposed, output_padding)
-    pi, sigma1, sigma2 = (float(v) for v in prior)
-    _checks.check_prior(pi, sigma1, sigma2)
+    pi, sigma1, sigma2 = _checks.prior_values(prior)
     return conv_flipout_spec(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, spec, (pi, sigma1, sigma2))

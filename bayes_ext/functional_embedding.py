@@ -211,7 +211,7 @@ def mc_kl_terms(weight_mu: Tensor, weight_rho: Tensor, seed: Tensor, prior: Scal
     uses; ``prior_log_prob(w)`` (summed) replaces the scale mixture when given. Row ``exclude_row``
     is left out (its stream elements are skipped, the other rows keep theirs)."""
     ops = _backend.ops()
-    pi, sigma1, sigma2 = (float(v) for v in prior)
+    pi, sigma1, sigma2 = _checks.prior_values(prior)
     num_rows, dim = weight_mu.shape
     if exclude_row is None:
         blocks = [(0, num_rows)]

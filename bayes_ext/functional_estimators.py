@@ -402,8 +402,7 @@ def linear_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Op
     shape) and R (y's shape) are +-1 signs from streams 3 and 4. Each output has the marginal of
     the weight-noise model; backward regenerates dW, S and R."""
     x, seed = BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
-    pi, sigma1, sigma2 = (float(v) for v in prior)
-    _checks.check_prior(pi, sigma1, sigma2)
+    pi, sigma1, sigma2 = _checks.prior_values(prior)
     return _flipout_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1, sigma2)
 
 

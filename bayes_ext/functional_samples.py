@@ -224,8 +224,7 @@ def bayesian_linear_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bi
         raise ValueError(f"input must be (N, ..., in_features) with the samples in dim 0, got shape {tuple(x.shape)}")
     seeds = draw_seeds(x.shape[0]) if seeds is None else seeds
     check_seeds(seeds, weight_mu, x.shape[0])
-    pi, sigma1, sigma2 = (float(v) for v in prior)
-    _checks.check_prior(pi, sigma1, sigma2)
+    pi, sigma1, sigma2 = _checks.prior_values(prior)
     return linear_samples_unchecked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, (pi, sigma1, sigma2))
 
 

@@ -154,6 +154,16 @@ def test_functional_bayesian_linear_errors(backend):
         BF.bayesian_linear(x, mu, rho, b_mu, b_rho, prior=(2.0, 0.1, 0.4))
     with pytest.raises(ValueError, match="prior_sigma2"):
         BF.bayesian_linear(x, mu, rho, b_mu, b_rho, prior=(0.5, 0.1, 0.0))
+    # the prior tuple itself: three numbers, or an error that says so (it was Python's unpacking error)
+    for bad, error, message in (((0.5, 0.1), ValueError, r"prior must be three numbers \(pi, sigma1, sigma2\)"),
+                                (None, ValueError, "prior must be three numbers"),
+                                ("0.5", ValueError, "prior must be three numbers"),
+                                ((0.5, None, 0.4), TypeError, "prior_sigma1 must be a real number")):
+        for call in (lambda: BF.bayesian_linear(x, mu, rho, b_mu, b_rho, prior=bad),
+                     lambda: BFE.linear_flipout(x, mu, rho, b_mu, b_rho, prior=bad),
+                     lambda: BF.sample_weight(mu, rho, seed_tensor(1), prior=bad)):
+            with pytest.raises(error, match=message):
+                call()
 
 
 @pytest.mark.parametrize("shape", [(0, 4), (5, 0)])
