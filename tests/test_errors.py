@@ -287,6 +287,20 @@ def test_zero_size_batch(backend, mode):
     assert layer(torch.randn(2, 0, 4)).shape == (2, 0, 3)
 
 
+def test_mfvi_forward_needs_a_tensor_output():
+    @variational_estimator
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = BayesianLinear(2, 1)
+
+        def forward(self, x):
+            return self.l(x), self.l(x)
+
+    with pytest.raises(TypeError, match="mfvi_forward needs a model that returns one tensor, got tuple"):
+        TwoHeads().mfvi_forward(torch.randn(3, 2), sample_nbr=3, vectorized=False)
+
+
 def test_estimator_argument_errors(backend):
     @variational_estimator
     class Net(nn.Module):
@@ -304,6 +318,9 @@ def test_estimator_argument_errors(backend):
             net.sample_elbo(x, y, nn.MSELoss(), sample_nbr=bad)
     with pytest.raises(ValueError, match="sample_nbr"):
         net.mfvi_forward(x, sample_nbr=0)
+    for vectorized in (False, True):  # one sample has no (unbiased) std: BLiTZ returned NaN
+        with pytest.raises(ValueError, match="sample_nbr must be at least 2 for a standard deviation, got 1"):
+            net.mfvi_forward(x, sample_nbr=1, vectorized=vectorized)
     with pytest.raises(ValueError, match="delta"):
         net.MOPED_(delta=0.0)
     # a NaN / infinite KL weight made the loss NaN silently; a tensor weight is taken as it is

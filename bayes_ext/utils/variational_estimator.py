@@ -115,13 +115,18 @@ def MOPED_(self, delta=0.1):
 def mfvi_forward(self, inputs, sample_nbr=10, *, vectorized=None):
     """(mean, std) over ``sample_nbr`` sampled forwards, along the sample axis.
 
-    ``vectorized``: as in sample_elbo (the batched path gives the loop's samples)."""
-    sample_nbr = _check_sample_nbr(sample_nbr)
+    ``vectorized``: as in sample_elbo (the batched path gives the loop's samples). The std is the
+    unbiased one (BLiTZ's), so it needs at least 2 samples (BLiTZ returned NaN for one)."""
+    if _check_sample_nbr(sample_nbr) < 2:
+        raise ValueError(f"sample_nbr must be at least 2 for a standard deviation, got {sample_nbr}")
     batched = _vec.run_samples(self, inputs, sample_nbr, vectorized)
     if batched is not None:
         result = batched[0].unflatten(0, (sample_nbr, -1))
         return result.mean(dim=0), result.std(dim=0)
-    result = torch.stack([self(inputs) for _ in range(sample_nbr)])
+    outputs = [self(inputs) for _ in range(sample_nbr)]
+    if not isinstance(outputs[0], torch.Tensor):
+        raise TypeError(f"mfvi_forward needs a model that returns one tensor, got {type(outputs[0]).__name__}")
+    result = torch.stack(outputs)
     return result.mean(dim=0), result.std(dim=0)
 
 
