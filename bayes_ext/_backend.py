@@ -15,6 +15,8 @@ import warnings
 
 import torch
 
+from . import _func_transforms
+
 _FALSEY = ("", "0", "false", "no", "off")
 FORCE_PYTHON = os.environ.get("BAYES_EXT_FORCE_PYTHON", "0").strip().lower() not in _FALSEY
 
@@ -108,5 +110,9 @@ def use_backend(name: str):
 
 
 def ops():
-    """The op namespace of the active backend (torch.ops.bayes_ext or torch.ops.bayes_ext_py)."""
+    """The op namespace of the active backend (torch.ops.bayes_ext or torch.ops.bayes_ext_py); inside a
+    torch.func transform, its view that applies the ops' transform-ready autograd (_func_transforms).
+    (Under torch.compile dynamo traces the transforms itself.)"""
+    if not torch.compiler.is_compiling() and _func_transforms.functorch_active():
+        return _func_transforms.transform_ops("bayes_ext" if _active == "compiled" else "bayes_ext_py")
     return torch.ops.bayes_ext if _active == "compiled" else torch.ops.bayes_ext_py

@@ -4,16 +4,16 @@
 a fast path: eager calls on plain tensors run the same implementation, setup_context and backward
 through a ``torch.autograd.Function``. The custom op's Python dispatch (default filling, redispatch,
 its autograd wrapper) costs ~100 us a call on a 2-core CPU, as much as a small layer's whole training
-step and, on a GPU, more than the kernels of a mid-sized layer. torch.compile, fake tensors, tensor
-subclasses and functorch transforms still go through the registered custom op, so opcheck and
-compiled graphs see one op with its fake kernel.
+step and, on a GPU, more than the kernels of a mid-sized layer. torch.compile, fake tensors and tensor
+subclasses still go through the registered custom op, so opcheck and compiled graphs see one op with
+its fake kernel; torch.func transforms go through a new-style twin of it (_func_transforms.py).
 """
+import inspect
+
 import torch
 
-
-def _functorch_active() -> bool:
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active and active())
+from ._func_transforms import backward_below_autograd, new_style_function
+from ._func_transforms import functorch_active as _functorch_active
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -30,7 +30,7 @@ class FusedOp:
     """A torch.library custom op (``.op``) callable like a function, fast in eager mode."""
 
     def __init__(self, op, impl):
-        self.op, self._impl, self._function = op, impl, None
+        self.op, self._impl, self._function, self._transform_function = op, impl, None, None
 
     def register_fake(self, fn):
         return self.op.register_fake(fn)
@@ -47,16 +47,16 @@ class FusedOp:
             setup_context(ctx, inputs, output)
             return output
 
-        def fast_backward(ctx, *grads):
-            if torch.is_grad_enabled():  # create_graph=True: keep whatever graph the backward builds
-                return backward(ctx, *grads)
-            with torch._C._AutoDispatchBelowAutograd():
-                return backward(ctx, *grads)
         self._function = type(f"{impl.__name__.strip('_')}_function", (torch.autograd.Function,), dict(
-            forward=staticmethod(forward), backward=staticmethod(fast_backward)))
+            forward=staticmethod(forward), backward=staticmethod(backward_below_autograd(backward))))
+        # torch.func transforms refuse the custom op's own autograd wrapper (_func_transforms.py)
+        self._transform_function = new_style_function(f"{impl.__name__.strip('_')}_transform_function",
+                                                      self.op, backward, setup_context, inspect.signature(impl))
 
     def __call__(self, *args):
-        if self._function is None or torch.compiler.is_compiling() or not _plain(args) or _functorch_active():
+        if self._transform_function is not None and _functorch_active() and not torch.compiler.is_compiling():
+            return self._transform_function.apply(*args)
+        if self._function is None or torch.compiler.is_compiling() or not _plain(args):
             return self.op(*args)
         if not torch.is_grad_enabled():  # nothing to record: the implementation alone
             with torch._C._AutoDispatchBelowAutograd():

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from . import _backend, _checks, _fallback
+from . import _backend, _checks, _fallback, _func_transforms
 
 SCHEMAS = {
     "sample_weight": "(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
@@ -375,20 +375,20 @@ def _register(namespace_name: str) -> None:
     torch.library.register_fake(f"{namespace_name}::sample_weight")(_fake_sample_weight)
     torch.library.register_fake(f"{namespace_name}::sample_weight_backward")(_fake_sample_weight_backward)
     torch.library.register_fake(f"{namespace_name}::philox_normal")(_fake_philox_normal)
-    torch.library.register_autograd(f"{namespace_name}::sample_weight", _make_sample_weight_backward(namespace),
-                                    setup_context=_sample_weight_setup_context)
-    torch.library.register_autograd(f"{namespace_name}::philox_normal", _philox_normal_backward,
-                                    setup_context=_philox_normal_setup_context)
+    _func_transforms.register_autograd(f"{namespace_name}::sample_weight", _make_sample_weight_backward(namespace),
+                                       setup_context=_sample_weight_setup_context)
+    _func_transforms.register_autograd(f"{namespace_name}::philox_normal", _philox_normal_backward,
+                                       setup_context=_philox_normal_setup_context)
     torch.library.register_fake(f"{namespace_name}::sample_weight_samples")(_fake_sample_weight_samples)
     torch.library.register_fake(f"{namespace_name}::sample_weight_samples_backward")(
         _fake_sample_weight_samples_backward)
-    torch.library.register_autograd(f"{namespace_name}::sample_weight_samples",
-                                    _make_sample_weight_samples_backward(namespace),
-                                    setup_context=_sample_weight_samples_setup_context)
+    _func_transforms.register_autograd(f"{namespace_name}::sample_weight_samples",
+                                       _make_sample_weight_samples_backward(namespace),
+                                       setup_context=_sample_weight_samples_setup_context)
     torch.library.register_fake(f"{namespace_name}::sample_weight_backward_into")(_fake_sample_weight_backward_into)
     torch.library.register_fake(f"{namespace_name}::sample_kl")(_fake_sample_kl)
-    torch.library.register_autograd(f"{namespace_name}::sample_kl", _make_sample_kl_backward(namespace),
-                                    setup_context=_sample_weight_setup_context)
+    _func_transforms.register_autograd(f"{namespace_name}::sample_kl", _make_sample_kl_backward(namespace),
+                                       setup_context=_sample_weight_setup_context)
 
 
 def _fake_sample_rows(mu, rho, indices, seed, offset):
@@ -418,8 +418,8 @@ def _register_rows(namespace_name: str) -> None:
     namespace = getattr(torch.ops, namespace_name)
     torch.library.register_fake(f"{namespace_name}::sample_rows")(_fake_sample_rows)
     torch.library.register_fake(f"{namespace_name}::sample_rows_backward")(_fake_sample_rows_backward)
-    torch.library.register_autograd(f"{namespace_name}::sample_rows", _make_sample_rows_backward(namespace),
-                                    setup_context=_sample_rows_setup_context)
+    _func_transforms.register_autograd(f"{namespace_name}::sample_rows", _make_sample_rows_backward(namespace),
+                                       setup_context=_sample_rows_setup_context)
 
 
 def _fake_sample_rows_backward_add_(grad_mu, grad_rho, grad_rows, mu, rho, indices, seed, offset):
@@ -474,8 +474,8 @@ def _register_kl(namespace_name: str) -> None:
     torch.library.register_fake(f"{namespace_name}::sample_rows_backward_add_")(_fake_sample_rows_backward_add_)
     torch.library.register_fake(f"{namespace_name}::gaussian_kl")(_fake_gaussian_kl)
     torch.library.register_fake(f"{namespace_name}::gaussian_kl_backward")(_fake_gaussian_kl_backward)
-    torch.library.register_autograd(f"{namespace_name}::gaussian_kl", _make_gaussian_kl_backward(namespace),
-                                    setup_context=_gaussian_kl_setup_context)
+    _func_transforms.register_autograd(f"{namespace_name}::gaussian_kl", _make_gaussian_kl_backward(namespace),
+                                       setup_context=_gaussian_kl_setup_context)
 
 
 def _fake_linear_samples_stacked(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, prior_pi, prior_sigma1,

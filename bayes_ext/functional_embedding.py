@@ -29,6 +29,7 @@ from torch import Tensor
 from . import _backend, _checks, _fallback
 from . import _ops  # noqa: F401  (registers fake kernels and autograd)
 from . import functional as BF
+from ._func_transforms import functorch_active
 
 ScaleMixture = Tuple[float, float, float]  # (pi, sigma1, sigma2)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -43,8 +44,10 @@ def check_indices(input: Tensor, weight_mu: Tensor, name: str = "input") -> Tens
     if input.device != weight_mu.device:
         raise ValueError(f"{name} must be on the device of the embedding table ({weight_mu.device}), "
                          f"got {input.device}")
-    # torch.compile: a value read here would break the graph; the ops check the range themselves
-    if input.device.type == "cpu" and input.numel() > 0 and not torch.compiler.is_compiling():
+    # torch.compile: a value read here would break the graph, and vmap cannot read one; the ops
+    # check the range themselves
+    readable = not (torch.compiler.is_compiling() or functorch_active())
+    if input.device.type == "cpu" and input.numel() > 0 and readable:
         low, high = int(input.min()), int(input.max())
         if low < 0 or high >= weight_mu.shape[0]:
             raise ValueError(f"{name} must hold indices in [0, {weight_mu.shape[0]}), got {low if low < 0 else high}")
@@ -62,12 +65,18 @@ def normalize_padding_idx(padding_idx: Optional[int], num_embeddings: int) -> Op
 
 
 class _ScaleGradByFreq(torch.autograd.Function):
-    """Identity forward; backward divides each looked-up row's gradient by its count in the batch."""
+    """Identity forward; backward divides each looked-up row's gradient by its count in the batch.
+    New-style, so that torch.func transforms accept it (vmap of its backward fails: torch.unique)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, rows, indices):
-        ctx.save_for_backward(indices)
+    def forward(rows, indices):
         return rows.view_as(rows)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad):
@@ -122,19 +131,28 @@ def bayesian_embedding_closed_form(input: Tensor, weight_mu: Tensor, weight_rho:
     cost as much as nn.Embedding's whole training step)."""
     _checks.check_positive_prior_sigma(prior_sigma)
     indices, padding_idx, seed = _prepare(input, weight_mu, weight_rho, seed, padding_idx)
-    rows, kl = _EmbeddingClosedForm.apply(weight_mu, weight_rho, indices, seed, float(prior_sigma), padding_idx,
-                                          _backend.ops())
+    if functorch_active():  # _EmbeddingClosedForm is old-style, which torch.func refuses: the two ops
+        ops = _backend.ops()
+        rows = ops.sample_rows(weight_mu, weight_rho, indices, seed, 0)
+        kl = _kl_sum(ops, weight_mu, weight_rho, float(prior_sigma), padding_idx)
+    else:
+        rows, kl = _EmbeddingClosedForm.apply(weight_mu, weight_rho, indices, seed, float(prior_sigma), padding_idx,
+                                              _backend.ops())
     return _finish_rows(rows, indices, padding_idx, max_norm, norm_type, scale_grad_by_freq), kl
 
 
-def _kl_forward(ops, mu: Tensor, rho: Tensor, prior_sigma: float, exclude_row: Optional[int]) -> Tensor:
+def _kl_sum(ops, mu: Tensor, rho: Tensor, prior_sigma: float, exclude_row: Optional[int]) -> Tensor:
     """sum KL(N(mu, softplus(rho)^2) || N(0, s^2)) over the table without row exclude_row: one
     fused pass (the ``gaussian_kl`` op) and the excluded row's own KL taken off."""
-    mu, rho = mu.detach(), rho.detach()
     total = ops.gaussian_kl(mu, rho, prior_sigma)
     if exclude_row is not None:
         total = total - ops.gaussian_kl(mu[exclude_row], rho[exclude_row], prior_sigma)
     return total
+
+
+def _kl_forward(ops, mu: Tensor, rho: Tensor, prior_sigma: float, exclude_row: Optional[int]) -> Tensor:
+    """_kl_sum inside the Functions below, which give its gradients themselves."""
+    return _kl_sum(ops, mu.detach(), rho.detach(), prior_sigma, exclude_row)
 
 
 def _kl_backward(ops, g: Tensor, mu: Tensor, rho: Tensor, prior_sigma: float, exclude_row: Optional[int]):
@@ -202,6 +220,8 @@ def closed_form_kl(weight_mu: Tensor, weight_rho: Tensor, prior_sigma: Optional[
         return kl.sum()
     if not (prior_sigma is not None and prior_sigma > 0):
         raise ValueError(f"prior_sigma must be positive, got {prior_sigma}")
+    if functorch_active():  # _GaussianKL is old-style, which torch.func refuses: the op's own autograd
+        return _kl_sum(_backend.ops(), weight_mu, weight_rho, float(prior_sigma), exclude_row)
     return _GaussianKL.apply(weight_mu, weight_rho, float(prior_sigma), exclude_row, _backend.ops())
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import _backend, _checks, _fallback
 from . import functional as BF
+from ._func_transforms import functorch_active
 from ._fused_op import fused_custom_op
 from .functional_samples import check_seeds
 
@@ -156,7 +157,7 @@ def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
         g, half_u_low = g.to(low), half_u.to(low)
         grad_x = grad_mu = grad_rho = grad_bmu = grad_brho = sigma2 = None
         blocks = BF._row_blocks(mu, BF.LRT_BLOCK_ELEMENTS)
-        if need_w and len(blocks) > 1:
+        if need_w and len(blocks) > 1 and not functorch_active():
             grad_mu, grad_rho, grad_x = _blocked_lrt_weight_grads(ops, g, half_u_low, x_2d, mu.contiguous(),
                                                                   rho.contiguous(), grad_kl, prior_sigma, blocks,
                                                                   need_x)
@@ -165,9 +166,12 @@ def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
         elif need_w:
             # the GEMMs give dL/dmu and dL/dsigma2 of the data term; one fused pass adds the KL's
             # gradients, turns dL/dsigma2 into dL/drho and rebuilds sigma2 for grad_x
-            grad_mu, grad_rho = BF.weight_grad_pair(mu)
-            mm_into(grad_mu, g.t(), x_2d)
-            mm_into(grad_rho, half_u_low.t(), x_2d * x_2d)
+            if functorch_active():  # vmap may batch g: fresh GEMM results, no out=
+                grad_mu, grad_rho = g.t().mm(x_2d).to(mu.dtype), half_u_low.t().mm(x_2d * x_2d).to(mu.dtype)
+            else:
+                grad_mu, grad_rho = BF.weight_grad_pair(mu)
+                mm_into(grad_mu, g.t(), x_2d)
+                mm_into(grad_rho, half_u_low.t(), x_2d * x_2d)
             sigma2 = ops.lrt_weight_backward_(grad_mu, grad_rho, grad_kl, mu, rho, prior_sigma)
         if need_x and grad_x is None:  # d/dx of x mu^T and of x^2 (sigma^2)^T
             if sigma2 is None:
@@ -292,7 +296,7 @@ def _linear_flipout_backward(ctx, grad_y, grad_log_q, grad_log_p):
         s_in = signs(x_2d.shape, seed, SIGN_IN_OFFSET, mu, low)
         grad_x = grad_mu = grad_rho = dw = None
         blocks = BF._row_blocks(mu)
-        if need_w and len(blocks) > 1:
+        if need_w and len(blocks) > 1 and not functorch_active():
             grad_mu, grad_rho, grad_x = _blocked_flipout_grads(ops, g, g_signed, s_in, x_2d, mu.contiguous(),
                                                                rho.contiguous(), grad_log_q, grad_log_p, seed, prior,
                                                                blocks, need_x)
