@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from . import _func_transforms
+from . import _func_transforms, _recorded
 
 _FALSEY = ("", "0", "false", "no", "off")
 FORCE_PYTHON = os.environ.get("BAYES_EXT_FORCE_PYTHON", "0").strip().lower() not in _FALSEY
@@ -111,8 +111,12 @@ def use_backend(name: str):
 
 def ops():
     """The op namespace of the active backend (torch.ops.bayes_ext or torch.ops.bayes_ext_py); inside a
-    torch.func transform, its view that applies the ops' transform-ready autograd (_func_transforms).
+    torch.func transform, its view that applies the ops' transform-ready autograd (_func_transforms);
+    while a recorded backward rebuilds its forward, the differentiable compositions (_recorded).
     (Under torch.compile dynamo traces the transforms itself.)"""
+    namespace = torch.ops.bayes_ext if _active == "compiled" else torch.ops.bayes_ext_py
     if not torch.compiler.is_compiling() and _func_transforms.functorch_active():
-        return _func_transforms.transform_ops("bayes_ext" if _active == "compiled" else "bayes_ext_py")
-    return torch.ops.bayes_ext if _active == "compiled" else torch.ops.bayes_ext_py
+        namespace = _func_transforms.transform_ops("bayes_ext" if _active == "compiled" else "bayes_ext_py")
+    if _recorded.rebuilding():  # a recorded backward (create_graph=True) differentiates plain PyTorch
+        return _recorded.differentiable_ops(namespace)
+    return namespace

@@ -388,12 +388,7 @@ def lrt_output_(var: torch.Tensor, mean: torch.Tensor, seed: torch.Tensor, offse
 
 def lrt_noise_grad(grad: torch.Tensor, std: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
     """dL/dvar = grad * eps / (2 std) for y = mean + std * eps, 0 where std is not > 0."""
-    return lrt_noise_grad_of(grad, std, grouped_eps_like(std, seed, offset))
-
-
-def lrt_noise_grad_of(grad: torch.Tensor, std: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """lrt_noise_grad for a given eps, as differentiable torch ops (also the layers' backward when
-    it is recorded for create_graph=True)."""
+    eps = grouped_eps_like(std, seed, offset)
     positive = std > 0
     u = grad * eps / torch.where(positive, std, torch.ones_like(std))
     return u.masked_fill_(~positive, 0).mul_(0.5)

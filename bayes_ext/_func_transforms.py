@@ -17,11 +17,29 @@ from typing import Callable, Dict
 
 import torch
 
+from . import _recorded
+
 
 def functorch_active() -> bool:
     """A torch.func transform (grad, vmap, ...) is running around this call."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active and active())
+
+
+def backward_differentiated_again() -> bool:
+    """Whether a backward running in grad mode will itself be differentiated. Outside torch.func
+    that is what grad mode there means (create_graph=True). torch.func runs every backward in grad
+    mode so that transforms compose: there, only when more than one grad-like transform is active
+    (grad of grad, ...); a lone grad or vjp (also under vmap: per-sample gradients) is first-order."""
+    if not functorch_active():
+        return True
+    try:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # (another torch's layout: assume the worst, the exact path)
+        return True
+    grad_like = (TransformType.Grad, TransformType.Jvp)
+    return sum(1 for i in retrieve_all_functorch_interpreters() if i.key() in grad_like) > 1
 
 
 def backward_below_autograd(backward):
@@ -54,9 +72,12 @@ _TWINS: Dict[str, type] = {}
 
 
 def register_autograd(qualname: str, backward: Callable, *, setup_context: Callable) -> None:
-    """torch.library.register_autograd, plus the twin that torch.func transforms call instead."""
-    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    """torch.library.register_autograd, exact when the backward is recorded (_recorded.py), plus
+    the twin that torch.func transforms call instead."""
     namespace, name = qualname.split("::")
+    backward, setup_context = _recorded.exact_when_recorded(_recorded.differentiable_op(namespace, name), backward,
+                                                           setup_context)
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
     op = getattr(getattr(torch.ops, namespace), name).default
     _TWINS[qualname] = new_style_function(f"{name}_transform_function", op, backward, setup_context,
                                           schema_signature(op._schema))

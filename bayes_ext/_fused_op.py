@@ -12,6 +12,7 @@ import inspect
 
 import torch
 
+from . import _recorded
 from ._func_transforms import backward_below_autograd, new_style_function
 from ._func_transforms import functorch_active as _functorch_active
 
@@ -36,6 +37,8 @@ class FusedOp:
         return self.op.register_fake(fn)
 
     def register_autograd(self, backward, *, setup_context):
+        # a recorded backward (create_graph=True) differentiates the forward rebuilt (_recorded.py)
+        backward, setup_context = _recorded.exact_when_recorded(self._impl, backward, setup_context)
         self.op.register_autograd(backward, setup_context=setup_context)
         impl = self._impl
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, _fallback
+from . import _backend, _checks, _fallback, _recorded
 from . import _ops  # noqa: F401  (registers fake kernels and autograd)
 from . import functional as BF
 from ._func_transforms import functorch_active
@@ -178,8 +178,22 @@ class _GaussianKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         mu, rho = ctx.saved_tensors
+        if torch.is_grad_enabled():  # recorded (create_graph=True): exact to every order
+            return _recorded.recorded_backward(_rebuilt_kl, (mu, rho, ctx.prior_sigma, ctx.exclude_row, None),
+                                               ctx.needs_input_grad, (grad,))
         grad_mu, grad_rho = _kl_backward(ctx.ops, grad, mu, rho, ctx.prior_sigma, ctx.exclude_row)
         return grad_mu, grad_rho, None, None, None
+
+
+def _rebuilt_kl(mu, rho, prior_sigma, exclude_row, ops):
+    """_GaussianKL's forward for a recorded backward (the ops are then differentiable compositions)."""
+    return _kl_sum(_backend.ops(), mu, rho, prior_sigma, exclude_row)
+
+
+def _rebuilt_closed_form(mu, rho, indices, seed, prior_sigma, exclude_row, ops):
+    """_EmbeddingClosedForm's forward for a recorded backward."""
+    ops = _backend.ops()
+    return ops.sample_rows(mu, rho, indices, seed, 0), _kl_sum(ops, mu, rho, prior_sigma, exclude_row)
 
 
 class _EmbeddingClosedForm(torch.autograd.Function):
@@ -197,6 +211,10 @@ class _EmbeddingClosedForm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, grad_kl):
         mu, rho, indices, seed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # recorded (create_graph=True): exact to every order
+            return _recorded.recorded_backward(
+                _rebuilt_closed_form, (mu, rho, indices, seed, ctx.prior_sigma, ctx.exclude_row, None),
+                ctx.needs_input_grad, (grad_rows, grad_kl))
         if grad_rows is None:
             grad_rows = mu.new_zeros(tuple(indices.shape) + (mu.shape[1],))
         if grad_kl is None:

@@ -51,26 +51,11 @@ def signs_of(normals: Tensor, dtype: torch.dtype) -> Tensor:
 
 def half_noise_grad(ops, grad_out: Tensor, std: Tensor, seed: Tensor) -> Tensor:
     """dL/dvar = grad * eps / (2 std) for y = mean + std * eps, eps regenerated, in a backward: the
-    fused op (eps never written), or differentiable torch ops when the backward is itself recorded
-    (create_graph=True). seed: one, or N for N groups of rows (the ops' seed groups).
+    fused op (eps never written). seed: one, or N for N groups of rows (the ops' seed groups).
 
     Where var = 0 (an all-zero input row without bias) sqrt has no derivative; 0 is taken there
     (a valid subgradient of |x| sigma), so gradients stay finite instead of NaN."""
-    grad_out = grad_out.to(std.dtype)
-    if torch.is_grad_enabled():
-        return _fallback.lrt_noise_grad_of(grad_out, std, output_noise(std, seed))
-    return ops.lrt_noise_grad(grad_out, std, seed, LRT_NOISE_OFFSET)
-
-
-def output_noise(std: Tensor, seed: Tensor) -> Tensor:
-    """The LRT output noise eps for std's shape, as lrt_output_ draws it: stream (seed, 2), or for N
-    seeds one stream per group of rows."""
-    seeds = seed.reshape(-1)
-    if seeds.numel() == 1:
-        return normal(std.shape, seed, LRT_NOISE_OFFSET, std)
-    groups = std.reshape(seeds.numel(), -1).unbind(0)
-    return torch.cat([normal(g.shape, s, LRT_NOISE_OFFSET, std) for g, s in zip(groups, seeds.unbind(0))]).view(
-        std.shape)
+    return ops.lrt_noise_grad(grad_out.to(std.dtype), std, seed, LRT_NOISE_OFFSET)
 
 
 def zero_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
@@ -143,13 +128,7 @@ def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
     need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     need_b = bias_mu is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
     grad_kl = zero_if_none(grad_kl, mu)
-    # create_graph=True records this backward: the kernels run unrecorded and dL/dx is rebuilt
-    # differentiably in grad_y (the weights' terms constants), as the C++ op does
-    record = torch.is_grad_enabled()
-    if record and need_x:
-        grad_x_graph = _lrt_grad_x_recorded(ops, grad_y, x, mu, rho, seed, std)
-        need_x = False
-    with BF.autocast_off(x.device.type), torch.no_grad():
+    with BF.autocast_off(x.device.type), torch.no_grad():  # (a recorded backward goes to _recorded.py)
         std = std.reshape(-1, out_features)
         g = (torch.zeros_like(std) if grad_y is None else grad_y).reshape(-1, out_features)
         x_2d = x.reshape(-1, in_features)
@@ -182,19 +161,7 @@ def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
             grad_bmu = g.sum(0, dtype=bias_mu.dtype)
             grad_brho = half_u.sum(0).to(bias_rho.dtype)
             ops.lrt_weight_backward_(grad_bmu, grad_brho, grad_kl, bias_mu, bias_rho, prior_sigma)
-    if record and ctx.needs_input_grad[0]:
-        grad_x = grad_x_graph
     return grad_x, grad_mu, grad_rho, grad_bmu, grad_brho, None, None
-
-
-def _lrt_grad_x_recorded(ops, grad_y, x, mu, rho, seed, std):
-    """dL/dx = g mu + 2 x (dL/dvar sigma^2), differentiable in g = grad_y (for create_graph=True)."""
-    g = torch.zeros_like(std) if grad_y is None else grad_y.to(std.dtype)
-    with torch.no_grad():
-        sigma2 = ops.lrt_weight_forward(mu.detach(), rho.detach(), 0.0)[0]
-    half_u = half_noise_grad(ops, g, std, seed)  # recorded: differentiable in g (std and eps carry no grad)
-    grad_x = torch.addcmul(g.matmul(mu.detach()), x.detach().to(std.dtype), half_u.matmul(sigma2), value=2)
-    return grad_x.to(x.dtype)
 
 
 def _blocked_lrt_weight_grads(ops, g: Tensor, half_u: Tensor, x_2d: Tensor, mu: Tensor, rho: Tensor, grad_kl: Tensor,

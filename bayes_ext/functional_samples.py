@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _backend, _checks
+from . import _backend, _checks, _recorded
 from . import functional as BF
 from .functional import ScaleMixture, _row_blocks
 from ._fused_op import fused_custom_op
@@ -59,6 +59,8 @@ def _linear_reparam_samples_impl(x: Tensor, weight_mu: Tensor, weight_rho: Tenso
                             bias_rho: Optional[Tensor], seeds: Tensor, prior_pi: float, prior_sigma1: float,
                             prior_sigma2: float) -> Tuple[Tensor, Tensor, Tensor]:
     ops, prior = _backend.ops(), (prior_pi, prior_sigma1, prior_sigma2)
+    if _recorded.rebuilding():
+        return _differentiable_samples(ops, x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, prior)
     n = seeds.shape[0]
     out_features, in_features = weight_mu.shape
     weight_mu, weight_rho = weight_mu.contiguous(), weight_rho.contiguous()
@@ -96,6 +98,20 @@ def _linear_reparam_samples_impl(x: Tensor, weight_mu: Tensor, weight_rho: Tenso
         if bias_mu is not None:  # weight + bias per sample, as the single-sample op adds them
             log_q, log_p = log_q + torch.stack(log_q_b), log_p + torch.stack(log_p_b)
         return y, log_q, log_p
+
+
+def _differentiable_samples(ops, x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
+                            bias_rho: Optional[Tensor], seeds: Tensor, prior) -> Tuple[Tensor, Tensor, Tensor]:
+    """The same samples out of place (no out= GEMMs), for a recorded backward to differentiate
+    (_recorded.py)."""
+    x3 = x.reshape(seeds.shape[0], -1, weight_mu.shape[1])
+    w, log_q, log_p = ops.sample_weight_samples(weight_mu, weight_rho, seeds, 0, *prior)
+    y = torch.bmm(x3, w.transpose(1, 2).to(x.dtype))
+    if bias_mu is not None:
+        b, log_q_b, log_p_b = ops.sample_weight_samples(bias_mu, bias_rho, seeds, 1, *prior)
+        y = y + b.unsqueeze(1).to(y.dtype)
+        log_q, log_p = log_q + log_q_b, log_p + log_p_b
+    return y.reshape(x.shape[:-1] + (weight_mu.shape[0],)), log_q, log_p
 
 
 _linear_reparam_samples = fused_custom_op("bayes_ext::linear_reparam_samples")(

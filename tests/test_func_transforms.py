@@ -150,3 +150,25 @@ def test_calls_outside_transforms_keep_the_eager_op_namespace(backend):
     assert outside is getattr(torch.ops, "bayes_ext" if backend == "compiled" else "bayes_ext_py")
     assert inside[0] is not outside and _backend.ops() is outside
 
+
+
+@pytest.mark.parametrize("name", ["linear", "linear_lrt", "linear_flipout", "conv_lrt", "embedding_closed_form_padding"])
+def test_grad_of_grad_matches_the_recorded_double_backward(backend, name):
+    """Nested grad transforms take the exact recorded backward (tests/test_double_backward.py checks
+    that one against finite differences); a lone grad takes the first-order kernels."""
+    layer, x = make(name)
+    params = detached_params(layer)
+
+    def loss(p):
+        return output(functional_call(layer, p, (x,))).tanh().sum() + kl_divergence_from_nn(layer)
+
+    def penalty(p):
+        return sum(g.square().sum() for g in grad(loss)(p).values())
+
+    torch.manual_seed(7)
+    nested = grad(penalty)(params)
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    torch.manual_seed(7)
+    first = torch.autograd.grad(loss(leaves), list(leaves.values()), create_graph=True)
+    expected = dict(zip(leaves, torch.autograd.grad(sum(g.square().sum() for g in first), list(leaves.values()))))
+    assert_grads_close(nested, expected)

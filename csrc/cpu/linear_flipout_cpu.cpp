@@ -16,6 +16,7 @@
 
 #include "cpu_gemm.h"
 #include "layer_op_helpers.h"
+#include "recorded_backward.h"
 #include "op_calls.h"
 
 namespace bayes_ext {
@@ -191,9 +192,8 @@ Grads call_backward(const at::Tensor& grad_y, const at::Tensor& grad_log_q, cons
 }
 
 // Saves what the Python op saves: x, the parameters and the seed (dW and the signs are
-// regenerated). Under create_graph dL/dx = g mu + ((g * R) dW) * S is rebuilt from recorded ops, as
-// the Python op's backward records it (dW and the signs constants); the parameters' gradients are
-// first-order only.
+// regenerated). A recorded backward (create_graph=True) differentiates the Python op instead
+// (recorded_backward.h): exact to every order.
 class LinearFlipoutFunction : public torch::autograd::Function<LinearFlipoutFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
@@ -227,27 +227,22 @@ class LinearFlipoutFunction : public torch::autograd::Function<LinearFlipoutFunc
     const at::Tensor grad_log_p = grads[2].defined() ? grads[2] : at::zeros({}, weight_mu.options());
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     const bool need_b = has_bias && (ctx->needs_input_grad(3) || ctx->needs_input_grad(4));
-    const bool record = at::GradMode::is_enabled();  // create_graph=True
+    if (at::GradMode::is_enabled()) {  // create_graph=True: derivatives of every order (recorded_backward.h)
+      auto recorded = layer_op::recorded_backward(
+          "bayes_ext::linear_flipout",
+          {x, weight_mu, weight_rho, layer_op::optional_arg(saved[3]), layer_op::optional_arg(saved[4]), seed, pv[0],
+           pv[1], pv[2]},
+          layer_op::needs_inputs(ctx, 5, 9), grads);
+      recorded.resize(10);  // block_rows
+      return recorded;
+    }
     Grads computed;
     {
       layer_op::KernelsOnly kernels_only;
-      computed = call_backward(grad_y.detach(), grad_log_q.detach(), grad_log_p.detach(), x, weight_mu, weight_rho,
-                               maybe(saved[3]), maybe(saved[4]), seed, prior, block_rows, need_x && !record, need_w,
-                               need_b);
+      computed = call_backward(grad_y, grad_log_q, grad_log_p, x, weight_mu, weight_rho, maybe(saved[3]),
+                               maybe(saved[4]), seed, prior, block_rows, need_x, need_w, need_b);
     }
     auto [grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho] = computed;
-    if (need_x && record) {
-      const int64_t in_features = weight_mu.size(1);
-      at::Tensor dw, s_out, s_in;
-      {
-        layer_op::KernelsOnly kernels_only;
-        dw = std::get<0>(sample_weight(weight_mu, weight_rho, seed, kWeightStream, prior, 0, true));
-        s_out = signs({grad_y.numel() / out_features, out_features}, seed, kSignOutStream, x.options());
-        s_in = signs({x.numel() / in_features, in_features}, seed, kSignInStream, x.options());
-      }
-      const at::Tensor g = grad_y.reshape({-1, out_features});
-      grad_x = at::addcmul(g.mm(weight_mu), (g * s_out).mm(dw), s_in).reshape(x.sizes());
-    }
     const at::Tensor none;
     return {need_x ? grad_x : none,
             need_w ? grad_mu : none,

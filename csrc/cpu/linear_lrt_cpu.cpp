@@ -17,7 +17,7 @@
 
 #include "cpu_gemm.h"
 #include "layer_op_helpers.h"
-#include "op_calls.h"
+#include "recorded_backward.h"
 #include "lrt_weight_cpu.h"
 #include "scratch.h"
 #include "side_by_side.h"
@@ -43,17 +43,6 @@ at::Tensor lrt_weight_forward(at::Tensor& sigma2, const at::Tensor& mu, const at
   return at::scalar_tensor(lrt_weight_forward_into(sigma2, mu, rho, prior_sigma), mu.options());
 }
 
-// eps of the output noise for `like` (std): stream (seed, 2), or per group of elements for N seeds as
-// lrt_output_ draws it (the vectorised ELBO's samples).
-at::Tensor output_noise(const at::Tensor& like, const at::Tensor& seed) {
-  if (seed.numel() == 1) return op_calls::philox_normal(like, seed, kNoiseOffset, 0);
-  const at::Tensor seeds = seed.reshape({-1});
-  const at::Tensor groups = like.reshape({seeds.numel(), -1});
-  std::vector<at::Tensor> parts;
-  for (int64_t g = 0; g < seeds.numel(); ++g) parts.push_back(op_calls::philox_normal(groups[g], seeds[g], kNoiseOffset, 0));
-  return at::cat(parts).view(like.sizes());
-}
-
 // y = mean + std * eps with std = sqrt(max(var, 0)) written over var (bayes_ext::lrt_output_).
 at::Tensor lrt_output_(at::Tensor& var, const at::Tensor& mean, const at::Tensor& seed) {
   static auto op = c10::Dispatcher::singleton()
@@ -68,15 +57,6 @@ at::Tensor lrt_noise_grad(const at::Tensor& g, const at::Tensor& std, const at::
                        .findSchemaOrThrow("bayes_ext::lrt_noise_grad", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
   return op.call(g, std, seed, kNoiseOffset);
-}
-
-// lrt_noise_grad as differentiable torch ops, for a backward recorded with create_graph=True: 0 where
-// std = 0 (a valid subgradient of |x| sigma there: no NaN), differentiable in g.
-at::Tensor half_noise_grad(const at::Tensor& g, const at::Tensor& std, const at::Tensor& eps) {
-  const at::Tensor positive = std.gt(0);
-  at::Tensor half_u = g * eps / at::where(positive, std, at::ones_like(std));
-  half_u.masked_fill_(positive.logical_not(), 0);
-  return half_u.mul_(0.5);
 }
 
 // (y, std, kl): y = x mu^T + b_mu + std * eps with std = sqrt(x^2 (sigma^2)^T + sigma_b^2) (kept
@@ -224,8 +204,8 @@ Grads call_backward(const at::Tensor& grad_y, const at::Tensor& grad_kl, const a
 }
 
 // Saves what the Python op saves: x, the parameters, the seed and std (batch-sized; eps is
-// regenerated). Like the Python op, the backward itself is not differentiable again, except that
-// under create_graph dL/dx stays differentiable in grad_y (the weights' terms constants).
+// regenerated). A recorded backward (create_graph=True) differentiates the Python op instead
+// (recorded_backward.h): exact to every order.
 class LinearLrtFunction : public torch::autograd::Function<LinearLrtFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
@@ -255,25 +235,22 @@ class LinearLrtFunction : public torch::autograd::Function<LinearLrtFunction> {
     const at::Tensor grad_kl = grads[2].defined() ? grads[2] : at::zeros({}, weight_mu.options());
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     const bool need_b = has_bias && (ctx->needs_input_grad(3) || ctx->needs_input_grad(4));
-    const bool record = at::GradMode::is_enabled();  // create_graph=True
+    if (at::GradMode::is_enabled()) {  // create_graph=True: derivatives of every order (recorded_backward.h)
+      auto recorded = layer_op::recorded_backward(
+          "bayes_ext::linear_lrt",
+          {x, weight_mu, weight_rho, layer_op::optional_arg(saved[3]), layer_op::optional_arg(saved[4]), seed,
+           prior_sigma},
+          layer_op::needs_inputs(ctx, 5, 7), grads);
+      recorded.resize(8);  // block_rows
+      return recorded;
+    }
     Grads computed;
     {
       layer_op::KernelsOnly kernels_only;
-      computed = call_backward(grad_y.detach(), grad_kl, x, weight_mu, weight_rho, maybe(saved[3]), maybe(saved[4]),
-                               seed, std, prior_sigma, block_rows, need_x && !record, need_w, need_b);
+      computed = call_backward(grad_y, grad_kl, x, weight_mu, weight_rho, maybe(saved[3]), maybe(saved[4]), seed, std,
+                               prior_sigma, block_rows, need_x, need_w, need_b);
     }
     auto [grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho] = computed;
-    if (need_x && record) {  // dL/dx = g mu + 2 x (g eps / (2 std)) sigma^2, linear in g
-      at::Tensor eps, sigma2;
-      {
-        layer_op::KernelsOnly kernels_only;
-        eps = output_noise(std, seed);
-        sigma2 = at::empty(weight_mu.sizes(), weight_mu.options());  // kept by the recorded graph: not scratch
-        lrt_weight_forward_into(sigma2, weight_mu, weight_rho, 0.0);
-      }
-      grad_x = at::addcmul(at::matmul(grad_y, weight_mu.detach()), x.detach(),
-                           at::matmul(half_noise_grad(grad_y, std, eps), sigma2), 2);
-    }
     const at::Tensor none;
     return {need_x ? grad_x : none, need_w ? grad_mu : none, need_w ? grad_rho : none,
             need_b ? grad_bias_mu : none, need_b ? grad_bias_rho : none, none, none, none};

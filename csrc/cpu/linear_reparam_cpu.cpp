@@ -25,6 +25,7 @@
 #include "bayes_ext/op_checks.h"
 #include "cpu_gemm.h"
 #include "layer_op_helpers.h"
+#include "recorded_backward.h"
 #include "op_calls.h"
 
 namespace bayes_ext {
@@ -233,8 +234,9 @@ Grads call_backward(const at::Tensor& grad_out, const at::Tensor& grad_log_q, co
                  sigma2, block_rows, need_x);
 }
 
-// Saves what the Python op saves: x, the parameters and the seed (W is rebuilt in backward). Like
-// the Python op, the backward itself is not differentiable again.
+// Saves what the Python op saves: x, the parameters and the seed (W is rebuilt in backward). A
+// recorded backward (create_graph=True) differentiates the Python op instead (recorded_backward.h):
+// exact to every order.
 class LinearReparamFunction : public torch::autograd::Function<LinearReparamFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
@@ -266,25 +268,22 @@ class LinearReparamFunction : public torch::autograd::Function<LinearReparamFunc
     const at::Tensor grad_log_q = grads[1].defined() ? grads[1] : at::zeros({}, weight_mu.options());
     const at::Tensor grad_log_p = grads[2].defined() ? grads[2] : at::zeros({}, weight_mu.options());
     const bool need_x = ctx->needs_input_grad(0);
-    // create_graph=True records this backward. The kernels have no derivatives of their own; as
-    // in the Python op, dL/dx = grad_out W is kept differentiable in grad_out (W a constant), the
-    // parameters' gradients are first-order only.
-    const bool record = at::GradMode::is_enabled();
+    if (at::GradMode::is_enabled()) {  // create_graph=True: derivatives of every order (recorded_backward.h)
+      auto recorded = layer_op::recorded_backward(
+          "bayes_ext::linear_reparam",
+          {x, weight_mu, weight_rho, layer_op::optional_arg(saved[3]), layer_op::optional_arg(saved[4]), seed, prior[0],
+           prior[1], prior[2]},
+          layer_op::needs_inputs(ctx, 5, 9), grads);
+      recorded.resize(10);  // block_rows
+      return recorded;
+    }
     Grads computed;
     {
       layer_op::KernelsOnly kernels_only;
-      computed = call_backward(grad_out.detach(), grad_log_q, grad_log_p, x, weight_mu, weight_rho, maybe(saved[3]),
-                               maybe(saved[4]), seed, prior[0], prior[1], prior[2], block_rows, need_x && !record);
+      computed = call_backward(grad_out, grad_log_q, grad_log_p, x, weight_mu, weight_rho, maybe(saved[3]),
+                               maybe(saved[4]), seed, prior[0], prior[1], prior[2], block_rows, need_x);
     }
     auto [grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho] = computed;
-    if (need_x && record) {
-      at::Tensor w;
-      {
-        layer_op::KernelsOnly kernels_only;
-        w = std::get<0>(sample_weight(weight_mu, weight_rho, seed, 0, prior[0], prior[1], prior[2], 0));
-      }
-      grad_x = at::matmul(grad_out, w.to(x.scalar_type()));
-    }
     const at::Tensor none;
     return {need_x ? grad_x : none, grad_mu, grad_rho, has_bias ? grad_bias_mu : none,
             has_bias ? grad_bias_rho : none, none, none, none, none, none};

@@ -16,6 +16,7 @@
 
 #include "bayes_ext/op_checks.h"
 #include "layer_op_helpers.h"
+#include "recorded_backward.h"
 
 namespace bayes_ext {
 namespace {
@@ -152,7 +153,8 @@ LinearSamplesGrads call_linear_samples_stacked_backward(
 }
 
 // Saves what the Python path saves: x, the parameters and the seeds (every W_s is rebuilt from its
-// seed in backward). Like the Python path, the backward itself is not differentiable again.
+// seed in backward). A recorded backward (create_graph=True) differentiates the Python op
+// linear_reparam_samples instead (recorded_backward.h): exact to every order.
 class LinearSamplesStackedFunction : public torch::autograd::Function<LinearSamplesStackedFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
@@ -183,26 +185,21 @@ class LinearSamplesStackedFunction : public torch::autograd::Function<LinearSamp
     const at::Tensor grad_log_q = grads[1].defined() ? grads[1] : at::zeros({n}, weight_mu.options());
     const at::Tensor grad_log_p = grads[2].defined() ? grads[2] : at::zeros({n}, weight_mu.options());
     const bool need_x = ctx->needs_input_grad(0);
-    // create_graph=True records this backward: dL/dx = grad_out W_s is kept differentiable in
-    // grad_out (the W_s constants), the parameters' gradients are first-order only, as in the
-    // Python path.
-    const bool record = at::GradMode::is_enabled();
+    if (at::GradMode::is_enabled()) {  // create_graph=True: derivatives of every order (recorded_backward.h)
+      return layer_op::recorded_backward(
+          "bayes_ext::linear_reparam_samples",
+          {x, weight_mu, weight_rho, layer_op::optional_arg(saved[3]), layer_op::optional_arg(saved[4]), seeds, prior[0],
+           prior[1], prior[2]},
+          layer_op::needs_inputs(ctx, 5, 9), grads);
+    }
     LinearSamplesGrads computed;
     {
       layer_op::KernelsOnly kernels_only;
-      computed = call_linear_samples_stacked_backward(grad_out.detach(), grad_log_q, grad_log_p, x, weight_mu,
-                                                      weight_rho, maybe(saved[3]), maybe(saved[4]), seeds, prior[0],
-                                                      prior[1], prior[2], need_x && !record);
+      computed = call_linear_samples_stacked_backward(grad_out, grad_log_q, grad_log_p, x, weight_mu, weight_rho,
+                                                      maybe(saved[3]), maybe(saved[4]), seeds, prior[0], prior[1],
+                                                      prior[2], need_x);
     }
     auto [grad_x, grad_mu, grad_rho, grad_bias_mu, grad_bias_rho] = computed;
-    if (need_x && record) {
-      at::Tensor w;
-      {
-        layer_op::KernelsOnly kernels_only;
-        w = std::get<0>(sample_weight_samples(weight_mu, weight_rho, seeds, 0, prior[0], prior[1], prior[2]));
-      }
-      grad_x = at::bmm(grad_out.reshape({n, -1, weight_mu.size(0)}), w).view(x.sizes());
-    }
     const at::Tensor none;
     return {need_x ? grad_x : none, grad_mu, grad_rho, has_bias ? grad_bias_mu : none,
             has_bias ? grad_bias_rho : none, none, none, none, none};

@@ -1,0 +1,152 @@
+"""Exact derivatives of any order: backwards recorded with create_graph=True.
+
+The kernels' backwards are first-order: what they return carries no derivatives of its own. So
+when a backward is itself recorded (``create_graph=True``: gradient penalties, double backprop,
+second-order meta-learning, Hessian-vector products, ``torch.func.grad`` of ``grad``), a layer op
+rebuilds its forward from differentiable PyTorch compositions of its ops (``DifferentiableOps``:
+the same Philox noise, as constants) and differentiates that with autograd
+(``recorded_backward``). Its gradients are then ordinary recorded tensors, exact to every order,
+at the price of the weight-sized temporaries the kernels avoid; first-order backwards never come
+here.
+"""
+import math
+import threading
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import _fallback, _func_transforms
+
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+TINY_RHO = -20.0  # below it softplus(rho) = exp(rho) to within exp(2 rho): log sigma = rho
+
+_state = threading.local()
+
+
+def rebuilding() -> bool:
+    """A recorded backward is rebuilding its forward on this thread (the ops are DifferentiableOps)."""
+    return getattr(_state, "rebuilding", False)
+
+
+def _sigma_and_log(rho: torch.Tensor):
+    sigma = F.softplus(rho)
+    tiny = rho < TINY_RHO  # (no log of an underflowed sigma: its gradient would be NaN even unselected)
+    log_sigma = torch.where(tiny, rho, torch.log(torch.where(tiny, torch.ones_like(sigma), sigma)))
+    return sigma, log_sigma
+
+
+class DifferentiableOps:
+    """An op namespace whose sampling ops are differentiable PyTorch compositions (the noise from the
+    namespace's own Philox op, so the same values, and usable inside torch.func transforms); every
+    other op is the namespace's own."""
+
+    def __init__(self, namespace):
+        self._namespace = namespace
+
+    def __getattr__(self, name: str):
+        return getattr(self._namespace, name)
+
+    def _eps(self, like: torch.Tensor, seed: torch.Tensor, offset: int, start: int = 0) -> torch.Tensor:
+        return self._namespace.philox_normal(torch.empty_like(like, memory_format=torch.contiguous_format), seed,
+                                             offset, start)
+
+    def sample_weight(self, mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start=0, noise_only=False):
+        eps = self._eps(mu, seed, offset, start)
+        sigma, log_sigma = _sigma_and_log(rho)
+        noise = sigma * eps
+        w = mu + noise
+        log_q = (-0.5 * eps.square() - log_sigma).sum() - HALF_LOG_2PI * mu.numel()
+        log_p = _fallback.log_prior_terms(w, prior_pi, prior_sigma1, prior_sigma2).sum()
+        return (noise if noise_only else w), log_q, log_p
+
+    def sample_kl(self, mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start=0):
+        return self.sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start)[1:]
+
+    def sample_weight_samples(self, mu, rho, seeds, offset, prior_pi, prior_sigma1, prior_sigma2):
+        samples = [self.sample_weight(mu, rho, s, offset, prior_pi, prior_sigma1, prior_sigma2) for s in seeds.unbind(0)]
+        return tuple(torch.stack(parts) for parts in zip(*samples))
+
+    def sample_rows(self, mu, rho, indices, seed, offset):
+        flat = indices.reshape(-1)
+        eps = _fallback._row_eps(mu, flat, seed, offset)
+        return (mu[flat] + F.softplus(rho[flat]) * eps).reshape(indices.shape + (mu.shape[1],))
+
+    def gaussian_kl(self, mu, rho, prior_sigma):
+        sigma, log_sigma = _sigma_and_log(rho)
+        var = prior_sigma * prior_sigma
+        return (math.log(prior_sigma) - 0.5 - log_sigma + (sigma.square() + mu.square()) / (2.0 * var)).sum()
+
+    def lrt_weight_forward(self, mu, rho, prior_sigma):
+        kl = self.gaussian_kl(mu, rho, prior_sigma) if prior_sigma > 0 else mu.new_zeros(())
+        return F.softplus(rho).square(), kl
+
+    def lrt_output_(self, var, mean, seed, offset):
+        """y = mean + sqrt(max(var, 0)) eps; var is left as it is (std, the op's other output, is
+        not differentiated). Where var <= 0 the derivative is 0, as in the kernels."""
+        positive = var > 0
+        std = torch.sqrt(torch.where(positive, var, torch.ones_like(var))) * positive
+        seeds = seed.reshape(-1)  # N seeds: N equal groups of elements, each on its own stream
+        groups = [var] if seeds.numel() == 1 else var.reshape(seeds.numel(), -1).unbind(0)
+        eps = torch.cat([self._eps(g, s, offset).reshape(-1) for g, s in zip(groups, seeds.unbind(0))])
+        return mean + std * eps.view(var.shape)
+
+
+def differentiable_ops(namespace) -> DifferentiableOps:
+    ops = getattr(_state, "ops", None)
+    if ops is None or ops._namespace is not namespace:
+        ops = _state.ops = DifferentiableOps(namespace)
+    return ops
+
+
+def recorded_backward(forward: Callable, inputs: Sequence, needs_input_grad: Sequence[bool],
+                      grads: Sequence[Optional[torch.Tensor]]):
+    """The gradients of ``forward(*inputs)`` (rebuilt with DifferentiableOps) with respect to the
+    inputs that need them, for the incoming ``grads``, recorded: differentiable in the inputs and
+    in ``grads``. None for the other inputs."""
+    wrt = [i for i, (t, need) in enumerate(zip(inputs, needs_input_grad))
+           if need and isinstance(t, torch.Tensor) and t.requires_grad]
+    result = [None] * len(inputs)
+    if not wrt:
+        return tuple(result)
+    previous = rebuilding()
+    _state.rebuilding = True
+    try:
+        outputs = forward(*inputs)
+    finally:
+        _state.rebuilding = previous
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+    if pairs:
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wrt], [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+        for i, g in zip(wrt, got):
+            result[i] = g
+    return tuple(result)
+
+
+def exact_when_recorded(forward: Callable, backward: Callable, setup_context: Callable):
+    """(backward, setup_context) of an op for register_autograd: the same, except that a recorded
+    backward differentiates ``forward`` rebuilt with DifferentiableOps (recorded_backward) instead
+    of running the first-order kernels. Eager calls keep their inputs on ctx for it; torch.compile,
+    which has no double backward, does not."""
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        if not torch.compiler.is_compiling():
+            ctx.forward_inputs = inputs
+
+    def exact_backward(ctx, *grads):
+        inputs = getattr(ctx, "forward_inputs", None)
+        if torch.is_grad_enabled() and inputs is not None and _func_transforms.backward_differentiated_again():
+            ctx.saved_tensors  # (unpacking checks that no saved tensor was modified in place since)
+            return recorded_backward(forward, inputs, ctx.needs_input_grad, grads)
+        return backward(ctx, *grads)
+    return exact_backward, setup
+
+
+def differentiable_op(namespace_name: str, name: str) -> Callable:
+    """Op ``name`` of the namespace as its differentiable composition (the forward a recorded
+    backward of that op rebuilds)."""
+    def forward(*inputs):
+        return getattr(differentiable_ops(getattr(torch.ops, namespace_name)), name)(*inputs)
+    return forward
