@@ -14,7 +14,7 @@ import torch
 
 from . import _recorded
 from ._func_transforms import backward_below_autograd, new_style_function
-from ._func_transforms import functorch_active as _functorch_active
+from ._functorch_state import functorch_active as _functorch_active
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)

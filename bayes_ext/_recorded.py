@@ -16,7 +16,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _fallback, _func_transforms
+from . import _fallback
+from ._functorch_state import backward_differentiated_again
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 TINY_RHO = -20.0  # below it softplus(rho) = exp(rho) to within exp(2 rho): log sigma = rho
@@ -64,7 +65,8 @@ class DifferentiableOps:
         return self.sample_weight(mu, rho, seed, offset, prior_pi, prior_sigma1, prior_sigma2, start)[1:]
 
     def sample_weight_samples(self, mu, rho, seeds, offset, prior_pi, prior_sigma1, prior_sigma2):
-        samples = [self.sample_weight(mu, rho, s, offset, prior_pi, prior_sigma1, prior_sigma2) for s in seeds.unbind(0)]
+        prior = (prior_pi, prior_sigma1, prior_sigma2)
+        samples = [self.sample_weight(mu, rho, s, offset, *prior) for s in seeds.unbind(0)]
         return tuple(torch.stack(parts) for parts in zip(*samples))
 
     def sample_rows(self, mu, rho, indices, seed, offset):
@@ -137,7 +139,7 @@ def exact_when_recorded(forward: Callable, backward: Callable, setup_context: Ca
 
     def exact_backward(ctx, *grads):
         inputs = getattr(ctx, "forward_inputs", None)
-        if torch.is_grad_enabled() and inputs is not None and _func_transforms.backward_differentiated_again():
+        if torch.is_grad_enabled() and inputs is not None and backward_differentiated_again():
             ctx.saved_tensors  # (unpacking checks that no saved tensor was modified in place since)
             return recorded_backward(forward, inputs, ctx.needs_input_grad, grads)
         return backward(ctx, *grads)

@@ -29,7 +29,7 @@ from torch import Tensor
 from . import _backend, _checks, _fallback, _recorded
 from . import _ops  # noqa: F401  (registers fake kernels and autograd)
 from . import functional as BF
-from ._func_transforms import functorch_active
+from ._functorch_state import functorch_active
 
 ScaleMixture = Tuple[float, float, float]  # (pi, sigma1, sigma2)
 INDEX_DTYPES = (torch.int32, torch.int64)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import _backend, _checks, _fallback
 from . import functional as BF
-from ._func_transforms import functorch_active
+from ._functorch_state import functorch_active
 from ._fused_op import fused_custom_op
 from .functional_samples import check_seeds
 

@@ -152,7 +152,8 @@ def test_calls_outside_transforms_keep_the_eager_op_namespace(backend):
 
 
 
-@pytest.mark.parametrize("name", ["linear", "linear_lrt", "linear_flipout", "conv_lrt", "embedding_closed_form_padding"])
+@pytest.mark.parametrize("name", ["linear", "linear_lrt", "linear_flipout", "conv_lrt",
+                                  "embedding_closed_form_padding"])
 def test_grad_of_grad_matches_the_recorded_double_backward(backend, name):
     """Nested grad transforms take the exact recorded backward (tests/test_double_backward.py checks
     that one against finite differences); a lone grad takes the first-order kernels."""

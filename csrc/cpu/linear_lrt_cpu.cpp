@@ -226,6 +226,10 @@ class LinearLrtFunction : public torch::autograd::Function<LinearLrtFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    if (at::GradMode::is_enabled()) {  // create_graph=True: exact to every order (recorded_backward.h)
+      return layer_op::recorded_layer_backward(ctx, "bayes_ext::linear_lrt", saved,
+                                               {ctx->saved_data["prior_sigma"].toDouble()}, grads, 8);
+    }
     const at::Tensor &x = saved[0], &weight_mu = saved[1], &weight_rho = saved[2], &seed = saved[5], &std = saved[6];
     const double prior_sigma = ctx->saved_data["prior_sigma"].toDouble();
     const int64_t block_rows = ctx->saved_data["block_rows"].toInt();
@@ -235,15 +239,6 @@ class LinearLrtFunction : public torch::autograd::Function<LinearLrtFunction> {
     const at::Tensor grad_kl = grads[2].defined() ? grads[2] : at::zeros({}, weight_mu.options());
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     const bool need_b = has_bias && (ctx->needs_input_grad(3) || ctx->needs_input_grad(4));
-    if (at::GradMode::is_enabled()) {  // create_graph=True: derivatives of every order (recorded_backward.h)
-      auto recorded = layer_op::recorded_backward(
-          "bayes_ext::linear_lrt",
-          {x, weight_mu, weight_rho, layer_op::optional_arg(saved[3]), layer_op::optional_arg(saved[4]), seed,
-           prior_sigma},
-          layer_op::needs_inputs(ctx, 5, 7), grads);
-      recorded.resize(8);  // block_rows
-      return recorded;
-    }
     Grads computed;
     {
       layer_op::KernelsOnly kernels_only;

@@ -257,6 +257,10 @@ class LinearReparamFunction : public torch::autograd::Function<LinearReparamFunc
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    if (at::GradMode::is_enabled()) {  // create_graph=True: exact to every order (recorded_backward.h)
+      return layer_op::recorded_layer_backward(ctx, "bayes_ext::linear_reparam", saved,
+                                               ctx->saved_data["prior"].toDoubleVector(), grads, 10);
+    }
     const at::Tensor &x = saved[0], &weight_mu = saved[1], &weight_rho = saved[2], &seed = saved[5];
     const std::vector<double> prior = ctx->saved_data["prior"].toDoubleVector();
     const int64_t block_rows = ctx->saved_data["block_rows"].toInt();
@@ -268,15 +272,6 @@ class LinearReparamFunction : public torch::autograd::Function<LinearReparamFunc
     const at::Tensor grad_log_q = grads[1].defined() ? grads[1] : at::zeros({}, weight_mu.options());
     const at::Tensor grad_log_p = grads[2].defined() ? grads[2] : at::zeros({}, weight_mu.options());
     const bool need_x = ctx->needs_input_grad(0);
-    if (at::GradMode::is_enabled()) {  // create_graph=True: derivatives of every order (recorded_backward.h)
-      auto recorded = layer_op::recorded_backward(
-          "bayes_ext::linear_reparam",
-          {x, weight_mu, weight_rho, layer_op::optional_arg(saved[3]), layer_op::optional_arg(saved[4]), seed, prior[0],
-           prior[1], prior[2]},
-          layer_op::needs_inputs(ctx, 5, 9), grads);
-      recorded.resize(10);  // block_rows
-      return recorded;
-    }
     Grads computed;
     {
       layer_op::KernelsOnly kernels_only;

@@ -174,6 +174,10 @@ class LinearSamplesStackedFunction : public torch::autograd::Function<LinearSamp
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    if (at::GradMode::is_enabled()) {  // create_graph=True: exact to every order (recorded_backward.h)
+      return layer_op::recorded_layer_backward(ctx, "bayes_ext::linear_reparam_samples", saved,
+                                               ctx->saved_data["prior"].toDoubleVector(), grads, 9);
+    }
     const at::Tensor &x = saved[0], &weight_mu = saved[1], &weight_rho = saved[2], &seeds = saved[5];
     const std::vector<double> prior = ctx->saved_data["prior"].toDoubleVector();
     const bool has_bias = saved[3].defined();
@@ -185,13 +189,6 @@ class LinearSamplesStackedFunction : public torch::autograd::Function<LinearSamp
     const at::Tensor grad_log_q = grads[1].defined() ? grads[1] : at::zeros({n}, weight_mu.options());
     const at::Tensor grad_log_p = grads[2].defined() ? grads[2] : at::zeros({n}, weight_mu.options());
     const bool need_x = ctx->needs_input_grad(0);
-    if (at::GradMode::is_enabled()) {  // create_graph=True: derivatives of every order (recorded_backward.h)
-      return layer_op::recorded_backward(
-          "bayes_ext::linear_reparam_samples",
-          {x, weight_mu, weight_rho, layer_op::optional_arg(saved[3]), layer_op::optional_arg(saved[4]), seeds, prior[0],
-           prior[1], prior[2]},
-          layer_op::needs_inputs(ctx, 5, 9), grads);
-    }
     LinearSamplesGrads computed;
     {
       layer_op::KernelsOnly kernels_only;

@@ -57,7 +57,25 @@ inline std::vector<bool> needs_inputs(torch::autograd::AutogradContext* ctx, siz
 }
 
 // The saved optional tensor as the argument a Python op takes (None when there was none).
-inline c10::IValue optional_arg(const at::Tensor& saved) { return saved.defined() ? c10::IValue(saved) : c10::IValue(); }
+inline c10::IValue optional_arg(const at::Tensor& saved) {
+  return saved.defined() ? c10::IValue(saved) : c10::IValue();
+}
+
+// recorded_backward of a linear layer op whose Python twin takes (x, weight_mu, weight_rho, bias_mu,
+// bias_rho, seed or seeds, scalars...) and whose own inputs, num_inputs of them (a block size after
+// the scalars), were saved in that order.
+inline torch::autograd::variable_list recorded_layer_backward(torch::autograd::AutogradContext* ctx,
+                                                              const char* python_op,
+                                                              const torch::autograd::variable_list& saved,
+                                                              const std::vector<double>& scalars,
+                                                              const torch::autograd::variable_list& grads,
+                                                              size_t num_inputs) {
+  std::vector<c10::IValue> args{saved[0], saved[1], saved[2], optional_arg(saved[3]), optional_arg(saved[4]), saved[5]};
+  for (double s : scalars) args.emplace_back(s);
+  auto recorded = recorded_backward(python_op, std::move(args), needs_inputs(ctx, 5, 6 + scalars.size()), grads);
+  recorded.resize(num_inputs);
+  return recorded;
+}
 
 }  // namespace layer_op
 }  // namespace bayes_ext
