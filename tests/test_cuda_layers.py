@@ -297,3 +297,13 @@ def test_vectorised_sample_elbo_equals_the_loop_on_cuda(cuda_ops, name):
     loop = _elbo_step(model, x, y, crit, 8, vectorized=False)
     batched = _elbo_step(model, x, y, crit, 8, vectorized=True)
     _assert_same(batched, loop)
+
+
+@pytest.mark.parametrize("name", ["linear", "linear_lrt", "linear_flipout", "conv_lrt", "lstm",
+                                  "embedding_closed_form"])
+def test_recorded_backwards_have_exact_second_derivatives_on_cuda(cuda_ops, name):
+    """create_graph=True on the GPU: the C++ layer op (AutogradCUDA) and the Python ops differentiate
+    their rebuilt forward (tests/test_double_backward.py's gradgradcheck, on CUDA tensors)."""
+    from test_double_backward import layer_function
+    f, inputs = layer_function(name, DEV)
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)

@@ -38,13 +38,13 @@ def output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
-def layer_function(name):
+def layer_function(name, device="cpu"):
     """(f, inputs): f(*inputs) = (the layer's output, its KL) on a fixed seed, as a function of
-    the input (when it is differentiable) and the parameters, all float64."""
+    the input (when it is differentiable) and the parameters, all float64, on `device`."""
     make_layer, make_input = CASES[name]
     torch.manual_seed(0)
-    layer = make_layer().double()
-    x = make_input()
+    layer = make_layer().double().to(device)
+    x = make_input().to(device)
     names = [n for n, _ in layer.named_parameters()]
     params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
     with_x = x.is_floating_point()
