@@ -307,3 +307,30 @@ def test_recorded_backwards_have_exact_second_derivatives_on_cuda(cuda_ops, name
     from test_double_backward import layer_function
     f, inputs = layer_function(name, DEV)
     assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["linear", "linear_lrt", "linear_flipout", "conv_lrt",
+                                  "embedding_closed_form_padding"])
+def test_torch_func_grad_and_per_sample_grads_on_cuda(cuda_ops, name):
+    """torch.func on the GPU (tests/test_func_transforms.py): grad equals autograd on the same seed,
+    and vmap(grad) per-sample gradients equal the one-by-one ones."""
+    from torch.func import functional_call, grad, vmap
+    from test_func_transforms import assert_grads_close, detached_params, make, output
+    from bayes_ext.losses import kl_divergence_from_nn
+    layer, x = make(name)
+    layer, x = layer.to(DEV), x.to(DEV)
+    params = detached_params(layer)
+
+    def loss(p, inp):
+        return output(functional_call(layer, p, (inp,))).square().sum() + kl_divergence_from_nn(layer)
+
+    torch.manual_seed(7)
+    eager = loss(dict(layer.named_parameters()), x)
+    eager.backward()
+    torch.manual_seed(7)
+    assert_grads_close(grad(loss)(params, x), {k: v.grad for k, v in layer.named_parameters()})
+    torch.manual_seed(7)
+    per_sample = vmap(grad(lambda p, s: loss(p, s[None])), in_dims=(None, 0), randomness="same")(params, x)
+    for i in range(x.shape[0]):
+        torch.manual_seed(7)
+        assert_grads_close({k: v[i] for k, v in per_sample.items()}, grad(lambda p: loss(p, x[i][None]))(params))
