@@ -7,8 +7,9 @@ also gets a new-style twin made of the same ``setup_context`` and ``backward`` (
 ``setup_context(ctx, inputs, output)`` is already the new-style signature), and while a transform
 is active the calls go to the twin. ``generate_vmap_rule`` lets vmap run the twin's forward and
 backward on batched tensors (the kernels have no batching rule: torch loops over the batch).
-Forward-mode AD (jvp, jacfwd) is not supported: torch says so ("must override the jvp
-staticmethod").
+The twin's jvp (forward mode: jvp, jacfwd) and its backward when that is differentiated again
+(grad of grad, jacrev of jacrev, jacfwd of jacrev: all of them run the backward in grad mode)
+differentiate the op's forward rebuilt from differentiable compositions (_recorded.py).
 
 Outside transforms nothing changes: the twin costs nothing until a transform calls it.
 """
@@ -32,17 +33,25 @@ def backward_below_autograd(backward):
 
 
 def new_style_function(name: str, call: Callable, backward: Callable, setup_context: Callable,
-                       signature: inspect.Signature):
+                       signature: inspect.Signature, rebuild: Callable):
     """An autograd.Function usable under torch.func: forward = ``call`` below autograd, then
-    ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` as registered for the op.
-    ``signature`` (the op's) fills in omitted defaulted arguments before setup_context sees them."""
+    ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` as registered for the op;
+    forward-mode AD (jvp, jacfwd) differentiates ``rebuild``, the op's forward as differentiable
+    compositions (_recorded.py). ``signature`` (the op's) fills in omitted defaulted arguments
+    before setup_context sees them."""
     def forward(*inputs):
         with torch._C._AutoDispatchBelowAutograd():
             return call(*inputs)
     forward.__signature__ = signature  # what Function.apply binds the arguments against
+
+    def jvp(ctx, *tangents):
+        out = _recorded.forward_tangents(rebuild, ctx.forward_inputs, tangents)
+        out = out if isinstance(out, tuple) else (out,)
+        kept = tuple(t if differentiable else None for t, differentiable in zip(out, ctx.differentiable_outputs))
+        return kept if len(kept) > 1 else kept[0]
     return type(name, (torch.autograd.Function,), dict(
         forward=staticmethod(forward), setup_context=staticmethod(setup_context),
-        backward=staticmethod(backward_below_autograd(backward)), generate_vmap_rule=True))
+        backward=staticmethod(backward_below_autograd(backward)), jvp=staticmethod(jvp), generate_vmap_rule=True))
 
 
 # "namespace::op" -> its new-style twin, for the ops registered through register_autograd below
@@ -58,7 +67,7 @@ def register_autograd(qualname: str, backward: Callable, *, setup_context: Calla
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
     op = getattr(getattr(torch.ops, namespace), name).default
     _TWINS[qualname] = new_style_function(f"{name}_transform_function", op, backward, setup_context,
-                                          schema_signature(op._schema))
+                                          schema_signature(op._schema), _recorded.differentiable_op(namespace, name))
 
 
 def schema_signature(schema) -> inspect.Signature:

@@ -54,7 +54,7 @@ class FusedOp:
             forward=staticmethod(forward), backward=staticmethod(backward_below_autograd(backward))))
         # torch.func transforms refuse the custom op's own autograd wrapper (_func_transforms.py)
         self._transform_function = new_style_function(f"{impl.__name__.strip('_')}_transform_function",
-                                                      self.op, backward, setup_context, inspect.signature(impl))
+                                                      self.op, backward, setup_context, inspect.signature(impl), impl)
 
     def __call__(self, *args):
         if self._transform_function is not None and _functorch_active() and not torch.compiler.is_compiling():

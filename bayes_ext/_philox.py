@@ -38,11 +38,18 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int, workspace=None):
     products: their upper bits only ever meet XORs before the mask that cleans the next multiplier,
     so one mask per product (the hi word's, after the XORs) is all the bookkeeping needed.
     With a workspace (two pairs of product buffers the size of the words), c0 and c2 are updated in
-    place and nothing is allocated; without one, the inputs are left untouched.
+    place and nothing is allocated; without one, every step is out of place (no out=, so it runs
+    under vmap too) and the inputs are left untouched.
     """
     if workspace is None:
-        c0, c2 = c0.clone(), c2.clone()
-        workspace = ((torch.empty_like(c0), torch.empty_like(c0)), (torch.empty_like(c0), torch.empty_like(c0)))
+        for _ in range(10):
+            p0, p1 = c0 * M0, c2 * M1
+            c0 = ((p1 >> 32) ^ c1 ^ k0) & MASK32
+            c2 = ((p0 >> 32) ^ c3 ^ k1) & MASK32
+            c1, c3 = p1, p0
+            k0 = (k0 + W0) & MASK32
+            k1 = (k1 + W1) & MASK32
+        return c0, c1 & MASK32, c2, c3 & MASK32
     for round_ in range(10):
         # round r writes the pair round r - 2 wrote, whose lo words round r - 1 has consumed
         p0, p1 = workspace[round_ & 1]
@@ -93,8 +100,9 @@ def philox_blocks(seed: int, offset: int, first_block: int, num_blocks: int, dev
 
 
 def _radius(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sqrt(-2 log u), u = (2 (x >> 9) + 1) 2^-24 in (0, 1): exact in float32 and float64."""
-    return _radius_into(x, torch.empty(x.shape, dtype=dtype, device=x.device), torch.empty_like(x))
+    """sqrt(-2 log u), u = (2 (x >> 9) + 1) 2^-24 in (0, 1): exact in float32 and float64. (Out of
+    place, as _angle: normal_at also runs under vmap.)"""
+    return (((x >> 8) | 1).to(dtype) * TWO_POW_M24).log().mul(-2.0).sqrt()
 
 
 def _radius_into(x: torch.Tensor, out: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -105,7 +113,7 @@ def _radius_into(x: torch.Tensor, out: torch.Tensor, bits: torch.Tensor) -> torc
 
 def _angle(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """2 pi v, v = (x >> 8) 2^-24 in [0, 1)."""
-    return _angle_into(x, torch.empty(x.shape, dtype=dtype, device=x.device), torch.empty_like(x))
+    return (x >> 8).to(dtype) * (TWO_POW_M24 * 2.0 * math.pi)
 
 
 def _angle_into(x: torch.Tensor, out: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:

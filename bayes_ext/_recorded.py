@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from . import _fallback
-from ._functorch_state import backward_differentiated_again
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 TINY_RHO = -20.0  # below it softplus(rho) = exp(rho) to within exp(2 rho): log sigma = rho
@@ -102,29 +101,47 @@ def differentiable_ops(namespace) -> DifferentiableOps:
 
 
 def recorded_backward(forward: Callable, inputs: Sequence, needs_input_grad: Sequence[bool],
-                      grads: Sequence[Optional[torch.Tensor]]):
+                      grads: Sequence[Optional[torch.Tensor]], differentiable_outputs: Optional[Sequence[bool]] = None):
     """The gradients of ``forward(*inputs)`` (rebuilt with DifferentiableOps) with respect to the
-    inputs that need them, for the incoming ``grads``, recorded: differentiable in the inputs and
-    in ``grads``. None for the other inputs."""
-    wrt = [i for i, (t, need) in enumerate(zip(inputs, needs_input_grad))
-           if need and isinstance(t, torch.Tensor) and t.requires_grad]
+    floating-point inputs that need them, for the incoming ``grads``, as a vjp that every enclosing
+    differentiation sees through: torch.autograd with create_graph=True, and torch.func's grad, jvp
+    and vmap levels, live or not. None for the other inputs; ``differentiable_outputs`` masks the
+    outputs the op marked non-differentiable (their incoming gradient is ignored)."""
+    positions = [i for i, (t, need) in enumerate(zip(inputs, needs_input_grad))
+                 if need and isinstance(t, torch.Tensor) and t.is_floating_point()]
     result = [None] * len(inputs)
-    if not wrt:
+    if not positions:
         return tuple(result)
-    previous = rebuilding()
-    _state.rebuilding = True
-    try:
-        outputs = forward(*inputs)
-    finally:
-        _state.rebuilding = previous
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
-    if pairs:
-        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wrt], [g for _, g in pairs],
-                                  create_graph=True, allow_unused=True)
-        for i, g in zip(wrt, got):
-            result[i] = g
+
+    def rebuilt(*differentiated):
+        args = list(inputs)
+        for i, t in zip(positions, differentiated):
+            args[i] = t
+        previous = rebuilding()
+        _state.rebuilding = True
+        try:
+            out = forward(*args)
+        finally:
+            _state.rebuilding = previous
+        return out if isinstance(out, tuple) else (out,)
+
+    outputs, vjp_fn = torch.func.vjp(rebuilt, *(inputs[i] for i in positions))
+    mask = differentiable_outputs or (True,) * len(outputs)
+    cotangents = tuple(g if (g is not None and keep) else torch.zeros_like(o)
+                       for o, g, keep in zip(outputs, grads, mask))
+    for i, g in zip(positions, vjp_fn(cotangents)):
+        result[i] = g
     return tuple(result)
+
+
+def _unwrap_dead(inputs):
+    """The inputs with the wrappers of torch.func levels that have ended replaced by what they
+    wrapped (as autograd.Function.apply does with its arguments)."""
+    try:
+        from torch._functorch.utils import unwrap_dead_wrappers
+    except ImportError:  # (another torch's layout)
+        return inputs
+    return unwrap_dead_wrappers(tuple(inputs))
 
 
 def exact_when_recorded(forward: Callable, backward: Callable, setup_context: Callable):
@@ -136,12 +153,17 @@ def exact_when_recorded(forward: Callable, backward: Callable, setup_context: Ca
         setup_context(ctx, inputs, output)
         if not torch.compiler.is_compiling():
             ctx.forward_inputs = inputs
+            marked = getattr(ctx, "non_differentiable", None) or ()  # (what mark_non_differentiable recorded)
+            outputs = output if isinstance(output, tuple) else (output,)
+            ctx.differentiable_outputs = tuple(not any(o is m for m in marked) for o in outputs)
 
     def exact_backward(ctx, *grads):
         inputs = getattr(ctx, "forward_inputs", None)
-        if torch.is_grad_enabled() and inputs is not None and backward_differentiated_again():
+        if torch.is_grad_enabled() and inputs is not None:
             ctx.saved_tensors  # (unpacking checks that no saved tensor was modified in place since)
-            return recorded_backward(forward, inputs, ctx.needs_input_grad, grads)
+            # (a torch.func vjp's backward runs after its transform ended, on dead wrappers)
+            return recorded_backward(forward, _unwrap_dead(inputs), ctx.needs_input_grad, grads,
+                                     getattr(ctx, "differentiable_outputs", None))
         return backward(ctx, *grads)
     return exact_backward, setup
 
@@ -152,3 +174,24 @@ def differentiable_op(namespace_name: str, name: str) -> Callable:
     def forward(*inputs):
         return getattr(differentiable_ops(getattr(torch.ops, namespace_name)), name)(*inputs)
     return forward
+
+
+def forward_tangents(forward: Callable, inputs: Sequence, tangents: Sequence[Optional[torch.Tensor]]):
+    """The output tangents of ``forward(*inputs)`` (rebuilt with DifferentiableOps) for the inputs'
+    ``tangents``: forward-mode AD (torch.func.jvp) of the differentiable compositions."""
+    positions = [i for i, (t, tangent) in enumerate(zip(inputs, tangents))
+                 if isinstance(t, torch.Tensor) and tangent is not None]
+
+    def rebuilt(*primals):
+        args = list(inputs)
+        for i, p in zip(positions, primals):
+            args[i] = p
+        previous = rebuilding()
+        _state.rebuilding = True
+        try:
+            return forward(*args)
+        finally:
+            _state.rebuilding = previous
+    _, out_tangents = torch.func.jvp(rebuilt, tuple(inputs[i] for i in positions),
+                                     tuple(tangents[i] for i in positions))
+    return out_tangents

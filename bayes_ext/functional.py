@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, _fallback
+from . import _backend, _checks, _fallback, _recorded
 from . import _ops  # noqa: F401  (registers fake kernels and autograd)
 from ._fused_op import _functorch_active, _plain, fused_custom_op
 
@@ -135,6 +135,8 @@ def _block_rows(weight: Tensor, compiled_block_elements: Optional[int] = None) -
 
 
 def _row_blocks(weight: Tensor, compiled_block_elements: Optional[int] = None):
+    if _recorded.rebuilding():  # a forward rebuilt for autograd (and vmap) is written whole
+        return [(0, weight.shape[0])]
     out_features, step = weight.shape[0], _block_rows(weight, compiled_block_elements)
     return [(r, min(r + step, out_features)) for r in range(0, out_features, step)]
 

@@ -22,6 +22,12 @@ CASES = {
     "linear_lrt_mc": (lambda: BayesianLinear(3, 2, estimator="lrt", kl="mc", prior_pi=0.5),
                       lambda: torch.randn(2, 3, dtype=F64)),
     "linear_flipout": (lambda: BayesianLinear(3, 2, estimator="flipout"), lambda: torch.randn(2, 3, dtype=F64)),
+    # without a bias the C++ ops' autograd nodes have no edges for it (needs_input_grad(3) is out of range)
+    "linear_no_bias": (lambda: BayesianLinear(3, 2, bias=False), lambda: torch.randn(2, 3, dtype=F64)),
+    "linear_lrt_no_bias": (lambda: BayesianLinear(3, 2, estimator="lrt", bias=False),
+                           lambda: torch.randn(2, 3, dtype=F64)),
+    "linear_flipout_no_bias": (lambda: BayesianLinear(3, 2, estimator="flipout", bias=False),
+                               lambda: torch.randn(2, 3, dtype=F64)),
     "conv": (lambda: BayesianConv1d(1, 2, 2), lambda: torch.randn(1, 1, 4, dtype=F64)),
     "conv_lrt": (lambda: BayesianConv1d(1, 2, 2, estimator="lrt"), lambda: torch.randn(1, 1, 4, dtype=F64)),
     "conv_flipout": (lambda: BayesianConv1d(1, 2, 2, estimator="flipout"), lambda: torch.randn(1, 1, 4, dtype=F64)),

@@ -1,5 +1,6 @@
-"""torch.func transforms over bayes_ext layers: grad, jacrev, vmap, vmap of grad (per-sample
-gradients), ensembles over stacked parameters, on both backends. torch.library's autograd wrapper
+"""torch.func transforms over bayes_ext layers: grad, jacrev, jvp, vmap, vmap of grad (per-sample
+gradients), Hessians (jacrev / jacfwd of jacrev), ensembles over stacked parameters, on both
+backends. torch.library's autograd wrapper
 is refused by these transforms (pytorch/pytorch#170834), so bayes_ext routes calls made inside
 them through new-style twins of its ops (bayes_ext/_func_transforms.py); these tests hold them to
 the eager results on the same seed."""
@@ -8,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from torch.func import functional_call, grad, jacrev, jvp, stack_module_state, vmap
+from torch.func import functional_call, grad, jacfwd, jacrev, jvp, stack_module_state, vmap
 
 from bayes_ext.losses import kl_divergence_from_nn
 from bayes_ext.modules import (BayesianConv2d, BayesianConvTranspose2d, BayesianEmbedding, BayesianGRU,
@@ -135,10 +136,41 @@ def test_an_ensemble_vmapped_over_stacked_parameters_matches_each_member(backend
         torch.testing.assert_close(outputs[i], member(x))
 
 
-def test_forward_mode_ad_is_refused_with_torch_message(backend):
-    layer, x = make("linear")
-    with pytest.raises(RuntimeError, match="jvp"):
-        jvp(layer, (x,), (torch.ones_like(x),))
+@pytest.mark.parametrize("name", ["linear", "linear_lrt", "linear_flipout", "conv", "conv_lrt", "gru"])
+def test_forward_mode_jvp_matches_the_jacobian_from_autograd(backend, name):
+    """jvp (forward-mode AD) differentiates the op's forward rebuilt from differentiable
+    compositions on the same noise (_recorded.forward_tangents)."""
+    layer, x = make(name)
+    tangent = torch.randn_like(x)
+    torch.manual_seed(7)
+    y, y_tangent = jvp(lambda xx: output(layer(xx)), (x,), (tangent,))
+    x_leaf = x.clone().requires_grad_()
+    torch.manual_seed(7)
+    y_leaf = output(layer(x_leaf))
+    rows = [torch.autograd.grad(y_leaf.reshape(-1)[k], x_leaf, retain_graph=True)[0] for k in range(y_leaf.numel())]
+    expected = (torch.stack(rows).reshape(y_leaf.numel(), -1) @ tangent.reshape(-1)).reshape(y_leaf.shape)
+    torch.testing.assert_close(y, y_leaf.detach())
+    torch.testing.assert_close(y_tangent, expected)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "lrt", "flipout"])
+@pytest.mark.parametrize("hessian_of", ["jacrev(jacrev)", "jacfwd(jacrev)", "jacrev(grad)"])
+def test_hessians_from_torch_func_match_the_recorded_double_backward(backend, estimator, hessian_of):
+    """Every composition of reverse and forward mode (a vjp's backward even runs after its
+    transform ended) against torch.autograd's double backward (tests/test_double_backward.py
+    holds that one to finite differences)."""
+    torch.manual_seed(0)
+    layer, x = BayesianLinear(4, 3, estimator=estimator).double(), torch.randn(2, 4, dtype=torch.float64)
+    f = lambda xx: layer(xx).tanh().sum()  # noqa: E731
+    transforms = {"jacrev(jacrev)": lambda: jacrev(jacrev(f)), "jacrev(grad)": lambda: jacrev(grad(f)),
+                  "jacfwd(jacrev)": lambda: jacfwd(jacrev(f), randomness="same")}
+    torch.manual_seed(7)
+    hessian = transforms[hessian_of]()(x)
+    x_leaf = x.clone().requires_grad_()
+    torch.manual_seed(7)
+    (g,) = torch.autograd.grad(f(x_leaf), x_leaf, create_graph=True)
+    rows = [torch.autograd.grad(g.reshape(-1)[k], x_leaf, retain_graph=True)[0] for k in range(g.numel())]
+    torch.testing.assert_close(hessian, torch.stack(rows).reshape(x.shape + x.shape))
 
 
 def test_calls_outside_transforms_keep_the_eager_op_namespace(backend):

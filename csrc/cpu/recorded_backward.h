@@ -49,13 +49,6 @@ inline torch::autograd::variable_list recorded_backward(const char* python_op, s
   return result;
 }
 
-// ctx->needs_input_grad of the first `first` inputs, then false up to `count` (the scalars).
-inline std::vector<bool> needs_inputs(torch::autograd::AutogradContext* ctx, size_t first, size_t count) {
-  std::vector<bool> needs(count, false);
-  for (size_t i = 0; i < first; ++i) needs[i] = ctx->needs_input_grad(i);
-  return needs;
-}
-
 // The saved optional tensor as the argument a Python op takes (None when there was none).
 inline c10::IValue optional_arg(const at::Tensor& saved) {
   return saved.defined() ? c10::IValue(saved) : c10::IValue();
@@ -72,7 +65,11 @@ inline torch::autograd::variable_list recorded_layer_backward(torch::autograd::A
                                                               size_t num_inputs) {
   std::vector<c10::IValue> args{saved[0], saved[1], saved[2], optional_arg(saved[3]), optional_arg(saved[4]), saved[5]};
   for (double s : scalars) args.emplace_back(s);
-  auto recorded = recorded_backward(python_op, std::move(args), needs_inputs(ctx, 5, 6 + scalars.size()), grads);
+  // (an absent bias has no input edge: needs_input_grad(3) would be out of range)
+  const size_t tensors = saved[3].defined() ? 5 : 3;
+  std::vector<bool> needs(args.size(), false);
+  for (size_t i = 0; i < tensors; ++i) needs[i] = ctx->needs_input_grad(i);
+  auto recorded = recorded_backward(python_op, std::move(args), needs, grads);
   recorded.resize(num_inputs);
   return recorded;
 }
