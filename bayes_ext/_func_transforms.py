@@ -47,6 +47,7 @@ def new_style_function(name: str, call: Callable, backward: Callable, setup_cont
     def jvp(ctx, *tangents):
         out = _recorded.forward_tangents(rebuild, ctx.forward_inputs, tangents)
         out = out if isinstance(out, tuple) else (out,)
+        # None for the outputs the op marked non-differentiable, as torch requires
         kept = tuple(t if differentiable else None for t, differentiable in zip(out, ctx.differentiable_outputs))
         return kept if len(kept) > 1 else kept[0]
     return type(name, (torch.autograd.Function,), dict(

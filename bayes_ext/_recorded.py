@@ -1,13 +1,13 @@
-"""Exact derivatives of any order: backwards recorded with create_graph=True.
+"""Exact derivatives of any order: backwards that are themselves differentiated, and forward mode.
 
 The kernels' backwards are first-order: what they return carries no derivatives of its own. So
-when a backward is itself recorded (``create_graph=True``: gradient penalties, double backprop,
-second-order meta-learning, Hessian-vector products, ``torch.func.grad`` of ``grad``), a layer op
-rebuilds its forward from differentiable PyTorch compositions of its ops (``DifferentiableOps``:
-the same Philox noise, as constants) and differentiates that with autograd
-(``recorded_backward``). Its gradients are then ordinary recorded tensors, exact to every order,
-at the price of the weight-sized temporaries the kernels avoid; first-order backwards never come
-here.
+when a backward runs in grad mode (``create_graph=True``: gradient penalties, double backprop,
+second-order meta-learning; every torch.func backward, which runs so that transforms compose), a
+layer op rebuilds its forward from differentiable PyTorch compositions of its ops
+(``DifferentiableOps``: the same Philox noise, as constants) and returns the vjp of that
+(``recorded_backward``): exact to every order, at the price of the weight-sized temporaries the
+kernels avoid. Forward mode differentiates the same rebuilt forward (``forward_tangents``).
+First-order backwards never come here.
 """
 import math
 import threading
@@ -100,8 +100,26 @@ def differentiable_ops(namespace) -> DifferentiableOps:
     return ops
 
 
+def _rebuilt(forward: Callable, inputs: Sequence, positions: Sequence[int]) -> Callable:
+    """forward as a function of inputs[positions] (the others fixed), run with DifferentiableOps;
+    it returns a tuple."""
+    def rebuilt(*varying):
+        args = list(inputs)
+        for i, t in zip(positions, varying):
+            args[i] = t
+        previous = rebuilding()
+        _state.rebuilding = True
+        try:
+            out = forward(*args)
+        finally:
+            _state.rebuilding = previous
+        return out if isinstance(out, tuple) else (out,)
+    return rebuilt
+
+
 def recorded_backward(forward: Callable, inputs: Sequence, needs_input_grad: Sequence[bool],
-                      grads: Sequence[Optional[torch.Tensor]], differentiable_outputs: Optional[Sequence[bool]] = None):
+                      grads: Sequence[Optional[torch.Tensor]],
+                      differentiable_outputs: Optional[Sequence[bool]] = None):
     """The gradients of ``forward(*inputs)`` (rebuilt with DifferentiableOps) with respect to the
     floating-point inputs that need them, for the incoming ``grads``, as a vjp that every enclosing
     differentiation sees through: torch.autograd with create_graph=True, and torch.func's grad, jvp
@@ -112,20 +130,7 @@ def recorded_backward(forward: Callable, inputs: Sequence, needs_input_grad: Seq
     result = [None] * len(inputs)
     if not positions:
         return tuple(result)
-
-    def rebuilt(*differentiated):
-        args = list(inputs)
-        for i, t in zip(positions, differentiated):
-            args[i] = t
-        previous = rebuilding()
-        _state.rebuilding = True
-        try:
-            out = forward(*args)
-        finally:
-            _state.rebuilding = previous
-        return out if isinstance(out, tuple) else (out,)
-
-    outputs, vjp_fn = torch.func.vjp(rebuilt, *(inputs[i] for i in positions))
+    outputs, vjp_fn = torch.func.vjp(_rebuilt(forward, inputs, positions), *(inputs[i] for i in positions))
     mask = differentiable_outputs or (True,) * len(outputs)
     cotangents = tuple(g if (g is not None and keep) else torch.zeros_like(o)
                        for o, g, keep in zip(outputs, grads, mask))
@@ -181,17 +186,6 @@ def forward_tangents(forward: Callable, inputs: Sequence, tangents: Sequence[Opt
     ``tangents``: forward-mode AD (torch.func.jvp) of the differentiable compositions."""
     positions = [i for i, (t, tangent) in enumerate(zip(inputs, tangents))
                  if isinstance(t, torch.Tensor) and tangent is not None]
-
-    def rebuilt(*primals):
-        args = list(inputs)
-        for i, p in zip(positions, primals):
-            args[i] = p
-        previous = rebuilding()
-        _state.rebuilding = True
-        try:
-            return forward(*args)
-        finally:
-            _state.rebuilding = previous
-    _, out_tangents = torch.func.jvp(rebuilt, tuple(inputs[i] for i in positions),
+    _, out_tangents = torch.func.jvp(_rebuilt(forward, inputs, positions), tuple(inputs[i] for i in positions),
                                      tuple(tangents[i] for i in positions))
-    return out_tangents
+    return out_tangents if len(out_tangents) > 1 else out_tangents[0]
