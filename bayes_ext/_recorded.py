@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _fallback
+from ._functorch_state import functorch_active
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 TINY_RHO = -20.0  # below it softplus(rho) = exp(rho) to within exp(2 rho): log sigma = rho
@@ -158,9 +159,10 @@ def exact_when_recorded(forward: Callable, backward: Callable, setup_context: Ca
         setup_context(ctx, inputs, output)
         if not torch.compiler.is_compiling():
             ctx.forward_inputs = inputs
-            marked = getattr(ctx, "non_differentiable", None) or ()  # (what mark_non_differentiable recorded)
-            outputs = output if isinstance(output, tuple) else (output,)
-            ctx.differentiable_outputs = tuple(not any(o is m for m in marked) for o in outputs)
+            if functorch_active():  # for the twins' jvp, which must return None for these outputs
+                marked = getattr(ctx, "non_differentiable", None) or ()  # (what mark_non_differentiable kept)
+                outputs = output if isinstance(output, tuple) else (output,)
+                ctx.differentiable_outputs = tuple(not any(o is m for m in marked) for o in outputs)
 
     def exact_backward(ctx, *grads):
         inputs = getattr(ctx, "forward_inputs", None)
