@@ -3,8 +3,10 @@ ask; its own module so that _func_transforms and _recorded need not import each 
 import torch
 
 
+_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)  # (looked up once: a hot path asks)
+
+
 def functorch_active() -> bool:
     """A torch.func transform (grad, vmap, ...) is running around this call."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active and active())
+    return _ACTIVE is not None and _ACTIVE()
 

@@ -38,6 +38,7 @@ class FusedOp:
 
     def register_autograd(self, backward, *, setup_context):
         # a recorded backward (create_graph=True) differentiates the forward rebuilt (_recorded.py)
+        plain_setup_context = setup_context
         backward, setup_context = _recorded.exact_when_recorded(self._impl, backward, setup_context)
         self.op.register_autograd(backward, setup_context=setup_context)
         impl = self._impl
@@ -47,7 +48,8 @@ class FusedOp:
         def forward(ctx, *inputs):  # the old-style signature: no per-call signature binding
             with torch._C._AutoDispatchBelowAutograd():
                 output = impl(*inputs)
-            setup_context(ctx, inputs, output)
+            plain_setup_context(ctx, inputs, output)
+            ctx.forward_inputs = inputs  # what the wrapped setup_context keeps, without its checks
             return output
 
         self._function = type(f"{impl.__name__.strip('_')}_function", (torch.autograd.Function,), dict(
