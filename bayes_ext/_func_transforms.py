@@ -63,12 +63,12 @@ def register_autograd(qualname: str, backward: Callable, *, setup_context: Calla
     """torch.library.register_autograd, exact when the backward is recorded (_recorded.py), plus
     the twin that torch.func transforms call instead."""
     namespace, name = qualname.split("::")
-    backward, setup_context = _recorded.exact_when_recorded(_recorded.differentiable_op(namespace, name), backward,
-                                                           setup_context)
+    rebuild = _recorded.differentiable_op(namespace, name)
+    backward, setup_context = _recorded.exact_when_recorded(rebuild, backward, setup_context)
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
     op = getattr(getattr(torch.ops, namespace), name).default
     _TWINS[qualname] = new_style_function(f"{name}_transform_function", op, backward, setup_context,
-                                          schema_signature(op._schema), _recorded.differentiable_op(namespace, name))
+                                          schema_signature(op._schema), rebuild)
 
 
 def schema_signature(schema) -> inspect.Signature:

@@ -185,13 +185,14 @@ class _GaussianKL(torch.autograd.Function):
         return grad_mu, grad_rho, None, None, None
 
 
-def _rebuilt_kl(mu, rho, prior_sigma, exclude_row, ops):
-    """_GaussianKL's forward for a recorded backward (the ops are then differentiable compositions)."""
+def _rebuilt_kl(mu, rho, prior_sigma, exclude_row, unused_ops):
+    """_GaussianKL's forward for a recorded backward, on its inputs (the ops it was given are not
+    used: _backend.ops() then gives the differentiable compositions)."""
     return _kl_sum(_backend.ops(), mu, rho, prior_sigma, exclude_row)
 
 
-def _rebuilt_closed_form(mu, rho, indices, seed, prior_sigma, exclude_row, ops):
-    """_EmbeddingClosedForm's forward for a recorded backward."""
+def _rebuilt_closed_form(mu, rho, indices, seed, prior_sigma, exclude_row, unused_ops):
+    """_EmbeddingClosedForm's forward for a recorded backward, likewise."""
     ops = _backend.ops()
     return ops.sample_rows(mu, rho, indices, seed, 0), _kl_sum(ops, mu, rho, prior_sigma, exclude_row)
 
