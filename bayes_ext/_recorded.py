@@ -20,7 +20,7 @@ from . import _fallback
 from ._functorch_state import functorch_active
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-TINY_RHO = -20.0  # below it softplus(rho) = exp(rho) to within exp(2 rho): log sigma = rho
+TINY_RHO = _fallback.SOFTPLUS_TINY_RHO  # below it log sigma = rho (the kernels' and the fallback's limit)
 
 _state = threading.local()
 
