@@ -329,6 +329,18 @@ def bayesian_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
     The weight uses Philox stream (seed, 0) and the bias (seed, 1). A fresh seed is drawn when
     ``seed`` is None.
     """
+    x_for_op = _layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior)
+    if x_for_op is not None:
+        seed = draw_seed() if seed is None else seed
+        try:
+            return torch.ops.bayes_ext.linear_reparam_rows.default(x_for_op, weight_mu, weight_rho, bias_mu, bias_rho,
+                                                                   seed, *prior, _block_rows(weight_mu))
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            # the op rejects what the checks reject, in its own words; these name the arguments as the
+            # caller passed them (and re-raise the op's error when they find nothing)
+            prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
+            _checks.prior_values(prior)
+            raise
     x, seed = prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     pi, sigma1, sigma2 = _checks.prior_values(prior)
     if _eager_layer_op(x, weight_mu, weight_rho, bias_mu, bias_rho, seed):
@@ -350,6 +362,37 @@ def eager_compiled_call(x: Tensor, tensors, device_types=("cpu",)) -> bool:
 
 
 _AUTOCAST_X_DTYPES = (torch.bfloat16, torch.float16)  # with float32 weights: what linear_reparam_rows accepts
+_PLAIN_OR_NONE = (torch.Tensor, torch.nn.Parameter, type(None))
+
+
+def _layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior) -> Optional[Tensor]:
+    """The common eager call's fast path: x as bayes_ext::linear_reparam_rows takes it (cast to CUDA
+    autocast's dtype), or None where the checked path below must run (other backends, torch.compile,
+    torch.func, tensor subclasses, CPU autocast, mixed dtypes, a prior not given as three floats). The
+    op checks everything else itself, so the Python checks (~10 us a call, a GPU's layer step is
+    host-bound at that scale) run only to word an error it raised."""
+    if (type(x) not in _PLAIN_OR_NONE or type(weight_mu) not in _PLAIN_OR_NONE
+            or type(weight_rho) not in _PLAIN_OR_NONE or type(bias_mu) not in _PLAIN_OR_NONE
+            or type(bias_rho) not in _PLAIN_OR_NONE or type(seed) not in _PLAIN_OR_NONE
+            or x is None or weight_mu is None or type(prior) is not tuple or len(prior) != 3
+            or type(prior[0]) is not float or type(prior[1]) is not float or type(prior[2]) is not float):
+        return None
+    if x.is_cuda:
+        device_type = "cuda"
+    elif x.is_cpu:
+        device_type = "cpu"
+    else:
+        return None
+    if _backend.ops() is not torch.ops.bayes_ext or torch.compiler.is_compiling() or _functorch_active():
+        return None
+    if torch.is_autocast_enabled(device_type):  # CUDA only: x in autocast's dtype, W cast by the op
+        low_precision = torch.get_autocast_dtype(device_type)
+        if (device_type != "cuda" or weight_mu.dtype != torch.float32 or low_precision not in _AUTOCAST_X_DTYPES
+                or not x.is_floating_point()):
+            return None
+        return x.to(low_precision)
+    return x if x.dtype == weight_mu.dtype else None
+
 
 
 def _eager_layer_op(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],

@@ -244,6 +244,30 @@ def test_layer_op_equals_the_python_op_on_cuda(cuda_ops, x_dtype):
     assert "bayes_ext::linear_reparam_rows" in {e.key for e in prof.key_averages()}
 
 
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16])
+def test_fast_path_equals_the_checked_path_on_cuda(cuda_ops, monkeypatch, amp):
+    """bayesian_linear's eager fast path (x cast to autocast's dtype in front of the layer op, the
+    Python checks skipped) against the checked path: the same values and gradients, bit for bit."""
+    from bayes_ext import functional as BF
+    layer = BayesianLinear(20, 33).to(DEV)
+    x = torch.randn(6, 20, generator=torch.Generator().manual_seed(4)).to(DEV).requires_grad_()
+
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(8)
+        with torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            y = layer(x)
+        (y.float().sum() + layer.log_variational_posterior - layer.log_prior).backward()
+        return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+    fast = run()
+    monkeypatch.setattr(BF, "_layer_op_input", lambda *args: None)
+    for a, b in zip(fast, run()):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("path", ["layer op", "python op"])
 def test_train_step_memory_is_nn_linear_plus_one_weight(cuda_ops, path):
     """Peak memory of a training step's forward and backward: nn.Linear's plus one weight copy

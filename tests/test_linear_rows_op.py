@@ -159,8 +159,9 @@ def test_blocked_weight_gradients_are_the_two_halves_of_one_allocation(compiled,
     glibc and page-faulted in again every step), and .grad keeps them adjacent."""
     from bayes_ext.modules import BayesianLinear
     monkeypatch.setattr(BF, "BLOCK_ELEMENTS", 2 * 9)
-    if path == "Python op":
+    if path == "Python op":  # both ways to the C++ op: the checked one and bayesian_linear's fast path
         monkeypatch.setattr(BF, "eager_compiled_call", lambda *args, **kwargs: False)
+        monkeypatch.setattr(BF, "_layer_op_input", lambda *args: None)
     layer = BayesianLinear(9, 7, estimator=estimator)
     assert BF._block_rows(layer.weight_mu) < 7
     op = "bayes_ext::linear_flipout_rows" if estimator == "flipout" else "bayes_ext::linear_reparam_rows"

@@ -67,7 +67,7 @@ class BayesianLinear(EstimatorMixin, GaussianPosteriorMixin, BayesianModule):
         if self.freeze:
             return self.forward_frozen(x)
         seed = BF.draw_seed()
-        params = (self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho)
+        params = self._weight_bias_params()
         if self.estimator == "lrt":
             prior_sigma = self._fused_kl_prior_sigma()
             if prior_sigma is not None:  # the exact KL comes out of the op's own pass over the weights

@@ -44,7 +44,7 @@ inline std::tuple<at::Tensor, at::Tensor> weight_grad_pair(const at::Tensor& wei
   return {pair[0], pair[1]};
 }
 
-// The arguments every one-sample layer op checks: a 2-D weight, x (..., in_features) in its dtype
+// The arguments every one-sample layer op checks: a non-empty 2-D weight, x (..., in_features) in its dtype
 // and on its device, bias_mu and bias_rho together, a positive block size. An op that accepts
 // other x dtypes (autocast's) checks the dtype itself and passes check_dtype = false.
 inline void check_layer_args(const at::Tensor& x, const at::Tensor& weight_mu,
@@ -52,6 +52,8 @@ inline void check_layer_args(const at::Tensor& x, const at::Tensor& weight_mu,
                              int64_t block_rows, bool check_dtype = true) {
   TORCH_CHECK_VALUE(weight_mu.dim() == 2, "weight_mu must be (out_features, in_features), got shape ",
                     weight_mu.sizes());
+  // as the Python checks: an empty layer would return an empty (or all-bias) output without a word
+  TORCH_CHECK_VALUE(weight_mu.numel() > 0, "weight_mu must not be empty, got shape ", weight_mu.sizes());
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight_mu.size(1), "x must be (..., in_features) = (..., ",
                     weight_mu.size(1), "), got shape ", x.sizes());
   TORCH_CHECK_TYPE(!check_dtype || x.scalar_type() == weight_mu.scalar_type(), "x must have the dtype of weight_mu (",
