@@ -298,6 +298,10 @@ def check_linear_params(weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional
         raise ValueError("bias_mu and bias_rho must both be given or both be None")
     if bias_mu is not None:
         _checks.check_posterior_params(bias_mu, bias_rho)
+        if bias_mu.dtype != weight_mu.dtype:  # (the Flipout and LRT ops added a float64 bias to float32 outputs)
+            raise TypeError(f"bias_mu must have the dtype of weight_mu ({weight_mu.dtype}), got {bias_mu.dtype}")
+        if bias_mu.device != weight_mu.device:
+            raise ValueError(f"bias_mu must be on the device of weight_mu ({weight_mu.device}), got {bias_mu.device}")
         if bias_mu.shape != (weight_mu.shape[0],):
             raise ValueError(f"bias_mu must have shape ({weight_mu.shape[0]},), got {tuple(bias_mu.shape)}")
 
@@ -329,18 +333,13 @@ def bayesian_linear(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: O
     The weight uses Philox stream (seed, 0) and the bias (seed, 1). A fresh seed is drawn when
     ``seed`` is None.
     """
-    x_for_op = _layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior)
+    x_for_op = _layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, True) if three_floats(prior) else None
     if x_for_op is not None:
         seed = draw_seed() if seed is None else seed
-        try:
+        with worded_errors(lambda: (prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed),
+                                    _checks.prior_values(prior))):
             return torch.ops.bayes_ext.linear_reparam_rows.default(x_for_op, weight_mu, weight_rho, bias_mu, bias_rho,
                                                                    seed, *prior, _block_rows(weight_mu))
-        except (RuntimeError, TypeError, ValueError, IndexError):
-            # the op rejects what the checks reject, in its own words; these name the arguments as the
-            # caller passed them (and re-raise the op's error when they find nothing)
-            prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
-            _checks.prior_values(prior)
-            raise
     x, seed = prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     pi, sigma1, sigma2 = _checks.prior_values(prior)
     if _eager_layer_op(x, weight_mu, weight_rho, bias_mu, bias_rho, seed):
@@ -365,22 +364,23 @@ _AUTOCAST_X_DTYPES = (torch.bfloat16, torch.float16)  # with float32 weights: wh
 _PLAIN_OR_NONE = (torch.Tensor, torch.nn.Parameter, type(None))
 
 
-def _layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior) -> Optional[Tensor]:
-    """The common eager call's fast path: x as bayes_ext::linear_reparam_rows takes it (cast to CUDA
-    autocast's dtype), or None where the checked path below must run (other backends, torch.compile,
-    torch.func, tensor subclasses, CPU autocast, mixed dtypes, a prior not given as three floats). The
-    op checks everything else itself, so the Python checks (~10 us a call, a GPU's layer step is
-    host-bound at that scale) run only to word an error it raised."""
+def _layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, cuda: bool) -> Optional[Tensor]:
+    """The eager fast path of the functionals in front of the one-call C++ layer ops
+    (linear_reparam_rows, and on the CPU linear_lrt_rows and linear_flipout_rows): x as the op takes
+    it (on CUDA, where `cuda` says the op is registered, cast to autocast's dtype), or None where the
+    checked path must run (other backends, torch.compile, torch.func, tensor subclasses, CPU autocast,
+    mixed dtypes). The op checks everything else itself, so the Python checks (~10 us a call; on a
+    GPU's host a bf16 4096^3 layer step is host-bound) run only to word an error it raised:
+    ``worded_errors``."""
     if (type(x) not in _PLAIN_OR_NONE or type(weight_mu) not in _PLAIN_OR_NONE
             or type(weight_rho) not in _PLAIN_OR_NONE or type(bias_mu) not in _PLAIN_OR_NONE
             or type(bias_rho) not in _PLAIN_OR_NONE or type(seed) not in _PLAIN_OR_NONE
-            or x is None or weight_mu is None or type(prior) is not tuple or len(prior) != 3
-            or type(prior[0]) is not float or type(prior[1]) is not float or type(prior[2]) is not float):
+            or x is None or weight_mu is None):
         return None
-    if x.is_cuda:
-        device_type = "cuda"
-    elif x.is_cpu:
+    if x.is_cpu:
         device_type = "cpu"
+    elif x.is_cuda and cuda:
+        device_type = "cuda"
     else:
         return None
     if _backend.ops() is not torch.ops.bayes_ext or torch.compiler.is_compiling() or _functorch_active():
@@ -392,6 +392,31 @@ def _layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior) ->
             return None
         return x.to(low_precision)
     return x if x.dtype == weight_mu.dtype else None
+
+
+def three_floats(prior) -> bool:
+    """A prior the layer ops take as it is: a tuple of three Python floats (what the layers pass)."""
+    return (type(prior) is tuple and len(prior) == 3 and type(prior[0]) is float and type(prior[1]) is float
+            and type(prior[2]) is float)
+
+
+class worded_errors:
+    """Around a fast-path op call: when the op raises, `run_checks()` runs the Python checks, which raise
+    their own error (naming the arguments as the caller passed them); the op's error goes on when they
+    find nothing. (A class: a generator-based context manager costs ~1 us a call.)"""
+
+    __slots__ = ("run_checks",)
+
+    def __init__(self, run_checks):
+        self.run_checks = run_checks
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is not None and issubclass(exc_type, (RuntimeError, TypeError, ValueError, IndexError)):
+            self.run_checks()
+        return False
 
 
 

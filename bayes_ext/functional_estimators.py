@@ -330,6 +330,15 @@ def linear_lrt_with_kl(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu
     """(linear_lrt(...), sum KL(q || N(0, prior_sigma^2)) over the weight and bias), the KL computed
     in the same fused pass over the parameters as sigma^2 (and its gradient in the backward's)."""
     _checks.check_positive_prior_sigma(prior_sigma)
+    # (the op also takes N seeds, linear_lrt_samples' groups: one seed here is the Python checks' rule)
+    if (BF._layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, False) is not None
+            and (seed is None or seed.numel() == 1)):
+        seed = BF.draw_seed() if seed is None else seed
+        with BF.worded_errors(lambda: BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)):
+            y, _, kl = torch.ops.bayes_ext.linear_lrt_rows.default(
+                x, weight_mu, weight_rho, bias_mu, bias_rho, seed, float(prior_sigma),
+                BF._block_rows(weight_mu, BF.LRT_BLOCK_ELEMENTS))
+        return y, kl
     x, seed = BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     y, _, kl = _lrt_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, float(prior_sigma))
     return y, kl
@@ -372,6 +381,13 @@ def linear_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Op
     dW = softplus(rho) * eps from stream (seed, 0) (W's own sample), b from (seed, 1); S (x's
     shape) and R (y's shape) are +-1 signs from streams 3 and 4. Each output has the marginal of
     the weight-noise model; backward regenerates dW, S and R."""
+    if BF.three_floats(prior) and BF._layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed,
+                                                     False) is not None:
+        seed = BF.draw_seed() if seed is None else seed
+        with BF.worded_errors(lambda: (BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed),
+                                       _checks.prior_values(prior))):
+            return torch.ops.bayes_ext.linear_flipout_rows.default(x, weight_mu, weight_rho, bias_mu, bias_rho, seed,
+                                                                   *prior, BF._block_rows(weight_mu))
     x, seed = BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     pi, sigma1, sigma2 = _checks.prior_values(prior)
     return _flipout_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1, sigma2)

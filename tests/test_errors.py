@@ -166,6 +166,20 @@ def test_functional_bayesian_linear_errors(backend):
                 call()
 
 
+@pytest.mark.parametrize("estimator", ["reparam", "lrt", "flipout"])
+def test_functional_linear_rejects_a_bias_in_another_dtype(backend, estimator):
+    """The bias posterior must be in the weight's dtype (Flipout and LRT added a float64 bias to float32
+    outputs without a word; the reparameterised op refused it in its own words)."""
+    mu, rho = _mu_rho((5, 4))
+    b_mu, b_rho = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    x = torch.randn(2, 4)
+    call = {"reparam": lambda: BF.bayesian_linear(x, mu, rho, b_mu, b_rho),
+            "lrt": lambda: BFE.linear_lrt_with_kl(x, mu, rho, b_mu, b_rho),
+            "flipout": lambda: BFE.linear_flipout(x, mu, rho, b_mu, b_rho)}[estimator]
+    with pytest.raises(TypeError, match=r"bias_mu must have the dtype of weight_mu \(torch.float32\), got torch.float64"):
+        call()
+
+
 @pytest.mark.parametrize("shape", [(0, 4), (5, 0)])
 @pytest.mark.parametrize("estimator", ["reparam", "lrt", "flipout"])
 def test_functional_linear_rejects_empty_weights(backend, estimator, shape):

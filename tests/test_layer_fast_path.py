@@ -1,55 +1,71 @@
-"""The eager fast path of bayesian_linear (functional._layer_op_input): on the compiled backend a plain
-eager call goes straight to bayes_ext::linear_reparam_rows, and the Python checks run only to word an
-error the op raised. It must give the checked path's values and gradients, raise the checked path's
+"""The eager fast path of the linear functionals in front of the one-call C++ layer ops
+(functional._layer_op_input): on the compiled backend a plain eager call of bayesian_linear,
+linear_lrt_with_kl or linear_flipout goes straight to its op, and the Python checks run only to word
+an error the op raised. It must give the checked path's values and gradients, raise the checked path's
 errors word for word, and use the parameters the module presents (parametrize, functional_call)."""
 import pytest
 import torch
 from torch.nn.utils import parametrize
 
 from bayes_ext import functional as BF
+from bayes_ext import functional_estimators as BFE
 from bayes_ext.modules import BayesianLinear
 
 from helpers import layer_params
 
 PRIOR = (0.5, 0.3, 1.5)
+# name -> f(x, params, seed, prior) returning the functional's tensors; "lrt" takes prior[1] as its sigma
+FUNCTIONALS = {
+    "reparam": lambda x, p, seed, prior: BF.bayesian_linear(x, *p, seed=seed, prior=prior),
+    "lrt": lambda x, p, seed, prior: BFE.linear_lrt_with_kl(x, *p, seed=seed, prior_sigma=prior[1]),
+    "flipout": lambda x, p, seed, prior: BFE.linear_flipout(x, *p, seed=seed, prior=prior),
+}
+OPS = {"reparam": "linear_reparam_rows", "lrt": "linear_lrt_rows", "flipout": "linear_flipout_rows"}
 
 
 def _checked_path_only(monkeypatch):
     monkeypatch.setattr(BF, "_layer_op_input", lambda *args: None)
 
 
-def test_plain_eager_call_skips_the_python_checks(compiled, monkeypatch):
-    calls = []
-    monkeypatch.setattr(BF, "prepare_linear_call", lambda *a: calls.append(a) or pytest.fail("checked path taken"))
-    y, _, _ = BF.bayesian_linear(torch.randn(3, 5), *layer_params(4, 5, True, torch.float32), prior=PRIOR)
-    assert y.shape == (3, 4) and not calls
+@pytest.mark.parametrize("name", FUNCTIONALS)
+def test_plain_eager_call_skips_the_python_checks(compiled, monkeypatch, name):
+    monkeypatch.setattr(BF, "prepare_linear_call", lambda *a: pytest.fail("checked path taken"))
+    with torch.profiler.profile() as prof:
+        y = FUNCTIONALS[name](torch.randn(3, 5), layer_params(4, 5, True, torch.float32), None, PRIOR)[0]
+    assert y.shape == (3, 4)
+    assert f"bayes_ext::{OPS[name]}" in {e.key for e in prof.key_averages()}
 
 
+@pytest.mark.parametrize("name", FUNCTIONALS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fast_and_checked_paths_agree_bit_for_bit(compiled, monkeypatch, bias, dtype):
+def test_fast_and_checked_paths_agree_bit_for_bit(compiled, monkeypatch, name, bias, dtype):
     def run():
         params = layer_params(6, 5, bias, dtype)
         x = torch.randn(2, 3, 5, dtype=dtype, generator=torch.Generator().manual_seed(1), requires_grad=True)
         torch.manual_seed(7)  # the seed drawn inside the call
-        y, log_q, log_p = BF.bayesian_linear(x, *params, prior=PRIOR)
+        y, *kl_terms = FUNCTIONALS[name](x, params, None, PRIOR)
         leaves = [x] + [p for p in params if p is not None]
-        grads = torch.autograd.grad((y * torch.arange(6.0, dtype=dtype)).sum() + 0.3 * log_q - 0.7 * log_p, leaves)
-        return (y, log_q, log_p) + grads
+        loss = (y * torch.arange(6.0, dtype=dtype)).sum() + sum(c * t for c, t in zip((0.3, -0.7), kl_terms))
+        return (y, *kl_terms) + torch.autograd.grad(loss, leaves)
 
     fast = run()
     _checked_path_only(monkeypatch)
     checked = run()
+    assert len(fast) == len(checked)
     for a, b in zip(fast, checked):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-def _bad_calls():
-    """(description, thunk) pairs of bayesian_linear calls that must fail."""
+def _bad_calls(name):
+    """(description, thunk) pairs of calls of functional `name` that must fail."""
     wm, wr, bm, br = layer_params(4, 5, True, torch.float32)
     x, seed, prior = torch.randn(3, 5), torch.tensor([3]), (1.0, 0.1, 0.4)
-    call = BF.bayesian_linear
-    return [
+    f = FUNCTIONALS[name]
+
+    def call(x, wm, wr, bm, br, seed, prior):
+        return f(x, (wm, wr, bm, br), seed, prior)
+    calls = [
         ("x features", lambda: call(torch.randn(3, 6), wm, wr, bm, br, seed, prior)),
         ("x 0-d", lambda: call(torch.tensor(1.0), wm, wr, bm, br, seed, prior)),
         ("x float64", lambda: call(x.double(), wm, wr, bm, br, seed, prior)),
@@ -63,6 +79,10 @@ def _bad_calls():
         ("bias_rho missing", lambda: call(x, wm, wr, bm, None, seed, prior)),
         ("seed dtype", lambda: call(x, wm, wr, bm, br, torch.tensor([3.0]), prior)),
         ("seed size", lambda: call(x, wm, wr, bm, br, torch.tensor([3, 4]), prior)),
+    ]
+    if name == "lrt":  # its prior is prior[1], a Gaussian's sigma
+        return calls + [("prior_sigma", lambda: call(x, wm, wr, bm, br, seed, (1.0, 0.0, 1.0)))]
+    return calls + [
         ("prior_pi", lambda: call(x, wm, wr, bm, br, seed, (1.5, 0.1, 0.4))),
         ("prior_sigma1", lambda: call(x, wm, wr, bm, br, seed, (0.5, -0.1, 0.4))),
         ("prior_sigma2", lambda: call(x, wm, wr, bm, br, seed, (0.5, 0.1, float("inf")))),
@@ -75,19 +95,22 @@ def _error_of(thunk):
     return type(info.value), str(info.value)
 
 
-def test_errors_are_the_checked_paths_word_for_word(compiled, monkeypatch):
-    fast = [(name, _error_of(thunk)) for name, thunk in _bad_calls()]
+@pytest.mark.parametrize("name", FUNCTIONALS)
+def test_errors_are_the_checked_paths_word_for_word(compiled, monkeypatch, name):
+    fast = [(what, _error_of(thunk)) for what, thunk in _bad_calls(name)]
     _checked_path_only(monkeypatch)
-    checked = [(name, _error_of(thunk)) for name, thunk in _bad_calls()]
+    checked = [(what, _error_of(thunk)) for what, thunk in _bad_calls(name)]
     assert fast == checked
 
 
-def test_the_op_rejects_an_empty_weight(compiled):
-    """The op itself, not only the Python checks (an empty layer used to return an empty output)."""
+@pytest.mark.parametrize("name", FUNCTIONALS)
+def test_the_ops_reject_an_empty_weight(compiled, name):
+    """The ops themselves, not only the Python checks (an empty layer used to return an empty output)."""
     wm, wr, bm, br = layer_params(4, 5, True, torch.float32)
+    args = (torch.randn(3, 5), wm[:0], wr[:0], bm[:0], br[:0], torch.tensor([1]))
+    scalars = (0.1, 4) if name == "lrt" else (1.0, 0.1, 0.4, 4)
     with pytest.raises(ValueError, match=r"weight_mu must not be empty, got shape \[0, 5\]"):
-        compiled.linear_reparam_rows(torch.randn(3, 5), wm[:0], wr[:0], bm[:0], br[:0], torch.tensor([1]),
-                                     1.0, 0.1, 0.4, 4)
+        getattr(compiled, OPS[name])(*args, *scalars)
 
 
 def test_a_prior_of_ints_takes_the_checked_path_with_the_same_values(backend):
@@ -133,11 +156,13 @@ def test_functional_call_parameters_are_the_ones_used(backend):
     assert torch.equal(y, reference(x))
 
 
-def test_a_layer_without_bias_takes_the_same_values_either_way(compiled, monkeypatch):
-    layer = BayesianLinear(5, 4, bias=False)
+@pytest.mark.parametrize("estimator", ["reparam", "lrt", "flipout"])
+def test_a_layer_without_bias_takes_the_same_values_either_way(compiled, monkeypatch, estimator):
+    layer = BayesianLinear(5, 4, bias=False, estimator=estimator)
     x = torch.randn(3, 5)
     torch.manual_seed(2)
-    fast = layer(x)
+    fast = layer(x), layer.kl_divergence()
     _checked_path_only(monkeypatch)
     torch.manual_seed(2)
-    assert torch.equal(fast, layer(x))
+    for a, b in zip(fast, (layer(x), layer.kl_divergence())):
+        assert torch.equal(a, b)

@@ -45,8 +45,9 @@ inline std::tuple<at::Tensor, at::Tensor> weight_grad_pair(const at::Tensor& wei
 }
 
 // The arguments every one-sample layer op checks: a non-empty 2-D weight, x (..., in_features) in its dtype
-// and on its device, bias_mu and bias_rho together, a positive block size. An op that accepts
-// other x dtypes (autocast's) checks the dtype itself and passes check_dtype = false.
+// and on its device, bias_mu and bias_rho together and in the weight's dtype and on its device, a
+// positive block size. An op that accepts other x dtypes (autocast's) checks the dtype itself and
+// passes check_dtype = false.
 inline void check_layer_args(const at::Tensor& x, const at::Tensor& weight_mu,
                              const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
                              int64_t block_rows, bool check_dtype = true) {
@@ -61,6 +62,12 @@ inline void check_layer_args(const at::Tensor& x, const at::Tensor& weight_mu,
   TORCH_CHECK_VALUE(x.device() == weight_mu.device(), "x must be on the device of weight_mu (", weight_mu.device(),
                     "), got ", x.device());
   TORCH_CHECK_VALUE(has(bias_mu) == has(bias_rho), "bias_mu and bias_rho must be given together");
+  if (has(bias_mu)) {  // (the bias's own shape and rho's match are the sampling ops' checks)
+    TORCH_CHECK_TYPE(bias_mu->scalar_type() == weight_mu.scalar_type(), "bias_mu must have the dtype of weight_mu (",
+                     weight_mu.scalar_type(), "), got ", bias_mu->scalar_type());
+    TORCH_CHECK_VALUE(bias_mu->device() == weight_mu.device(), "bias_mu must be on the device of weight_mu (",
+                      weight_mu.device(), "), got ", bias_mu->device());
+  }
   TORCH_CHECK_VALUE(block_rows >= 1, "block_rows must be positive, got ", block_rows);
 }
 
