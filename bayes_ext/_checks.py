@@ -35,9 +35,16 @@ def check_matches(t, name: str, like, like_name: str) -> None:
         raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(t.shape)}")
 
 
-def check_posterior_params(mu, rho) -> None:
-    check_floating(mu, "mu")
-    check_matches(rho, "rho", mu, "mu")
+LOW_PRECISION_HINT = ("; the posterior parameters stay in float32 (or float64): for bf16 / fp16 compute, "
+                      "use torch.autocast")
+
+
+def check_posterior_params(mu, rho, mu_name: str = "mu", rho_name: str = "rho") -> None:
+    check_tensor(mu, mu_name)
+    if mu.dtype in (torch.bfloat16, torch.float16):  # e.g. after model.half(): say what to do instead
+        raise TypeError(f"{mu_name} must be a float32 or float64 tensor, got {mu.dtype}{LOW_PRECISION_HINT}")
+    check_floating(mu, mu_name)
+    check_matches(rho, rho_name, mu, mu_name)
 
 
 def check_seed(seed, like) -> None:

@@ -289,7 +289,7 @@ def linear_lrt(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Option
 def check_linear_params(weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                         bias_rho: Optional[Tensor]) -> None:
     """Shapes, dtypes and devices of a linear layer's posterior parameters (clear errors)."""
-    _checks.check_posterior_params(weight_mu, weight_rho)
+    _checks.check_posterior_params(weight_mu, weight_rho, "weight_mu", "weight_rho")
     if weight_mu.dim() != 2:
         raise ValueError(f"weight_mu must be 2-D (out_features, in_features), got shape {tuple(weight_mu.shape)}")
     if weight_mu.numel() == 0:  # as BayesianLinear's constructor and the conv functionals
@@ -297,7 +297,7 @@ def check_linear_params(weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional
     if (bias_mu is None) != (bias_rho is None):
         raise ValueError("bias_mu and bias_rho must both be given or both be None")
     if bias_mu is not None:
-        _checks.check_posterior_params(bias_mu, bias_rho)
+        _checks.check_posterior_params(bias_mu, bias_rho, "bias_mu", "bias_rho")
         if bias_mu.dtype != weight_mu.dtype:  # (the Flipout and LRT ops added a float64 bias to float32 outputs)
             raise TypeError(f"bias_mu must have the dtype of weight_mu ({weight_mu.dtype}), got {bias_mu.dtype}")
         if bias_mu.device != weight_mu.device:

@@ -87,7 +87,7 @@ class _ScaleGradByFreq(torch.autograd.Function):
 
 
 def _prepare(input, weight_mu, weight_rho, seed, padding_idx):
-    _checks.check_posterior_params(weight_mu, weight_rho)
+    _checks.check_posterior_params(weight_mu, weight_rho, "weight_mu", "weight_rho")
     if weight_mu.dim() != 2:
         raise ValueError(f"weight_mu must be 2-D (num_embeddings, embedding_dim), got shape {tuple(weight_mu.shape)}")
     indices = check_indices(input, weight_mu)

@@ -180,6 +180,24 @@ def test_functional_linear_rejects_a_bias_in_another_dtype(backend, estimator):
         call()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("make", [lambda: (BayesianLinear(4, 3), torch.randn(2, 4)),
+                                  lambda: (BayesianLinear(4, 3, estimator="lrt"), torch.randn(2, 4)),
+                                  lambda: (BayesianLinear(4, 3, estimator="flipout"), torch.randn(2, 4)),
+                                  lambda: (BayesianConv2d(2, 3, (3, 3)), torch.randn(1, 2, 5, 5)),
+                                  lambda: (BayesianLSTM(3, 4), torch.randn(2, 5, 3)),
+                                  lambda: (BayesianEmbedding(10, 4), torch.tensor([[1, 2]]))],
+                         ids=["linear", "lrt", "flipout", "conv2d", "lstm", "embedding"])
+def test_low_precision_parameters_are_refused_with_what_to_do_instead(backend, make, dtype):
+    """model.half() / .to(torch.bfloat16) (which a BLiTZ model survives): the posteriors stay float32
+    or float64, and the error says to compute in bf16 / fp16 through torch.autocast."""
+    layer, x = make()
+    layer = layer.to(dtype)
+    x = x.to(dtype) if x.is_floating_point() else x
+    with pytest.raises(TypeError, match=r"mu must be a float32 or float64 tensor, got .*use torch\.autocast"):
+        layer(x)
+
+
 @pytest.mark.parametrize("shape", [(0, 4), (5, 0)])
 @pytest.mark.parametrize("estimator", ["reparam", "lrt", "flipout"])
 def test_functional_linear_rejects_empty_weights(backend, estimator, shape):

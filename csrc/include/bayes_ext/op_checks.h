@@ -14,6 +14,16 @@ inline void check_floating(const at::Tensor& t, const char* name) {
                    " must be a float32 or float64 tensor, got ", t.scalar_type());
 }
 
+// A posterior parameter (mu): float32 / float64. A bf16 / fp16 one (e.g. after model.half()) gets told
+// what to do instead, as bayes_ext/_checks.py's check_posterior_params says it.
+inline void check_posterior_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() != at::kBFloat16 && t.scalar_type() != at::kHalf, name,
+                   " must be a float32 or float64 tensor, got ", t.scalar_type(),
+                   "; the posterior parameters stay in float32 (or float64): for bf16 / fp16 compute, use "
+                   "torch.autocast");
+  check_floating(t, name);
+}
+
 // The device a kernel file serves (the dispatcher routes by the tensors' device; a direct call of a
 // kernel with another device's tensors gets this error instead of a crash).
 inline void check_cpu(const at::Tensor& t, const char* name = "mu") {
@@ -36,7 +46,7 @@ inline void check_matches(const at::Tensor& t, const char* name, const at::Tenso
 
 inline void check_posterior_params(const at::Tensor& mu, const at::Tensor& rho) {
   TORCH_CHECK_TYPE(mu.defined() && rho.defined(), "mu and rho must be tensors");
-  check_floating(mu, "mu");
+  check_posterior_floating(mu, "mu");
   check_matches(rho, "rho", mu, "mu");
 }
 
@@ -46,7 +56,7 @@ inline void check_weight_bias_params(const at::Tensor& weight_mu, const at::Tens
                                      const at::Tensor& bias_mu, const at::Tensor& bias_rho) {
   TORCH_CHECK_TYPE(weight_mu.defined() && weight_rho.defined() && bias_mu.defined() && bias_rho.defined(),
                    "weight_mu, weight_rho, bias_mu and bias_rho must be tensors");
-  check_floating(weight_mu, "weight_mu");
+  check_posterior_floating(weight_mu, "weight_mu");
   check_matches(weight_rho, "weight_rho", weight_mu, "weight_mu");
   TORCH_CHECK_VALUE(weight_mu.dim() == 2, "weight_mu must be 2-D (out_features, in_features), got shape ",
                     weight_mu.sizes());
