@@ -419,7 +419,6 @@ class worded_errors:
         return False
 
 
-
 def _eager_layer_op(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                     bias_rho: Optional[Tensor], seed: Tensor) -> bool:
     """bayes_ext::linear_reparam_rows applies: an eager compiled call on the CPU with x in the

@@ -176,7 +176,8 @@ def test_functional_linear_rejects_a_bias_in_another_dtype(backend, estimator):
     call = {"reparam": lambda: BF.bayesian_linear(x, mu, rho, b_mu, b_rho),
             "lrt": lambda: BFE.linear_lrt_with_kl(x, mu, rho, b_mu, b_rho),
             "flipout": lambda: BFE.linear_flipout(x, mu, rho, b_mu, b_rho)}[estimator]
-    with pytest.raises(TypeError, match=r"bias_mu must have the dtype of weight_mu \(torch.float32\), got torch.float64"):
+    message = r"bias_mu must have the dtype of weight_mu \(torch.float32\), got torch.float64"
+    with pytest.raises(TypeError, match=message):
         call()
 
 
