@@ -112,8 +112,8 @@ void backward_into(at::Tensor& grad_mu, at::Tensor& grad_rho, const c10::optiona
   const int64_t n = mu.numel();
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_weight_backward_cpu", [&] {
     const auto prior = make_prior<scalar_t>(prior_pi, prior_sigma1, prior_sigma2);
-    const scalar_t glq = grad_log_q.item<scalar_t>();
-    const scalar_t glp = grad_log_p.item<scalar_t>();
+    const scalar_t glq = host_scalar<scalar_t>(grad_log_q);
+    const scalar_t glp = host_scalar<scalar_t>(grad_log_p);
     const scalar_t* gw_p = has_grad_w ? grad_w.data_ptr<scalar_t>() : nullptr;
     scalar_t* w_p = w.defined() && w.numel() ? w.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, num_chunks(n), 1, [&](int64_t begin, int64_t end) {
