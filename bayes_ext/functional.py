@@ -361,37 +361,28 @@ def eager_compiled_call(x: Tensor, tensors, device_types=("cpu",)) -> bool:
 
 
 _AUTOCAST_X_DTYPES = (torch.bfloat16, torch.float16)  # with float32 weights: what linear_reparam_rows accepts
-_PLAIN_OR_NONE = (torch.Tensor, torch.nn.Parameter, type(None))
 
 
 def _layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, cuda: bool) -> Optional[Tensor]:
     """The eager fast path of the functionals in front of the one-call C++ layer ops
     (linear_reparam_rows, and on the CPU linear_lrt_rows and linear_flipout_rows): x as the op takes
-    it (on CUDA, where `cuda` says the op is registered, cast to autocast's dtype), or None where the
-    checked path must run (other backends, torch.compile, torch.func, tensor subclasses, CPU autocast,
-    mixed dtypes). The op checks everything else itself, so the Python checks (~10 us a call; on a
-    GPU's host a bf16 4096^3 layer step is host-bound) run only to word an error it raised:
-    ``worded_errors``."""
-    if (type(x) not in _PLAIN_OR_NONE or type(weight_mu) not in _PLAIN_OR_NONE
-            or type(weight_rho) not in _PLAIN_OR_NONE or type(bias_mu) not in _PLAIN_OR_NONE
-            or type(bias_rho) not in _PLAIN_OR_NONE or type(seed) not in _PLAIN_OR_NONE
-            or x is None or weight_mu is None):
+    it, or None where the checked path must run. The call must be one eager_compiled_call lets through
+    (on the CPU, or on CUDA where `cuda` says the op is registered there), with x in the weights' dtype
+    or, under CUDA autocast, cast to its dtype (_eager_layer_op's rule). The op checks everything else
+    itself, so the Python checks (~10 us a call; on a GPU's host a bf16 4096^3 layer step is
+    host-bound) run only to word an error it raised: ``worded_errors``."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight_mu, torch.Tensor)):
         return None
-    if x.is_cpu:
-        device_type = "cpu"
-    elif x.is_cuda and cuda:
-        device_type = "cuda"
-    else:
+    if not eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho, seed),
+                               ("cpu", "cuda") if cuda else ("cpu",)):
         return None
-    if _backend.ops() is not torch.ops.bayes_ext or torch.compiler.is_compiling() or _functorch_active():
-        return None
-    if torch.is_autocast_enabled(device_type):  # CUDA only: x in autocast's dtype, W cast by the op
-        low_precision = torch.get_autocast_dtype(device_type)
-        if (device_type != "cuda" or weight_mu.dtype != torch.float32 or low_precision not in _AUTOCAST_X_DTYPES
-                or not x.is_floating_point()):
-            return None
+    low_precision = autocast_dtype(x)
+    if low_precision is None:
+        return x if x.dtype == weight_mu.dtype else None
+    if (x.is_cuda and weight_mu.dtype == torch.float32 and low_precision in _AUTOCAST_X_DTYPES
+            and x.is_floating_point()):
         return x.to(low_precision)
-    return x if x.dtype == weight_mu.dtype else None
+    return None
 
 
 def three_floats(prior) -> bool:
