@@ -20,8 +20,8 @@ Rules:
 - Layouts: BayesianLSTM keeps BLiTZ's ``weight_ih`` (in, 4H), ``weight_hh`` (H, 4H) and one bias
   (4H) = ``b_ih + b_hh``; BayesianGRU has ``weight_ih`` (in, 3H), ``weight_hh`` (H, 3H) and the
   bias (4H) = (b_ir + b_hr, b_iz + b_hz, b_in, b_hn). Both give nn.LSTM's / nn.GRU's outputs when frozen.
-- The new layers are created on the device and in the dtype of the module they replace (float32 or
-  float64: a bf16 / fp16 module is refused with a TypeError; autocast gives the lower precision), in its
+- The new layers are created on the device and in the dtype of the module they replace (a bf16 /
+  fp16 layer samples in float32 and computes in its dtype: modules/_low_precision.py), in its
   training mode, unfrozen (they sample). Freeze them (``module.freeze = True`` or
   ``@variational_estimator``'s ``freeze_()``) for the mean-weight predictions, which equal the
   original model's.
@@ -131,10 +131,6 @@ def convertible_types():
 
 def _convert_module(m: nn.Module, build, delta: float, sigma: Optional[float], prior_kwargs) -> nn.Module:
     ref = next(m.parameters())
-    if ref.dtype not in (torch.float32, torch.float64):  # the layers would fail at their first forward
-        raise TypeError(f"bayesianize: this {type(m).__name__} holds {ref.dtype} parameters; Bayesian layers keep "
-                        f"float32 or float64 posteriors: convert the model in float32 (for bf16 / fp16 compute, "
-                        f"train it under torch.autocast)")
     layer, values = build(m, prior_kwargs)
     layer = layer.to(device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
@@ -148,10 +144,11 @@ def _convert_module(m: nn.Module, build, delta: float, sigma: Optional[float], p
             mu.copy_(value)
             rho = getattr(layer, f"{name}_rho")
             if sigma is None:
-                s = (delta * value.abs()).clamp_min(1e-10)  # MOPED, as GaussianPosteriorMixin.moped_
+                # MOPED, as GaussianPosteriorMixin.moped_; in float64, where the floor 1e-10 is not 0
+                s = (delta * value.to(torch.float64).abs()).clamp_min(1e-10)
             else:
-                s = torch.full_like(value, float(sigma))
-            rho.copy_(inverse_softplus(s.to(torch.float64)).to(rho.dtype))
+                s = torch.full_like(value, float(sigma), dtype=torch.float64)
+            rho.copy_(inverse_softplus(s).to(rho.dtype))
     layer.train(m.training)
     return layer
 

@@ -61,7 +61,10 @@ def log_prior_sum(w: Tensor, prior: ScaleMixture) -> Tensor:
 
 
 def mean_weight_kl_terms(mu: Tensor, rho: Tensor, prior: ScaleMixture) -> Tuple[Tensor, Tensor]:
-    """(log q(mu), log p(mu)): the KL terms of the weights a frozen layer actually uses (eps = 0)."""
+    """(log q(mu), log p(mu)): the KL terms of the weights a frozen layer actually uses (eps = 0),
+    summed in float32 for bf16 / fp16 parameters (modules/_low_precision.py)."""
+    if mu.dtype in (torch.float16, torch.bfloat16):
+        mu, rho = mu.float(), rho.float()
     _, log_sigma, _, _ = _fallback.softplus_terms(rho)
     log_q = -log_sigma.sum() - _fallback.HALF_LOG_2PI * mu.numel()
     return log_q, log_prior_sum(mu, prior)

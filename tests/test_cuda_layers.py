@@ -358,3 +358,12 @@ def test_torch_func_grad_and_per_sample_grads_on_cuda(cuda_ops, name):
     for i in range(x.shape[0]):
         torch.manual_seed(7)
         assert_grads_close({k: v[i] for k, v in per_sample.items()}, grad(lambda p: loss(p, x[i][None]))(params))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["linear", "linear_lrt", "linear_flipout", "conv2d", "lstm", "embedding"])
+def test_low_precision_layer_is_its_float32_self_under_autocast_on_cuda(cuda_ops, name, dtype):
+    """model.half() / .to(torch.bfloat16) on the GPU: output, KL and gradients bit for bit those of
+    the float32 layer under autocast on the same seed (tests/test_low_precision.py)."""
+    from test_low_precision import check_low_precision_layer
+    check_low_precision_layer(name, dtype, DEV)

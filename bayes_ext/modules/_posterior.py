@@ -33,8 +33,8 @@ def check_posterior_init(posterior_mu_init, posterior_rho_init, dtype) -> None:
     for name, value in (("posterior_mu_init", posterior_mu_init), ("posterior_rho_init", posterior_rho_init)):
         if not math.isfinite(_real(value, name)):
             raise ValueError(f"{name} must be finite, got {value}")
-    if dtype is not None and dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"dtype must be torch.float32 or torch.float64 (bf16 / fp16 compute: autocast), got {dtype}")
+    if dtype is not None and dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be a floating dtype (float32, float64, float16 or bfloat16), got {dtype}")
 
 
 def posterior_parameter(shape, mean: float, factory_kwargs) -> nn.Parameter:
@@ -164,8 +164,8 @@ class GaussianPosteriorMixin:
         """MOPED: sigma = delta * |mu| for every posterior of this layer (empirical-Bayes init)."""
         with torch.no_grad():
             for _, mu, rho in self._posterior_pairs():
-                sigma = (delta * mu.abs()).clamp_min(1e-10)
-                rho.copy_(inverse_softplus(sigma.to(torch.float64)).to(rho.dtype))
+                sigma = (delta * mu.to(torch.float64).abs()).clamp_min(1e-10)  # in bf16 / fp16 1e-10 is 0
+                rho.copy_(inverse_softplus(sigma).to(rho.dtype))
 
     def _closed_form_prior(self):
         """(prior_sigma, prior_dist) for the closed-form KL, or a ValueError."""

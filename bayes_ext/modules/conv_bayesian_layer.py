@@ -7,6 +7,7 @@ from .. import functional as BF
 from .. import functional_conv as BFC
 from .. import functional_conv_estimators as BFCE
 from ._estimators import EstimatorMixin
+from ._low_precision import upcasts_low_precision
 from ._posterior import GaussianPosteriorMixin, check_posterior_init, positive_int, posterior_parameter
 from .base_bayesian_module import BayesianModule
 
@@ -149,6 +150,7 @@ class _BayesianConvPlainNd(_BayesianConvNd):
                          padding_mode, prior_sigma_1, prior_sigma_2, prior_pi, posterior_mu_init, posterior_rho_init,
                          freeze, prior_dist, device, dtype, estimator, kl)
 
+    @upcasts_low_precision
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, self._spec())
 
@@ -192,6 +194,7 @@ class _BayesianConvTransposeNd(_BayesianConvNd):
             padding.append(output_size[d] - smallest)
         return self._spec(tuple(padding))
 
+    @upcasts_low_precision
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         x = BFC.autocast_input(x, self.weight_mu)
         return self._forward(x, self._output_size_spec(x, output_size))

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from .. import functional as BF
 from .. import functional_embedding as BFE
+from ._low_precision import upcasts_low_precision
 from ._posterior import GaussianPosteriorMixin, check_posterior_init, positive_int, posterior_parameter
 from .base_bayesian_module import BayesianModule
 
@@ -72,6 +73,7 @@ class BayesianEmbedding(GaussianPosteriorMixin, BayesianModule):
         if kl == "closed_form":
             self._closed_form_prior()  # fail at construction, not at the first forward
 
+    @upcasts_low_precision
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.freeze:
             return self.forward_frozen(x)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from .. import functional as BF
 from .. import functional_estimators as BFE
 from ._estimators import ESTIMATORS, EstimatorMixin  # noqa: F401  (ESTIMATORS: was defined here)
+from ._low_precision import upcasts_low_precision
 from ._posterior import GaussianPosteriorMixin, check_posterior_init, positive_int, posterior_parameter
 from .base_bayesian_module import BayesianModule
 
@@ -61,6 +62,7 @@ class BayesianLinear(EstimatorMixin, GaussianPosteriorMixin, BayesianModule):
             return self._fused_kl_prior_sigma() is not None
         return self.estimator in ("reparam", "flipout") and getattr(self, "kl", "mc") == "mc"
 
+    @upcasts_low_precision
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._sample_batch is not None:
             return self._sample_batch.linear(self, x)

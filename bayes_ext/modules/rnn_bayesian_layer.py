@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .. import _backend
 from .. import functional as BF
+from ._low_precision import upcasts_low_precision
 from ._posterior import GaussianPosteriorMixin, check_posterior_init, positive_int, posterior_parameter
 from .base_bayesian_module import BayesianModule
 
@@ -270,6 +271,7 @@ class BayesianRNN(GaussianPosteriorMixin, BayesianModule):
             warnings.filterwarnings("ignore", message=".*not part of single contiguous chunk of memory.*")
             return kernel(*args)
 
+    @upcasts_low_precision
     def forward(self, x: Tensor, hidden_states=None, sharpen_loss: Optional[Tensor] = None):
         """Sampled forward; with ``sharpen_loss`` (or ``loss_to_sharpen`` set) the sharpened one."""
         if self.freeze:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .. import _backend, _fallback
 from .. import functional as BF
+from ..modules._low_precision import upcasts_low_precision
 from ..modules.base_bayesian_module import BayesianModule
 from ..modules.conv_bayesian_layer import _BayesianConvPlainNd
 from ..modules.gru_bayesian_layer import BayesianGRU
@@ -124,6 +125,7 @@ def Flipout(nn_module):
 
     if issubclass(nn_module, BayesianRNN):
         class FlipoutRNN(nn_module):
+            @upcasts_low_precision
             def forward(self, x, hidden_states=None, sharpen_loss=None):
                 if self.freeze:
                     return self.forward_frozen(x, hidden_states)
@@ -135,6 +137,7 @@ def Flipout(nn_module):
         return FlipoutRNN
 
     class FlipoutLayer(nn_module):
+        @upcasts_low_precision
         def forward(self, x):
             if self.freeze:
                 return self.forward_frozen(x)
@@ -179,6 +182,7 @@ def Radial(nn_module):
         return RadialRNN
 
     class RadialLayer(nn_module):
+        @upcasts_low_precision
         def forward(self, x):
             if self.freeze:
                 return self.forward_frozen(x)
