@@ -10,29 +10,11 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from bayes_ext import bayesianize
-from bayes_ext.modules import (BayesianConv2d, BayesianConvTranspose2d, BayesianEmbedding, BayesianGRU,
-                               BayesianLinear, BayesianLSTM)
+from bayes_ext.modules import BayesianLinear
 from bayes_ext.utils import variational_estimator
-from bayes_ext.utils.layer_wrappers import Flipout, Radial
+from helpers import SMALL_LAYERS as LAYERS
 
 LOW = [torch.bfloat16, torch.float16]
-
-LAYERS = {
-    "linear": (lambda: BayesianLinear(8, 4), lambda: torch.randn(3, 8)),
-    "linear_lrt": (lambda: BayesianLinear(8, 4, estimator="lrt"), lambda: torch.randn(3, 8)),
-    "linear_flipout": (lambda: BayesianLinear(8, 4, estimator="flipout"), lambda: torch.randn(3, 8)),
-    "linear_closed_form": (lambda: BayesianLinear(8, 4, kl="closed_form"), lambda: torch.randn(3, 8)),
-    "conv2d": (lambda: BayesianConv2d(2, 3, (3, 3), padding=1), lambda: torch.randn(2, 2, 6, 6)),
-    "conv2d_lrt": (lambda: BayesianConv2d(2, 3, (3, 3), estimator="lrt"), lambda: torch.randn(2, 2, 6, 6)),
-    "conv_transpose2d": (lambda: BayesianConvTranspose2d(2, 3, (3, 3), stride=2), lambda: torch.randn(2, 2, 5, 5)),
-    "lstm": (lambda: BayesianLSTM(4, 5), lambda: torch.randn(2, 6, 4)),
-    "gru": (lambda: BayesianGRU(4, 5), lambda: torch.randn(2, 6, 4)),
-    "embedding": (lambda: BayesianEmbedding(10, 4, padding_idx=0), lambda: torch.tensor([[1, 2, 0], [3, 4, 9]])),
-    "embedding_closed_form": (lambda: BayesianEmbedding(10, 4, kl="closed_form"), lambda: torch.tensor([[1, 5]])),
-    "flipout_wrapper": (lambda: Flipout(BayesianLinear)(8, 4), lambda: torch.randn(3, 8)),
-    "radial_wrapper": (lambda: Radial(BayesianConv2d)(2, 3, (3, 3)), lambda: torch.randn(2, 2, 6, 6)),
-    "flipout_lstm": (lambda: Flipout(BayesianLSTM)(4, 5), lambda: torch.randn(2, 6, 4)),
-}
 
 
 def _output(out):
