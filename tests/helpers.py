@@ -258,6 +258,26 @@ def check_weight_bias_ops_are_two_calls(ops, weight_mu, weight_rho, bias_mu, bia
         assert g.shape == r.shape and torch.equal(g, r)
 
 
+def check_two_forward_step_gradients(layer, x):
+    """A step of two forwards (a sample_nbr=2 loop) gives every .grad the sum of two one-forward
+    steps' gradients on the same seeds, each in a storage of the parameter's own size. (The weight
+    gradients are halves of one allocation, layer_op::weight_grad_pair: as two views of one storage,
+    autograd could not add the second sample's into the first's in place, and rho's .grad kept the
+    whole pair, twice its size.)"""
+    def step(forwards):
+        layer.zero_grad(set_to_none=True)
+        sum(layer(x).sum() + layer.kl_divergence() for _ in range(forwards)).backward()
+        return {name: p.grad for name, p in layer.named_parameters()}
+
+    torch.manual_seed(3)
+    first, second = step(1), step(1)
+    torch.manual_seed(3)
+    both = step(2)
+    for name, grad in both.items():
+        torch.testing.assert_close(grad, first[name] + second[name], rtol=1e-6, atol=1e-6)
+        assert grad.untyped_storage().nbytes() == grad.numel() * grad.element_size(), name
+
+
 # One small instance of every kind of layer, estimator and wrapper, with an input for it (the tests
 # that go over all layers: test_low_precision.py, test_export.py).
 SMALL_LAYERS = {

@@ -9,7 +9,7 @@ import torch
 from bayes_ext import functional as BF
 from bayes_ext import functional_estimators as BFE
 
-from helpers import check_layer_op_rejects_bad_inputs, layer_params
+from helpers import check_layer_op_rejects_bad_inputs, check_two_forward_step_gradients, layer_params
 
 F64 = torch.float64
 
@@ -182,7 +182,8 @@ def test_create_graph_keeps_dx_differentiable_in_the_upstream_gradient(backend):
 def test_weight_gradients_are_the_two_halves_of_one_allocation(compiled, monkeypatch, path, blocked):
     """dL/dmu and dL/drho are written into one (2, out, in) buffer (weight_grad_pair: separate fresh
     gradients were unmapped by glibc and page-faulted in again every step), and .grad receives them
-    as they are: AccumulateGrad takes both views without copying, so they stay adjacent."""
+    as they are: AccumulateGrad takes both without copying, so they stay adjacent; a two-forward
+    step adds into them (helpers.check_two_forward_step_gradients)."""
     from bayes_ext.modules import BayesianLinear
     if blocked:
         monkeypatch.setattr(BF, "LRT_BLOCK_ELEMENTS", 2 * 9)
@@ -197,5 +198,5 @@ def test_weight_gradients_are_the_two_halves_of_one_allocation(compiled, monkeyp
     called = {e.key for e in prof.key_averages()}
     assert ("bayes_ext::linear_lrt_rows" in called) == (path == "C++ op")
     g_mu, g_rho = layer.weight_mu.grad, layer.weight_rho.grad
-    assert g_mu.untyped_storage().data_ptr() == g_rho.untyped_storage().data_ptr()
     assert g_rho.data_ptr() - g_mu.data_ptr() == g_mu.numel() * g_mu.element_size()
+    check_two_forward_step_gradients(layer, torch.randn(5, 9))

@@ -7,7 +7,7 @@ import torch
 
 from bayes_ext import functional as BF
 
-from helpers import check_layer_op_rejects_bad_inputs, layer_params
+from helpers import check_layer_op_rejects_bad_inputs, check_two_forward_step_gradients, layer_params
 
 PRIOR = (0.5, 0.3, 1.5)
 F64 = torch.float64
@@ -156,7 +156,8 @@ def test_create_graph_through_the_stacked_samples(backend):
 def test_blocked_weight_gradients_are_the_two_halves_of_one_allocation(compiled, monkeypatch, estimator, path):
     """A weight in row blocks gets dL/dmu and dL/drho as halves of one (2, out, in) buffer
     (functional.weight_grad_pair, as the LRT layer: two separate fresh gradients were unmapped by
-    glibc and page-faulted in again every step), and .grad keeps them adjacent."""
+    glibc and page-faulted in again every step), and .grad keeps them adjacent; a two-forward step
+    adds into them (helpers.check_two_forward_step_gradients)."""
     from bayes_ext.modules import BayesianLinear
     monkeypatch.setattr(BF, "BLOCK_ELEMENTS", 2 * 9)
     if path == "Python op":  # both ways to the C++ op: the checked one and bayesian_linear's fast path
@@ -169,8 +170,8 @@ def test_blocked_weight_gradients_are_the_two_halves_of_one_allocation(compiled,
         (layer(torch.randn(5, 9)).sum() + layer.kl_divergence()).backward()
     assert (op in {e.key for e in prof.key_averages()}) == (path == "C++ op")
     g_mu, g_rho = layer.weight_mu.grad, layer.weight_rho.grad
-    assert g_mu.untyped_storage().data_ptr() == g_rho.untyped_storage().data_ptr()
     assert g_rho.data_ptr() - g_mu.data_ptr() == g_mu.numel() * g_mu.element_size()
+    check_two_forward_step_gradients(layer, torch.randn(5, 9))
 
 
 def test_cpu_training_step_reads_seed_and_scalar_gradients_in_place(compiled):

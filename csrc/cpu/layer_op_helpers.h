@@ -37,11 +37,17 @@ inline std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
 // Two uninitialised weight-shaped gradients (mu's and rho's), halves of one allocation: see
 // functional.weight_grad_pair (glibc unmapped two separate fresh gradients freed
 // together and they page-faulted in again every step).
+// Each half has a storage of its own, which keeps the allocation alive. Autograd adds a later
+// sample's gradient in place only into a storage that nothing else shares: with two views of one
+// storage, a step of sample_nbr > 1 forwards left rho's .grad holding the whole pair, twice its size.
 inline std::tuple<at::Tensor, at::Tensor> weight_grad_pair(const at::Tensor& weight) {
   std::vector<int64_t> shape = weight.sizes().vec();
   shape.insert(shape.begin(), 2);
   const at::Tensor pair = at::empty(shape, weight.options());
-  return {pair[0], pair[1]};
+  const auto half = [&](int64_t i) {
+    return at::from_blob(pair[i].data_ptr(), weight.sizes(), [pair](void*) {}, weight.options());
+  };
+  return {half(0), half(1)};
 }
 
 // The arguments every one-sample layer op checks: a non-empty 2-D weight, x (..., in_features) in its dtype
