@@ -19,16 +19,20 @@ from typing import Callable, Dict
 import torch
 
 from . import _recorded
+from ._saved_inputs import holding_saved_tensors
 
 
 def backward_below_autograd(backward):
     """``backward`` run below autograd (its ops skip their autograd kernels), unless the backward
-    itself is being recorded (create_graph=True, a higher-order transform)."""
+    itself is being recorded (create_graph=True, a higher-order transform). The saved tensors are
+    unpacked first, above the guard: under torch.utils.checkpoint that recomputes the forward,
+    whose ops must record autograd (_saved_inputs.py)."""
     def run(ctx, *grads):
-        if torch.is_grad_enabled():  # keep whatever graph the backward builds
-            return backward(ctx, *grads)
-        with torch._C._AutoDispatchBelowAutograd():
-            return backward(ctx, *grads)
+        with holding_saved_tensors(ctx):
+            if torch.is_grad_enabled():  # keep whatever graph the backward builds
+                return backward(ctx, *grads)
+            with torch._C._AutoDispatchBelowAutograd():
+                return backward(ctx, *grads)
     return run
 
 

@@ -15,6 +15,7 @@ import torch
 from . import _recorded
 from ._func_transforms import backward_below_autograd, new_style_function
 from ._functorch_state import functorch_active as _functorch_active
+from ._saved_inputs import setup_keeping_inputs
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -48,8 +49,7 @@ class FusedOp:
         def forward(ctx, *inputs):  # the old-style signature: no per-call signature binding
             with torch._C._AutoDispatchBelowAutograd():
                 output = impl(*inputs)
-            plain_setup_context(ctx, inputs, output)
-            ctx.forward_inputs = inputs  # what the wrapped setup_context keeps, without its checks
+            setup_keeping_inputs(plain_setup_context, ctx, inputs, output)  # the wrapped setup, unchecked
             return output
 
         self._function = type(f"{impl.__name__.strip('_')}_function", (torch.autograd.Function,), dict(

@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from . import _backend, _checks, _fallback, _func_transforms
+from ._saved_inputs import saved_tensors
 
 SCHEMAS = {
     "sample_weight": "(Tensor mu, Tensor rho, Tensor seed, int offset, float prior_pi, float prior_sigma1, "
@@ -305,7 +306,7 @@ def _sample_weight_setup_context(ctx, inputs, output):
 
 def _make_sample_weight_backward(namespace):
     def backward(ctx, grad_w, grad_log_q, grad_log_p):
-        mu, rho, seed = ctx.saved_tensors
+        mu, rho, seed = saved_tensors(ctx)
         offset, prior_pi, prior_sigma1, prior_sigma2, start = ctx.stream_and_prior
         zero = mu.new_zeros(())
         grad_mu, grad_rho, _ = namespace.sample_weight_backward(
@@ -353,7 +354,7 @@ def _sample_weight_samples_setup_context(ctx, inputs, output):
 
 def _make_sample_weight_samples_backward(namespace):
     def backward(ctx, grad_w, grad_log_q, grad_log_p):
-        mu, rho, seeds = ctx.saved_tensors
+        mu, rho, seeds = saved_tensors(ctx)
         zeros = mu.new_zeros((seeds.shape[0],))
         grad_mu, grad_rho, _ = namespace.sample_weight_samples_backward(
             grad_w, zeros if grad_log_q is None else grad_log_q, zeros if grad_log_p is None else grad_log_p,
@@ -408,7 +409,7 @@ def _sample_rows_setup_context(ctx, inputs, output):
 
 def _make_sample_rows_backward(namespace):
     def backward(ctx, grad_rows):
-        mu, rho, indices, seed = ctx.saved_tensors
+        mu, rho, indices, seed = saved_tensors(ctx)
         grad_mu, grad_rho = namespace.sample_rows_backward(grad_rows.contiguous(), mu, rho, indices, seed, ctx.offset)
         return grad_mu, grad_rho, None, None, None
     return backward
@@ -443,7 +444,7 @@ def _gaussian_kl_setup_context(ctx, inputs, output):
 
 def _make_gaussian_kl_backward(namespace):
     def backward(ctx, grad):
-        mu, rho = ctx.saved_tensors
+        mu, rho = saved_tensors(ctx)
         grad_mu, grad_rho = namespace.gaussian_kl_backward(grad, mu, rho, ctx.prior_sigma)
         return grad_mu, grad_rho, None
     return backward

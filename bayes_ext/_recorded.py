@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import _fallback
 from ._functorch_state import functorch_active
+from ._saved_inputs import forward_inputs, holding_saved_tensors, setup_keeping_inputs
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 TINY_RHO = _fallback.SOFTPLUS_TINY_RHO  # below it log sigma = rho (the kernels' and the fallback's limit)
@@ -153,25 +154,31 @@ def _unwrap_dead(inputs):
 def exact_when_recorded(forward: Callable, backward: Callable, setup_context: Callable):
     """(backward, setup_context) of an op for register_autograd: the same, except that a recorded
     backward differentiates ``forward`` rebuilt with DifferentiableOps (recorded_backward) instead
-    of running the first-order kernels. Eager calls keep their inputs on ctx for it; torch.compile,
-    which has no double backward, does not."""
+    of running the first-order kernels. Eager calls keep their inputs for it as saved tensors
+    (_saved_inputs.py); torch.compile, which has no double backward, does not."""
     def setup(ctx, inputs, output):
-        setup_context(ctx, inputs, output)
-        if not torch.compiler.is_compiling():
-            ctx.forward_inputs = inputs
-            if functorch_active():  # for the twins' jvp, which must return None for these outputs
+        if torch.compiler.is_compiling():
+            setup_context(ctx, inputs, output)
+        else:
+            setup_keeping_inputs(setup_context, ctx, inputs, output)
+            # for the twins' jvp, which reads no saved tensors and must return None for these outputs
+            if functorch_active():
+                ctx.forward_inputs = inputs
                 marked = getattr(ctx, "non_differentiable", None) or ()  # (what mark_non_differentiable kept)
                 outputs = output if isinstance(output, tuple) else (output,)
                 ctx.differentiable_outputs = tuple(not any(o is m for m in marked) for o in outputs)
 
     def exact_backward(ctx, *grads):
-        inputs = getattr(ctx, "forward_inputs", None)
-        if torch.is_grad_enabled() and inputs is not None:
-            ctx.saved_tensors  # (unpacking checks that no saved tensor was modified in place since)
-            # (a torch.func vjp's backward runs after its transform ended, on dead wrappers)
-            return recorded_backward(forward, _unwrap_dead(inputs), ctx.needs_input_grad, grads,
-                                     getattr(ctx, "differentiable_outputs", None))
-        return backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        # (unpacking checks that no saved tensor was modified in place since)
+        with holding_saved_tensors(ctx):
+            inputs = forward_inputs(ctx)
+            if inputs is not None:
+                # (a torch.func vjp's backward runs after its transform ended, on dead wrappers)
+                return recorded_backward(forward, _unwrap_dead(inputs), ctx.needs_input_grad, grads,
+                                         getattr(ctx, "differentiable_outputs", None))
+            return backward(ctx, *grads)
     return exact_backward, setup
 
 

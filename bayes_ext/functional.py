@@ -16,6 +16,7 @@ from torch import Tensor
 from . import _backend, _checks, _fallback, _recorded
 from . import _ops  # noqa: F401  (registers fake kernels and autograd)
 from ._fused_op import _functorch_active, _plain, fused_custom_op
+from ._saved_inputs import saved_tensors
 
 ScaleMixture = Tuple[float, float, float]  # (pi, sigma1, sigma2)
 SEED_HIGH = 2 ** 63 - 1
@@ -218,7 +219,7 @@ def linear_op_setup_context(ctx, inputs, output):
 
 
 def _linear_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
-    x, weight_mu, weight_rho, bias_mu, bias_rho, seed = ctx.saved_tensors
+    x, weight_mu, weight_rho, bias_mu, bias_rho, seed = saved_tensors(ctx)
     ops, prior = ctx.ops, ctx.prior
     if grad_log_q is None or grad_log_p is None:  # (a CUDA launch: only when an output went unused)
         zero = weight_mu.new_zeros(())

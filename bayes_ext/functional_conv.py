@@ -23,6 +23,7 @@ from torch import Tensor
 from . import _backend, _checks
 from . import functional as BF
 from ._fused_op import fused_custom_op
+from ._saved_inputs import saved_tensors
 
 ScaleMixture = Tuple[float, float, float]  # (pi, sigma1, sigma2)
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -268,7 +269,7 @@ def _conv_reparam_setup_context(ctx, inputs, output):
 
 
 def _conv_reparam_backward(ctx, grad_out, grad_log_q, grad_log_p):
-    x, weight_mu, weight_rho, bias_mu, bias_rho, seed = ctx.saved_tensors
+    x, weight_mu, weight_rho, bias_mu, bias_rho, seed = saved_tensors(ctx)
     ops, prior = ctx.ops, ctx.prior
     stride, padding, dilation, transposed, output_padding, groups = ctx.conv
     convolution_backward = torch.ops.aten.convolution_backward

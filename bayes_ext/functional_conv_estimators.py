@@ -13,13 +13,13 @@ Backwards are hand-written and regenerate eps, dW and the signs from the seed.
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, _checks
 from . import functional as BF
 from . import functional_conv as BFC
 from ._fused_op import fused_custom_op
+from ._saved_inputs import saved_tensors
 from .functional_estimators import (LRT_NOISE_OFFSET, SIGN_IN_OFFSET, SIGN_OUT_OFFSET, half_noise_grad,
                                     signs, zero_if_none)
 
@@ -98,7 +98,7 @@ def _conv_lrt_setup_context(ctx, inputs, output):
 
 
 def _conv_lrt_backward(ctx, grad_y, grad_std, grad_kl):
-    x, mu, rho, bias_mu, bias_rho, seed, std = ctx.saved_tensors
+    x, mu, rho, bias_mu, bias_rho, seed, std = saved_tensors(ctx)
     ops, prior_sigma, low = ctx.ops, ctx.prior_sigma, x.dtype
     need_x = ctx.needs_input_grad[0]
     need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
@@ -171,7 +171,7 @@ def _conv_flipout_setup_context(ctx, inputs, output):
 
 
 def _conv_flipout_backward(ctx, grad_y, grad_log_q, grad_log_p):
-    x, mu, rho, bias_mu, bias_rho, seed = ctx.saved_tensors
+    x, mu, rho, bias_mu, bias_rho, seed = saved_tensors(ctx)
     ops, prior, conv, low = ctx.ops, ctx.prior, ctx.conv, x.dtype
     grad_log_q, grad_log_p = zero_if_none(grad_log_q, mu), zero_if_none(grad_log_p, mu)
     need_x = ctx.needs_input_grad[0]

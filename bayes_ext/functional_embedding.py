@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, _fallback, _recorded
+from . import _backend, _checks, _recorded
 from . import _ops  # noqa: F401  (registers fake kernels and autograd)
 from . import functional as BF
 from ._functorch_state import functorch_active
+from ._saved_inputs import saved_tensors
 
 ScaleMixture = Tuple[float, float, float]  # (pi, sigma1, sigma2)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -177,7 +178,7 @@ class _GaussianKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        mu, rho = ctx.saved_tensors
+        mu, rho = saved_tensors(ctx)
         if torch.is_grad_enabled():  # recorded (create_graph=True): exact to every order
             return _recorded.recorded_backward(_rebuilt_kl, (mu, rho, ctx.prior_sigma, ctx.exclude_row, None),
                                                ctx.needs_input_grad, (grad,))
@@ -211,7 +212,7 @@ class _EmbeddingClosedForm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows, grad_kl):
-        mu, rho, indices, seed = ctx.saved_tensors
+        mu, rho, indices, seed = saved_tensors(ctx)
         if torch.is_grad_enabled():  # recorded (create_graph=True): exact to every order
             return _recorded.recorded_backward(
                 _rebuilt_closed_form, (mu, rho, indices, seed, ctx.prior_sigma, ctx.exclude_row, None),

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, _checks, _fallback
+from . import _backend, _checks
 from . import functional as BF
 from ._functorch_state import functorch_active
 from ._fused_op import fused_custom_op
+from ._saved_inputs import saved_tensors
 from .functional_samples import check_seeds
 
 ScaleMixture = Tuple[float, float, float]  # (pi, sigma1, sigma2)
@@ -121,7 +122,7 @@ def _linear_lrt_setup_context(ctx, inputs, output):
 
 
 def _linear_lrt_backward(ctx, grad_y, grad_std, grad_kl):
-    x, mu, rho, bias_mu, bias_rho, seed, std = ctx.saved_tensors
+    x, mu, rho, bias_mu, bias_rho, seed, std = saved_tensors(ctx)
     ops, prior_sigma, low = ctx.ops, ctx.prior_sigma, x.dtype
     out_features, in_features = mu.shape
     need_x = ctx.needs_input_grad[0]
@@ -248,7 +249,7 @@ def _add_mm(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def _linear_flipout_backward(ctx, grad_y, grad_log_q, grad_log_p):
-    x, mu, rho, bias_mu, bias_rho, seed = ctx.saved_tensors
+    x, mu, rho, bias_mu, bias_rho, seed = saved_tensors(ctx)
     ops, prior, low = ctx.ops, ctx.prior, x.dtype
     grad_log_q, grad_log_p = zero_if_none(grad_log_q, mu), zero_if_none(grad_log_p, mu)
     out_features, in_features = mu.shape

@@ -18,6 +18,7 @@ from torch import Tensor
 from . import _backend
 from . import functional as BF
 from ._fused_op import fused_custom_op
+from ._saved_inputs import saved_tensors
 from .functional_estimators import SIGN_IN_OFFSET, SIGN_OUT_OFFSET, signs_of
 from .functional_samples import STACKED_ELEMENTS, check_seeds
 
@@ -72,7 +73,7 @@ def _(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, prior_pi, prior_sigma1
 
 
 def _backward(ctx, grad_y, grad_log_q, grad_log_p):
-    x, weight_mu, weight_rho, bias_mu, bias_rho, seeds = ctx.saved_tensors
+    x, weight_mu, weight_rho, bias_mu, bias_rho, seeds = saved_tensors(ctx)
     ops, prior = ctx.ops, ctx.prior
     n = seeds.shape[0]
     out_features, in_features = weight_mu.shape

@@ -19,6 +19,7 @@ from . import _backend, _checks, _recorded
 from . import functional as BF
 from .functional import ScaleMixture, _row_blocks
 from ._fused_op import fused_custom_op
+from ._saved_inputs import saved_tensors
 
 
 # Small weights (N samples together at most STACKED_ELEMENTS elements) take the multi-seed ops:
@@ -126,7 +127,7 @@ def _(x, weight_mu, weight_rho, bias_mu, bias_rho, seeds, prior_pi, prior_sigma1
 
 
 def _backward(ctx, grad_out, grad_log_q, grad_log_p):
-    x, weight_mu, weight_rho, bias_mu, bias_rho, seeds = ctx.saved_tensors
+    x, weight_mu, weight_rho, bias_mu, bias_rho, seeds = saved_tensors(ctx)
     ops, prior = ctx.ops, ctx.prior
     n = seeds.shape[0]
     zeros = weight_mu.new_zeros((n,))

@@ -278,6 +278,25 @@ def check_two_forward_step_gradients(layer, x):
         assert grad.untyped_storage().nbytes() == grad.numel() * grad.element_size(), name
 
 
+def saved_storage_bytes(model, inputs):
+    """Bytes of the storages autograd saves for backward while `model` runs on each of `inputs`
+    (each storage once: a tensor saved twice costs nothing more), excluding the model's parameters
+    (they are alive anyway); and the outputs."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, outputs = {}, []
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_ptrs:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for x in inputs:
+            outputs.append(model(x))
+    return sum(saved.values()), outputs
+
+
 # One small instance of every kind of layer, estimator and wrapper, with an input for it (the tests
 # that go over all layers: test_low_precision.py, test_export.py).
 SMALL_LAYERS = {

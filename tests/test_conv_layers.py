@@ -18,7 +18,7 @@ from bayes_ext.losses import kl_divergence_from_nn
 from bayes_ext.modules import (BayesianConv1d, BayesianConv2d, BayesianConv3d, BayesianConvTranspose1d,
                                BayesianConvTranspose2d, BayesianConvTranspose3d, BayesianLinear)
 from bayes_ext.utils import variational_estimator
-from helpers import SeedRecorder, ref_log_prior_terms, ref_sample, seed_tensor, to64
+from helpers import SeedRecorder, ref_log_prior_terms, ref_sample, saved_storage_bytes, seed_tensor, to64
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
@@ -486,24 +486,6 @@ def test_sequential_with_linear_trains_with_sample_elbo(backend):
 
 # ---- memory saved for backward ------------------------------------------------------------------------
 
-def _saved_bytes(model, inputs):
-    """Bytes of the tensors autograd saves for backward, excluding the storages of the model's
-    parameters (they are alive anyway)."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    total = [0]
-    kept = []
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_ptrs:
-            total[0] += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        for x in inputs:
-            kept.append(model(x))
-    return total[0], kept
-
 
 @pytest.mark.parametrize("sample_nbr", [1, 3])
 @pytest.mark.parametrize("cls,kwargs", [
@@ -517,8 +499,8 @@ def test_saved_memory_like_nn(backend, cls, kwargs, sample_nbr):
     inputs = [torch.randn(4, 16, 12, 12, requires_grad=True) for _ in range(sample_nbr)]
     bayes = cls(**kwargs)
     plain = NN_CLASS[cls](**kwargs)
-    bayes_bytes, outs = _saved_bytes(bayes, inputs)
-    nn_bytes, _ = _saved_bytes(plain, inputs)
+    bayes_bytes, outs = saved_storage_bytes(bayes, inputs)
+    nn_bytes, _ = saved_storage_bytes(plain, inputs)
     weight_bytes = bayes.weight_mu.numel() * 4
     assert nn_bytes >= sample_nbr * 4 * 16 * 12 * 12 * 4  # nn saves its (possibly padded) input
     assert nn_bytes <= bayes_bytes <= nn_bytes + 300 * sample_nbr, (bayes_bytes, nn_bytes, weight_bytes)

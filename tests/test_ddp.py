@@ -4,7 +4,6 @@ every rank, as README's "Distributed training" section describes)."""
 import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-import bayes_ext
 from helpers import seed_tensor
 
 

@@ -168,7 +168,7 @@ def test_flipout_rnn_refuses_sharpening():
 
 @pytest.mark.parametrize("cls,kwargs", RNNS)
 def test_radial_rnn_runs_the_recurrence_on_radial_samples(backend, cls, kwargs):
-    from bayes_ext import _backend, _fallback
+    from bayes_ext import _backend
     from bayes_ext import functional as BF
     layer = rnn(cls, kwargs, Radial)
     x = torch.randn(2, 5, 3, dtype=torch.float64)

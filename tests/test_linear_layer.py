@@ -12,7 +12,7 @@ from bayes_ext import _backend
 from bayes_ext import functional as BF
 from bayes_ext.modules import BayesianLinear
 from helpers import (SeedRecorder, assert_row_blocks_match_whole, posterior_7x9, ref_log_prior_terms, ref_sample,
-                     seed_tensor, to64)
+                     saved_storage_bytes, seed_tensor, to64)
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -313,24 +313,6 @@ def test_same_seed_same_model_on_both_backends():
 
 # ---- memory saved for backward -------------------------------------------------------------------------
 
-def _saved_bytes(model, inputs, forwards):
-    """Bytes of the tensors autograd saves for backward during `forwards` forwards, excluding the
-    storages of the model's parameters (they are alive anyway)."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    total = [0]
-    kept = []
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_ptrs:
-            total[0] += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        for x in inputs[:forwards]:
-            kept.append(model(x))
-    return total[0], kept
-
 
 @pytest.mark.parametrize("sample_nbr", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
@@ -340,8 +322,8 @@ def test_saved_memory_like_nn_linear(backend, sample_nbr, bias):
     inputs = [torch.randn(32, in_f, requires_grad=True) for _ in range(sample_nbr)]
     bayes = BayesianLinear(in_f, out_f, bias=bias)
     plain = nn.Linear(in_f, out_f, bias=bias)
-    bayes_bytes, outs = _saved_bytes(bayes, inputs, sample_nbr)
-    linear_bytes, _ = _saved_bytes(plain, inputs, sample_nbr)
+    bayes_bytes, outs = saved_storage_bytes(bayes, inputs)
+    linear_bytes, _ = saved_storage_bytes(plain, inputs)
     weight_bytes = in_f * out_f * 4
     assert linear_bytes == sample_nbr * 32 * in_f * 4  # nn.Linear saves its input
     assert linear_bytes <= bayes_bytes <= linear_bytes + 300 * sample_nbr, (bayes_bytes, linear_bytes, weight_bytes)
