@@ -3,8 +3,8 @@
 A recorded backward (create_graph=True) differentiates the op's forward rebuilt on its inputs, so
 the op keeps them. As a plain ctx attribute they stayed alive under torch.utils.checkpoint, which
 drops what autograd saved and recomputes it: a checkpointed Bayesian conv kept its input
-activation. Saved through ``ctx.save_for_backward`` (after what the op's setup_context saves) they
-go through the saved-tensor hooks like everything else.
+activation. Kept as saved tensors (the op's own where its setup_context saved them, which most do,
+else saved after those) they go through the saved-tensor hooks like everything else.
 
 Under checkpoint each saved tensor may be unpacked once, and the first unpack recomputes the
 checkpointed forward, whose ops (the user's too) must record autograd: ``holding_saved_tensors``

@@ -96,3 +96,28 @@ def test_checkpoint_frees_the_layer_input(backend, name):
     loss = sum(t.sum() for t in torch.utils._pytree.tree_leaves(out)) + kl_divergence_from_nn(block)
     loss.backward()  # recomputed, and the gradients arrive
     assert all(p.grad is not None for p in block.parameters())
+
+
+def test_save_for_backward_keeps_its_tensors_in_to_save():
+    """_saved_inputs.setup_keeping_inputs reads what an op's setup_context saved from ctx.to_save
+    (torch's FunctionCtx keeps them there until the forward returns): this pins that assumption."""
+    seen = {}
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0], output)
+            seen["to_save"] = getattr(ctx, "to_save", None)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2
+
+    x = torch.randn(3, requires_grad=True)
+    y = Probe.apply(x)
+    assert seen["to_save"] is not None and len(seen["to_save"]) == 2
+    assert seen["to_save"][0] is x and seen["to_save"][1] is y
