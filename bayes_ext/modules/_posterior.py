@@ -90,6 +90,15 @@ class GaussianPosteriorMixin:
             return self.weight_mu, self.weight_rho, self.bias_mu, self.bias_rho
         return weight_mu, weight_rho, bias_mu, bias_rho
 
+    def reset_parameters(self) -> None:
+        """Draw the posterior parameters afresh, as the constructor did (BLiTZ's N(posterior_mu_init,
+        0.1^2) means and N(posterior_rho_init, 0.1^2) rhos, in the same order): what torch.nn layers
+        offer for a model built on the meta device and materialised with ``to_empty``."""
+        with torch.no_grad():
+            for _, mu, rho in self._posterior_pairs():
+                mu.normal_(self.posterior_mu_init, 0.1)
+                rho.normal_(self.posterior_rho_init, 0.1)
+
     def _posterior_pairs(self):
         for name in self._posterior_names:
             mu = getattr(self, f"{name}_mu", None)

@@ -73,6 +73,13 @@ class BayesianEmbedding(GaussianPosteriorMixin, BayesianModule):
         if kl == "closed_form":
             self._closed_form_prior()  # fail at construction, not at the first forward
 
+    def reset_parameters(self) -> None:
+        """The constructor's initialisation, the padding row's mean zero (see GaussianPosteriorMixin)."""
+        super().reset_parameters()
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.weight_mu[self.padding_idx].zero_()
+
     @upcasts_low_precision
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.freeze:

@@ -118,6 +118,13 @@ class BayesianRNN(GaussianPosteriorMixin, BayesianModule):
         if self.sharpen:
             self.init_eta()
 
+    def reset_parameters(self) -> None:
+        """The constructor's initialisation: the posteriors, then the sharpening rates (see
+        GaussianPosteriorMixin)."""
+        super().reset_parameters()
+        if self.sharpen:
+            self.init_eta()
+
     def init_eta(self) -> None:
         """BLiTZ's initialisation: U(-1/sqrt(H), 1/sqrt(H))."""
         stdv = 1.0 / math.sqrt(self.out_features)
