@@ -9,6 +9,11 @@ Regression (predictions are Monte Carlo samples of the model output):
   ``y`` inside ``mean +- std_multiplier * std``, below the upper bound and above the lower bound.
 - ``evaluate_regression(regressor, X, y, samples=100, std_multiplier=2)``: the BLiTZ README's
   function, same meaning and return value.
+- ``gaussian_nll(mean, std, y)``: mean negative log-likelihood of y under N(mean, std^2) (nats,
+  with the log(2 pi) / 2 constant).
+- ``regression_calibration(mean, std, y, levels)``: for each level p, the fraction of y inside the
+  central p-interval of N(mean, std^2) (observed against expected coverage), and the mean absolute
+  difference (the calibration error of Kuleshov et al. 2018, over central intervals).
 
 Classification (probabilities in the last dimension; natural logarithms, entropies in nats):
 
@@ -16,6 +21,10 @@ Classification (probabilities in the last dimension; natural logarithms, entropi
 - ``predictive_entropy(probs)``: H[p] = -sum p log p (0 log 0 = 0) of each distribution; give it
   the mean over samples for the predictive entropy.
 - ``mutual_information(probs_samples)``: BALD, H[mean_s p_s] - mean_s H[p_s], over the first dimension.
+- ``expected_entropy(probs_samples)``: mean_s H[p_s], the aleatoric part; the predictive entropy is
+  this plus the mutual information (the epistemic part).
+- ``negative_log_likelihood(probs, labels)``: mean -log p[label] (nats; inf where p[label] = 0).
+- ``brier_score(probs, labels)``: mean over predictions of sum_c (p_c - [c = label])^2, in [0, 2].
 - ``expected_calibration_error(probs, labels, n_bins=15)``: sum over equal-width confidence bins
   (i/n, (i+1)/n] of |bin| / N * |accuracy(bin) - mean confidence(bin)|, the confidence being the
   top probability and the prediction its argmax.
@@ -24,13 +33,15 @@ Classification (probabilities in the last dimension; natural logarithms, entropi
 
 Everything runs without autograd and returns tensors.
 """
+import math
 from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["predictive_samples", "predictive_mean_std", "interval_coverage", "evaluate_regression",
-           "predictive_probs", "predictive_entropy", "mutual_information", "expected_calibration_error",
+__all__ = ["predictive_samples", "predictive_mean_std", "interval_coverage", "evaluate_regression", "gaussian_nll",
+           "regression_calibration", "predictive_probs", "predictive_entropy", "mutual_information",
+           "expected_entropy", "negative_log_likelihood", "brier_score", "expected_calibration_error",
            "reliability_diagram"]
 
 
@@ -76,17 +87,9 @@ def predictive_mean_std(model_or_preds, x=None, samples: int = 100) -> Tuple[Ten
     return preds.mean(dim=0), preds.std(dim=0)
 
 
-def interval_coverage(mean, std, y, std_multiplier: float = 2) -> Tuple[Tensor, Tensor, Tensor]:
-    """(coverage, upper, lower) of the interval mean +- std_multiplier * std:
-
-    - coverage: fraction of y with lower <= y <= upper,
-    - upper: fraction of y with y <= upper,
-    - lower: fraction of y with y >= lower
-
-    (BLiTZ's ``evaluate_regression`` return value, ``ic_acc, under_ci_upper, over_ci_lower``)."""
+def _check_gaussian(mean, std, y, positive: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """mean, std and y as tensors: broadcastable, finite, std non-negative (positive if asked)."""
     mean, std, y = _as_tensor(mean, "mean"), _as_tensor(std, "std"), _as_tensor(y, "y")
-    if not std_multiplier >= 0:
-        raise ValueError(f"std_multiplier must be non-negative, got {std_multiplier}")
     try:
         torch.broadcast_shapes(mean.shape, std.shape, y.shape)
     except RuntimeError:
@@ -95,8 +98,22 @@ def interval_coverage(mean, std, y, std_multiplier: float = 2) -> Tuple[Tensor, 
     for name, t in (("mean", mean), ("std", std), ("y", y)):
         if not bool(torch.isfinite(t).all()):  # a NaN would count as outside the interval, silently
             raise ValueError(f"{name} must be finite")
-    if bool((std < 0).any()):
-        raise ValueError("std must be non-negative")
+    if bool((std <= 0).any() if positive else (std < 0).any()):
+        raise ValueError("std must be positive" if positive else "std must be non-negative")
+    return mean, std, y
+
+
+def interval_coverage(mean, std, y, std_multiplier: float = 2) -> Tuple[Tensor, Tensor, Tensor]:
+    """(coverage, upper, lower) of the interval mean +- std_multiplier * std:
+
+    - coverage: fraction of y with lower <= y <= upper,
+    - upper: fraction of y with y <= upper,
+    - lower: fraction of y with y >= lower
+
+    (BLiTZ's ``evaluate_regression`` return value, ``ic_acc, under_ci_upper, over_ci_lower``)."""
+    if not std_multiplier >= 0:
+        raise ValueError(f"std_multiplier must be non-negative, got {std_multiplier}")
+    mean, std, y = _check_gaussian(mean, std, y)
     upper = mean + std_multiplier * std
     lower = mean - std_multiplier * std
     inside = (lower <= y) & (upper >= y)
@@ -108,6 +125,31 @@ def evaluate_regression(regressor, X, y, samples: int = 100, std_multiplier: flo
     fraction over the lower bound) of mean +- std_multiplier * std over ``samples`` sampled forwards."""
     mean, std = predictive_mean_std(regressor, X, samples)
     return interval_coverage(mean, std, y, std_multiplier)
+
+
+def gaussian_nll(mean, std, y) -> Tensor:
+    """Mean over the elements of -log N(y; mean, std^2) = log std + (y - mean)^2 / (2 std^2) + log(2 pi) / 2
+    (nats): a proper score of the predictive mean and standard deviation (std > 0)."""
+    mean, std, y = _check_gaussian(mean, std, y, positive=True)
+    z = (y - mean) / std
+    return (torch.log(std) + 0.5 * z * z).mean() + 0.5 * math.log(2 * math.pi)
+
+
+def regression_calibration(mean, std, y, levels=None) -> Dict[str, Tensor]:
+    """Coverage of central intervals of N(mean, std^2) at each of ``levels`` (default 0.05, 0.10, ...,
+    0.95): ``levels``, ``observed`` (the fraction of y inside each interval) and ``error``, the mean
+    |observed - level|. A calibrated model observes each level; an overconfident one less."""
+    mean, std, y = _check_gaussian(mean, std, y)
+    if levels is None:
+        levels = torch.arange(1, 20, dtype=torch.float64) / 20
+    levels = torch.as_tensor(levels, dtype=torch.float64)
+    if levels.dim() != 1 or levels.numel() == 0 or not bool(((levels > 0) & (levels < 1)).all()):
+        raise ValueError("levels must be a non-empty 1-D sequence of probabilities in (0, 1)")
+    # |y - mean| <= std * z_(1+p)/2  <=>  y inside the central p-interval
+    z = torch.special.ndtri((1 + levels) / 2).to(mean.dtype)
+    distance = ((y - mean).abs() / std.clamp_min(torch.finfo(mean.dtype).tiny)).reshape(-1, 1)
+    observed = (distance <= z.to(distance.device)).to(torch.float64).mean(dim=0)
+    return {"levels": levels, "observed": observed, "error": (observed - levels).abs().mean()}
 
 
 # ---- classification -----------------------------------------------------------------------------------
@@ -144,9 +186,17 @@ def mutual_information(probs_samples) -> Tensor:
     return mi.clamp_min(0)
 
 
-def _confidence_bins(probs, labels, n_bins: int):
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+def expected_entropy(probs_samples) -> Tensor:
+    """mean_s H[p_s] for probabilities (S, ..., C) of S weight samples: the aleatoric part of the
+    predictive entropy H[mean_s p_s], whose epistemic rest is ``mutual_information``."""
+    p = _check_probs(probs_samples, "probs_samples")
+    if p.dim() < 2:
+        raise ValueError(f"probs_samples must be (samples, ..., classes), got shape {tuple(p.shape)}")
+    return predictive_entropy(p).mean(dim=0)
+
+
+def _check_labels(probs, labels) -> Tuple[Tensor, Tensor]:
+    """probs (N, C) probabilities and labels (N,) class indices, checked."""
     p = _check_probs(probs)
     labels = torch.as_tensor(labels).to(p.device)
     if p.dim() != 2:
@@ -160,6 +210,28 @@ def _confidence_bins(probs, labels, n_bins: int):
     if bool(((labels < 0) | (labels >= p.shape[1])).any()):
         raise ValueError(f"labels must be class indices in [0, {p.shape[1]}), got values from "
                          f"{int(labels.min())} to {int(labels.max())}")
+    return p, labels
+
+
+def negative_log_likelihood(probs, labels) -> Tensor:
+    """Mean -log p[label] over the predictions (nats): probs (N, C), e.g. the mean over weight
+    samples of ``predictive_probs``, labels (N,). inf where a label has probability 0."""
+    p, labels = _check_labels(probs, labels)
+    return -torch.log(p.gather(1, labels.long().unsqueeze(1))).mean()
+
+
+def brier_score(probs, labels) -> Tensor:
+    """Mean over the predictions of sum_c (p_c - [c = label])^2 (Brier 1950, all classes; 0 is perfect,
+    2 the worst): probs (N, C), labels (N,)."""
+    p, labels = _check_labels(probs, labels)
+    onehot = torch.nn.functional.one_hot(labels.long(), p.shape[1]).to(p.dtype)
+    return (p - onehot).square().sum(dim=1).mean()
+
+
+def _confidence_bins(probs, labels, n_bins: int):
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    p, labels = _check_labels(probs, labels)
     confidence, prediction = p.max(dim=-1)
     correct = (prediction == labels).to(p.dtype)
     # bin b holds confidences in (b / n, (b + 1) / n]; a confidence of exactly 0 goes to bin 0

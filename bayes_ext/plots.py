@@ -4,15 +4,17 @@
   bin, with the diagonal of perfect calibration, the gaps, and the ECE in the title.
 - ``plot_regression_bands(x, mean, std, y=None, std_multiplier=2, ax=None)``: the predictive mean
   and the band mean +- std_multiplier * std, with the observations when given.
+- ``plot_regression_calibration(mean, std, y, levels=None, ax=None)``: the observed coverage of the
+  central Gaussian intervals against their levels, with the diagonal and the calibration error.
 
-Both return the matplotlib ``Axes`` they drew on (``ax.figure`` is the figure).
+All return the matplotlib ``Axes`` they drew on (``ax.figure`` is the figure).
 """
 import numpy as np
 import torch
 
 from . import metrics
 
-__all__ = ["plot_reliability_diagram", "plot_regression_bands"]
+__all__ = ["plot_reliability_diagram", "plot_regression_bands", "plot_regression_calibration"]
 
 
 def _axes(ax):
@@ -75,4 +77,21 @@ def plot_regression_bands(x, mean, std, y=None, std_multiplier: float = 2, ax=No
             raise ValueError(f"y must have {order.size} elements, got {y.size}")
         ax.plot(x, y[order], ".", color="black", markersize=3, label="observed")
     ax.legend(loc="best")
+    return ax
+
+
+def plot_regression_calibration(mean, std, y, levels=None, ax=None, title: str = "Regression calibration"):
+    """Observed against expected coverage of the central intervals of N(mean, std^2)
+    (``metrics.regression_calibration``): below the diagonal is overconfident; returns the Axes."""
+    data = metrics.regression_calibration(mean, std, y, levels)
+    ax = _axes(ax)
+    levels, observed = _numpy(data["levels"]), _numpy(data["observed"])
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.plot(levels, observed, "o-", color="tab:blue", markersize=3, label="observed")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("expected coverage (interval level)")
+    ax.set_ylabel("observed coverage")
+    ax.set_title(f"{title} (error = {float(data['error']):.3f})")
+    ax.legend(loc="upper left")
     return ax

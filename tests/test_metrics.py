@@ -85,6 +85,42 @@ def test_evaluate_regression_matches_the_blitz_readme():
     assert 0 < float(got[0]) <= 1
 
 
+def test_gaussian_nll_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    gen = torch.Generator().manual_seed(0)
+    mean, y = torch.randn(30, generator=gen, dtype=torch.float64), torch.randn(30, generator=gen, dtype=torch.float64)
+    std = torch.rand(30, generator=gen, dtype=torch.float64) + 0.05
+    expected = -stats.norm.logpdf(y.numpy(), mean.numpy(), std.numpy()).mean()
+    close(metrics.gaussian_nll(mean, std, y), expected, tol=1e-12)
+    # by hand: N(0, 1) at 0: ln(2 pi) / 2 = 0.9189385
+    close(metrics.gaussian_nll(0.0, 1.0, 0.0), 0.9189385332046727)
+    with pytest.raises(ValueError, match="std must be positive"):
+        metrics.gaussian_nll(torch.zeros(2), torch.tensor([1.0, 0.0]), torch.zeros(2))
+    with pytest.raises(ValueError, match="y must be finite"):
+        metrics.gaussian_nll(torch.zeros(2), torch.ones(2), torch.tensor([0.0, math.nan]))
+
+
+def test_regression_calibration():
+    """Calibrated Gaussian predictions observe each central interval's level; overconfident ones
+    (std halved) fall short at every level; the observed fractions match a direct count against
+    scipy's quantiles."""
+    stats = pytest.importorskip("scipy.stats")
+    gen = torch.Generator().manual_seed(3)
+    mean = torch.randn(20000, generator=gen, dtype=torch.float64)
+    std = torch.rand(20000, generator=gen, dtype=torch.float64) + 0.5
+    y = mean + std * torch.randn(20000, generator=gen, dtype=torch.float64)
+    calibrated = metrics.regression_calibration(mean, std, y)
+    assert calibrated["levels"].shape == (19,) and float(calibrated["error"]) < 0.01
+    overconfident = metrics.regression_calibration(mean, std / 2, y, levels=[0.5, 0.9])
+    z = stats.norm.ppf([0.75, 0.95])
+    direct = [float(((y - mean).abs() <= std / 2 * float(q)).double().mean()) for q in z]
+    torch.testing.assert_close(overconfident["observed"], torch.tensor(direct, dtype=torch.float64))
+    assert bool((overconfident["observed"] < overconfident["levels"]).all())
+    for levels in ([], [0.0, 0.5], [1.0], [[0.5]]):
+        with pytest.raises(ValueError, match="levels must be"):
+            metrics.regression_calibration(mean, std, y, levels=levels)
+
+
 # ---- classification ---------------------------------------------------------------------------------------
 
 def test_predictive_entropy():
@@ -104,6 +140,34 @@ def test_mutual_information():
     # H(mean) = -(0.6 ln 0.6 + 0.4 ln 0.4) = 0.6 * 0.5108256 + 0.4 * 0.9162907 = 0.6730117
     # H(p1) = 0.5004024, H(p2) = H(mean) = 0.6730117 -> mean 0.5867070; MI = 0.0863046
     close(metrics.mutual_information(torch.tensor([[0.8, 0.2], [0.4, 0.6]])), 0.0863046, tol=1e-6)
+
+
+def test_entropy_decomposes_into_expected_entropy_and_mutual_information():
+    """H[mean_s p_s] = mean_s H[p_s] (aleatoric) + MI (epistemic); the first by hand: p1 = [0.8, 0.2],
+    p2 = [0.4, 0.6]: (0.5004024 + 0.6730117) / 2 = 0.5867070."""
+    close(metrics.expected_entropy(torch.tensor([[0.8, 0.2], [0.4, 0.6]])), 0.5867070, tol=1e-6)
+    samples = torch.softmax(torch.randn(7, 5, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64), -1)
+    total = metrics.predictive_entropy(samples.mean(0))
+    torch.testing.assert_close(metrics.expected_entropy(samples) + metrics.mutual_information(samples), total)
+    with pytest.raises(ValueError, match="probs_samples must be"):
+        metrics.expected_entropy(torch.tensor([0.5, 0.5]))
+
+
+def test_negative_log_likelihood_and_brier_score_against_references():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    gen = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(60, 4, generator=gen, dtype=torch.float64), -1)
+    labels = torch.randint(0, 4, (60,), generator=gen)
+    expected = sklearn_metrics.log_loss(labels.numpy(), probs.numpy(), labels=list(range(4)))
+    close(metrics.negative_log_likelihood(probs, labels), expected, tol=1e-12)
+    onehot = torch.zeros(60, 4, dtype=torch.float64)
+    onehot[torch.arange(60), labels] = 1
+    brier = sum(float(((probs[i] - onehot[i]) ** 2).sum()) for i in range(60)) / 60
+    close(metrics.brier_score(probs, labels), brier, tol=1e-12)
+    # by hand: [0.7, 0.3] label 0 -> 0.09 + 0.09 = 0.18, -ln 0.7 = 0.3566749; label 1 -> 0.49 + 0.49 = 0.98
+    close(metrics.brier_score(torch.tensor([[0.7, 0.3], [0.7, 0.3]]), torch.tensor([0, 1])), (0.18 + 0.98) / 2)
+    close(metrics.negative_log_likelihood(torch.tensor([[0.7, 0.3]]), torch.tensor([0])), 0.3566749, tol=1e-6)
+    assert metrics.negative_log_likelihood(torch.tensor([[1.0, 0.0]]), torch.tensor([1])) == math.inf
 
 
 def ece_case():
@@ -142,11 +206,12 @@ def test_expected_calibration_error():
 ])
 def test_calibration_rejects_bad_inputs(probs, labels, error, message):
     """Out-of-range labels counted as wrong predictions, logits and NaN gave a number, no predictions
-    gave 0 / 0: each is an error now, from the ECE and the reliability diagram alike."""
-    with pytest.raises(error, match=message):
-        metrics.expected_calibration_error(probs, labels)
-    with pytest.raises(error, match=message):
-        metrics.reliability_diagram(probs, labels)
+    gave 0 / 0: each is an error now, from the ECE, the reliability diagram, the NLL and the Brier
+    score alike."""
+    for metric in (metrics.expected_calibration_error, metrics.reliability_diagram, metrics.negative_log_likelihood,
+                   metrics.brier_score):
+        with pytest.raises(error, match=message):
+            metric(probs, labels)
 
 
 def test_entropies_reject_non_probabilities():
@@ -198,6 +263,10 @@ def test_plots(tmp_path):
     assert out is ax
     fig.savefig(tmp_path / "bands.png")
     plt.close(fig)
+    ax = plots.plot_regression_calibration(x, 0.1 * torch.ones(20), x + 0.05, levels=[0.25, 0.5, 0.75])
+    assert ax.get_title().startswith("Regression calibration (error = ")
+    assert list(ax.lines[1].get_xdata()) == [0.25, 0.5, 0.75]
+    plt.close(ax.figure)
     assert (tmp_path / "reliability.png").stat().st_size > 0 and (tmp_path / "bands.png").stat().st_size > 0
     with pytest.raises(ValueError):
         plots.plot_regression_bands(x, x, x[:3])
