@@ -89,13 +89,16 @@ def progress(iterable, verbose):
 
 
 def report(regressor, X_test, y_test, out, verbose):
-    """Test RMSE of the predictive mean, 2-std interval coverage, and a figure of the bands."""
+    """Test RMSE of the predictive mean, 2-std interval coverage, Gaussian NLL and calibration error of
+    the predictive distribution, and a figure of the bands."""
     from bayes_ext import metrics, plots
 
     with torch.no_grad():
         mean, std = metrics.predictive_mean_std(regressor, X_test, samples=100)
     rmse = float(((mean - y_test) ** 2).mean().sqrt())
     coverage = float(metrics.interval_coverage(mean, std, y_test, std_multiplier=2)[0])
+    nll = float(metrics.gaussian_nll(mean, std.clamp_min(1e-6), y_test))
+    calibration_error = float(metrics.regression_calibration(mean, std, y_test)["error"])
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "bayesian_regression.png")
     try:
@@ -113,8 +116,9 @@ def report(regressor, X_test, y_test, out, verbose):
     except ImportError:
         path = None
     if verbose:
-        print(f"test RMSE {rmse:.3f}, 2-std interval coverage {coverage:.2f}, figure {path}")
-    return {"rmse": rmse, "coverage": coverage, "figure": path}
+        print(f"test RMSE {rmse:.3f}, 2-std interval coverage {coverage:.2f}, Gaussian NLL {nll:.3f}, "
+              f"calibration error {calibration_error:.3f}, figure {path}")
+    return {"rmse": rmse, "coverage": coverage, "nll": nll, "calibration_error": calibration_error, "figure": path}
 
 
 if __name__ == "__main__":

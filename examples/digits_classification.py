@@ -112,6 +112,8 @@ def main(epochs=30, steps=None, batch_size=64, lr=1e-2, samples=30, sample_nbr=1
         "steps": step,
         "accuracy": (mean_probs.argmax(1) == y_test).float().mean().item(),
         "ece": metrics.expected_calibration_error(mean_probs, y_test).item(),
+        "nll": metrics.negative_log_likelihood(mean_probs, y_test).item(),
+        "brier": metrics.brier_score(mean_probs, y_test).item(),
         "entropy_clean": entropy.mean().item(),
         "mutual_information_clean": mi.mean().item(),
     }
@@ -125,7 +127,8 @@ def main(epochs=30, steps=None, batch_size=64, lr=1e-2, samples=30, sample_nbr=1
     os.makedirs(out, exist_ok=True)
     results["figure"] = save_figure(mean_probs, y_test, entropies, os.path.join(out, "digits_classification.png"))
     if verbose:
-        print(f"test accuracy {results['accuracy']:.3f}, ECE {results['ece']:.3f}")
+        print(f"test accuracy {results['accuracy']:.3f}, ECE {results['ece']:.3f}, NLL {results['nll']:.3f}, "
+              f"Brier {results['brier']:.3f}")
         for name in entropies:
             print(f"{name:>8}: mean predictive entropy {results['entropy_' + name]:.3f} nats, "
                   f"mutual information {results['mutual_information_' + name]:.4f}")

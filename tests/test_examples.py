@@ -42,6 +42,7 @@ def test_digits_example(tmp_path):
     assert os.path.getsize(results["figure"]) > 0 and results["figure"].startswith(str(tmp_path))
     finite(results)
     assert 0 <= results["accuracy"] <= 1 and 0 <= results["ece"] <= 1
+    assert results["nll"] >= 0 and 0 <= results["brier"] <= 2
     for name in ("clean", "noise", "shuffle"):
         assert 0 <= results[f"entropy_{name}"] <= math.log(10) + 1e-5
 
