@@ -177,3 +177,18 @@ def test_bayesianize_a_low_precision_model(backend, dtype):
     bayes[0].freeze = bayes[2].freeze = False
     out = bayes(x)
     assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_functional_call_with_low_precision_tensors(backend):
+    """torch.func.functional_call swaps bf16 tensors into a float32 layer: the layer reads the
+    swapped tensors' dtype (not its own registered parameters') and runs as a bf16 layer."""
+    layer = BayesianLinear(6, 3)
+    half = copy.deepcopy(layer).to(torch.bfloat16)
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in half.named_parameters()}
+    x = torch.randn(4, 6, dtype=torch.bfloat16)
+    torch.manual_seed(9)
+    out = torch.func.functional_call(layer, params, (x,))
+    torch.manual_seed(9)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, half(x))
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in params.values())

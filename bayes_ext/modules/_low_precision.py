@@ -17,24 +17,19 @@ from torch.utils._pytree import tree_map
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _posterior_dtype(module):
-    """The dtype of the layer's first posterior mean (weight_mu, or weight_ih_mu for the RNNs)."""
-    name = module._posterior_names[0] + "_mu"
-    mu = module._parameters.get(name)
-    if mu is None:  # parametrize'd or functional_call-swapped: the attribute
-        mu = getattr(module, name, None)
-    return mu.dtype if isinstance(mu, torch.Tensor) else None
-
-
 def upcasts_low_precision(forward):
     """Decorates a Bayesian layer's ``forward``: unchanged for float32 / float64 parameters (one
-    dtype lookup), the float32 forward under autocast for bf16 / fp16 ones (see the module doc)."""
+    dtype lookup, inline: it runs on every call of every layer), the float32 forward under autocast
+    for bf16 / fp16 ones (see the module doc). The layer's ``_dtype_probe`` names the parameter
+    whose dtype decides (weight_mu; weight_ih_mu for the RNNs)."""
     @functools.wraps(forward)
     def forward_in_any_precision(self, *args, **kwargs):
-        dtype = _posterior_dtype(self)
-        if dtype not in LOW_PRECISION:
-            return forward(self, *args, **kwargs)
-        return _forward_in_float32(self, forward, dtype, args, kwargs)
+        mu = self._parameters.get(self._dtype_probe)
+        if mu is None:  # parametrize'd or functional_call-swapped: the attribute
+            mu = getattr(self, self._dtype_probe, None)
+        if mu is not None and mu.dtype in LOW_PRECISION:
+            return _forward_in_float32(self, forward, mu.dtype, args, kwargs)
+        return forward(self, *args, **kwargs)
     return forward_in_any_precision
 
 

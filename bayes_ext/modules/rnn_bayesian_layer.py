@@ -59,6 +59,7 @@ class BayesianRNN(GaussianPosteriorMixin, BayesianModule):
     """
 
     _posterior_names = ("weight_ih", "weight_hh", "bias")
+    _dtype_probe = "weight_ih_mu"
     _gate_blocks = 4  # blocks of H columns in weight_ih / weight_hh
     _bias_blocks = 4  # blocks of H entries in bias
 
