@@ -28,11 +28,16 @@ def backward_below_autograd(backward):
     unpacked first, above the guard: under torch.utils.checkpoint that recomputes the forward,
     whose ops must record autograd (_saved_inputs.py)."""
     def run(ctx, *grads):
-        with holding_saved_tensors(ctx):
-            if torch.is_grad_enabled():  # keep whatever graph the backward builds
+        if torch.is_grad_enabled():  # keep whatever graph the backward builds
+            with holding_saved_tensors(ctx):
                 return backward(ctx, *grads)
+        # (holding_saved_tensors inlined: this runs in every first-order backward of a Python op)
+        ctx.held_saved_tensors = ctx.saved_tensors
+        try:
             with torch._C._AutoDispatchBelowAutograd():
                 return backward(ctx, *grads)
+        finally:
+            ctx.held_saved_tensors = None
     return run
 
 
