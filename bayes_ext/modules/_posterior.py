@@ -52,7 +52,9 @@ class GaussianPosteriorMixin:
     ``<name>_mu`` / ``<name>_rho`` parameter pairs listed in ``self._posterior_names``."""
 
     _posterior_names = ("weight", "bias")
-    _dtype_probe = "weight_mu"  # the parameter whose dtype is the layer's precision (_low_precision.py)
+    # the parameter whose dtype is the layer's precision (_low_precision.py): _posterior_names[0] + "_mu",
+    # spelled out because it is read on every call
+    _dtype_probe = "weight_mu"
 
     def _init_prior(self, prior_sigma_1, prior_sigma_2, prior_pi, prior_dist, freeze) -> None:
         for name, value in (("prior_sigma_1", prior_sigma_1), ("prior_sigma_2", prior_sigma_2), ("prior_pi", prior_pi)):
