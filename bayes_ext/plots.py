@@ -29,6 +29,18 @@ def _numpy(x):
     return torch.as_tensor(x).detach().cpu().double().numpy()
 
 
+def _calibration_axes(ax, xlabel: str, ylabel: str, title: str):
+    """The unit square of a calibration plot: the diagonal of perfect calibration, labels, title, legend."""
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    return ax
+
+
 def plot_reliability_diagram(probs, labels, n_bins: int = 15, ax=None, title: str = "Reliability diagram"):
     """Bars of per-bin accuracy (empty bins left out) against the diagonal; returns the Axes."""
     data = metrics.reliability_diagram(probs, labels, n_bins)
@@ -41,14 +53,7 @@ def plot_reliability_diagram(probs, labels, n_bins: int = 15, ax=None, title: st
     ax.bar(centers[keep], acc[keep], width=width, edgecolor="black", color="tab:blue", alpha=0.8, label="accuracy")
     ax.bar(centers[keep], conf[keep] - acc[keep], bottom=acc[keep], width=width, edgecolor="tab:red",
            color="tab:red", alpha=0.3, hatch="//", label="gap to confidence")
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{title} (ECE = {float(data['ece']):.3f})")
-    ax.legend(loc="upper left")
-    return ax
+    return _calibration_axes(ax, "confidence", "accuracy", f"{title} (ECE = {float(data['ece']):.3f})")
 
 
 def plot_regression_bands(x, mean, std, y=None, std_multiplier: float = 2, ax=None, label: str = "prediction"):
@@ -86,12 +91,6 @@ def plot_regression_calibration(mean, std, y, levels=None, ax=None, title: str =
     data = metrics.regression_calibration(mean, std, y, levels)
     ax = _axes(ax)
     levels, observed = _numpy(data["levels"]), _numpy(data["observed"])
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax.plot(levels, observed, "o-", color="tab:blue", markersize=3, label="observed")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("expected coverage (interval level)")
-    ax.set_ylabel("observed coverage")
-    ax.set_title(f"{title} (error = {float(data['error']):.3f})")
-    ax.legend(loc="upper left")
-    return ax
+    return _calibration_axes(ax, "expected coverage (interval level)", "observed coverage",
+                             f"{title} (error = {float(data['error']):.3f})")

@@ -265,7 +265,7 @@ def test_plots(tmp_path):
     plt.close(fig)
     ax = plots.plot_regression_calibration(x, 0.1 * torch.ones(20), x + 0.05, levels=[0.25, 0.5, 0.75])
     assert ax.get_title().startswith("Regression calibration (error = ")
-    assert list(ax.lines[1].get_xdata()) == [0.25, 0.5, 0.75]
+    assert list(ax.lines[0].get_xdata()) == [0.25, 0.5, 0.75]
     plt.close(ax.figure)
     assert (tmp_path / "reliability.png").stat().st_size > 0 and (tmp_path / "bands.png").stat().st_size > 0
     with pytest.raises(ValueError):
