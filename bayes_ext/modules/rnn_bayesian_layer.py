@@ -275,7 +275,10 @@ class BayesianRNN(GaussianPosteriorMixin, BayesianModule):
         args = (x, hx, [p.contiguous() for p in params], has_biases, 1, 0.0, torch.is_grad_enabled(), False, True)
         if not x.is_cuda:
             return kernel(*args)
-        with warnings.catch_warnings():
+        # x and the weights are already in the compute dtype (_in_compute_dtype). Autocast stays off
+        # for the kernel: its cuDNN RNN wrapper casts to float16 whatever the autocast dtype, so a
+        # bf16 region (or a bf16 layer) got a float16 recurrence and output (torch 2.11, H200).
+        with warnings.catch_warnings(), BF.autocast_off("cuda"):
             warnings.filterwarnings("ignore", message=".*not part of single contiguous chunk of memory.*")
             return kernel(*args)
 
