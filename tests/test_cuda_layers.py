@@ -145,18 +145,19 @@ def test_embedding_cpu_gpu_parity(cuda_ops, kl):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["linear", "lrt", "conv", "lstm"])
+@pytest.mark.parametrize("kind", ["linear", "lrt", "conv", "lstm", "gru"])
 def test_autocast_on_cuda(cuda_ops, dtype, kind):
     """Under CUDA autocast the layer computes in the autocast dtype, mu / rho and
     their gradients stay float32, the KL is float32, and the result is close to the float32 run."""
     make = {"linear": lambda: BayesianLinear(16, 8, posterior_rho_init=-3.0),
             "lrt": lambda: BayesianLinear(16, 8, estimator="lrt", posterior_rho_init=-3.0),
             "conv": lambda: BayesianConv2d(4, 6, 3, posterior_rho_init=-3.0),
-            "lstm": lambda: BayesianLSTM(16, 8, posterior_rho_init=-3.0)}[kind]
+            "lstm": lambda: BayesianLSTM(16, 8, posterior_rho_init=-3.0),
+            "gru": lambda: BayesianGRU(16, 8, posterior_rho_init=-3.0)}[kind]
     x = (torch.randn(2, 4, 9, 9) if kind == "conv" else torch.randn(3, 5, 16)).to(DEV)
     # The layer computes in the autocast dtype asked for. nn.LSTM does not under bf16: torch's autocast
     # wrapper of the cuDNN RNN casts to float16 whatever the dtype (pytorch#42385), a float16 output
-    # with float16's range; the Bayesian LSTM runs its recurrence in bf16 (rnn_bayesian_layer._fused).
+    # with float16's range; the Bayesian LSTM / GRU run their recurrence in bf16 (rnn_bayesian_layer._fused).
     torch.manual_seed(0)
     layer = make().to(DEV)
     outs = []
@@ -362,7 +363,7 @@ def test_torch_func_grad_and_per_sample_grads_on_cuda(cuda_ops, name):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("name", ["linear", "linear_lrt", "linear_flipout", "conv2d", "lstm", "embedding"])
+@pytest.mark.parametrize("name", ["linear", "linear_lrt", "linear_flipout", "conv2d", "lstm", "gru", "embedding"])
 def test_low_precision_layer_is_its_float32_self_under_autocast_on_cuda(cuda_ops, name, dtype):
     """model.half() / .to(torch.bfloat16) on the GPU: output, KL and gradients bit for bit those of
     the float32 layer under autocast on the same seed (tests/test_low_precision.py)."""
