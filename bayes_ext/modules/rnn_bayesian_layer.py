@@ -277,7 +277,9 @@ class BayesianRNN(GaussianPosteriorMixin, BayesianModule):
             return kernel(*args)
         # x and the weights are already in the compute dtype (_in_compute_dtype). Autocast stays off
         # for the kernel: its cuDNN RNN wrapper casts to float16 whatever the autocast dtype, so a
-        # bf16 region (or a bf16 layer) got a float16 recurrence and output (torch 2.11, H200).
+        # bf16 region (or a bf16 layer) got a float16 recurrence and output (torch 2.11, H200). A bf16
+        # recurrence runs on cuDNN where torch lets it (cuDNN >= 9.13, pytorch#164411), else on
+        # torch's fused CUDA cells (bf16 since torch 2.3, pytorch#116927).
         with warnings.catch_warnings(), BF.autocast_off("cuda"):
             warnings.filterwarnings("ignore", message=".*not part of single contiguous chunk of memory.*")
             return kernel(*args)
