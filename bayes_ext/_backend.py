@@ -31,7 +31,8 @@ OP_NAMES = ("sample_weight", "sample_weight_backward", "sample_weight_backward_i
 COMPILED_ONLY_OP_NAMES = ("linear_samples_stacked", "linear_samples_stacked_backward", "linear_reparam_rows",
                           "linear_reparam_rows_backward", "linear_lrt_rows", "linear_lrt_rows_backward",
                           "linear_flipout_rows", "linear_flipout_rows_backward", "sample_weight_as",
-                          "sample_weight_bias_as", "sample_weight_bias_backward_")
+                          "sample_weight_bias_as", "sample_weight_bias_backward_", "conv_reparam_layer",
+                          "conv_reparam_layer_backward")
 
 
 def _same_torch_build(built_for: str) -> bool:

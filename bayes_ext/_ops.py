@@ -539,6 +539,19 @@ def _fake_linear_flipout_rows_backward(grad_y, grad_log_q, grad_log_p, x, weight
     return _fake_layer_grads(x, weight_mu, weight_rho, bias_mu, bias_rho, need_x, need_w, need_b)
 
 
+def _fake_conv_reparam_layer(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, stride, padding, dilation, transposed,
+                             output_padding, groups, prior_pi, prior_sigma1, prior_sigma2):
+    y = torch.ops.aten.convolution(x, weight_mu.to(x.dtype), None if bias_mu is None else bias_mu.to(x.dtype), stride,
+                                   padding, dilation, transposed, output_padding, groups)
+    return y, weight_mu.new_empty(()), weight_mu.new_empty(())
+
+
+def _fake_conv_reparam_layer_backward(grad_out, grad_log_q, grad_log_p, x, weight_mu, weight_rho, bias_mu, bias_rho,
+                                      seed, stride, padding, dilation, transposed, output_padding, groups, prior_pi,
+                                      prior_sigma1, prior_sigma2, need_x):
+    return _fake_layer_grads(x, weight_mu, weight_rho, bias_mu, bias_rho, need_x, True, True)
+
+
 def _register_compiled_only() -> None:
     """Fake kernels of the ops with no pure-PyTorch twin (_backend.COMPILED_ONLY_OP_NAMES): called
     inside other ops' implementations and backwards, which torch.compile and opcheck trace."""
@@ -550,6 +563,8 @@ def _register_compiled_only() -> None:
     torch.library.register_fake("bayes_ext::linear_lrt_rows_backward")(_fake_linear_lrt_rows_backward)
     torch.library.register_fake("bayes_ext::linear_flipout_rows")(_fake_linear_flipout_rows)
     torch.library.register_fake("bayes_ext::linear_flipout_rows_backward")(_fake_linear_flipout_rows_backward)
+    torch.library.register_fake("bayes_ext::conv_reparam_layer")(_fake_conv_reparam_layer)
+    torch.library.register_fake("bayes_ext::conv_reparam_layer_backward")(_fake_conv_reparam_layer_backward)
 
 
 _register("bayes_ext_py")

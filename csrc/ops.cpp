@@ -71,6 +71,19 @@ TORCH_LIBRARY(bayes_ext, m) {
         "Tensor weight_mu, Tensor weight_rho, Tensor? bias_mu, Tensor? bias_rho, Tensor seed, float prior_pi, "
         "float prior_sigma1, float prior_sigma2, int block_rows, bool need_x) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The reparameterised convolution layer in one call (CPU and CUDA; bayes_ext::conv_reparam in
+  // bayes_ext/functional_conv.py is the same computation in Python): y = aten::convolution(x, W, b,
+  // ...) with W on stream (seed, 0) and b on (seed, 1), in x's dtype (the weights' or, under autocast,
+  // bf16 / fp16 with fp32 weights). Returns (y, log_q, log_p). Impl: cpu/conv_reparam_layer.cpp.
+  m.def("conv_reparam_layer(Tensor x, Tensor weight_mu, Tensor weight_rho, Tensor? bias_mu, Tensor? bias_rho, "
+        "Tensor seed, int[] stride, int[] padding, int[] dilation, bool transposed, int[] output_padding, "
+        "int groups, float prior_pi, float prior_sigma1, float prior_sigma2) -> (Tensor, Tensor, Tensor)");
+  // Its backward: (grad_x (empty unless need_x), grad_weight_mu, grad_weight_rho, grad_bias_mu,
+  // grad_bias_rho (both empty without a bias)).
+  m.def("conv_reparam_layer_backward(Tensor grad_out, Tensor grad_log_q, Tensor grad_log_p, Tensor x, "
+        "Tensor weight_mu, Tensor weight_rho, Tensor? bias_mu, Tensor? bias_rho, Tensor seed, int[] stride, "
+        "int[] padding, int[] dilation, bool transposed, int[] output_padding, int groups, float prior_pi, "
+        "float prior_sigma1, float prior_sigma2, bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // sample_weight's w written straight in `dtype` (the autocast dtype of the layer op's matmul: no
   // separate cast kernel) and, when with_kl, its (log_q, log_p) in mu's dtype; without with_kl they
   // are two empty tensors, which the CUDA kernel does not compute (the backward's rebuilt W needs no KL). Internal to

@@ -243,6 +243,32 @@ def test_layer_op_equals_the_python_op_on_cuda(cuda_ops, x_dtype):
     assert "bayes_ext::linear_reparam_rows" in {e.key for e in prof.key_averages()}
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["conv2d_strided_grouped_dilated", "conv_transpose2d", "conv1d"])
+def test_conv_layer_op_equals_the_python_op_on_cuda(cuda_ops, name, x_dtype):
+    """bayes_ext::conv_reparam_layer (what eager CUDA calls of the conv layers take; W and b sampled in
+    one launch where the bias has one value per weight row): the Python op's values and gradients,
+    x in fp32 or in autocast's bf16 / fp16 with fp32 parameters (tests/test_conv_layer_op.py)."""
+    if cuda_ops is not torch.ops.bayes_ext:
+        pytest.skip("a compiled-backend op")
+    from bayes_ext import functional_conv as BFC
+    from test_conv_layer_op import PRIOR, _case
+    x, params, conv = _case(name, True, torch.float32)
+    x, params = x.to(DEV, x_dtype), tuple(p.to(DEV) for p in params)
+    seed = seed_tensor(5).to(DEV)
+    results = []
+    # cuDNN's deterministic algorithms: its weight-gradient kernels may otherwise sum in any order
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        for op in (torch.ops.bayes_ext.conv_reparam_layer, BFC._conv_reparam.op):
+            leaves = (x.detach().requires_grad_(),) + tuple(p.detach().requires_grad_() for p in params)
+            y, log_q, log_p = op(*leaves, seed, *conv, *PRIOR)
+            loss = y.float().pow(2).sum() + 0.3 * log_q - 0.7 * log_p
+            results.append((y, log_q, log_p) + torch.autograd.grad(loss, leaves))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16])
 def test_fast_path_equals_the_checked_path_on_cuda(cuda_ops, monkeypatch, amp):
     """bayesian_linear's eager fast path (x cast to autocast's dtype in front of the layer op, the
