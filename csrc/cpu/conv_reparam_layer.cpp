@@ -10,7 +10,6 @@
 // kernels, aten's convolutions), registered for both. Under autocast x arrives in the lower
 // precision and W and b are sampled straight into it (sample_weight_as), as the Python op casts them.
 #include <ATen/ATen.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -25,15 +24,11 @@ namespace bayes_ext {
 namespace {
 
 using layer_op::has;
+using layer_op::NoAutocast;
 using layer_op::maybe;
 
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// The ops inside run in the dtypes chosen here (W cast to x's), not autocast's.
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
-};
 
 // What the op checks itself (the Python layer checked the rest, with its own wording, before the call):
 // the parameters' pairing, dtypes and devices, and x in their dtype or, with float32 parameters,

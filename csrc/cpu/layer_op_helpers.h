@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <tuple>
 #include <vector>
@@ -25,6 +26,11 @@ inline c10::optional<at::Tensor> maybe(const at::Tensor& t) {
 struct KernelsOnly {
   at::NoGradGuard no_grad;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+};
+
+// The ops inside a layer op run in the dtypes it chose (W cast to x's), not autocast's.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
 // `shape` with its last size replaced: the output of a linear layer for input shape `shape`.

@@ -14,7 +14,6 @@
 // Under autocast x arrives in the lower precision and W is cast to it for the matmuls, as the
 // Python op does.
 #include <ATen/ATen.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -33,6 +32,7 @@ namespace {
 
 using layer_op::check_layer_args;
 using layer_op::has;
+using layer_op::NoAutocast;
 using layer_op::maybe;
 using layer_op::with_last;
 
@@ -77,11 +77,6 @@ at::Tensor mm_in_dtype(const at::Tensor& a, const at::Tensor& b, at::ScalarType 
   }
   return a.mm(b).to(dtype);
 }
-
-// The ops inside run in the dtypes chosen here (W cast to x's), not autocast's.
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
-};
 
 // x in the weights' dtype, or (autocast) a lower floating precision than fp32 weights.
 void check_x_dtype(const at::Tensor& x, const at::Tensor& weight_mu) {
