@@ -113,7 +113,9 @@ print(f"sanitize: kernels loaded from {want} (cpu isa {torch.ops.bayes_ext.cpu_k
 EOF
 
 if (($# == 0)); then
-  set -- tests/test_sample_op.py tests/test_philox.py tests/test_properties.py tests/test_limits.py
+  # (+ the conv layer op: its views of the 4-D weights as 2-D and the in-place weight gradient)
+  set -- tests/test_sample_op.py tests/test_philox.py tests/test_properties.py tests/test_limits.py \
+    tests/test_conv_layer_op.py
 fi
 say "running pytest $* under ASan/UBSan"
 start=$SECONDS
