@@ -364,7 +364,8 @@ def eager_compiled_call(x: Tensor, tensors, device_types=("cpu",)) -> bool:
             and not torch.compiler.is_compiling() and _plain(tensors) and not _functorch_active())
 
 
-_AUTOCAST_X_DTYPES = (torch.bfloat16, torch.float16)  # with float32 weights: what linear_reparam_rows accepts
+# with float32 weights: what the layer ops (linear_reparam_rows, conv_reparam_layer) accept
+_AUTOCAST_X_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, cuda: bool) -> Optional[Tensor]:

@@ -42,10 +42,7 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& weight_mu, const at:
                     weight_mu.sizes(), "), got ", weight_rho.sizes());
   TORCH_CHECK_VALUE(x.device() == weight_mu.device(), "x must be on the device of weight_mu (", weight_mu.device(),
                     "), got ", x.device());
-  const auto xt = x.scalar_type(), wt = weight_mu.scalar_type();
-  const bool lower = (xt == at::kBFloat16 || xt == at::kHalf) && wt == at::kFloat;
-  TORCH_CHECK_TYPE(xt == wt || lower, "x must have the dtype of weight_mu (", wt,
-                   ") or, under autocast, bfloat16 / float16 with float32 weights; got ", xt);
+  layer_op::check_x_dtype(x, weight_mu);
   TORCH_CHECK_VALUE(has(bias_mu) == has(bias_rho), "bias_mu and bias_rho must be given together");
   if (has(bias_mu)) {  // (their dtype and device are the sampling ops' checks)
     const int64_t out_channels = transposed ? weight_mu.size(1) * groups : weight_mu.size(0);

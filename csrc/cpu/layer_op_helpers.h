@@ -56,6 +56,15 @@ inline std::tuple<at::Tensor, at::Tensor> weight_grad_pair(const at::Tensor& wei
   return {half(0), half(1)};
 }
 
+// x in the weights' dtype, or (autocast) a lower floating precision than fp32 weights: the x the
+// layer ops that cast W to x's dtype take (linear_reparam_rows, conv_reparam_layer).
+inline void check_x_dtype(const at::Tensor& x, const at::Tensor& weight_mu) {
+  const auto xt = x.scalar_type();
+  const bool lower = (xt == at::kBFloat16 || xt == at::kHalf) && weight_mu.scalar_type() == at::kFloat;
+  TORCH_CHECK_TYPE(xt == weight_mu.scalar_type() || lower, "x must have the dtype of weight_mu (",
+                   weight_mu.scalar_type(), ") or, under autocast, bfloat16 / float16 with float32 weights; got ", xt);
+}
+
 // The arguments every one-sample layer op checks: a non-empty 2-D weight, x (..., in_features) in its dtype
 // and on its device, bias_mu and bias_rho together and in the weight's dtype and on its device, a
 // positive block size. An op that accepts other x dtypes (autocast's) checks the dtype itself and

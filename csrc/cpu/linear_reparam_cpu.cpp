@@ -31,9 +31,10 @@ namespace bayes_ext {
 namespace {
 
 using layer_op::check_layer_args;
+using layer_op::check_x_dtype;
 using layer_op::has;
-using layer_op::NoAutocast;
 using layer_op::maybe;
+using layer_op::NoAutocast;
 using layer_op::with_last;
 
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -76,14 +77,6 @@ at::Tensor mm_in_dtype(const at::Tensor& a, const at::Tensor& b, at::ScalarType 
     }
   }
   return a.mm(b).to(dtype);
-}
-
-// x in the weights' dtype, or (autocast) a lower floating precision than fp32 weights.
-void check_x_dtype(const at::Tensor& x, const at::Tensor& weight_mu) {
-  const auto xt = x.scalar_type();
-  const bool lower = (xt == at::kBFloat16 || xt == at::kHalf) && weight_mu.scalar_type() == at::kFloat;
-  TORCH_CHECK_TYPE(xt == weight_mu.scalar_type() || lower, "x must have the dtype of weight_mu (",
-                   weight_mu.scalar_type(), ") or, under autocast, bfloat16 / float16 with float32 weights; got ", xt);
 }
 
 // (y (x.shape[:-1] + (out_features,)), log_q, log_p): W on stream (seed, 0) in blocks of
