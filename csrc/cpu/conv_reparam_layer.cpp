@@ -24,8 +24,8 @@ namespace bayes_ext {
 namespace {
 
 using layer_op::has;
-using layer_op::NoAutocast;
 using layer_op::maybe;
+using layer_op::NoAutocast;
 
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
