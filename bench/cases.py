@@ -122,6 +122,17 @@ def model_kl(model):
     return kl
 
 
+def model_kl_fn(name):
+    """The KL of a many-layer model (the transformer) as each library's users compute it: bayes_ext's
+    own kl_divergence_from_nn (the layers' terms stacked and summed: a fixed number of ops, where
+    the layer-by-layer sum costs three kernel launches a layer on a GPU), and for BLiTZ model_kl
+    (BLiTZ's kl_divergence_from_nn without its first `0 + term`)."""
+    if name in CASES and CASES[name].dist == "bayes_ext":
+        from bayes_ext.losses import kl_divergence_from_nn
+        return kl_divergence_from_nn
+    return model_kl
+
+
 def layer_forward(name):
     """forward(module, x, need_kl) -> (out, kl or None) for a single layer of case `name`."""
     if name in ("linear", "linear_onednn"):

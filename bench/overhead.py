@@ -6,7 +6,8 @@ launches cost when the kernels do almost nothing (a 16 -> 8 layer, batch 4; one 
 Prints a Markdown table of microseconds per call, each the best of five timed blocks: the training
 step (forward, sum(out) + KL, backward) and the no-grad forward of nn.Linear and BayesianLinear,
 then the pieces of the Bayesian forward: the functional call, the registered C++ op alone (the
-Python in front of it is the difference), the seed draw, the KL terms a loss reads. On CUDA the
+Python in front of it is the difference), the seed draw, the KL terms a loss reads; last a 48-layer
+model's KL with its backward, bayes_ext's stacked sum beside BLiTZ's layer-by-layer one. On CUDA the
 calls queue back to back and the GPU catches up once per block, so a figure is the host's cost
 (issue 8: the eager bf16 steps on an H200 are host-bound). This overhead is what a model of many
 small layers pays per layer call.
@@ -26,9 +27,11 @@ from torch import nn
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # an in-place build
 from bayes_ext import functional as BF  # noqa: E402
+from bayes_ext.losses.kl_divergence import kl_divergence_of_layers  # noqa: E402
 from bayes_ext.modules import BayesianLinear  # noqa: E402
 
 BATCH, IN, OUT = 4, 16, 8
+KL_LAYERS = 48  # the Bayesian linear layers of a GPT-2-small-sized model (12 blocks x 4)
 PRIOR = (1.0, 0.1, 0.4)  # BayesianLinear's default (pi, sigma1, sigma2)
 
 
@@ -79,7 +82,29 @@ def rows(device, amp):
             lambda: torch.ops.bayes_ext.linear_reparam_rows(x_op, *params, seed, *PRIOR, 1 << 40))),
         ("functional.draw_seed", BF.draw_seed),
         ("KL terms: log q - log p", lambda: layer.log_variational_posterior - layer.log_prior),
-    ]
+    ] + model_kl_rows(device)
+
+
+def blitz_kl_sum(layers):
+    """BLiTZ's kl_divergence_from_nn: log q - log p added layer by layer."""
+    kl = 0
+    for layer in layers:
+        kl = kl + (layer.log_variational_posterior - layer.log_prior)
+    return kl
+
+
+def model_kl_rows(device):
+    """A many-layer model's KL and its backward (the gradients its layers' nodes receive), bayes_ext's
+    stacked sum beside BLiTZ's layer-by-layer one: on CUDA 6 kernel launches against 3 a layer."""
+    layers = [BayesianLinear(1, 1) for _ in range(KL_LAYERS)]  # only their KL terms are read
+    terms = [torch.randn((), device=device, requires_grad=True) for _ in range(2 * KL_LAYERS)]
+    for layer, log_q, log_p in zip(layers, terms[::2], terms[1::2]):
+        layer._set_kl_terms(log_q, log_p)
+
+    def kl_and_backward(kl_fn):
+        return lambda: torch.autograd.grad(kl_fn(layers), terms)
+    return [(f"KL of {KL_LAYERS} layers + backward: kl_divergence_from_nn", kl_and_backward(kl_divergence_of_layers)),
+            (f"KL of {KL_LAYERS} layers + backward: BLiTZ's layer-by-layer sum", kl_and_backward(blitz_kl_sum))]
 
 
 def op_inventory(fn, sync, steps=50):

@@ -35,7 +35,8 @@ class Workload:
             self.model = transformer.build_transformer(
                 lambda i, o: cases.make_linear(name, i, o),
                 **{k: cfg[k] for k in ("n_blocks", "d_model", "n_heads", "d_mlp")})
-            self.fwd = lambda m, x, need_kl: (m(x), cases.model_kl(m) if need_kl else None)
+            kl_fn = cases.model_kl_fn(name)
+            self.fwd = lambda m, x, need_kl: (m(x), kl_fn(m) if need_kl else None)
             x = transformer.transformer_input(**cfg)
         self.model.to(self.device).train()
         # The input needs grad as it would inside a network, so backward also computes dL/dx

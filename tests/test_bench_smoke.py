@@ -41,7 +41,9 @@ def test_overhead_script_reports_every_call():
     labels = [line.split("|")[1].strip() for line in table]
     assert labels[:4] == ["nn.Linear train step", "BayesianLinear train step", "nn.Linear no-grad forward",
                           "BayesianLinear no-grad forward"], labels
-    assert len(labels) == 8, labels
+    assert labels[-2:] == ["KL of 48 layers + backward: kl_divergence_from_nn",
+                           "KL of 48 layers + backward: BLiTZ's layer-by-layer sum"], labels
+    assert len(labels) == 10, labels
     assert all(float(line.split("|")[2]) > 0 for line in table), table
 
 
