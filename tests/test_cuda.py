@@ -1,5 +1,7 @@
 """CUDA: the op against the reference on the device, the same noise on CPU and GPU, CPU-GPU parity
 of BayesianLinear, device seeds, and launches on the current stream. Skipped without a GPU."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -274,6 +276,26 @@ def test_sequential_model_on_cuda(cuda_ops):
     (y.sum() + bayes_ext.losses.kl_divergence_from_nn(model)).backward()
     assert y.device.type == "cuda" and x.grad is not None
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_model_kl_on_cuda_equals_the_cpu_models(cuda_ops):
+    # four layers: kl_divergence_from_nn stacks their terms (a cat kernel on CUDA)
+    torch.manual_seed(0)
+    cpu = torch.nn.Sequential(*[BayesianLinear(8, 8, posterior_rho_init=-3.0) for _ in range(4)])
+    gpu = copy.deepcopy(cpu).to(DEV)
+    x = torch.randn(5, 8)
+    kls, grads = [], []
+    for model, inp in ((cpu, x), (gpu, x.to(DEV))):
+        torch.manual_seed(3)
+        model(inp)
+        kl = bayes_ext.losses.kl_divergence_from_nn(model)
+        kl.backward()
+        kls.append(kl.cpu())
+        grads.append([p.grad.cpu() for p in model.parameters()])
+    assert kls[1].shape == () and torch.isfinite(kls[1])
+    torch.testing.assert_close(kls[1], kls[0], rtol=1e-5, atol=1e-3)
+    for g_gpu, g_cpu in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-4, atol=1e-5)
 
 
 def _capture(fn):
