@@ -116,7 +116,7 @@ def ops():
     while a recorded backward rebuilds its forward, the differentiable compositions (_recorded).
     (Under torch.compile dynamo traces the transforms itself.)"""
     namespace = torch.ops.bayes_ext if _active == "compiled" else torch.ops.bayes_ext_py
-    if _functorch_state.functorch_active() and not torch.compiler.is_compiling():
+    if _functorch_state.functorch_active():
         namespace = _func_transforms.transform_ops("bayes_ext" if _active == "compiled" else "bayes_ext_py")
     if _recorded.rebuilding():  # a recorded backward (create_graph=True) differentiates plain PyTorch
         return _recorded.differentiable_ops(namespace)

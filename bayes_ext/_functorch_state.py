@@ -7,6 +7,8 @@ _ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)  # (looked
 
 
 def functorch_active() -> bool:
-    """A torch.func transform (grad, vmap, ...) is running around this call."""
-    return _ACTIVE is not None and _ACTIVE()
+    """A torch.func transform (grad, vmap, ...) is running around this eager call. Never while
+    torch.compile traces: dynamo handles the transforms itself, and before torch 2.5 it cannot trace
+    this query (a graph break)."""
+    return _ACTIVE is not None and not torch.compiler.is_compiling() and _ACTIVE()
 

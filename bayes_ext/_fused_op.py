@@ -59,7 +59,7 @@ class FusedOp:
                                                       self.op, backward, setup_context, inspect.signature(impl), impl)
 
     def __call__(self, *args):
-        if self._transform_function is not None and _functorch_active() and not torch.compiler.is_compiling():
+        if self._transform_function is not None and _functorch_active():
             return self._transform_function.apply(*args)
         if self._function is None or torch.compiler.is_compiling() or not _plain(args):
             return self.op(*args)

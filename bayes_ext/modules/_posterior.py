@@ -116,6 +116,9 @@ class GaussianPosteriorMixin:
     _kl_last_sample = False
 
     def _set_kl_terms(self, log_q, log_p) -> None:
+        if torch.compiler.is_compiling():  # dynamo before torch 2.5 cannot trace object.__setattr__
+            self._kl_terms, self._kl_at_mean, self._kl_last_sample = (log_q, log_p), False, False
+            return
         # plain attributes: object.__setattr__ skips nn.Module's parameter/buffer bookkeeping (~5 us)
         object.__setattr__(self, "_kl_terms", (log_q, log_p))
         object.__setattr__(self, "_kl_at_mean", False)
@@ -123,7 +126,7 @@ class GaussianPosteriorMixin:
 
     def _report_last_sample_kl(self) -> None:
         """The per-sample terms of a vectorised forward stand for the last sample from now on."""
-        object.__setattr__(self, "_kl_last_sample", True)
+        self._kl_last_sample = True
 
     def _kl_term(self, i: int):
         if self._kl_at_mean:
