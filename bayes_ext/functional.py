@@ -152,7 +152,13 @@ def weight_grad_pair(weight: Tensor) -> Tuple[Tensor, Tensor]:
     and page-faulted in again every step (64x1024x1024 LRT step in a loop of its own, 2 cores: 8.1-8.6
     -> 5.7-6.2 ms, ~1800 -> ~90 page faults a step; the blocked reparam step ~530-830 -> ~330). Every
     blocked backward allocates its weight gradients so. Mirrors layer_op::weight_grad_pair (C++).
-    A layer that trains mu with rho frozen keeps the unused half alive beside mu's .grad."""
+    A layer that trains mu with rho frozen keeps the unused half alive beside mu's .grad.
+    A traced backward (torch.compile: fake or functional tensors) gets two buffers: the compiler plans
+    its own memory, and torch 2.5's inductor miscompiles in-place ops on two views of one buffer
+    (garbage dL/drho from the LRT backward)."""
+    if not _plain((weight,)):
+        return (torch.empty_like(weight, memory_format=torch.contiguous_format),
+                torch.empty_like(weight, memory_format=torch.contiguous_format))
     pair = weight.new_empty((2,) + tuple(weight.shape))
     return pair[0], pair[1]
 
