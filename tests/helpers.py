@@ -7,6 +7,7 @@ torch.distributions so that autograd supplies the reference gradients.
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from bayes_ext import _backend
@@ -15,6 +16,26 @@ from bayes_ext.modules import (BayesianConv2d, BayesianConvTranspose2d, Bayesian
                                BayesianLSTM)
 from bayes_ext.utils.layer_wrappers import Flipout, Radial
 import torch.nn.functional as F
+
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def needs_torch(version, why):
+    """Skips a test on a torch older than `version`, where that torch was seen to fail it for a
+    reason of its own (`why`); bayes_ext supports torch >= 2.4 and CI runs 2.13."""
+    return pytest.mark.skipif(TORCH_VERSION < version, reason=f"needs torch >= {version[0]}.{version[1]}: {why}")
+
+
+def require_torch(version, why):
+    """needs_torch inside a test (for some of its parameters)."""
+    if TORCH_VERSION < version:
+        pytest.skip(f"needs torch >= {version[0]}.{version[1]}: {why}")
+
+
+# torch 2.4 refuses its custom ops inside torch.func transforms (their autograd.Function has no
+# setup_context); these layers' higher-order derivatives and torch.func gradients need them there
+CUSTOM_OPS_UNDER_TORCH_FUNC = ((2, 5), "torch 2.4 refuses custom ops inside torch.func transforms")
+
 
 MASK32 = np.uint64(0xFFFFFFFF)
 PHILOX_M0 = np.uint64(0xD2511F53)

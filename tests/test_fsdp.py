@@ -14,17 +14,16 @@ import torch.nn as nn
 import bayes_ext
 from bayes_ext.losses import kl_divergence_from_nn
 from bayes_ext.modules import BayesianConv2d, BayesianLinear
+from helpers import needs_torch
 
 try:
     from torch.distributed.fsdp import fully_shard  # torch >= 2.6
 except ImportError:
-    try:
-        from torch.distributed._composable.fsdp import fully_shard  # torch 2.4, 2.5
-    except ImportError:
-        fully_shard = None
+    fully_shard = None  # (torch 2.4 and 2.5 have it elsewhere, for CUDA devices only)
 
-pytestmark = pytest.mark.skipif(fully_shard is None or not dist.is_available(),
-                                reason="needs torch.distributed with FSDP2 (fully_shard)")
+pytestmark = [needs_torch((2, 6), "FSDP2 on the CPU (torch 2.4 and 2.5's fully_shard needs CUDA streams)"),
+              pytest.mark.skipif(fully_shard is None or not dist.is_available(),
+                                 reason="needs torch.distributed with FSDP2 (fully_shard)")]
 
 KL_WEIGHT = 1e-3
 STEPS = 2

@@ -33,6 +33,15 @@ from helpers import seed_tensor
 pytestmark = pytest.mark.skipif(not bayes_ext.extension_available(),
                                 reason=f"compiled extension not available: {bayes_ext.extension_load_error()}")
 
+
+@pytest.fixture(autouse=True)
+def ieee_subnormals():
+    """Subnormals as IEEE has them: on torch 2.5 a torch.compile test earlier in the session can leave
+    the CPU flushing them to zero (code built with -ffast-math sets the FPU state on load), and
+    hypothesis then refuses to draw floats."""
+    torch.set_flush_denormal(False)
+
+
 RTOL = {torch.float32: 2e-5, torch.float64: 1e-11}
 # gradients, relative to the largest |gradient|: float32 is ill-conditioned under a narrow prior
 # component

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the test suite against another torch than CI's 2.13, e.g. the oldest supported one:
+#   bash tools/test_torch_version.sh 2.4.1 [pytest args...]
+# Not part of CI: PyPI's torch wheels before 2.13's local CPU build are CUDA builds (~3 GB with their
+# nvidia-* dependencies; they run on the CPU without a GPU). It makes a venv in /tmp/bayes_ext_torch-X,
+# a clean copy of the committed tree (git worktree) beside it, builds the kernels there in place and
+# runs `pytest -m "not slow"` (or the given args). Tests that an old torch cannot pass for a reason
+# of its own skip there with that reason (tests/helpers.py: needs_torch); README "Torch versions".
+set -euo pipefail
+
+VERSION="${1:?usage: tools/test_torch_version.sh TORCH_VERSION [pytest args...]}"
+shift
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="/tmp/bayes_ext_torch-$VERSION/venv"
+TREE="/tmp/bayes_ext_torch-$VERSION/tree"
+say() { echo "test_torch_version: $*"; }
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  python3.11 -m venv "$VENV"
+  say "installing torch==$VERSION and the test tools into $VENV"
+  "$VENV/bin/pip" install -q "torch==$VERSION" numpy pytest hypothesis scipy scikit-learn ninja \
+    "setuptools>=77" wheel
+fi
+rm -rf "$TREE"
+git -C "$ROOT" worktree prune
+git -C "$ROOT" worktree add -q --detach "$TREE" HEAD
+say "building bayes_ext in $TREE against torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+(cd "$TREE" && PATH="$VENV/bin:$PATH" MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" setup.py build_ext --inplace \
+  >"$TREE/build.log" 2>&1) || { tail -30 "$TREE/build.log"; exit 1; }
+(($# == 0)) && set -- -m "not slow"
+cd "$TREE"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
