@@ -4,8 +4,9 @@
 # Not part of CI: PyPI's torch wheels before 2.13's local CPU build are CUDA builds (~3 GB with their
 # nvidia-* dependencies; they run on the CPU without a GPU). It makes a venv in /tmp/bayes_ext_torch-X,
 # a clean copy of the committed tree (git worktree) beside it, builds the kernels there in place and
-# runs `pytest -m "not slow"` (or the given args). Tests that an old torch cannot pass for a reason
-# of its own skip there with that reason (tests/helpers.py: needs_torch); README "Torch versions".
+# runs `pytest tests -m "not slow"` (or pytest with the given args). Tests that an old torch cannot
+# pass for a reason of its own skip there with that reason (tests/helpers.py: needs_torch); README
+# "Torch versions".
 set -euo pipefail
 
 VERSION="${1:?usage: tools/test_torch_version.sh TORCH_VERSION [pytest args...]}"
@@ -27,6 +28,6 @@ git -C "$ROOT" worktree add -q --detach "$TREE" HEAD
 say "building bayes_ext in $TREE against torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
 (cd "$TREE" && PATH="$VENV/bin:$PATH" MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" setup.py build_ext --inplace \
   >"$TREE/build.log" 2>&1) || { tail -30 "$TREE/build.log"; exit 1; }
-(($# == 0)) && set -- -m "not slow"
+(($# == 0)) && set -- tests -m "not slow"
 cd "$TREE"
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"  # (pyproject's testpaths: tests/ without a path)
