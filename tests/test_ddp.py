@@ -1,16 +1,13 @@
 """DistributedDataParallel on 2 CPU processes (gloo): the averaged gradients equal one process's
 gradients over the combined batch when the ranks share the noise (same torch.manual_seed on
 every rank, as README's "Distributed training" section describes)."""
-import os
-import socket
-
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
 import bayes_ext
 from bayes_ext.modules import BayesianLinear
+from gloo_group import free_port, gloo_group
 
 KL_WEIGHT = 1e-3
 
@@ -40,31 +37,16 @@ def step(model, net, x, y):
     return {name: p.grad.clone() for name, p in net.named_parameters()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker(rank, world, port, backend_name, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        with bayes_ext.use_backend(backend_name):
-            torch.manual_seed(1)  # the same model and the same noise on every rank
-            net = Net()
-            model = nn.parallel.DistributedDataParallel(net)
-            x, y = data()
-            rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
-            grads = step(model, net, x[rows], y[rows])
-            if rank == 0:
-                torch.save(grads, out_path)
-            # both ranks leave together: a rank tearing gloo down while the other still talks to
-            # it can abort the other ("terminate called without an active exception", seen in CI)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    with gloo_group(rank, world, port), bayes_ext.use_backend(backend_name):
+        torch.manual_seed(1)  # the same model and the same noise on every rank
+        net = Net()
+        model = nn.parallel.DistributedDataParallel(net)
+        x, y = data()
+        rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+        grads = step(model, net, x[rows], y[rows])
+        if rank == 0:
+            torch.save(grads, out_path)
 
 
 def test_ddp_gradients_equal_single_process_on_the_combined_batch(backend, tmp_path):

@@ -2,9 +2,6 @@
 parameters, each Bayesian layer samples from its unsharded mu / rho inside its forward, and with
 the noise shared across ranks (the same torch.manual_seed) two SGD steps give the parameters one
 process gets on the combined batch."""
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,6 +11,7 @@ import torch.nn as nn
 import bayes_ext
 from bayes_ext.losses import kl_divergence_from_nn
 from bayes_ext.modules import BayesianConv2d, BayesianLinear
+from gloo_group import free_port, gloo_group
 from helpers import needs_torch
 
 try:
@@ -61,33 +59,20 @@ def full(t):
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker(rank, world, port, backend_name, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        with bayes_ext.use_backend(backend_name):
-            model = build()
-            for layer in model:
-                if isinstance(layer, (BayesianConv2d, BayesianLinear)):
-                    fully_shard(layer)
-            fully_shard(model)
-            sharded = type(model[0].weight_mu).__name__
-            x, y = data()
-            rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
-            grads = train(model, x[rows], y[rows])
-            params = {name: full(p) for name, p in model.named_parameters()}
-            if rank == 0:
-                torch.save({"grads": grads, "params": params, "sharded": sharded}, out_path)
-            dist.barrier()  # leave together (see test_ddp.py)
-    finally:
-        dist.destroy_process_group()
+    with gloo_group(rank, world, port), bayes_ext.use_backend(backend_name):
+        model = build()
+        for layer in model:
+            if isinstance(layer, (BayesianConv2d, BayesianLinear)):
+                fully_shard(layer)
+        fully_shard(model)
+        sharded = type(model[0].weight_mu).__name__
+        x, y = data()
+        rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+        grads = train(model, x[rows], y[rows])
+        params = {name: full(p) for name, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"grads": grads, "params": params, "sharded": sharded}, out_path)
 
 
 def test_fsdp_training_equals_one_process_on_the_combined_batch(backend, tmp_path):
