@@ -126,7 +126,10 @@ class GaussianPosteriorMixin:
 
     def _report_last_sample_kl(self) -> None:
         """The per-sample terms of a vectorised forward stand for the last sample from now on."""
-        self._kl_last_sample = True
+        if torch.compiler.is_compiling():  # (as in _set_kl_terms)
+            self._kl_last_sample = True
+        else:
+            object.__setattr__(self, "_kl_last_sample", True)
 
     def _kl_term(self, i: int):
         if self._kl_at_mean:
