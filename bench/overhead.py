@@ -27,8 +27,9 @@ from torch import nn
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # an in-place build
 from bayes_ext import functional as BF  # noqa: E402
-from bayes_ext.losses.kl_divergence import kl_divergence_of_layers  # noqa: E402
+from bayes_ext.losses import kl_divergence_from_nn  # noqa: E402
 from bayes_ext.modules import BayesianLinear  # noqa: E402
+from cases import model_kl  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 BATCH, IN, OUT = 4, 16, 8
 KL_LAYERS = 48  # the Bayesian linear layers of a GPT-2-small-sized model (12 blocks x 4)
@@ -85,26 +86,19 @@ def rows(device, amp):
     ] + model_kl_rows(device)
 
 
-def blitz_kl_sum(layers):
-    """BLiTZ's kl_divergence_from_nn: log q - log p added layer by layer."""
-    kl = 0
-    for layer in layers:
-        kl = kl + (layer.log_variational_posterior - layer.log_prior)
-    return kl
-
-
 def model_kl_rows(device):
     """A many-layer model's KL and its backward (the gradients its layers' nodes receive), bayes_ext's
-    stacked sum beside BLiTZ's layer-by-layer one: on CUDA 6 kernel launches against 3 a layer."""
-    layers = [BayesianLinear(1, 1) for _ in range(KL_LAYERS)]  # only their KL terms are read
+    stacked sum beside BLiTZ's layer-by-layer one (the benchmark's model_kl): on CUDA 6 kernel launches
+    against 3 a layer."""
+    model = nn.Sequential(*[BayesianLinear(1, 1) for _ in range(KL_LAYERS)])  # only their KL terms are read
     terms = [torch.randn((), device=device, requires_grad=True) for _ in range(2 * KL_LAYERS)]
-    for layer, log_q, log_p in zip(layers, terms[::2], terms[1::2]):
+    for layer, log_q, log_p in zip(model, terms[::2], terms[1::2]):
         layer._set_kl_terms(log_q, log_p)
 
     def kl_and_backward(kl_fn):
-        return lambda: torch.autograd.grad(kl_fn(layers), terms)
-    return [(f"KL of {KL_LAYERS} layers + backward: kl_divergence_from_nn", kl_and_backward(kl_divergence_of_layers)),
-            (f"KL of {KL_LAYERS} layers + backward: BLiTZ's layer-by-layer sum", kl_and_backward(blitz_kl_sum))]
+        return lambda: torch.autograd.grad(kl_fn(model), terms)
+    return [(f"KL of {KL_LAYERS} layers + backward: kl_divergence_from_nn", kl_and_backward(kl_divergence_from_nn)),
+            (f"KL of {KL_LAYERS} layers + backward: BLiTZ's layer-by-layer sum", kl_and_backward(model_kl))]
 
 
 def op_inventory(fn, sync, steps=50):

@@ -20,16 +20,20 @@ import torch.nn.functional as F
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
+def _needs_torch_reason(version, why) -> str:
+    return f"needs torch >= {version[0]}.{version[1]}: {why}"
+
+
 def needs_torch(version, why):
     """Skips a test on a torch older than `version`, where that torch was seen to fail it for a
     reason of its own (`why`); bayes_ext supports torch >= 2.4 and CI runs 2.13."""
-    return pytest.mark.skipif(TORCH_VERSION < version, reason=f"needs torch >= {version[0]}.{version[1]}: {why}")
+    return pytest.mark.skipif(TORCH_VERSION < version, reason=_needs_torch_reason(version, why))
 
 
 def require_torch(version, why):
     """needs_torch inside a test (for some of its parameters)."""
     if TORCH_VERSION < version:
-        pytest.skip(f"needs torch >= {version[0]}.{version[1]}: {why}")
+        pytest.skip(_needs_torch_reason(version, why))
 
 
 # torch 2.4 refuses its custom ops inside torch.func transforms (their autograd.Function has no
