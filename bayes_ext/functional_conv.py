@@ -356,11 +356,10 @@ def bayesian_conv_spec(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu
 def _eager_layer_op(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                     bias_rho: Optional[Tensor], seed: Tensor) -> bool:
     """bayes_ext::conv_reparam_layer applies: the same computation as _conv_reparam in one C++ call
-    each way, its autograd in C++ (csrc/cpu/conv_reparam_layer.cpp), for an eager compiled call on
-    the CPU or CUDA with x in the weights' dtype or autocast's bf16 / fp16 with float32 weights."""
-    if x.dtype != weight_mu.dtype and not (weight_mu.dtype == torch.float32 and x.dtype in BF._AUTOCAST_X_DTYPES):
-        return False
-    return BF.eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho, seed), ("cpu", "cuda"))
+    each way, its autograd in C++ (csrc/cpu/conv_reparam_layer.cpp), on the linear op's terms (an
+    eager compiled call on the CPU or CUDA with x in the weights' dtype or autocast's bf16 / fp16
+    with float32 weights)."""
+    return BF._eager_layer_op(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
 
 
 def conv_with_weight(x: Tensor, weight: Tensor, bias: Optional[Tensor], spec: ConvSpec) -> Tensor:

@@ -74,9 +74,12 @@ def test_bayesian_linear_takes_it_in_eager_cpu_calls(compiled):
         return {e.key for e in prof.key_averages()}
     assert "bayes_ext::linear_reparam_rows" in ops_called(x, params)
     assert "bayes_ext::linear_reparam_rows" in ops_called(x.float(), [p.detach().float() for p in params])
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # x cast to bf16: the Python op's mixed precision
-        names = ops_called(x.float(), [p.detach().float() for p in params])
-    assert "bayes_ext::linear_reparam_rows" not in names and "bayes_ext::sample_weight" in names
+    for low in (torch.bfloat16, torch.float16):  # x cast to autocast's dtype, W cast to it inside the op
+        with torch.autocast("cpu", dtype=low):
+            names = ops_called(x.float(), [p.detach().float() for p in params])
+        assert "bayes_ext::linear_reparam_rows" in names
+    # other dtype mixes keep the Python op (which raises for them)
+    assert not BF._eager_layer_op(x, *[p.detach().float() for p in params], torch.tensor([1]))
 
 
 @pytest.mark.parametrize("which", ["output", "log_q", "log_p"])
