@@ -370,28 +370,35 @@ def eager_compiled_call(x: Tensor, tensors, device_types=("cpu",)) -> bool:
             and not torch.compiler.is_compiling() and _plain(tensors) and not _functorch_active())
 
 
-# with float32 weights: what the layer ops (linear_reparam_rows, conv_reparam_layer) accept
+# with float32 weights: what the layer ops (linear_reparam_rows, conv_reparam_layer, linear_lrt_rows,
+# linear_flipout_rows) accept besides x in the weights' dtype
 _AUTOCAST_X_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, reparam: bool) -> Optional[Tensor]:
+def layer_op_takes(x: Tensor, weight_mu: Tensor) -> bool:
+    """x's dtype is one the one-call layer ops take: the weights', or autocast's bf16 / fp16 with
+    float32 weights (their GEMMs then run in x's dtype, the weight passes in float32, as in the
+    Python ops, bit for bit). Other mixes keep the Python ops, whose checks word the error."""
+    return x.dtype == weight_mu.dtype or (weight_mu.dtype == torch.float32 and x.dtype in _AUTOCAST_X_DTYPES)
+
+
+def _layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, cuda: bool) -> Optional[Tensor]:
     """The eager fast path of the functionals in front of the one-call C++ layer ops
     (linear_reparam_rows, and on the CPU linear_lrt_rows and linear_flipout_rows): x as the op takes
     it, or None where the checked path must run. The call must be one eager_compiled_call lets through
-    (on the CPU, or for `reparam`, linear_reparam_rows, also on CUDA), with x in the weights' dtype or,
-    for `reparam` under autocast, cast to autocast's dtype (_eager_layer_op's rule). The op checks
-    everything else itself, so the Python checks (~10 us a call; on a GPU's host a bf16 4096^3 layer
-    step is host-bound) run only to word an error it raised: ``worded_errors``."""
+    (on the CPU, or on CUDA where `cuda` says the op is registered there), with x in the weights' dtype
+    or, under autocast, cast to its dtype (layer_op_takes). The op checks everything else itself, so
+    the Python checks (~10 us a call; on a GPU's host a bf16 4096^3 layer step is host-bound) run only
+    to word an error it raised: ``worded_errors``."""
     if not (isinstance(x, torch.Tensor) and isinstance(weight_mu, torch.Tensor)):
         return None
     if not eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho, seed),
-                               ("cpu", "cuda") if reparam else ("cpu",)):
+                               ("cpu", "cuda") if cuda else ("cpu",)):
         return None
     low_precision = autocast_dtype(x)
     if low_precision is None:
         return x if x.dtype == weight_mu.dtype else None
-    if (reparam and weight_mu.dtype == torch.float32 and low_precision in _AUTOCAST_X_DTYPES
-            and x.is_floating_point()):
+    if weight_mu.dtype == torch.float32 and low_precision in _AUTOCAST_X_DTYPES and x.is_floating_point():
         return x.to(low_precision)
     return None
 
@@ -423,9 +430,7 @@ class worded_errors:
 
 def _eager_layer_op(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
                     bias_rho: Optional[Tensor], seed: Tensor) -> bool:
-    """bayes_ext::linear_reparam_rows applies: an eager compiled call on the CPU or CUDA with x in the
-    weights' dtype or in autocast's bf16 / fp16 with float32 weights (the op casts W to it, as the
-    Python op does, bit for bit; other mixes keep the Python op)."""
-    if x.dtype != weight_mu.dtype and not (weight_mu.dtype == torch.float32 and x.dtype in _AUTOCAST_X_DTYPES):
-        return False
-    return eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho, seed), ("cpu", "cuda"))
+    """bayes_ext::linear_reparam_rows applies: an eager compiled call on the CPU or CUDA with x in a
+    dtype the op takes (layer_op_takes)."""
+    return layer_op_takes(x, weight_mu) and eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho,
+                                                                     seed), ("cpu", "cuda"))

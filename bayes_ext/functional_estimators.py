@@ -332,12 +332,12 @@ def linear_lrt_with_kl(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu
     in the same fused pass over the parameters as sigma^2 (and its gradient in the backward's)."""
     _checks.check_positive_prior_sigma(prior_sigma)
     # (the op also takes N seeds, linear_lrt_samples' groups: one seed here is the Python checks' rule)
-    if (BF._layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, False) is not None
-            and (seed is None or seed.numel() == 1)):
+    x_for_op = BF._layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, False)
+    if x_for_op is not None and (seed is None or seed.numel() == 1):
         seed = BF.draw_seed() if seed is None else seed
         with BF.worded_errors(lambda: BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)):
             y, _, kl = torch.ops.bayes_ext.linear_lrt_rows.default(
-                x, weight_mu, weight_rho, bias_mu, bias_rho, seed, float(prior_sigma),
+                x_for_op, weight_mu, weight_rho, bias_mu, bias_rho, seed, float(prior_sigma),
                 BF._block_rows(weight_mu, BF.LRT_BLOCK_ELEMENTS))
         return y, kl
     x, seed = BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
@@ -364,10 +364,11 @@ def linear_lrt_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu
 
 
 def _lrt_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_sigma: float):
-    """(y, std, kl) of _linear_lrt; eager compiled CPU calls with x in the weights' dtype take the
-    same computation in one C++ call each way (bayes_ext::linear_lrt_rows, its autograd in C++)."""
-    if x.dtype == weight_mu.dtype and BF.eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho,
-                                                                      seed)):
+    """(y, std, kl) of _linear_lrt; eager compiled CPU calls with x in a dtype the op takes
+    (BF.layer_op_takes) take the same computation in one C++ call each way (bayes_ext::linear_lrt_rows,
+    its autograd in C++)."""
+    if BF.layer_op_takes(x, weight_mu) and BF.eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho,
+                                                                       seed)):
         rows = BF._block_rows(weight_mu, BF.LRT_BLOCK_ELEMENTS)
         return torch.ops.bayes_ext.linear_lrt_rows.default(x, weight_mu, weight_rho, bias_mu, bias_rho, seed,
                                                            prior_sigma, rows)
@@ -382,24 +383,26 @@ def linear_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Op
     dW = softplus(rho) * eps from stream (seed, 0) (W's own sample), b from (seed, 1); S (x's
     shape) and R (y's shape) are +-1 signs from streams 3 and 4. Each output has the marginal of
     the weight-noise model; backward regenerates dW, S and R."""
-    if BF.three_floats(prior) and BF._layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed,
-                                                     False) is not None:
+    x_for_op = (BF._layer_op_input(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, False)
+                if BF.three_floats(prior) else None)
+    if x_for_op is not None:
         seed = BF.draw_seed() if seed is None else seed
         with BF.worded_errors(lambda: (BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed),
                                        _checks.prior_values(prior))):
-            return torch.ops.bayes_ext.linear_flipout_rows.default(x, weight_mu, weight_rho, bias_mu, bias_rho, seed,
-                                                                   *prior, BF._block_rows(weight_mu))
+            return torch.ops.bayes_ext.linear_flipout_rows.default(x_for_op, weight_mu, weight_rho, bias_mu,
+                                                                   bias_rho, seed, *prior, BF._block_rows(weight_mu))
     x, seed = BF.prepare_linear_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
     pi, sigma1, sigma2 = _checks.prior_values(prior)
     return _flipout_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1, sigma2)
 
 
 def _flipout_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi: float, sigma1: float, sigma2: float):
-    """(y, log_q, log_p) of _linear_flipout; eager compiled CPU calls with x in the weights' dtype take
-    the same computation in one C++ call each way (bayes_ext::linear_flipout_rows, its autograd in
-    C++): the custom op's Python dispatch and the dozen small ops between the kernels were half of
-    a small layer's step."""
-    if x.dtype == weight_mu.dtype and BF.eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho, seed)):
+    """(y, log_q, log_p) of _linear_flipout; eager compiled CPU calls with x in a dtype the op takes
+    (BF.layer_op_takes) take the same computation in one C++ call each way
+    (bayes_ext::linear_flipout_rows, its autograd in C++): the custom op's Python dispatch and the
+    dozen small ops between the kernels were half of a small layer's step."""
+    if BF.layer_op_takes(x, weight_mu) and BF.eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho,
+                                                                       seed)):
         return torch.ops.bayes_ext.linear_flipout_rows.default(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi,
                                                                sigma1, sigma2, BF._block_rows(weight_mu))
     return _linear_flipout(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1, sigma2)

@@ -233,6 +233,11 @@ def layer_params(out_f, in_f, bias, dtype=torch.float64):
     return param((out_f, in_f), 0.0), param((out_f, in_f), -2.0), param((out_f,), 0.0), param((out_f,), -2.0)
 
 
+def detached_as(params, dtype):
+    """layer_params' tensors detached and cast to dtype (an absent bias stays None)."""
+    return [None if p is None else p.detach().to(dtype) for p in params]
+
+
 def check_layer_op_rejects_bad_inputs(op, prior):
     """The argument checks of the one-sample linear layer ops taking (x, weight_mu, weight_rho,
     bias_mu, bias_rho, seed, *prior, block_rows) (linear_reparam_rows and linear_flipout_rows with

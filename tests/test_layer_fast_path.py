@@ -57,33 +57,36 @@ def test_fast_and_checked_paths_agree_bit_for_bit(compiled, monkeypatch, name, b
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", FUNCTIONALS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_rows", [None, 2])  # None: the whole weight in one block
-def test_cpu_autocast_takes_the_op_with_the_python_ops_values(compiled, monkeypatch, block_rows, low, bias):
-    """Under CPU autocast bayesian_linear hands x in bf16 / fp16 to linear_reparam_rows (fast path and
-    checked path) and gets the Python custom op's output, KL terms and float32 gradients bit for bit."""
+def test_cpu_autocast_takes_the_op_with_the_python_ops_values(compiled, monkeypatch, block_rows, low, bias, name):
+    """Under CPU autocast the functionals hand x in bf16 / fp16 to their C++ op (fast path and checked
+    path) and get the Python custom op's output, KL terms and float32 gradients bit for bit."""
     if block_rows is not None:
-        monkeypatch.setattr(BF, "BLOCK_ELEMENTS", block_rows * 5)
+        for blocks in ("BLOCK_ELEMENTS", "LRT_BLOCK_ELEMENTS"):
+            monkeypatch.setattr(BF, blocks, block_rows * 5)
 
     def run():
         params = layer_params(6, 5, bias, torch.float32)
         x = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(1), requires_grad=True)
         torch.manual_seed(7)  # the seed drawn inside the call
         with torch.profiler.profile() as prof, torch.autocast("cpu", dtype=low):
-            y, log_q, log_p = BF.bayesian_linear(x, *params, prior=PRIOR)
+            y, *kl_terms = FUNCTIONALS[name](x, params, None, PRIOR)
         leaves = [x] + [p for p in params if p is not None]
-        loss = (y.float() * torch.arange(6.0)).sum() + 0.3 * log_q - 0.7 * log_p
-        return (y, log_q, log_p) + torch.autograd.grad(loss, leaves), {e.key for e in prof.key_averages()}
+        loss = (y.float() * torch.arange(6.0)).sum() + sum(c * t for c, t in zip((0.3, -0.7), kl_terms))
+        return (y, *kl_terms) + torch.autograd.grad(loss, leaves), {e.key for e in prof.key_averages()}
 
+    op = f"bayes_ext::{OPS[name]}"
     fast, fast_ops = run()
     _checked_path_only(monkeypatch)
     checked, checked_ops = run()
-    monkeypatch.setattr(BF, "_eager_layer_op", lambda *args: False)
+    monkeypatch.setattr(BF, "layer_op_takes", lambda *args: False)  # the rule every functional asks
     python_op, python_ops = run()
-    assert "bayes_ext::linear_reparam_rows" in fast_ops & checked_ops
-    assert "bayes_ext::linear_reparam_rows" not in python_ops and "bayes_ext::sample_weight" in python_ops
-    assert fast[0].dtype == low and all(g.dtype == torch.float32 for g in fast[3:])
+    assert op in fast_ops & checked_ops and op not in python_ops
+    grads = fast[-(5 if bias else 3):]  # x's and the parameters'
+    assert fast[0].dtype == low and all(g.dtype == torch.float32 for g in grads)
     for a, b, c in zip(fast, checked, python_op):
         assert a.dtype == b.dtype == c.dtype and torch.equal(a, b) and torch.equal(a, c)
 

@@ -8,7 +8,7 @@ import torch
 from bayes_ext import functional as BF
 from bayes_ext import functional_estimators as BFE
 
-from helpers import check_layer_op_rejects_bad_inputs, layer_params
+from helpers import check_layer_op_rejects_bad_inputs, detached_as, layer_params
 
 F64 = torch.float64
 MIXTURE = (0.3, 0.8, 0.05)
@@ -45,6 +45,32 @@ def test_equals_the_python_custom_op(compiled, monkeypatch, block_rows, prior, d
         assert torch.isfinite(a).all()
 
 
+@pytest.mark.parametrize("need_x", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_rows", [None, 3])
+def test_lower_precision_x_equals_the_python_custom_op(compiled, monkeypatch, block_rows, low, bias, need_x):
+    """x in bf16 / fp16 with float32 parameters (what CPU autocast hands the op): the GEMMs and the
+    signs in x's dtype, dW and the KL terms in float32, y in x's dtype, the parameters' gradients in
+    float32, bit for bit the Python op's; other dtype mixes are refused."""
+    params = layer_params(7, 9, bias, torch.float32)
+    if block_rows is not None:
+        monkeypatch.setattr(BF, "BLOCK_ELEMENTS", block_rows * 9)
+    rows = BF._block_rows(params[0])
+    x = torch.randn(4, 3, 9).to(low).requires_grad_(need_x)
+    g_out = torch.randn(4, 3, 7).to(low)
+    seed = torch.tensor([77])
+    got = _run(lambda: compiled.linear_flipout_rows(x, *params, seed, *MIXTURE, rows), x, params, g_out, 0.3, -0.7,
+               need_x)
+    ref = _run(lambda: BFE._linear_flipout.op(x, *params, seed, *MIXTURE), x, params, g_out, 0.3, -0.7, need_x)
+    assert got[0][0].dtype == low and got[0][1].dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in got[1][int(need_x):])
+    for a, b in zip(got[0] + got[1], ref[0] + ref[1]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(TypeError, match="x must have the dtype"):  # only lower than fp32 weights
+        compiled.linear_flipout_rows(x.detach(), *detached_as(params, torch.float64), seed, *MIXTURE, rows)
+
+
 def _ops_called(fn):
     with torch.profiler.profile() as prof:
         fn()
@@ -60,9 +86,10 @@ def test_linear_flipout_and_the_layer_take_it_in_eager_cpu_calls(compiled):
     layer = BayesianLinear(5, 4, estimator="flipout")
     assert "bayes_ext::linear_flipout_rows" in _ops_called(lambda: layer(x.float()).sum().backward())
     params32 = [p.detach().float() for p in params]
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # x cast to bf16: the Python op's mixed precision
-        names = _ops_called(lambda: BFE.linear_flipout(x.float(), *params32, seed=seed))
-    assert "bayes_ext::linear_flipout_rows" not in names and "bayes_ext::sample_weight" in names
+    for low in (torch.bfloat16, torch.float16):  # x cast to autocast's dtype, the GEMMs in it inside the op
+        with torch.autocast("cpu", dtype=low):
+            names = _ops_called(lambda: BFE.linear_flipout(x.float(), *params32, seed=seed))
+        assert "bayes_ext::linear_flipout_rows" in names
 
 
 @pytest.mark.parametrize("which", ["output", "log_q", "log_p"])

@@ -9,7 +9,8 @@ import torch
 from bayes_ext import functional as BF
 from bayes_ext import functional_estimators as BFE
 
-from helpers import check_layer_op_rejects_bad_inputs, check_two_forward_step_gradients, layer_params
+from helpers import (check_layer_op_rejects_bad_inputs, check_two_forward_step_gradients, detached_as,
+                     layer_params)
 
 F64 = torch.float64
 
@@ -43,6 +44,32 @@ def test_equals_the_python_custom_op(compiled, monkeypatch, block_rows, prior_si
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b)
         assert torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("need_x", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_rows", [None, 3])
+def test_lower_precision_x_equals_the_python_custom_op(compiled, monkeypatch, block_rows, low, bias, need_x):
+    """x in bf16 / fp16 with float32 parameters (what CPU autocast hands the op): the GEMMs in x's
+    dtype, mean, var, std and the KL in float32, y in x's dtype, the parameters' gradients in float32,
+    bit for bit the Python op's; other dtype mixes are refused."""
+    params = layer_params(7, 9, bias, torch.float32)
+    if block_rows is not None:
+        monkeypatch.setattr(BF, "LRT_BLOCK_ELEMENTS", block_rows * 9)
+    rows = BF._block_rows(params[0], BF.LRT_BLOCK_ELEMENTS)
+    x = torch.randn(4, 3, 9).to(low).requires_grad_(need_x)
+    g_out = torch.randn(4, 3, 7).to(low)
+    seed = torch.tensor([77])
+    got = _run(lambda: compiled.linear_lrt_rows(x, *params, seed, 0.7, rows), x, params, g_out, 0.3, need_x)
+    ref = _run(lambda: BFE._linear_lrt.op(x, *params, seed, 0.7), x, params, g_out, 0.3, need_x)
+    y, std, kl = got[0]
+    assert y.dtype == low and std.dtype == torch.float32 and kl.dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in got[1][int(need_x):])
+    for a, b in zip(got[0] + got[1], ref[0] + ref[1]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(TypeError, match="x must have the dtype"):  # only lower than fp32 weights
+        compiled.linear_lrt_rows(x.detach(), *detached_as(params, torch.float64), seed, 0.7, rows)
 
 
 @pytest.mark.parametrize("block_rows", [None, 16])
@@ -111,9 +138,12 @@ def test_the_lrt_functions_take_it_in_eager_cpu_calls(compiled):
     assert "bayes_ext::linear_lrt_rows" in _ops_called(lambda: BFE.linear_lrt(x, *params, seed=seed))
     assert "bayes_ext::linear_lrt_rows" in _ops_called(lambda: BFE.linear_lrt_with_kl(x, *params, seed=seed))
     params32 = [p.detach().float() for p in params]
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # x cast to bf16: the Python op's mixed precision
-        names = _ops_called(lambda: BFE.linear_lrt_with_kl(x.float(), *params32, seed=seed))
-    assert "bayes_ext::linear_lrt_rows" not in names and "bayes_ext::lrt_weight_forward" in names
+    for low in (torch.bfloat16, torch.float16):  # x cast to autocast's dtype, the GEMMs in it inside the op
+        with torch.autocast("cpu", dtype=low):
+            names = _ops_called(lambda: BFE.linear_lrt_with_kl(x.float(), *params32, seed=seed))
+            assert "bayes_ext::linear_lrt_rows" in names
+            names = _ops_called(lambda: BFE.linear_lrt(x.float(), *params32, seed=seed))
+            assert "bayes_ext::linear_lrt_rows" in names
 
 
 @pytest.mark.parametrize("which", ["output", "kl"])
@@ -150,8 +180,10 @@ def test_bad_inputs_name_the_argument(compiled):
     one = torch.ones(())
     with pytest.raises(ValueError, match="grad_y and std must have shape"):
         compiled.linear_lrt_rows_backward(y[:, :2], one, x, wm, wr, bm, br, seed, std, 0.1, 2, True, True, True)
-    with pytest.raises(TypeError, match="grad_y and std must have the dtype"):
+    with pytest.raises(TypeError, match=r"grad_y must have the dtype of x \(Float\) and std that of weight_mu"):
         compiled.linear_lrt_rows_backward(y.double(), one, x, wm, wr, bm, br, seed, std, 0.1, 2, True, True, True)
+    with pytest.raises(TypeError, match=r"std that of weight_mu \(Float\), got Float and BFloat16"):
+        compiled.linear_lrt_rows_backward(y, one, x, wm, wr, bm, br, seed, std.bfloat16(), 0.1, 2, True, True, True)
 
 
 def test_create_graph_keeps_dx_differentiable_in_the_upstream_gradient(backend):

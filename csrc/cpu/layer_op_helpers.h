@@ -57,12 +57,32 @@ inline std::tuple<at::Tensor, at::Tensor> weight_grad_pair(const at::Tensor& wei
 }
 
 // x in the weights' dtype, or (autocast) a lower floating precision than fp32 weights: the x the
-// layer ops that cast W to x's dtype take (linear_reparam_rows, conv_reparam_layer).
+// layer ops take (linear_reparam_rows, conv_reparam_layer, linear_lrt_rows, linear_flipout_rows);
+// their GEMMs run in x's dtype, the weight passes in the weights'.
 inline void check_x_dtype(const at::Tensor& x, const at::Tensor& weight_mu) {
   const auto xt = x.scalar_type();
   const bool lower = (xt == at::kBFloat16 || xt == at::kHalf) && weight_mu.scalar_type() == at::kFloat;
   TORCH_CHECK_TYPE(xt == weight_mu.scalar_type() || lower, "x must have the dtype of weight_mu (",
                    weight_mu.scalar_type(), ") or, under autocast, bfloat16 / float16 with float32 weights; got ", xt);
+}
+
+// out = a b where out may be in a higher precision than a and b (autocast's x with float32 weights:
+// the product in a's dtype, then cast into out), as functional_estimators.mm_into.
+inline void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, a, b);
+  } else {
+    out.copy_(a.mm(b));
+  }
+}
+
+// out += a b, likewise (functional_estimators._add_mm).
+inline void add_mm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    out.addmm_(a, b);
+  } else {
+    out.add_(a.mm(b).to(out.scalar_type()));
+  }
 }
 
 // The arguments every one-sample layer op checks: a non-empty 2-D weight, x (..., in_features) in its dtype

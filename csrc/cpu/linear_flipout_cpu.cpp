@@ -4,8 +4,10 @@
 // oneDNN's path: cpu_gemm.h); what it saves is the Python and the
 // custom-op dispatch between those ops (half of a small layer's step). A large weight's dW is
 // sampled and consumed block of rows by block of rows, as there. Eager calls get their autograd
-// here too (LinearFlipoutFunction, registered for AutogradCPU); torch.compile, autocast, fake
-// tensors and the other backends keep the Python custom op.
+// here too (LinearFlipoutFunction, registered for AutogradCPU); torch.compile, fake tensors and the
+// other backends keep the Python custom op. Under autocast x arrives in bf16 / fp16 with float32
+// weights: the GEMMs and the signs are in x's dtype, dW, the KL terms and the gradients of the
+// parameters in the weights', as in the Python op.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -22,9 +24,12 @@
 namespace bayes_ext {
 namespace {
 
+using layer_op::add_mm_;
 using layer_op::check_layer_args;
+using layer_op::check_x_dtype;
 using layer_op::has;
 using layer_op::maybe;
+using layer_op::NoAutocast;
 using layer_op::with_last;
 
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -52,9 +57,11 @@ Triple sample_weight_backward(const c10::optional<at::Tensor>& grad_w, const at:
                                           p.sigma2, return_weight, start, noise_only);
 }
 
-// +1 / -1 of `shape`: the sign of stream (seed, offset)'s normals, as functional_estimators.signs.
-at::Tensor signs(at::IntArrayRef shape, const at::Tensor& seed, int64_t offset, const at::TensorOptions& options) {
-  return op_calls::philox_normal(at::empty(shape, options), seed, offset, 0).ge_(0).mul_(2).sub_(1);
+// +1 / -1 of `shape` in `dtype`: the sign of stream (seed, offset)'s normals, drawn in the weights'
+// dtype (`weight`'s), as functional_estimators.signs.
+at::Tensor signs(at::IntArrayRef shape, const at::Tensor& seed, int64_t offset, const at::Tensor& weight,
+                 at::ScalarType dtype) {
+  return op_calls::philox_normal(at::empty(shape, weight.options()), seed, offset, 0).ge_(0).mul_(2).sub_(1).to(dtype);
 }
 
 // (y, log_q, log_p): y = x mu^T + b + ((x * S) dW^T) * R with dW = W - mu, W and b sampled on the
@@ -62,15 +69,18 @@ at::Tensor signs(at::IntArrayRef shape, const at::Tensor& seed, int64_t offset, 
 Triple linear_flipout_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, const at::Tensor& weight_rho_in,
                            const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
                            const at::Tensor& seed, double pi, double sigma1, double sigma2, int64_t block_rows) {
-  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows);
+  check_x_dtype(x, weight_mu_in);
+  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows, /*check_dtype=*/false);
+  const NoAutocast no_autocast;
   const Prior prior{pi, sigma1, sigma2};
   const int64_t out_features = weight_mu_in.size(0), in_features = weight_mu_in.size(1);
-  const at::Tensor x_signed = x * signs(x.sizes(), seed, kSignInStream, x.options());
+  const auto x_dtype = x.scalar_type();
+  const at::Tensor x_signed = x * signs(x.sizes(), seed, kSignInStream, weight_mu_in, x_dtype);
   at::Tensor perturbation, log_q, log_p;
   if (block_rows >= out_features) {
     at::Tensor dw;
     std::tie(dw, log_q, log_p) = sample_weight(weight_mu_in, weight_rho_in, seed, kWeightStream, prior, 0, true);
-    perturbation = cpu_gemm::linear(x_signed, dw);
+    perturbation = cpu_gemm::linear(x_signed, dw.to(x_dtype));
   } else {
     // each block of rows of dW with the noise it has in the whole weight, consumed while in cache
     const at::Tensor weight_mu = weight_mu_in.contiguous(), weight_rho = weight_rho_in.contiguous();
@@ -80,19 +90,19 @@ Triple linear_flipout_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, 
       const int64_t r1 = std::min(r0 + block_rows, out_features);
       auto [dw, q, p] = sample_weight(weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1), seed, kWeightStream,
                                       prior, r0 * in_features, true);
-      perturbation.slice(1, r0, r1).copy_(cpu_gemm::linear(x_2d, dw));
+      perturbation.slice(1, r0, r1).copy_(cpu_gemm::linear(x_2d, dw.to(x_dtype)));
       log_q = log_q.defined() ? log_q + q : q;
       log_p = log_p.defined() ? log_p + p : p;
     }
     perturbation = perturbation.reshape(with_last(x_signed.sizes(), out_features));
   }
-  perturbation.mul_(signs(perturbation.sizes(), seed, kSignOutStream, x.options()));
-  at::Tensor y =
-      cpu_gemm::addmm(perturbation.reshape({-1, out_features}), x.reshape({-1, in_features}), weight_mu_in.t())
-          .reshape(perturbation.sizes());
+  perturbation.mul_(signs(perturbation.sizes(), seed, kSignOutStream, weight_mu_in, x_dtype));
+  at::Tensor y = cpu_gemm::addmm(perturbation.reshape({-1, out_features}), x.reshape({-1, in_features}),
+                                 weight_mu_in.t().to(x_dtype))
+                     .reshape(perturbation.sizes());
   if (has(bias_mu)) {
     auto [b, log_q_b, log_p_b] = sample_weight(*bias_mu, *bias_rho, seed, kBiasStream, prior, 0, false);
-    y.add_(b);
+    y.add_(b.to(x_dtype));
     log_q = log_q + log_q_b;
     log_p = log_p + log_p_b;
   }
@@ -106,9 +116,12 @@ Grads linear_flipout_rows_backward(const at::Tensor& grad_y, const at::Tensor& g
                                    const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
                                    const at::Tensor& seed, double pi, double sigma1, double sigma2, int64_t block_rows,
                                    bool need_x, bool need_w, bool need_b) {
-  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows);
+  check_x_dtype(x, weight_mu_in);
+  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows, /*check_dtype=*/false);
+  const NoAutocast no_autocast;
   const Prior prior{pi, sigma1, sigma2};
   const int64_t out_features = weight_mu_in.size(0), in_features = weight_mu_in.size(1);
+  const auto x_dtype = x.scalar_type(), w_dtype = weight_mu_in.scalar_type();
   const std::vector<int64_t> y_shape = with_last(x.sizes(), out_features);
   TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(y_shape), "grad_y must have shape x.shape[:-1] + (",
                     out_features, ",) = ", y_shape, ", got ", grad_y.sizes());
@@ -117,8 +130,8 @@ Grads linear_flipout_rows_backward(const at::Tensor& grad_y, const at::Tensor& g
   need_b = need_b && has(bias_mu);
   const at::Tensor x_2d = x.reshape({-1, in_features});
   const at::Tensor g = grad_y.reshape({-1, out_features});
-  const at::Tensor g_signed = g * signs(g.sizes(), seed, kSignOutStream, g.options());
-  const at::Tensor s_in = signs(x_2d.sizes(), seed, kSignInStream, x.options());
+  const at::Tensor g_signed = g * signs(g.sizes(), seed, kSignOutStream, weight_mu_in, x_dtype);
+  const at::Tensor s_in = signs(x_2d.sizes(), seed, kSignInStream, weight_mu_in, x_dtype);
   at::Tensor grad_x, grad_mu, grad_rho, dw;
   if (need_w && block_rows < out_features) {
     // block by block of rows: each block's dW regenerated, differentiated straight into the rows of
@@ -130,28 +143,28 @@ Grads linear_flipout_rows_backward(const at::Tensor& grad_y, const at::Tensor& g
     for (int64_t r0 = 0; r0 < out_features; r0 += block_rows) {
       const int64_t r1 = std::min(r0 + block_rows, out_features);
       at::Tensor grad_mu_rows = grad_mu.slice(0, r0, r1), grad_rho_rows = grad_rho.slice(0, r0, r1);
-      const at::Tensor grad_dw = g_signed.slice(1, r0, r1).t().mm(x_in);
+      const at::Tensor grad_dw = g_signed.slice(1, r0, r1).t().mm(x_in).to(w_dtype);
       // the noise's backward puts the KL's terms in grad_mu and grad_dw into grad_rho; mu's own
       // term is g^T x
       const at::Tensor block_dw = op_calls::sample_weight_backward_into(
           grad_mu_rows, grad_rho_rows, grad_dw, grad_log_q, grad_log_p, weight_mu.slice(0, r0, r1),
           weight_rho.slice(0, r0, r1), seed, kWeightStream, prior.pi, prior.sigma1, prior.sigma2, need_x,
           r0 * in_features, true);
-      grad_mu_rows.addmm_(g.slice(1, r0, r1).t(), x_2d);
-      if (need_x) cpu_gemm::addmm_(signed_grad_x, g_signed.slice(1, r0, r1), block_dw);
+      add_mm_(grad_mu_rows, g.slice(1, r0, r1).t(), x_2d);
+      if (need_x) cpu_gemm::addmm_(signed_grad_x, g_signed.slice(1, r0, r1), block_dw.to(x_dtype));
     }
-    if (need_x) grad_x = at::addcmul(cpu_gemm::mm(g, weight_mu), signed_grad_x, s_in);
+    if (need_x) grad_x = at::addcmul(cpu_gemm::mm(g, weight_mu.to(x_dtype)), signed_grad_x, s_in);
   } else if (need_w) {
-    const at::Tensor grad_dw = g_signed.t().mm(x_2d * s_in);
+    const at::Tensor grad_dw = g_signed.t().mm(x_2d * s_in).to(w_dtype);
     std::tie(grad_mu, grad_rho, dw) = sample_weight_backward(grad_dw, grad_log_q, grad_log_p, weight_mu_in,
                                                              weight_rho_in, seed, kWeightStream, prior, need_x, 0,
                                                              true);
-    grad_mu.addmm_(g.t(), x_2d);
+    add_mm_(grad_mu, g.t(), x_2d);
   } else if (need_x) {
     dw = std::get<0>(sample_weight(weight_mu_in, weight_rho_in, seed, kWeightStream, prior, 0, true));
   }
   if (need_x && !grad_x.defined()) {
-    grad_x = at::addcmul(cpu_gemm::mm(g, weight_mu_in), cpu_gemm::mm(g_signed, dw), s_in);
+    grad_x = at::addcmul(cpu_gemm::mm(g, weight_mu_in.to(x_dtype)), cpu_gemm::mm(g_signed, dw.to(x_dtype)), s_in);
   }
   at::Tensor grad_bias_mu, grad_bias_rho;
   if (need_b) {

@@ -5,8 +5,10 @@
 // pairs of independent GEMMs run side by side, one per thread (side_by_side.h): faster, and the
 // same values to float32 rounding (bit for bit for small layers). A large weight's sigma^2 is built
 // and consumed block of rows by block of rows, as there. Eager calls get their autograd here too
-// (LinearLrtFunction, registered for AutogradCPU); torch.compile, autocast, fake tensors and the
-// other backends keep the Python custom op.
+// (LinearLrtFunction, registered for AutogradCPU); torch.compile, fake tensors and the other
+// backends keep the Python custom op. Under autocast x arrives in bf16 / fp16 with float32 weights:
+// the GEMMs run in x's dtype (the weights cast to it), mean, var, std and the weight passes in the
+// weights' dtype, y comes back in x's, as in the Python op.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -26,8 +28,11 @@ namespace bayes_ext {
 namespace {
 
 using layer_op::check_layer_args;
+using layer_op::check_x_dtype;
 using layer_op::has;
 using layer_op::maybe;
+using layer_op::mm_into;
+using layer_op::NoAutocast;
 using layer_op::ScratchLease;
 using layer_op::weight_grad_pair;
 using layer_op::with_last;
@@ -64,19 +69,27 @@ at::Tensor lrt_noise_grad(const at::Tensor& g, const at::Tensor& std, const at::
 Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, const at::Tensor& weight_rho_in,
                        const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
                        const at::Tensor& seed, double prior_sigma, int64_t block_rows) {
-  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows);
+  check_x_dtype(x, weight_mu_in);
+  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows, /*check_dtype=*/false);
+  const NoAutocast no_autocast;
   const at::Tensor weight_mu = weight_mu_in.contiguous(), weight_rho = weight_rho_in.contiguous();
   const int64_t out_features = weight_mu.size(0), in_features = weight_mu.size(1);
+  const auto x_dtype = x.scalar_type(), w_dtype = weight_mu.scalar_type();
+  // mean = x mu^T + b_mu, its GEMM in x's dtype, the result in the weights'
+  const auto mean_of_x = [&] {
+    const auto bias = has(bias_mu) ? c10::optional<at::Tensor>(bias_mu->to(x_dtype)) : c10::nullopt;
+    return cpu_gemm::linear(x, weight_mu.to(x_dtype), bias).to(w_dtype);
+  };
   at::Tensor mean, var, kl;
   if (block_rows >= out_features) {
     ScratchLease sigma2_lease(weight_mu);
     at::Tensor& sigma2 = sigma2_lease.tensor();
     kl = lrt_weight_forward(sigma2, weight_mu, weight_rho, prior_sigma);
     const at::Tensor x2 = x * x;
-    side_by_side(x.numel() * out_features, [&] { mean = cpu_gemm::linear(x, weight_mu, bias_mu); },
-                 [&] { var = cpu_gemm::linear(x2, sigma2); });
+    side_by_side(x.numel() * out_features, [&] { mean = mean_of_x(); },
+                 [&] { var = cpu_gemm::linear(x2, sigma2.to(x_dtype)).to(w_dtype); });
   } else {
-    mean = cpu_gemm::linear(x, weight_mu, bias_mu);
+    mean = mean_of_x();
     // sigma^2 one cache-sized block of rows at a time, never weight-sized
     const at::Tensor x_2d = x.reshape({-1, in_features});
     const at::Tensor x2 = x_2d * x_2d;
@@ -87,7 +100,7 @@ Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, cons
       ScratchLease sigma2_lease(mu_rows);
       at::Tensor& sigma2 = sigma2_lease.tensor();
       const at::Tensor block_kl = lrt_weight_forward(sigma2, mu_rows, weight_rho.slice(0, r0, r1), prior_sigma);
-      var.slice(1, r0, r1).copy_(cpu_gemm::linear(x2, sigma2));
+      var.slice(1, r0, r1).copy_(cpu_gemm::linear(x2, sigma2.to(x_dtype)));
       kl = kl.defined() ? kl + block_kl : block_kl;
     }
     var = var.reshape(with_last(x.sizes(), out_features));
@@ -99,7 +112,7 @@ Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, cons
     kl = kl + bias_kl;
   }
   const at::Tensor y = lrt_output_(var, mean, seed);  // var becomes std in place
-  return {y, var, kl};
+  return {y.to(x_dtype), var, kl};
 }
 
 // (grad_x, grad_weight_mu, grad_weight_rho, grad_bias_mu, grad_bias_rho), each empty where not
@@ -110,21 +123,25 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
                                const c10::optional<at::Tensor>& bias_mu, const c10::optional<at::Tensor>& bias_rho,
                                const at::Tensor& seed, const at::Tensor& std_in, double prior_sigma,
                                int64_t block_rows, bool need_x, bool need_w, bool need_b) {
-  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows);
+  check_x_dtype(x, weight_mu_in);
+  check_layer_args(x, weight_mu_in, bias_mu, bias_rho, block_rows, /*check_dtype=*/false);
+  const NoAutocast no_autocast;
   const at::Tensor weight_mu = weight_mu_in.contiguous(), weight_rho = weight_rho_in.contiguous();
   const int64_t out_features = weight_mu.size(0), in_features = weight_mu.size(1);
+  const auto x_dtype = x.scalar_type(), w_dtype = weight_mu.scalar_type();
   const std::vector<int64_t> y_shape = with_last(x.sizes(), out_features);
   TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(y_shape) && std_in.sizes() == at::IntArrayRef(y_shape),
                     "grad_y and std must have shape x.shape[:-1] + (", out_features, ",) = ", y_shape, ", got ",
                     grad_y.sizes(), " and ", std_in.sizes());
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type() && std_in.scalar_type() == x.scalar_type(),
-                   "grad_y and std must have the dtype of x (", x.scalar_type(), "), got ", grad_y.scalar_type(),
-                   " and ", std_in.scalar_type());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x_dtype && std_in.scalar_type() == w_dtype,
+                   "grad_y must have the dtype of x (", x_dtype, ") and std that of weight_mu (", w_dtype,
+                   "), got ", grad_y.scalar_type(), " and ", std_in.scalar_type());
   need_b = need_b && has(bias_mu);
   const at::Tensor std = std_in.reshape({-1, out_features});
   const at::Tensor g = grad_y.reshape({-1, out_features});
   const at::Tensor x_2d = x.reshape({-1, in_features});
-  const at::Tensor half_u = lrt_noise_grad(g, std, seed);
+  const at::Tensor half_u = lrt_noise_grad(g.to(w_dtype), std, seed);  // dL/dvar, in the weights' dtype
+  const at::Tensor half_u_x = half_u.to(x_dtype);                        // for the GEMMs
   const int64_t macs = x_2d.numel() * out_features;  // of each GEMM
   at::Tensor grad_x, grad_mu, grad_rho;
   if (need_w && block_rows < out_features) {
@@ -134,16 +151,16 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
     for (int64_t r0 = 0; r0 < out_features; r0 += block_rows) {
       const int64_t r1 = std::min(r0 + block_rows, out_features);
       at::Tensor grad_mu_rows = grad_mu.slice(0, r0, r1), grad_rho_rows = grad_rho.slice(0, r0, r1);
-      side_by_side(x_2d.numel() * (r1 - r0), [&] { at::mm_out(grad_mu_rows, g.slice(1, r0, r1).t(), x_2d); },
-                   [&] { at::mm_out(grad_rho_rows, half_u.slice(1, r0, r1).t(), x2); });
+      side_by_side(x_2d.numel() * (r1 - r0), [&] { mm_into(grad_mu_rows, g.slice(1, r0, r1).t(), x_2d); },
+                   [&] { mm_into(grad_rho_rows, half_u_x.slice(1, r0, r1).t(), x2); });
       const at::Tensor mu_rows = weight_mu.slice(0, r0, r1);
       ScratchLease sigma2_lease(mu_rows);
       at::Tensor& block_sigma2 = sigma2_lease.tensor();
       lrt_weight_backward_into(block_sigma2, grad_mu_rows, grad_rho_rows, grad_kl, mu_rows,
                                weight_rho.slice(0, r0, r1), prior_sigma);
-      if (need_x) cpu_gemm::addmm_(var_grad_x, half_u.slice(1, r0, r1), block_sigma2);
+      if (need_x) cpu_gemm::addmm_(var_grad_x, half_u_x.slice(1, r0, r1), block_sigma2.to(x_dtype));
     }
-    if (need_x) grad_x = at::addcmul(cpu_gemm::mm(g, weight_mu), x_2d, var_grad_x, 2);
+    if (need_x) grad_x = at::addcmul(cpu_gemm::mm(g, weight_mu.to(x_dtype)), x_2d, var_grad_x, 2);
   } else if (need_w || need_x) {
     ScratchLease sigma2_lease(weight_mu);
     at::Tensor& sigma2 = sigma2_lease.tensor();
@@ -152,15 +169,15 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
       // gradients, turns dL/dsigma2 into dL/drho and rebuilds sigma2 for grad_x
       std::tie(grad_mu, grad_rho) = weight_grad_pair(weight_mu);
       const at::Tensor x2 = x_2d * x_2d;
-      side_by_side(macs, [&] { at::mm_out(grad_mu, g.t(), x_2d); }, [&] { at::mm_out(grad_rho, half_u.t(), x2); });
+      side_by_side(macs, [&] { mm_into(grad_mu, g.t(), x_2d); }, [&] { mm_into(grad_rho, half_u_x.t(), x2); });
       lrt_weight_backward_into(sigma2, grad_mu, grad_rho, grad_kl, weight_mu, weight_rho, prior_sigma);
     } else {
       lrt_weight_forward_into(sigma2, weight_mu, weight_rho, 0.0);
     }
     if (need_x) {  // d/dx of x mu^T and of x^2 (sigma^2)^T
       at::Tensor mean_grad_x, var_grad_x;
-      side_by_side(macs, [&] { mean_grad_x = cpu_gemm::mm(g, weight_mu); },
-                   [&] { var_grad_x = cpu_gemm::mm(half_u, sigma2); });
+      side_by_side(macs, [&] { mean_grad_x = cpu_gemm::mm(g, weight_mu.to(x_dtype)); },
+                   [&] { var_grad_x = cpu_gemm::mm(half_u_x, sigma2.to(x_dtype)); });
       grad_x = at::addcmul(mean_grad_x, x_2d, var_grad_x, 2);
     }
   }
@@ -235,7 +252,7 @@ class LinearLrtFunction : public torch::autograd::Function<LinearLrtFunction> {
     const int64_t block_rows = ctx->saved_data["block_rows"].toInt();
     const bool has_bias = saved[3].defined();
     // an output that was not used gets no gradient from autograd: zeros of its shape
-    const at::Tensor grad_y = grads[0].defined() ? grads[0].to(x.scalar_type()) : at::zeros_like(std);
+    const at::Tensor grad_y = grads[0].defined() ? grads[0].to(x.scalar_type()) : at::zeros(std.sizes(), x.options());
     const at::Tensor grad_kl = grads[2].defined() ? grads[2] : at::zeros({}, weight_mu.options());
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     const bool need_b = has_bias && (ctx->needs_input_grad(3) || ctx->needs_input_grad(4));
