@@ -12,7 +12,7 @@ from bayes_ext.losses import kl_divergence_from_nn
 from bayes_ext.modules import BayesianLinear
 from helpers import SMALL_LAYERS, needs_torch
 
-pytestmark = needs_torch((2, 6), "torch 2.4 and 2.5's export refuse the KL terms a layer's forward keeps on "
+pytestmark = needs_torch((2, 8), "torch 2.4 to 2.7's export refuse the KL terms a layer's forward keeps on "
                                  "the layer ('Mutating module attribute _kl_terms during export')")
 
 

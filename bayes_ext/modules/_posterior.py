@@ -75,6 +75,8 @@ class GaussianPosteriorMixin:
         self.bias_prior_dist = PriorWeightDistribution(prior_pi, prior_sigma_1, prior_sigma_2, dist=prior_dist)
         self._kl_terms = (0, 0)  # BLiTZ reports 0 before the first forward
         self._kl_at_mean = False
+        # (an instance attribute from the start: torch 2.8's export refuses attributes a forward creates)
+        self._kl_last_sample = False
 
     @property
     def prior(self):
