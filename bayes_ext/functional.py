@@ -429,8 +429,9 @@ class worded_errors:
 
 
 def _eager_layer_op(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Optional[Tensor],
-                    bias_rho: Optional[Tensor], seed: Tensor) -> bool:
-    """bayes_ext::linear_reparam_rows applies: an eager compiled call on the CPU or CUDA with x in a
-    dtype the op takes (layer_op_takes)."""
-    return layer_op_takes(x, weight_mu) and eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho,
-                                                                     seed), ("cpu", "cuda"))
+                    bias_rho: Optional[Tensor], seed: Tensor, device_types=("cpu", "cuda")) -> bool:
+    """A one-call layer op applies (bayes_ext::linear_reparam_rows by default; the CPU-only LRT and
+    Flipout ops pass ("cpu",)): an eager compiled call on one of `device_types` with x in a dtype the
+    op takes (layer_op_takes)."""
+    tensors = (x, weight_mu, weight_rho, bias_mu, bias_rho, seed)
+    return layer_op_takes(x, weight_mu) and eager_compiled_call(x, tensors, device_types)

@@ -365,10 +365,9 @@ def linear_lrt_samples(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu
 
 def _lrt_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, prior_sigma: float):
     """(y, std, kl) of _linear_lrt; eager compiled CPU calls with x in a dtype the op takes
-    (BF.layer_op_takes) take the same computation in one C++ call each way (bayes_ext::linear_lrt_rows,
+    (BF._eager_layer_op) take the same computation in one C++ call each way (bayes_ext::linear_lrt_rows,
     its autograd in C++)."""
-    if BF.layer_op_takes(x, weight_mu) and BF.eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho,
-                                                                       seed)):
+    if BF._eager_layer_op(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, ("cpu",)):
         rows = BF._block_rows(weight_mu, BF.LRT_BLOCK_ELEMENTS)
         return torch.ops.bayes_ext.linear_lrt_rows.default(x, weight_mu, weight_rho, bias_mu, bias_rho, seed,
                                                            prior_sigma, rows)
@@ -398,11 +397,10 @@ def linear_flipout(x: Tensor, weight_mu: Tensor, weight_rho: Tensor, bias_mu: Op
 
 def _flipout_call(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi: float, sigma1: float, sigma2: float):
     """(y, log_q, log_p) of _linear_flipout; eager compiled CPU calls with x in a dtype the op takes
-    (BF.layer_op_takes) take the same computation in one C++ call each way
+    (BF._eager_layer_op) take the same computation in one C++ call each way
     (bayes_ext::linear_flipout_rows, its autograd in C++): the custom op's Python dispatch and the
     dozen small ops between the kernels were half of a small layer's step."""
-    if BF.layer_op_takes(x, weight_mu) and BF.eager_compiled_call(x, (x, weight_mu, weight_rho, bias_mu, bias_rho,
-                                                                       seed)):
+    if BF._eager_layer_op(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, ("cpu",)):
         return torch.ops.bayes_ext.linear_flipout_rows.default(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi,
                                                                sigma1, sigma2, BF._block_rows(weight_mu))
     return _linear_flipout(x, weight_mu, weight_rho, bias_mu, bias_rho, seed, pi, sigma1, sigma2)
