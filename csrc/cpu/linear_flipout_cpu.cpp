@@ -9,6 +9,8 @@
 // weights: the GEMMs and the signs are in x's dtype, dW, the KL terms and the gradients of the
 // parameters in the weights', as in the Python op.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -58,10 +60,18 @@ Triple sample_weight_backward(const c10::optional<at::Tensor>& grad_w, const at:
 }
 
 // +1 / -1 of `shape` in `dtype`: the sign of stream (seed, offset)'s normals, drawn in the weights'
-// dtype (`weight`'s), as functional_estimators.signs.
+// dtype (`weight`'s), +1 for 0 and -0, as functional_estimators.signs. One pass in place: ge_, mul_
+// and sub_ with a number each made a 0-dim tensor and copied it (12 of a small layer's step).
 at::Tensor signs(at::IntArrayRef shape, const at::Tensor& seed, int64_t offset, const at::Tensor& weight,
                  at::ScalarType dtype) {
-  return op_calls::philox_normal(at::empty(shape, weight.options()), seed, offset, 0).ge_(0).mul_(2).sub_(1).to(dtype);
+  at::Tensor normals = op_calls::philox_normal(at::empty(shape, weight.options()), seed, offset, 0).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(normals.scalar_type(), "flipout_signs", [&] {
+    scalar_t* values = normals.data_ptr<scalar_t>();
+    at::parallel_for(0, normals.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) values[i] = values[i] >= 0 ? scalar_t(1) : scalar_t(-1);
+    });
+  });
+  return normals.to(dtype);
 }
 
 // (y, log_q, log_p): y = x mu^T + b + ((x * S) dW^T) * R with dW = W - mu, W and b sampled on the
