@@ -30,6 +30,7 @@ using layer_op::add_mm_;
 using layer_op::check_layer_args;
 using layer_op::check_x_dtype;
 using layer_op::has;
+using layer_op::in_dtype;
 using layer_op::maybe;
 using layer_op::NoAutocast;
 using layer_op::with_last;
@@ -71,7 +72,7 @@ at::Tensor signs(at::IntArrayRef shape, const at::Tensor& seed, int64_t offset, 
       for (int64_t i = begin; i < end; ++i) values[i] = values[i] >= 0 ? scalar_t(1) : scalar_t(-1);
     });
   });
-  return normals.to(dtype);
+  return in_dtype(normals, dtype);
 }
 
 // (y, log_q, log_p): y = x mu^T + b + ((x * S) dW^T) * R with dW = W - mu, W and b sampled on the
@@ -90,7 +91,7 @@ Triple linear_flipout_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, 
   if (block_rows >= out_features) {
     at::Tensor dw;
     std::tie(dw, log_q, log_p) = sample_weight(weight_mu_in, weight_rho_in, seed, kWeightStream, prior, 0, true);
-    perturbation = cpu_gemm::linear(x_signed, dw.to(x_dtype));
+    perturbation = cpu_gemm::linear(x_signed, in_dtype(dw, x_dtype));
   } else {
     // each block of rows of dW with the noise it has in the whole weight, consumed while in cache
     const at::Tensor weight_mu = weight_mu_in.contiguous(), weight_rho = weight_rho_in.contiguous();
@@ -100,7 +101,7 @@ Triple linear_flipout_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, 
       const int64_t r1 = std::min(r0 + block_rows, out_features);
       auto [dw, q, p] = sample_weight(weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1), seed, kWeightStream,
                                       prior, r0 * in_features, true);
-      perturbation.slice(1, r0, r1).copy_(cpu_gemm::linear(x_2d, dw.to(x_dtype)));
+      perturbation.slice(1, r0, r1).copy_(cpu_gemm::linear(x_2d, in_dtype(dw, x_dtype)));
       log_q = log_q.defined() ? log_q + q : q;
       log_p = log_p.defined() ? log_p + p : p;
     }
@@ -108,11 +109,11 @@ Triple linear_flipout_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, 
   }
   perturbation.mul_(signs(perturbation.sizes(), seed, kSignOutStream, weight_mu_in, x_dtype));
   at::Tensor y = cpu_gemm::addmm(perturbation.reshape({-1, out_features}), x.reshape({-1, in_features}),
-                                 weight_mu_in.t().to(x_dtype))
+                                 in_dtype(weight_mu_in.t(), x_dtype))
                      .reshape(perturbation.sizes());
   if (has(bias_mu)) {
     auto [b, log_q_b, log_p_b] = sample_weight(*bias_mu, *bias_rho, seed, kBiasStream, prior, 0, false);
-    y.add_(b.to(x_dtype));
+    y.add_(in_dtype(b, x_dtype));
     log_q = log_q + log_q_b;
     log_p = log_p + log_p_b;
   }
@@ -153,7 +154,7 @@ Grads linear_flipout_rows_backward(const at::Tensor& grad_y, const at::Tensor& g
     for (int64_t r0 = 0; r0 < out_features; r0 += block_rows) {
       const int64_t r1 = std::min(r0 + block_rows, out_features);
       at::Tensor grad_mu_rows = grad_mu.slice(0, r0, r1), grad_rho_rows = grad_rho.slice(0, r0, r1);
-      const at::Tensor grad_dw = g_signed.slice(1, r0, r1).t().mm(x_in).to(w_dtype);
+      const at::Tensor grad_dw = in_dtype(g_signed.slice(1, r0, r1).t().mm(x_in), w_dtype);
       // the noise's backward puts the KL's terms in grad_mu and grad_dw into grad_rho; mu's own
       // term is g^T x
       const at::Tensor block_dw = op_calls::sample_weight_backward_into(
@@ -161,11 +162,11 @@ Grads linear_flipout_rows_backward(const at::Tensor& grad_y, const at::Tensor& g
           weight_rho.slice(0, r0, r1), seed, kWeightStream, prior.pi, prior.sigma1, prior.sigma2, need_x,
           r0 * in_features, true);
       add_mm_(grad_mu_rows, g.slice(1, r0, r1).t(), x_2d);
-      if (need_x) cpu_gemm::addmm_(signed_grad_x, g_signed.slice(1, r0, r1), block_dw.to(x_dtype));
+      if (need_x) cpu_gemm::addmm_(signed_grad_x, g_signed.slice(1, r0, r1), in_dtype(block_dw, x_dtype));
     }
-    if (need_x) grad_x = at::addcmul(cpu_gemm::mm(g, weight_mu.to(x_dtype)), signed_grad_x, s_in);
+    if (need_x) grad_x = at::addcmul(cpu_gemm::mm(g, in_dtype(weight_mu, x_dtype)), signed_grad_x, s_in);
   } else if (need_w) {
-    const at::Tensor grad_dw = g_signed.t().mm(x_2d * s_in).to(w_dtype);
+    const at::Tensor grad_dw = in_dtype(g_signed.t().mm(x_2d * s_in), w_dtype);
     std::tie(grad_mu, grad_rho, dw) = sample_weight_backward(grad_dw, grad_log_q, grad_log_p, weight_mu_in,
                                                              weight_rho_in, seed, kWeightStream, prior, need_x, 0,
                                                              true);
@@ -174,7 +175,8 @@ Grads linear_flipout_rows_backward(const at::Tensor& grad_y, const at::Tensor& g
     dw = std::get<0>(sample_weight(weight_mu_in, weight_rho_in, seed, kWeightStream, prior, 0, true));
   }
   if (need_x && !grad_x.defined()) {
-    grad_x = at::addcmul(cpu_gemm::mm(g, weight_mu_in.to(x_dtype)), cpu_gemm::mm(g_signed, dw.to(x_dtype)), s_in);
+    grad_x = at::addcmul(cpu_gemm::mm(g, in_dtype(weight_mu_in, x_dtype)),
+                         cpu_gemm::mm(g_signed, in_dtype(dw, x_dtype)), s_in);
   }
   at::Tensor grad_bias_mu, grad_bias_rho;
   if (need_b) {
@@ -248,8 +250,8 @@ class LinearFlipoutFunction : public torch::autograd::Function<LinearFlipoutFunc
     const bool has_bias = saved[3].defined();
     const int64_t out_features = weight_mu.size(0);
     // an output that was not used gets no gradient from autograd: zeros of its shape
-    const at::Tensor grad_y =
-        grads[0].defined() ? grads[0].to(x.scalar_type()) : at::zeros(with_last(x.sizes(), out_features), x.options());
+    const at::Tensor grad_y = grads[0].defined() ? in_dtype(grads[0], x.scalar_type())
+                                                 : at::zeros(with_last(x.sizes(), out_features), x.options());
     const at::Tensor grad_log_q = grads[1].defined() ? grads[1] : at::zeros({}, weight_mu.options());
     const at::Tensor grad_log_p = grads[2].defined() ? grads[2] : at::zeros({}, weight_mu.options());
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);

@@ -30,6 +30,7 @@ namespace {
 using layer_op::check_layer_args;
 using layer_op::check_x_dtype;
 using layer_op::has;
+using layer_op::in_dtype;
 using layer_op::maybe;
 using layer_op::mm_into;
 using layer_op::NoAutocast;
@@ -77,8 +78,8 @@ Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, cons
   const auto x_dtype = x.scalar_type(), w_dtype = weight_mu.scalar_type();
   // mean = x mu^T + b_mu, its GEMM in x's dtype, the result in the weights'
   const auto mean_of_x = [&] {
-    const auto bias = has(bias_mu) ? c10::optional<at::Tensor>(bias_mu->to(x_dtype)) : c10::nullopt;
-    return cpu_gemm::linear(x, weight_mu.to(x_dtype), bias).to(w_dtype);
+    const auto bias = has(bias_mu) ? c10::optional<at::Tensor>(in_dtype(*bias_mu, x_dtype)) : c10::nullopt;
+    return in_dtype(cpu_gemm::linear(x, in_dtype(weight_mu, x_dtype), bias), w_dtype);
   };
   at::Tensor mean, var, kl;
   if (block_rows >= out_features) {
@@ -87,7 +88,7 @@ Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, cons
     kl = lrt_weight_forward(sigma2, weight_mu, weight_rho, prior_sigma);
     const at::Tensor x2 = x * x;
     side_by_side(x.numel() * out_features, [&] { mean = mean_of_x(); },
-                 [&] { var = cpu_gemm::linear(x2, sigma2.to(x_dtype)).to(w_dtype); });
+                 [&] { var = in_dtype(cpu_gemm::linear(x2, in_dtype(sigma2, x_dtype)), w_dtype); });
   } else {
     mean = mean_of_x();
     // sigma^2 one cache-sized block of rows at a time, never weight-sized
@@ -100,7 +101,7 @@ Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, cons
       ScratchLease sigma2_lease(mu_rows);
       at::Tensor& sigma2 = sigma2_lease.tensor();
       const at::Tensor block_kl = lrt_weight_forward(sigma2, mu_rows, weight_rho.slice(0, r0, r1), prior_sigma);
-      var.slice(1, r0, r1).copy_(cpu_gemm::linear(x2, sigma2.to(x_dtype)));
+      var.slice(1, r0, r1).copy_(cpu_gemm::linear(x2, in_dtype(sigma2, x_dtype)));
       kl = kl.defined() ? kl + block_kl : block_kl;
     }
     var = var.reshape(with_last(x.sizes(), out_features));
@@ -112,7 +113,7 @@ Triple linear_lrt_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, cons
     kl = kl + bias_kl;
   }
   const at::Tensor y = lrt_output_(var, mean, seed);  // var becomes std in place
-  return {y.to(x_dtype), var, kl};
+  return {in_dtype(y, x_dtype), var, kl};
 }
 
 // (grad_x, grad_weight_mu, grad_weight_rho, grad_bias_mu, grad_bias_rho), each empty where not
@@ -140,8 +141,8 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
   const at::Tensor std = std_in.reshape({-1, out_features});
   const at::Tensor g = grad_y.reshape({-1, out_features});
   const at::Tensor x_2d = x.reshape({-1, in_features});
-  const at::Tensor half_u = lrt_noise_grad(g.to(w_dtype), std, seed);  // dL/dvar, in the weights' dtype
-  const at::Tensor half_u_x = half_u.to(x_dtype);                        // for the GEMMs
+  const at::Tensor half_u = lrt_noise_grad(in_dtype(g, w_dtype), std, seed);  // dL/dvar, in the weights' dtype
+  const at::Tensor half_u_x = in_dtype(half_u, x_dtype);                        // for the GEMMs
   const int64_t macs = x_2d.numel() * out_features;  // of each GEMM
   at::Tensor grad_x, grad_mu, grad_rho;
   if (need_w && block_rows < out_features) {
@@ -158,9 +159,9 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
       at::Tensor& block_sigma2 = sigma2_lease.tensor();
       lrt_weight_backward_into(block_sigma2, grad_mu_rows, grad_rho_rows, grad_kl, mu_rows,
                                weight_rho.slice(0, r0, r1), prior_sigma);
-      if (need_x) cpu_gemm::addmm_(var_grad_x, half_u_x.slice(1, r0, r1), block_sigma2.to(x_dtype));
+      if (need_x) cpu_gemm::addmm_(var_grad_x, half_u_x.slice(1, r0, r1), in_dtype(block_sigma2, x_dtype));
     }
-    if (need_x) grad_x = at::addcmul(cpu_gemm::mm(g, weight_mu.to(x_dtype)), x_2d, var_grad_x, 2);
+    if (need_x) grad_x = at::addcmul(cpu_gemm::mm(g, in_dtype(weight_mu, x_dtype)), x_2d, var_grad_x, 2);
   } else if (need_w || need_x) {
     ScratchLease sigma2_lease(weight_mu);
     at::Tensor& sigma2 = sigma2_lease.tensor();
@@ -176,15 +177,15 @@ Grads linear_lrt_rows_backward(const at::Tensor& grad_y, const at::Tensor& grad_
     }
     if (need_x) {  // d/dx of x mu^T and of x^2 (sigma^2)^T
       at::Tensor mean_grad_x, var_grad_x;
-      side_by_side(macs, [&] { mean_grad_x = cpu_gemm::mm(g, weight_mu.to(x_dtype)); },
-                   [&] { var_grad_x = cpu_gemm::mm(half_u_x, sigma2.to(x_dtype)); });
+      side_by_side(macs, [&] { mean_grad_x = cpu_gemm::mm(g, in_dtype(weight_mu, x_dtype)); },
+                   [&] { var_grad_x = cpu_gemm::mm(half_u_x, in_dtype(sigma2, x_dtype)); });
       grad_x = at::addcmul(mean_grad_x, x_2d, var_grad_x, 2);
     }
   }
   at::Tensor grad_bias_mu, grad_bias_rho;
   if (need_b) {
     grad_bias_mu = g.sum(0, false, bias_mu->scalar_type());
-    grad_bias_rho = half_u.sum(0).to(bias_rho->scalar_type());
+    grad_bias_rho = in_dtype(half_u.sum(0), bias_rho->scalar_type());
     at::Tensor bias_sigma2 = at::empty(bias_mu->sizes(), bias_mu->options());
     lrt_weight_backward_into(bias_sigma2, grad_bias_mu, grad_bias_rho, grad_kl, *bias_mu, *bias_rho, prior_sigma);
   }
@@ -252,7 +253,8 @@ class LinearLrtFunction : public torch::autograd::Function<LinearLrtFunction> {
     const int64_t block_rows = ctx->saved_data["block_rows"].toInt();
     const bool has_bias = saved[3].defined();
     // an output that was not used gets no gradient from autograd: zeros of its shape
-    const at::Tensor grad_y = grads[0].defined() ? grads[0].to(x.scalar_type()) : at::zeros(std.sizes(), x.options());
+    const at::Tensor grad_y =
+        grads[0].defined() ? in_dtype(grads[0], x.scalar_type()) : at::zeros(std.sizes(), x.options());
     const at::Tensor grad_kl = grads[2].defined() ? grads[2] : at::zeros({}, weight_mu.options());
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     const bool need_b = has_bias && (ctx->needs_input_grad(3) || ctx->needs_input_grad(4));

@@ -33,6 +33,7 @@ namespace {
 using layer_op::check_layer_args;
 using layer_op::check_x_dtype;
 using layer_op::has;
+using layer_op::in_dtype;
 using layer_op::maybe;
 using layer_op::NoAutocast;
 using layer_op::with_last;
@@ -76,7 +77,7 @@ at::Tensor mm_in_dtype(const at::Tensor& a, const at::Tensor& b, at::ScalarType 
       usable = false;
     }
   }
-  return a.mm(b).to(dtype);
+  return in_dtype(a.mm(b), dtype);
 }
 
 // (y (x.shape[:-1] + (out_features,)), log_q, log_p): W on stream (seed, 0) in blocks of
@@ -109,14 +110,14 @@ Triple linear_reparam_rows(const at::Tensor& x, const at::Tensor& weight_mu_in, 
     const int64_t r1 = std::min(r0 + block_rows, out_features);
     auto [w, q, p] = sample_weight(weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1), seed, 0, pi, sigma1,
                                    sigma2, r0 * in_features);
-    y.slice(1, r0, r1).copy_(cpu_gemm::linear(x_2d, w.to(x_dtype)));
+    y.slice(1, r0, r1).copy_(cpu_gemm::linear(x_2d, in_dtype(w, x_dtype)));
     log_q = log_q.defined() ? log_q + q : q;
     log_p = log_p.defined() ? log_p + p : p;
   }
   y = y.reshape(with_last(x.sizes(), out_features));
   if (has(bias_mu)) {
     auto [b, log_q_b, log_p_b] = sample_weight(*bias_mu, *bias_rho, seed, 1, pi, sigma1, sigma2, 0);
-    y = y + b.to(x_dtype);
+    y = y + in_dtype(b, x_dtype);
     log_q.add_(log_q_b);  // fresh tensors: summed in place
     log_p.add_(log_p_b);
   }
@@ -169,7 +170,7 @@ Grads linear_reparam_rows_backward(const at::Tensor& grad_out, const at::Tensor&
     std::tie(grad_mu, grad_rho, w) = sample_weight_backward(mm_in_dtype(grad_out_2d.t(), x_2d, w_dtype), grad_log_q,
                                                             grad_log_p, weight_mu, weight_rho, seed, 0, pi, sigma1,
                                                             sigma2, need_x);
-    if (need_x) grad_x = cpu_gemm::mm(grad_out_2d, w.to(x_dtype));
+    if (need_x) grad_x = cpu_gemm::mm(grad_out_2d, in_dtype(w, x_dtype));
   } else {
     std::tie(grad_mu, grad_rho) = layer_op::weight_grad_pair(weight_mu);
     if (need_x) grad_x = at::zeros(x_2d.sizes(), x_2d.options());
@@ -181,7 +182,7 @@ Grads linear_reparam_rows_backward(const at::Tensor& grad_out, const at::Tensor&
           grad_mu_rows, grad_rho_rows, mm_in_dtype(g_block.t(), x_2d, w_dtype), grad_log_q, grad_log_p,
           weight_mu.slice(0, r0, r1), weight_rho.slice(0, r0, r1), seed, pi, sigma1, sigma2, need_x,
           r0 * in_features);
-      if (need_x) cpu_gemm::addmm_(grad_x, g_block, w.to(x_dtype));
+      if (need_x) cpu_gemm::addmm_(grad_x, g_block, in_dtype(w, x_dtype));
     }
   }
   grad_x = need_x ? grad_x.reshape(x.sizes()) : at::empty({0}, x.options());
@@ -255,7 +256,7 @@ class LinearReparamFunction : public torch::autograd::Function<LinearReparamFunc
     const bool has_bias = saved[3].defined();
     // an output that was not used gets no gradient from autograd: zeros of its shape
     const at::Tensor grad_out = grads[0].defined()
-                                    ? grads[0].to(x.scalar_type())
+                                    ? in_dtype(grads[0], x.scalar_type())
                                     : at::zeros(with_last(x.sizes(), weight_mu.size(0)), x.options());
     const at::Tensor grad_log_q = grads[1].defined() ? grads[1] : at::zeros({}, weight_mu.options());
     const at::Tensor grad_log_p = grads[2].defined() ? grads[2] : at::zeros({}, weight_mu.options());
